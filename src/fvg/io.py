@@ -1,0 +1,145 @@
+"""Files fvg reads and writes: MP4 video, PNG images, JSON records, all written atomically.
+
+Every writer goes through `atomic_path`: the data lands in a temporary file beside the
+target and is renamed over it only once complete, so an interrupted run never leaves a
+half-written output that a later resume would mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class FvgError(Exception):
+    """A user-facing error: the CLI prints its message on one line and exits non-zero."""
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to `target`; rename it onto `target` if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Keep the real extension last: encoders (PyAV, PIL) pick the format from it.
+    suffix = suffix if suffix is not None else target.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{suffix}", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs should be ordinary
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def save_image(path: str | os.PathLike, image: Image.Image | np.ndarray) -> None:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(to_uint8(image))
+    with atomic_path(path) as tmp:
+        image.save(tmp)
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open a PNG/JPEG/WebP image as RGB, with a clear error for anything unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FvgError(f"anchor image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            if img.format not in {"PNG", "JPEG", "WEBP"}:
+                raise FvgError(f"unsupported image format {img.format} in {path} (use PNG, JPEG or WebP)")
+            img.load()
+            return img.convert("RGB")
+    except FvgError:
+        raise
+    except Exception as exc:  # PIL raises many types for corrupt files
+        raise FvgError(f"cannot read image {path}: {exc}") from None
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Float frames in [0, 1] (diffusers' `output_type="np"`) or uint8 frames, as uint8."""
+    if frames.dtype == np.uint8:
+        return frames
+    return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int, crf: int = 12) -> None:
+    """Encode `frames` ([T, H, W, 3], uint8 or float in [0, 1]) as H.264 yuv420p MP4.
+
+    A low CRF keeps palette colours close to their values: MiniWorld's evaluator matches
+    decoded pixels to the nearest palette colour.
+    """
+    import av
+
+    frames = to_uint8(np.asarray(frames))
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected frames of shape [T, H, W, 3], got {frames.shape}")
+    height, width = frames.shape[1:3]
+    if height % 2 or width % 2:
+        raise ValueError(f"H.264 yuv420p needs even height and width, got {height}x{width}")
+    with atomic_path(path) as tmp:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.options = {"crf": str(crf), "preset": "medium"}
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+
+
+def read_mp4(path: str | os.PathLike) -> np.ndarray:
+    """Decode a video into uint8 RGB frames [T, H, W, 3]."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    except Exception as exc:
+        raise FvgError(f"cannot decode video {path}: {exc}") from None
+    if not frames:
+        raise FvgError(f"video {path} has no frames")
+    return np.stack(frames)
+
+
+def mp4_is_valid(path: str | os.PathLike, num_frames: int | None = None) -> bool:
+    """True when `path` decodes (to `num_frames` frames, if given): used to resume batches."""
+    try:
+        frames = read_mp4(path)
+    except FvgError:
+        return False
+    return num_frames is None or len(frames) == num_frames
