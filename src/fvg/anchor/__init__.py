@@ -1,0 +1,133 @@
+"""Stage 2: the anchor, the video's first frame, rendered from the plan's first-frame caption.
+
+Two sources. `DiffusersAnchorSource` runs any diffusers text-to-image pipeline (Qwen-Image
+as in the paper, FLUX, SDXL, SD3 through `AutoPipelineForText2Image`, or a one-frame Wan
+model such as MiniWorld's) and keeps every candidate with its seed. `FileAnchorSource`
+takes the user's own image. Either way the anchor is fitted to the video resolution
+(scaled to cover, then centre-cropped) so that it encodes to exactly one latent frame.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fvg.io import FvgError, load_image
+
+
+@dataclass
+class AnchorCandidate:
+    image: Image.Image  # already at the video resolution
+    seed: int | None  # None for a user-supplied image
+
+
+@dataclass
+class AnchorResult:
+    candidates: list[AnchorCandidate]
+    selected: int = 0
+    source: str = "diffusers"
+    model: str | None = None
+    caption: str | None = None
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def image(self) -> Image.Image:
+        return self.candidates[self.selected].image
+
+
+def fit_to_resolution(image: Image.Image, height: int, width: int) -> Image.Image:
+    """Scale `image` to cover height x width, then centre-crop: no stretching, no borders."""
+    image = image.convert("RGB")
+    if image.size == (width, height):
+        return image
+    scale = max(width / image.width, height / image.height)
+    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                           Image.Resampling.LANCZOS)
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+def generation_size(height: int, width: int, area: int | None, multiple: int = 16) -> tuple[int, int]:
+    """The text-to-image resolution: the video's aspect ratio at the model's native pixel area."""
+    if area is None:
+        return height, width
+    aspect = height / width
+    gen_h = max(multiple, round(math.sqrt(area * aspect) / multiple) * multiple)
+    gen_w = max(multiple, round(math.sqrt(area / aspect) / multiple) * multiple)
+    return gen_h, gen_w
+
+
+class FileAnchorSource:
+    """The user's own first frame (PNG, JPEG or WebP)."""
+
+    name = "file"
+
+    def __call__(self, path: str | Path, height: int, width: int) -> AnchorResult:
+        image = fit_to_resolution(load_image(path), height, width)
+        return AnchorResult([AnchorCandidate(image, None)], source="file", model=str(path))
+
+
+class DiffusersAnchorSource:
+    """Any diffusers text-to-image pipeline, called with the first-frame caption."""
+
+    name = "diffusers"
+
+    def __init__(self, pipe, model_id: str | None = None, steps: int = 50, guidance_scale: float = 4.0,
+                 native_area: int | None = None, negative_prompt: str = " "):
+        self.pipe = pipe
+        self.model_id = model_id
+        self.steps = steps
+        self.guidance_scale = guidance_scale
+        self.native_area = native_area
+        self.negative_prompt = negative_prompt
+        self._call_params = set(inspect.signature(type(pipe).__call__).parameters)
+        pipe.set_progress_bar_config(disable=True)
+        self._is_video_model = "num_frames" in self._call_params  # e.g. a one-frame Wan model
+
+    @classmethod
+    def from_pretrained(cls, model_id: str, torch_dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
+                        **kwargs) -> "DiffusersAnchorSource":
+        from diffusers import AutoPipelineForText2Image
+
+        from fvg.animate.loading import load_or_explain
+
+        pipe = load_or_explain(AutoPipelineForText2Image.from_pretrained, model_id, torch_dtype=torch_dtype)
+        return cls(pipe.to(device), model_id=model_id, **kwargs)
+
+    def _generate_one(self, caption: str, height: int, width: int, seed: int) -> Image.Image:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        kwargs = dict(prompt=caption, height=height, width=width, num_inference_steps=self.steps,
+                      generator=generator)
+        if self._is_video_model:
+            kwargs.update(num_frames=1, guidance_scale=self.guidance_scale, output_type="np")
+            frame = self.pipe(**kwargs).frames[0][0]
+            return Image.fromarray((np.clip(frame, 0, 1) * 255 + 0.5).astype(np.uint8))
+        if "true_cfg_scale" in self._call_params:  # Qwen-Image: real CFG needs a negative prompt
+            kwargs.update(true_cfg_scale=self.guidance_scale)
+            if self.guidance_scale > 1:
+                kwargs.update(negative_prompt=self.negative_prompt)
+        else:
+            kwargs.update(guidance_scale=self.guidance_scale)
+        return self.pipe(**kwargs, output_type="pil").images[0]
+
+    def __call__(self, caption: str, height: int, width: int, num_candidates: int = 1, seed: int = 0,
+                 selected: int = 0, progress=None) -> AnchorResult:
+        if num_candidates < 1:
+            raise FvgError(f"num_candidates must be at least 1, got {num_candidates}")
+        if not 0 <= selected < num_candidates:
+            raise FvgError(f"selected candidate {selected} is out of range for {num_candidates} candidates")
+        gen_h, gen_w = generation_size(height, width, self.native_area)
+        candidates = []
+        for i in range(num_candidates):
+            image = self._generate_one(caption, gen_h, gen_w, seed + i)
+            candidates.append(AnchorCandidate(fit_to_resolution(image, height, width), seed + i))
+            if progress is not None:
+                progress(i + 1, num_candidates)
+        settings = {"steps": self.steps, "guidance_scale": self.guidance_scale, "generation_size": [gen_h, gen_w]}
+        return AnchorResult(candidates, selected, "diffusers", self.model_id, caption, settings)

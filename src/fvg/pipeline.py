@@ -1,0 +1,256 @@
+"""`FactorizedPipeline`: plan -> anchor -> animate, and the two baselines, behind one call.
+
+    pipe = FactorizedPipeline.from_preset("wan2.2-5b")
+    out = pipe("a leaf turns from green to red", mode="factorized", seed=0)
+    out.save("runs/leaf")  # video.mp4, anchor.png, candidates/, plan.json, run.json
+
+Models load lazily on first use, so planning alone never loads a video model. Modes share
+the seed's initial noise (paired comparisons): `t2v` animates the prompt, `upsampled`
+animates the planner's detailed prompt, `factorized` plans the first frame, renders it
+and animates the original prompt anchored to it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fvg.anchor import AnchorResult, DiffusersAnchorSource, FileAnchorSource, fit_to_resolution
+from fvg.animate.loading import (apply_memory_options, default_device, load_anchor_lora, load_wan_pipeline,
+                                 resolve_dtype)
+from fvg.io import FvgError, save_image, to_uint8, write_json, write_mp4
+from fvg.plan import Plan, make_planner
+from fvg.presets import Preset, get_preset, validate_mode, validate_video_shape
+
+# progress(stage, step, total): stage is "plan", "anchor", "animate" or "decode"
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class FactorizedOutput:
+    frames: np.ndarray  # [T, H, W, 3] uint8
+    mode: str
+    prompt: str
+    video_prompt: str  # what the video model was given
+    seed: int
+    steps: int
+    fps: int
+    plan: Plan | None
+    anchor: AnchorResult | None
+    timings: dict[str, float]
+    settings: dict
+    warnings: list[str] = field(default_factory=list)
+
+    def run_record(self) -> dict:
+        return {
+            "fvg_run": 1,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "prompt": self.prompt,
+            "mode": self.mode,
+            "video_prompt": self.video_prompt,
+            "seed": self.seed,
+            "steps": self.steps,
+            "frames": list(self.frames.shape),
+            "anchor": None if self.anchor is None else {
+                "source": self.anchor.source, "model": self.anchor.model, "caption": self.anchor.caption,
+                "selected": self.anchor.selected, "seeds": [c.seed for c in self.anchor.candidates],
+                "settings": self.anchor.settings,
+            },
+            "planner": None if self.plan is None else {"backend": self.plan.backend, "model": self.plan.model,
+                                                        "template_version": self.plan.template_version},
+            "settings": self.settings,
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "warnings": self.warnings,
+            "versions": package_versions(),
+        }
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write video.mp4, anchor.png, candidates/NN.png, plan.json and run.json (each atomically;
+        run.json last, so its presence marks a complete run)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_mp4(out_dir / "video.mp4", self.frames, fps=self.fps)
+        if self.anchor is not None:
+            save_image(out_dir / "anchor.png", self.anchor.image)
+            for i, cand in enumerate(self.anchor.candidates):
+                save_image(out_dir / "candidates" / f"{i:02d}.png", cand.image)
+        if self.plan is not None:
+            write_json(out_dir / "plan.json", self.plan.to_dict())
+        write_json(out_dir / "run.json", self.run_record())
+        return out_dir
+
+
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for name in ("fvg", "torch", "diffusers", "transformers", "peft", "accelerate"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+class FactorizedPipeline:
+    """The three stages of Factorized Video Generation, loaded from a preset."""
+
+    def __init__(self, preset: Preset, device: str | None = None, dtype: str | torch.dtype | None = None,
+                 cpu_offload: bool = False, vae_tiling: bool = False, planner_options: dict | None = None):
+        self.preset = preset
+        self.device = device or default_device()
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.cpu_offload = cpu_offload
+        self.vae_tiling = vae_tiling
+        self.planner_options = dict(planner_options or {})
+        self._planner = None
+        self._anchor_source = None
+        self._video_pipe = None
+
+    @classmethod
+    def from_preset(cls, name: str = "tiny", *, device: str | None = None, dtype: str | torch.dtype | None = None,
+                    cpu_offload: bool = False, vae_tiling: bool = False, planner_options: dict | None = None,
+                    **overrides) -> "FactorizedPipeline":
+        """`overrides` are preset fields (video_model, lora, height, num_frames, planner, ...)."""
+        preset = get_preset(name, **overrides)
+        validate_video_shape(preset.height, preset.width, preset.num_frames)
+        return cls(preset, device, dtype, cpu_offload, vae_tiling, planner_options)
+
+    # -- stages, each usable alone -------------------------------------------------------------
+
+    @property
+    def planner(self):
+        if self._planner is None:
+            options = {"model": self.preset.planner_model, **self.planner_options}
+            self._planner = make_planner(self.preset.planner, **options)
+        return self._planner
+
+    @property
+    def anchor_source(self) -> DiffusersAnchorSource:
+        if self._anchor_source is None:
+            p = self.preset
+            if p.anchor_model is None:
+                raise FvgError(f"preset '{p.name}' has no text-to-image model: pass an anchor image")
+            kwargs = dict(steps=p.anchor_steps, guidance_scale=p.anchor_guidance, native_area=p.anchor_area)
+            if p.anchor_model == "builtin:tiny-qwen-image":
+                from fvg.tiny import tiny_qwen_image_pipeline
+
+                pipe = tiny_qwen_image_pipeline().to(self.device)
+                self._anchor_source = DiffusersAnchorSource(pipe, model_id=p.anchor_model, **kwargs)
+            else:
+                self._anchor_source = DiffusersAnchorSource.from_pretrained(
+                    p.anchor_model, torch_dtype=self.dtype, device=self.device, **kwargs)
+        return self._anchor_source
+
+    @property
+    def video_pipe(self):
+        if self._video_pipe is None:
+            p = self.preset
+            if p.family != "wan":
+                raise FvgError(f"video model family '{p.family}' is not implemented yet")
+            pipe = load_wan_pipeline(p.video_model, self.dtype, p.flow_shift)
+            if p.lora:
+                load_anchor_lora(pipe, p.lora, "transformer")
+                if getattr(pipe, "transformer_2", None) is not None:
+                    load_anchor_lora(pipe, p.lora_2 or p.lora, "transformer_2")
+            pipe.set_progress_bar_config(disable=True)
+            self._video_pipe = apply_memory_options(pipe, self.device, self.cpu_offload, self.vae_tiling)
+        return self._video_pipe
+
+    def plan(self, prompt: str) -> Plan:
+        return self.planner.plan(prompt)
+
+    def make_anchor(self, caption: str, seed: int = 0, num_candidates: int = 1, selected: int = 0,
+                    progress: ProgressFn | None = None) -> AnchorResult:
+        p = self.preset
+        report = (lambda i, n: progress("anchor", i, n)) if progress else None
+        return self.anchor_source(caption, p.height, p.width, num_candidates, seed, selected, progress=report)
+
+    def anchor_from_image(self, image: str | Path | Image.Image) -> AnchorResult:
+        if isinstance(image, Image.Image):
+            from fvg.anchor import AnchorCandidate
+
+            fitted = fit_to_resolution(image, self.preset.height, self.preset.width)
+            return AnchorResult([AnchorCandidate(fitted, None)], source="file", model="<image>")
+        return FileAnchorSource()(image, self.preset.height, self.preset.width)
+
+    def animate(self, prompt: str, anchor: Image.Image | None, seed: int, steps: int,
+                guidance_scale: float | None = None, progress: ProgressFn | None = None) -> np.ndarray:
+        p = self.preset
+        pipe = self.video_pipe
+        callback = None
+        if progress is not None:
+            def callback(_pipe, i, _t, kwargs):
+                progress("animate", i + 1, steps)
+                return {}
+        result = pipe(
+            prompt=prompt, negative_prompt=p.negative_prompt or None, anchor=anchor,
+            height=p.height, width=p.width, num_frames=p.num_frames, num_inference_steps=steps,
+            guidance_scale=p.guidance_scale if guidance_scale is None else guidance_scale,
+            guidance_scale_2=p.guidance_scale_2 if pipe.config.boundary_ratio is not None else None,
+            generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
+            callback_on_step_end=callback,
+        )
+        return to_uint8(result.frames[0])
+
+    # -- the whole method ----------------------------------------------------------------------
+
+    def __call__(self, prompt: str, mode: str = "factorized", seed: int = 0, steps: int | None = None,
+                 anchor_image: str | Path | Image.Image | None = None, num_candidates: int = 1,
+                 selected: int = 0, guidance_scale: float | None = None, plan: Plan | None = None,
+                 progress: ProgressFn | None = None) -> FactorizedOutput:
+        validate_mode(mode)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise FvgError("prompt is empty")
+        prompt = prompt.strip()
+        if anchor_image is not None and mode != "factorized":
+            raise FvgError(f"an anchor image only applies to mode 'factorized', not '{mode}'")
+        steps = self.preset.steps_for(mode) if steps is None else steps
+        if steps < 1:
+            raise FvgError(f"steps must be at least 1, got {steps}")
+        timings: dict[str, float] = {}
+        warnings: list[str] = []
+
+        anchor = None
+        if mode != "t2v" and anchor_image is None and plan is None:
+            start = time.perf_counter()
+            plan = self.plan(prompt)
+            timings["plan"] = time.perf_counter() - start
+            if progress:
+                progress("plan", 1, 1)
+        if plan is not None:
+            warnings += plan.warnings
+        if mode == "factorized":
+            start = time.perf_counter()
+            if anchor_image is not None:
+                anchor = self.anchor_from_image(anchor_image)
+            else:
+                anchor = self.make_anchor(plan.first_frame_caption, seed, num_candidates, selected, progress)
+            timings["anchor"] = time.perf_counter() - start
+            if self.preset.needs_lora and not self.preset.lora:
+                warnings.append(f"{self.preset.video_model} is a text-to-video model that was not trained to "
+                                "respect an anchor: load an anchor LoRA (lora=..., see `fvg train`)")
+
+        video_prompt = plan.upsampled_prompt if mode == "upsampled" else prompt
+        start = time.perf_counter()
+        frames = self.animate(video_prompt, anchor.image if anchor else None, seed, steps, guidance_scale, progress)
+        timings["animate"] = time.perf_counter() - start
+        timings["total"] = sum(timings.values())
+        settings = {
+            "preset": self.preset.name, **asdict(self.preset),
+            "guidance_scale": self.preset.guidance_scale if guidance_scale is None else guidance_scale,
+            "device": self.device, "dtype": str(self.dtype).removeprefix("torch."),
+            "cpu_offload": self.cpu_offload, "vae_tiling": self.vae_tiling,
+        }
+        if self.preset.output_is_noise:
+            warnings.append(f"preset '{self.preset.name}' has random weights: its output is noise")
+        return FactorizedOutput(frames, mode, prompt, video_prompt, seed, steps, self.preset.fps, plan, anchor,
+                                timings, settings, warnings)

@@ -1,0 +1,117 @@
+"""Presets: named, complete settings for one video model family and its anchor and planner.
+
+A preset says which checkpoints to load (hub ids or local paths) and how to sample them.
+Every field can be overridden (`FactorizedPipeline.from_preset(name, field=value)` or the
+CLI flags). `builtin:` model ids are built in code or shipped with the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from fvg.io import FvgError
+
+MODES = ("t2v", "upsampled", "factorized")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    family: str  # "wan" or "cogvideox": which animate backend samples it
+    video_model: str
+    anchor_model: str | None
+    height: int
+    width: int
+    num_frames: int
+    fps: int
+    guidance_scale: float
+    flow_shift: float | None = None
+    guidance_scale_2: float | None = None  # Wan2.2-A14B's low-noise expert
+    lora: str | None = None  # the anchor LoRA (high-noise expert for A14B)
+    lora_2: str | None = None  # A14B low-noise expert; defaults to `lora`
+    needs_lora: bool = False  # T2V checkpoints respect an anchor only once the anchor LoRA is loaded
+    steps_factorized: int = 15  # the paper: anchored sampling holds up at 15 steps
+    steps_baseline: int = 50
+    negative_prompt: str = ""
+    anchor_steps: int = 50
+    anchor_guidance: float = 4.0
+    anchor_area: int | None = None  # generate anchors at the video's aspect ratio with this many pixels
+    planner: str = "rules"
+    planner_model: str | None = None
+    implemented: bool = True
+    output_is_noise: bool = False
+
+    def steps_for(self, mode: str) -> int:
+        return self.steps_factorized if mode == "factorized" else self.steps_baseline
+
+    def replace(self, **overrides) -> "Preset":
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise FvgError(f"unknown preset field(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+QWEN_IMAGE = "Qwen/Qwen-Image"
+QWEN_IMAGE_AREA = 1328 * 1328  # Qwen-Image's native pixel count
+PAPER_PLANNER = "Qwen/Qwen2.5-7B-Instruct"
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            name="wan2.1-1.3b", description="Wan2.1 T2V 1.3B + anchor LoRA, Qwen-Image anchors (the paper's Wan 1B)",
+            family="wan", video_model="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", anchor_model=QWEN_IMAGE,
+            height=480, width=832, num_frames=81, fps=16, guidance_scale=5.0, flow_shift=3.0, needs_lora=True,
+            anchor_area=QWEN_IMAGE_AREA, planner_model=PAPER_PLANNER,
+        ),
+        Preset(
+            name="wan2.2-5b", description="Wan2.2 TI2V 5B: anchors natively, no LoRA needed",
+            family="wan", video_model="Wan-AI/Wan2.2-TI2V-5B-Diffusers", anchor_model=QWEN_IMAGE,
+            height=704, width=1280, num_frames=121, fps=24, guidance_scale=5.0, flow_shift=5.0,
+            anchor_area=QWEN_IMAGE_AREA, planner_model=PAPER_PLANNER,
+        ),
+        Preset(
+            name="wan2.2-a14b", description="Wan2.2 T2V A14B (two experts) + anchor LoRA on both experts",
+            family="wan", video_model="Wan-AI/Wan2.2-T2V-A14B-Diffusers", anchor_model=QWEN_IMAGE,
+            height=480, width=832, num_frames=81, fps=16, guidance_scale=4.0, guidance_scale_2=3.0,
+            flow_shift=12.0, needs_lora=True, anchor_area=QWEN_IMAGE_AREA, planner_model=PAPER_PLANNER,
+        ),
+        Preset(
+            name="cogvideox1.5-5b", description="CogVideoX1.5 5B + anchor LoRA (not implemented yet: issue 7)",
+            family="cogvideox", video_model="THUDM/CogVideoX1.5-5B", anchor_model=QWEN_IMAGE,
+            height=768, width=1360, num_frames=81, fps=16, guidance_scale=6.0, needs_lora=True,
+            anchor_area=QWEN_IMAGE_AREA, planner_model=PAPER_PLANNER, implemented=False,
+        ),
+        Preset(
+            name="tiny", description="random tiny instances of the real classes, built offline: smoke tests only",
+            family="wan", video_model="builtin:tiny-wan", anchor_model="builtin:tiny-qwen-image",
+            height=32, width=32, num_frames=9, fps=8, guidance_scale=5.0, flow_shift=3.0,
+            anchor_steps=4, anchor_guidance=1.0, output_is_noise=True,
+        ),
+    ]
+}
+
+
+def get_preset(name: str, **overrides) -> Preset:
+    if name not in PRESETS:
+        raise FvgError(f"unknown preset '{name}' (choose from: {', '.join(PRESETS)})")
+    preset = PRESETS[name].replace(**overrides)
+    if not preset.implemented:
+        raise FvgError(f"preset '{name}' is listed but not implemented yet: {preset.description}")
+    return preset
+
+
+def validate_video_shape(height: int, width: int, num_frames: int) -> None:
+    """Wan's VAE needs 4n+1 frames and the transformer 16-pixel multiples: say so before loading anything."""
+    if num_frames < 1 or (num_frames - 1) % 4:
+        raise FvgError(f"frames must be 4n+1 (e.g. 17, 49, 81), got {num_frames}")
+    if height % 16 or width % 16 or height <= 0 or width <= 0:
+        raise FvgError(f"height and width must be positive multiples of 16, got {height}x{width}")
+
+
+def validate_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise FvgError(f"unknown mode '{mode}' (choose from: {', '.join(MODES)})")
