@@ -72,20 +72,31 @@ class FactorizedOutput:
             "versions": package_versions(),
         }
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write video.mp4, anchor.png, candidates/NN.png, plan.json and run.json (each atomically;
-        run.json last, so its presence marks a complete run)."""
+    def save(self, out_dir: str | Path, stem: str | None = None) -> Path:
+        """Write the video, anchor, candidates, plan and run record, each atomically, run record last
+        (its presence marks a complete run). Without `stem`: out_dir/video.mp4, anchor.png,
+        candidates/NN.png, plan.json, run.json. With `stem` (batches): out_dir/<stem>.mp4,
+        <stem>.anchor.png, <stem>.candidates/NN.png, <stem>.plan.json, <stem>.run.json."""
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_mp4(out_dir / "video.mp4", self.frames, fps=self.fps)
+        paths = output_paths(out_dir, stem)
+        write_mp4(paths["video"], self.frames, fps=self.fps)
         if self.anchor is not None:
-            save_image(out_dir / "anchor.png", self.anchor.image)
+            save_image(paths["anchor"], self.anchor.image)
             for i, cand in enumerate(self.anchor.candidates):
-                save_image(out_dir / "candidates" / f"{i:02d}.png", cand.image)
+                save_image(paths["candidates"] / f"{i:02d}.png", cand.image)
         if self.plan is not None:
-            write_json(out_dir / "plan.json", self.plan.to_dict())
-        write_json(out_dir / "run.json", self.run_record())
-        return out_dir
+            write_json(paths["plan"], self.plan.to_dict())
+        write_json(paths["run"], self.run_record())
+        return paths["video"]
+
+
+def output_paths(out_dir: Path, stem: str | None = None) -> dict[str, Path]:
+    if stem is None:
+        return {"video": out_dir / "video.mp4", "anchor": out_dir / "anchor.png",
+                "candidates": out_dir / "candidates", "plan": out_dir / "plan.json", "run": out_dir / "run.json"}
+    return {"video": out_dir / f"{stem}.mp4", "anchor": out_dir / f"{stem}.anchor.png",
+            "candidates": out_dir / f"{stem}.candidates", "plan": out_dir / f"{stem}.plan.json",
+            "run": out_dir / f"{stem}.run.json"}
 
 
 def package_versions() -> dict[str, str]:

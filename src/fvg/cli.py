@@ -1,0 +1,322 @@
+"""The `fvg` command line: generate, plan, anchor, animate, presets (and train, eval, studio)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from fvg.io import FvgError, mp4_is_valid, save_image, write_json
+
+app = typer.Typer(help="Factorized Video Generation: plan the first frame, anchor it, then animate.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console(stderr=True)
+
+DEFAULT_PRESET = "tiny"
+
+PresetOpt = typer.Option(DEFAULT_PRESET, "--preset", "-p", help="Preset name (see `fvg presets`).")
+SeedOpt = typer.Option(0, "--seed", help="Seed: the video noise; anchor candidate i uses seed + i.")
+StepsOpt = typer.Option(None, "--steps", help="Denoising steps (default: the preset's, 15 factorized / 50 others).")
+
+
+def _load_pipeline(preset: str, lora: Optional[str], video_model: Optional[str], anchor_model: Optional[str],
+                   planner: Optional[str], planner_model: Optional[str], planner_url: Optional[str],
+                   api_key_env: str, plan_cache: Optional[Path], height: Optional[int], width: Optional[int],
+                   frames: Optional[int], fps: Optional[int], device: Optional[str], dtype: Optional[str],
+                   cpu_offload: bool, vae_tiling: bool):
+    from fvg.pipeline import FactorizedPipeline
+
+    planner_options = {"api_key_env": api_key_env}
+    if planner_url:
+        planner_options["base_url"] = planner_url
+    if plan_cache:
+        planner_options["cache_dir"] = plan_cache
+    return FactorizedPipeline.from_preset(
+        preset, device=device, dtype=dtype, cpu_offload=cpu_offload, vae_tiling=vae_tiling,
+        planner_options=planner_options, lora=lora, video_model=video_model, anchor_model=anchor_model,
+        planner=planner, planner_model=planner_model, height=height, width=width, num_frames=frames, fps=fps,
+    )
+
+
+class StageProgress:
+    """Rich progress for the stages of one video: a bar per stage with step counts and ETA."""
+
+    def __init__(self, progress: Progress, label: str = ""):
+        self.progress, self.label, self.tasks = progress, label, {}
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(f"{self.label}{stage}", total=total)
+        self.progress.update(self.tasks[stage], completed=step, total=total)
+
+    def done(self) -> None:
+        for task in self.tasks.values():
+            self.progress.remove_task(task)
+        self.tasks.clear()
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True)
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "run"
+
+
+def _default_out(prompt: str) -> Path:
+    return Path("outputs") / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{_slug(prompt)}"
+
+
+def _read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FvgError(f"prompt file not found: {path}")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise FvgError(f"prompt file {path} has no prompts")
+    return prompts
+
+
+def _warn(warnings: list[str]) -> None:
+    for w in dict.fromkeys(warnings):
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+@app.command()
+def generate(
+    prompt: Optional[str] = typer.Argument(None, help="The video prompt."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Batch: a text file, one prompt per line."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (batch: DIR/0001.mp4 ...)."),
+    preset: str = PresetOpt,
+    mode: str = typer.Option("factorized", "--mode", "-m", help="t2v, upsampled or factorized."),
+    steps: Optional[int] = StepsOpt,
+    seed: int = SeedOpt,
+    num_candidates: int = typer.Option(1, "--num-candidates", "-n", help="Anchor candidates to render."),
+    select: int = typer.Option(0, "--select", help="Which candidate anchors the video (0-based)."),
+    anchor: Optional[Path] = typer.Option(None, "--anchor", help="Use this image as the anchor (skips planning)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
+    lora: Optional[str] = typer.Option(None, "--lora", help="Anchor LoRA (.safetensors, diffusers or Wan keys)."),
+    video_model: Optional[str] = typer.Option(None, "--video-model", help="Override the video model id/path."),
+    anchor_model: Optional[str] = typer.Option(None, "--anchor-model", help="Override the text-to-image model."),
+    planner: Optional[str] = typer.Option(None, "--planner", help="rules, transformers or openai."),
+    planner_model: Optional[str] = typer.Option(None, "--planner-model", help="LLM id/path or served name."),
+    planner_url: Optional[str] = typer.Option(None, "--planner-url", help="OpenAI-compatible base URL."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Env var holding the API key."),
+    plan_cache: Optional[Path] = typer.Option(None, "--plan-cache", help="Planner cache folder."),
+    height: Optional[int] = typer.Option(None, "--height"),
+    width: Optional[int] = typer.Option(None, "--width"),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Frame count, 4n+1."),
+    fps: Optional[int] = typer.Option(None, "--fps"),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cpu, ... (default: cuda if available)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
+    cpu_offload: bool = typer.Option(False, "--cpu-offload", help="Offload idle models to CPU (CUDA only)."),
+    vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Tile the VAE to save memory."),
+):
+    """Generate a video (or a batch with --prompts) with the factorized method or a baseline."""
+    from fvg.presets import validate_mode
+
+    validate_mode(mode)
+    if (prompt is None) == (prompts is None):
+        raise FvgError("give either a PROMPT or --prompts FILE")
+    if prompts is not None and out is None:
+        raise FvgError("--prompts needs --out DIR")
+    if anchor is not None and prompts is not None:
+        raise FvgError("--anchor applies to a single prompt, not a batch")
+    prompt_list = _read_prompts(prompts) if prompts else [prompt]
+    if prompts is None and not prompt.strip():
+        raise FvgError("prompt is empty")
+    pipe = _load_pipeline(
+        preset=preset, lora=lora, video_model=video_model, anchor_model=anchor_model, planner=planner,
+        planner_model=planner_model, planner_url=planner_url, api_key_env=api_key_env, plan_cache=plan_cache,
+        height=height, width=width, frames=frames, fps=fps, device=device, dtype=dtype, cpu_offload=cpu_offload,
+        vae_tiling=vae_tiling)
+    if pipe.preset.output_is_noise:
+        console.print(f"[yellow]note:[/] preset '{pipe.preset.name}' has random weights: its output is noise.")
+    if anchor is not None:
+        pipe.anchor_from_image(anchor)  # validate the image before any model loads
+
+    call = dict(mode=mode, seed=seed, steps=steps, num_candidates=num_candidates, selected=select,
+                guidance_scale=guidance)
+    if prompts is None:
+        out_dir = out or _default_out(prompt)
+        with _progress() as progress:
+            result = pipe(prompt, anchor_image=anchor, progress=StageProgress(progress), **call)
+        video = result.save(out_dir)
+        _warn(result.warnings)
+        console.print(f"wrote {video} ({result.timings['total']:.1f} s)")
+        return
+
+    done = skipped = 0
+    with _progress() as progress:
+        overall = progress.add_task("prompts", total=len(prompt_list))
+        for index, text in enumerate(prompt_list, start=1):
+            stem = f"{index:04d}"
+            if (out / f"{stem}.run.json").is_file() and mp4_is_valid(out / f"{stem}.mp4"):
+                skipped += 1
+            else:
+                stages = StageProgress(progress, f"{stem} ")
+                result = pipe(text, progress=stages, **call)
+                stages.done()
+                result.save(out, stem=stem)
+                _warn([w for w in result.warnings if "random weights" not in w])
+                done += 1
+            progress.advance(overall)
+    console.print(f"batch done: {done} generated, {skipped} already present, in {out}")
+
+
+@app.command()
+def plan(
+    prompt: str = typer.Argument(..., help="The video prompt."),
+    preset: str = PresetOpt,
+    planner: Optional[str] = typer.Option(None, "--planner", help="rules, transformers or openai."),
+    planner_model: Optional[str] = typer.Option(None, "--planner-model"),
+    planner_url: Optional[str] = typer.Option(None, "--planner-url"),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    plan_cache: Optional[Path] = typer.Option(None, "--plan-cache"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the plan to this JSON file."),
+):
+    """Stage 1 alone: print the first-frame caption and upsampled prompt as JSON."""
+    pipe = _load_pipeline(
+        preset=preset, lora=None, video_model=None, anchor_model=None, planner=planner,
+        planner_model=planner_model, planner_url=planner_url, api_key_env=api_key_env, plan_cache=plan_cache,
+        height=None, width=None, frames=None, fps=None, device="cpu", dtype=None, cpu_offload=False,
+        vae_tiling=False)
+    result = pipe.plan(prompt)
+    if out:
+        write_json(out, result.to_dict())
+    _warn(result.warnings)
+    typer.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+
+
+@app.command()
+def anchor(
+    prompt: str = typer.Argument(..., help="The video prompt (planned first), or a caption with --caption."),
+    caption: bool = typer.Option(False, "--caption", help="PROMPT is already a first-frame caption."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder."),
+    preset: str = PresetOpt,
+    seed: int = SeedOpt,
+    num_candidates: int = typer.Option(4, "--num-candidates", "-n"),
+    select: int = typer.Option(0, "--select"),
+    anchor_model: Optional[str] = typer.Option(None, "--anchor-model"),
+    planner: Optional[str] = typer.Option(None, "--planner"),
+    planner_model: Optional[str] = typer.Option(None, "--planner-model"),
+    planner_url: Optional[str] = typer.Option(None, "--planner-url"),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    height: Optional[int] = typer.Option(None, "--height"),
+    width: Optional[int] = typer.Option(None, "--width"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    dtype: Optional[str] = typer.Option(None, "--dtype"),
+):
+    """Stages 1-2 alone: plan (unless --caption) and render anchor candidates."""
+    if not prompt.strip():
+        raise FvgError("prompt is empty")
+    pipe = _load_pipeline(
+        preset=preset, lora=None, video_model=None, anchor_model=anchor_model, planner=planner,
+        planner_model=planner_model, planner_url=planner_url, api_key_env=api_key_env, plan_cache=None,
+        height=height, width=width, frames=None, fps=None, device=device, dtype=dtype, cpu_offload=False,
+        vae_tiling=False)
+    out_dir = out or _default_out(prompt)
+    start = time.perf_counter()
+    the_plan = None if caption else pipe.plan(prompt)
+    text = prompt.strip() if caption else the_plan.first_frame_caption
+    with _progress() as progress:
+        result = pipe.make_anchor(text, seed, num_candidates, select, progress=StageProgress(progress))
+    elapsed = time.perf_counter() - start
+    for i, cand in enumerate(result.candidates):
+        save_image(out_dir / "candidates" / f"{i:02d}.png", cand.image)
+    save_image(out_dir / "anchor.png", result.image)
+    if the_plan is not None:
+        write_json(out_dir / "plan.json", the_plan.to_dict())
+    from fvg.pipeline import package_versions
+
+    write_json(out_dir / "run.json", {
+        "fvg_run": 1, "stage": "anchor", "prompt": prompt, "caption": text, "seed": seed,
+        "anchor": {"model": result.model, "seeds": [c.seed for c in result.candidates], "selected": select,
+                   "settings": result.settings},
+        "preset": pipe.preset.name, "timings_s": {"total": round(elapsed, 4)}, "versions": package_versions()})
+    console.print(f"wrote {len(result.candidates)} candidates and {out_dir / 'anchor.png'}")
+
+
+@app.command()
+def animate(
+    prompt: str = typer.Argument(..., help="The video prompt."),
+    anchor: Path = typer.Option(..., "--anchor", help="The first frame (PNG, JPEG or WebP)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o"),
+    preset: str = PresetOpt,
+    steps: Optional[int] = StepsOpt,
+    seed: int = SeedOpt,
+    guidance: Optional[float] = typer.Option(None, "--guidance"),
+    lora: Optional[str] = typer.Option(None, "--lora"),
+    video_model: Optional[str] = typer.Option(None, "--video-model"),
+    height: Optional[int] = typer.Option(None, "--height"),
+    width: Optional[int] = typer.Option(None, "--width"),
+    frames: Optional[int] = typer.Option(None, "--frames"),
+    fps: Optional[int] = typer.Option(None, "--fps"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    cpu_offload: bool = typer.Option(False, "--cpu-offload"),
+    vae_tiling: bool = typer.Option(False, "--vae-tiling"),
+):
+    """Stage 3 alone: animate PROMPT from your own anchor image."""
+    generate(prompt=prompt, prompts=None, out=out, preset=preset, mode="factorized", steps=steps, seed=seed,
+             num_candidates=1, select=0, anchor=anchor, guidance=guidance, lora=lora, video_model=video_model,
+             anchor_model=None, planner=None, planner_model=None, planner_url=None, api_key_env="OPENAI_API_KEY",
+             plan_cache=None, height=height, width=width, frames=frames, fps=fps, device=device, dtype=dtype,
+             cpu_offload=cpu_offload, vae_tiling=vae_tiling)
+
+
+@app.command()
+def presets():
+    """List the presets."""
+    from rich.table import Table
+
+    from fvg.presets import PRESETS
+
+    table = Table("name", "video model", "anchor model", "size", "frames", "fps", "steps f/b", "notes")
+    for p in PRESETS.values():
+        notes = "not implemented yet" if not p.implemented else ("noise (smoke tests)" if p.output_is_noise else
+                                                                 ("needs anchor LoRA" if p.needs_lora else ""))
+        table.add_row(p.name, p.video_model, str(p.anchor_model), f"{p.height}x{p.width}", str(p.num_frames),
+                      str(p.fps), f"{p.steps_factorized}/{p.steps_baseline}", notes)
+    Console().print(table)
+
+
+# Commands that live with their stage register themselves here, one line each.
+# (fvg.train.cli, fvg.eval.cli, fvg.studio add `register(app)`.)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user mistakes print one line and exit 2, never a traceback."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except FvgError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+    except typer.Exit as exc:
+        return exc.exit_code
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
