@@ -131,6 +131,8 @@ def generate(
         raise FvgError("--prompts needs --out DIR")
     if anchor is not None and prompts is not None:
         raise FvgError("--anchor applies to a single prompt, not a batch")
+    if anchor is not None and mode != "factorized":
+        raise FvgError(f"an anchor image only applies to mode 'factorized', not '{mode}'")
     prompt_list = _read_prompts(prompts) if prompts else [prompt]
     if prompts is None and not prompt.strip():
         raise FvgError("prompt is empty")
@@ -143,6 +145,7 @@ def generate(
         console.print(f"[yellow]note:[/] preset '{pipe.preset.name}' has random weights: its output is noise.")
     if anchor is not None:
         pipe.anchor_from_image(anchor)  # validate the image before any model loads
+    pipe.load(mode, anchor_model=anchor is None)
 
     call = dict(mode=mode, seed=seed, steps=steps, num_candidates=num_candidates, selected=select,
                 guidance_scale=guidance)
@@ -292,6 +295,8 @@ def presets():
 
 # Commands that live with their stage register themselves here, one line each.
 # (fvg.train.cli, fvg.eval.cli, fvg.studio add `register(app)`.)
+from fvg.studio import register as _register_studio; _register_studio(app)  # noqa: E402
+from fvg.eval.cli import register as _register_eval; _register_eval(app)  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except FvgError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True, markup=True)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted")

@@ -176,6 +176,16 @@ class FactorizedPipeline:
             self._video_pipe = apply_memory_options(pipe, self.device, self.cpu_offload, self.vae_tiling)
         return self._video_pipe
 
+    def load(self, mode: str = "factorized", anchor_model: bool = True) -> "FactorizedPipeline":
+        """Load what `mode` needs now, so a missing checkpoint fails before any compute is spent."""
+        validate_mode(mode)
+        if mode != "t2v":
+            self.planner
+        if mode == "factorized" and anchor_model:
+            self.anchor_source
+        self.video_pipe
+        return self
+
     def plan(self, prompt: str) -> Plan:
         return self.planner.plan(prompt)
 

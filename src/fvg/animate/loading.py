@@ -70,8 +70,10 @@ def load_wan_pipeline(model_id: str, dtype: torch.dtype, flow_shift: float | Non
     if model_id == "builtin:tiny-wan":
         from fvg.tiny import tiny_wan_components
 
-        pipe = AnchoredWanPipeline(**tiny_wan_components()).to(dtype=dtype)
-        pipe.vae.to(torch.float32)
+        pipe = AnchoredWanPipeline(**tiny_wan_components())  # built in float32
+        if dtype != torch.float32:
+            for module in (pipe.transformer, pipe.text_encoder):
+                module.to(dtype)
     else:
         vae = load_or_explain(AutoencoderKLWan.from_pretrained, model_id, subfolder="vae", torch_dtype=torch.float32)
         pipe = load_or_explain(AnchoredWanPipeline.from_pretrained, model_id, vae=vae, torch_dtype=dtype)
