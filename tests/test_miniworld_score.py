@@ -1,0 +1,125 @@
+import numpy as np
+import pytest
+
+from fvg.io import FvgError, read_mp4, write_mp4
+from fvg.miniworld import (
+    CATEGORIES, find_regions, render_video, sample_prompt, sample_scene, score_video,
+)
+from fvg.miniworld.render import Scene
+
+
+def mp4_round_trip(tmp_path, frames, name="clip.mp4"):
+    path = tmp_path / name
+    write_mp4(path, frames, fps=8)
+    return path
+
+
+def video_of(prompt, seed=0):
+    return render_video(sample_scene(prompt, np.random.default_rng(seed)))
+
+
+def failed(result):
+    return [c.name for c in result.failed]
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_rendered_videos_score_perfectly_after_mp4(tmp_path, category):
+    rng = np.random.default_rng(CATEGORIES.index(category))
+    for k in range(12):
+        prompt = sample_prompt(rng, category)
+        path = mp4_round_trip(tmp_path, render_video(sample_scene(prompt, rng)), f"{k}.mp4")
+        result = score_video(str(prompt), path)
+        assert result.score >= 0.99, (str(prompt), [(c.name, c.detail) for c in result.failed])
+        assert result.category == category and len(result.checks) >= 2
+
+
+def test_detects_shapes_after_mp4(tmp_path):
+    prompt = "a small red circle is to the left of a large blue triangle on a white background"
+    frames = read_mp4(mp4_round_trip(tmp_path, video_of(prompt)))
+    regions = sorted(find_regions(frames[0]), key=lambda r: r.center[0])
+    assert [(r.color, r.shape) for r in regions] == [("red", "circle"), ("blue", "triangle")]
+    assert regions[0].side == pytest.approx(10, abs=1.5) and regions[1].side == pytest.approx(16, abs=1.5)
+
+
+def test_wrong_direction(tmp_path):
+    path = mp4_round_trip(tmp_path, video_of("a red circle moves left while a blue square moves up"))
+    result = score_video("a red circle moves right while a blue square moves up", path)
+    assert failed(result) == ["moves right: red circle"]
+    assert score_video("a red circle moves left while a blue square moves up", path).score == 1
+
+
+def test_wrong_colour_and_missing_object(tmp_path):
+    path = mp4_round_trip(tmp_path, video_of("a red circle and a blue square move down"))
+    result = score_video("a green circle and a blue square move down", path)
+    assert "present: green circle (frame 0)" in failed(result) and "moves down: green circle" in failed(result)
+    assert result.score < 0.75
+
+    scene = sample_scene("a red circle and a blue square move down", np.random.default_rng(1))
+    alone = Scene(scene.objects[1:], scene.background)  # the red circle is gone
+    result = score_video("a red circle and a blue square move down", mp4_round_trip(tmp_path, render_video(alone)))
+    assert {"present: red circle (frame 0)", "present: red circle (frame 16)", "moves down: red circle"} <= set(failed(result))
+
+
+def test_wrong_count(tmp_path):
+    path = mp4_round_trip(tmp_path, video_of("three orange circles and a blue square"))
+    result = score_video("two orange circles and a blue square", path)
+    assert set(failed(result)) == {"count: two orange circles (frame 0)", "count: two orange circles (frame 16)"}
+    assert result.score < 0.75
+    assert score_video("three orange triangles and a blue square", path).score < 0.75
+
+
+def test_wrong_shape_size_background(tmp_path):
+    path = mp4_round_trip(tmp_path, video_of("a large cyan square is above a small purple circle"))
+    assert score_video("a large cyan circle is above a small purple circle", path).score < 0.75
+    assert set(failed(score_video("a small cyan square is above a small purple circle", path))) == {
+        "size small: cyan square (frame 0)", "size small: cyan square (frame 16)"}
+    assert failed(score_video("a large cyan square is above a small purple circle on a white background", path)) == [
+        "background white"]
+    swapped = score_video("a large cyan square is below a small purple circle", path)
+    assert {c.name for c in swapped.failed} == {
+        "relation: large cyan square below small purple circle (frame 0)",
+        "relation: large cyan square below small purple circle (frame 16)"}
+
+
+def test_dynamic_attributes(tmp_path):
+    grow = mp4_round_trip(tmp_path, video_of("a small red triangle grows"), "grow.mp4")
+    assert "shrinks: large red triangle" in failed(score_video("a large red triangle shrinks", grow))
+    turn = mp4_round_trip(tmp_path, video_of("a green square turns orange"), "turn.mp4")
+    assert score_video("a green square turns orange", turn).score == 1
+    result = score_video("a green square turns blue", turn)
+    assert {"turns blue: green square", "present: blue square (frame 16)"} <= set(failed(result))
+    still = mp4_round_trip(tmp_path, np.repeat(video_of("a green square turns orange")[:1], 17, 0), "still.mp4")
+    assert "turns orange: green square" in failed(score_video("a green square turns orange", still))
+
+
+def test_static_video_fails_motion_and_pushes(tmp_path):
+    frames = video_of("a purple circle pushes a green square right")
+    path = mp4_round_trip(tmp_path, frames, "push.mp4")
+    assert score_video("a purple circle pushes a green square right", path).score == 1
+    assert failed(score_video("a purple circle pushes a green square left", path)) == ["pushes left: purple circle"]
+    frozen = mp4_round_trip(tmp_path, np.repeat(frames[:1], 17, 0), "frozen.mp4")
+    assert failed(score_video("a purple circle pushes a green square right", frozen)) == ["pushes right: purple circle"]
+    moved = video_of("a red circle stays still while a blue square moves left")
+    result = score_video("a red circle moves left while a blue square stays still", moved)
+    assert {"moves left: red circle", "stays still: blue square"} == set(failed(result))
+
+
+def test_blank_video_fails_cleanly():
+    blank = np.full((17, 64, 64, 3), 16, np.uint8)
+    for category in CATEGORIES:
+        prompt = sample_prompt(np.random.default_rng(7), category)
+        result = score_video(prompt, blank)
+        assert result.failed and result.score < 0.75
+        assert [c.name for c in result.checks if c.passed] == ["background black"] or prompt.background == "white"
+
+
+def test_bad_input():
+    with pytest.raises(FvgError):
+        score_video("a red circle turns blue", np.zeros((8, 64, 64, 3), np.uint8))
+    with pytest.raises(ValueError):
+        score_video("a red cat turns blue", np.zeros((17, 64, 64, 3), np.uint8))
+
+
+def test_float_frames_are_accepted():
+    frames = video_of("a red circle moves left while a blue square moves up")
+    assert score_video("a red circle moves left while a blue square moves up", frames / 255.0).score == 1
