@@ -13,7 +13,7 @@ import os
 import tempfile
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -143,3 +143,32 @@ def mp4_is_valid(path: str | os.PathLike, num_frames: int | None = None) -> bool
     except FvgError:
         return False
     return num_frames is None or len(frames) == num_frames
+
+
+def load_or_explain(loader: Callable[..., Any], model_id: str, **kwargs) -> Any:
+    """Call a `from_pretrained`; turn "not on disk and no hub" into one actionable line.
+
+    The local cache is tried first: it answers at once, while a hub that cannot be reached
+    may take many seconds of retries to fail.
+    """
+    from huggingface_hub import constants
+
+    if Path(model_id).exists():
+        try:
+            return loader(model_id, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise FvgError(f"cannot load {model_id}: {str(exc).splitlines()[0]}") from None
+    try:
+        return loader(model_id, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        if constants.HF_HUB_OFFLINE:
+            raise FvgError(_offline_message(model_id)) from None
+    try:
+        return loader(model_id, **kwargs)
+    except (OSError, ValueError):
+        raise FvgError(_offline_message(model_id)) from None
+
+
+def _offline_message(model_id: str) -> str:
+    return (f"weights for '{model_id}' are not available offline: download them on a machine with internet "
+            f"(`hf download {model_id}`, then copy the cache or set HF_HOME), or pass a local directory instead")

@@ -225,7 +225,7 @@ class FactorizedPipeline:
     # -- the whole method ----------------------------------------------------------------------
 
     def __call__(self, prompt: str, mode: str = "factorized", seed: int = 0, steps: int | None = None,
-                 anchor_image: str | Path | Image.Image | None = None, num_candidates: int = 1,
+                 anchor_image: str | Path | Image.Image | AnchorResult | None = None, num_candidates: int = 1,
                  selected: int = 0, guidance_scale: float | None = None, plan: Plan | None = None,
                  progress: ProgressFn | None = None) -> FactorizedOutput:
         validate_mode(mode)
@@ -251,7 +251,13 @@ class FactorizedPipeline:
             warnings += plan.warnings
         if mode == "factorized":
             start = time.perf_counter()
-            if anchor_image is not None:
+            if isinstance(anchor_image, AnchorResult):  # chosen earlier, e.g. among candidates in the studio
+                anchor = anchor_image
+                if anchor.image.size != (self.preset.width, self.preset.height):
+                    raise FvgError(f"the anchor is {anchor.image.width}x{anchor.image.height} but preset "
+                                   f"'{self.preset.name}' makes {self.preset.width}x{self.preset.height} videos: "
+                                   "generate or upload it again")
+            elif anchor_image is not None:
                 anchor = self.anchor_from_image(anchor_image)
             else:
                 anchor = self.make_anchor(plan.first_frame_caption, seed, num_candidates, selected, progress)

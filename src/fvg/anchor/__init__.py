@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fvg.io import FvgError, load_image
+from fvg.io import FvgError, load_image, load_or_explain
 
 
 @dataclass
@@ -94,8 +94,6 @@ class DiffusersAnchorSource:
     def from_pretrained(cls, model_id: str, torch_dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
                         **kwargs) -> "DiffusersAnchorSource":
         from diffusers import AutoPipelineForText2Image
-
-        from fvg.animate.loading import load_or_explain
 
         pipe = load_or_explain(AutoPipelineForText2Image.from_pretrained, model_id, torch_dtype=torch_dtype)
         return cls(pipe.to(device), model_id=model_id, **kwargs)

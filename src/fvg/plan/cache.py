@@ -1,0 +1,57 @@
+"""Disk cache of LLM plans: one JSON file per (backend, model, template version, prompt)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from fvg.io import FvgError, write_json
+from fvg.plan.base import Plan
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("FVG_CACHE_DIR")
+    return Path(root).expanduser() / "plans" if root else Path.home() / ".cache" / "fvg" / "plans"
+
+
+def cache_key(backend: str, model: str | None, template_version: str, prompt: str) -> str:
+    payload = json.dumps([backend, model, template_version, prompt], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+class PlanCache:
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.json"
+
+    def get(self, backend: str, model: str | None, template_version: str, prompt: str) -> Plan | None:
+        """The cached plan (with `cached=True`), or None; unreadable entries count as misses."""
+        path = self.path(cache_key(backend, model, template_version, prompt))
+        try:
+            plan = Plan.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, FvgError) as exc:
+            log.warning("ignoring unreadable plan cache entry %s: %s", path, exc)
+            return None
+        if (plan.backend, plan.model, plan.template_version, plan.prompt) != (backend, model, template_version, prompt):
+            return None
+        plan.cached = True
+        return plan
+
+    def put(self, plan: Plan) -> None:
+        """Store `plan` atomically; a cache that cannot be written is logged, not fatal."""
+        record = plan.to_dict()
+        record["cached"] = False
+        path = self.path(cache_key(plan.backend, plan.model, plan.template_version, plan.prompt))
+        try:
+            write_json(path, record)
+        except OSError as exc:
+            log.warning("cannot write plan cache entry %s: %s", path, exc)

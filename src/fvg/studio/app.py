@@ -1,0 +1,196 @@
+"""The studio's Gradio UI: layout and wiring only, every callback is one `StudioSession` call.
+
+Per-tab drafts (the plan and the anchor candidates) live in `gr.State`; all events that touch
+a pipeline share one queue slot (`concurrency_id="pipeline"`), so runs never interleave.
+"""
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local app: no calls home
+
+import gradio as gr  # noqa: E402
+
+from fvg.io import FvgError  # noqa: E402
+from fvg.presets import MODES  # noqa: E402
+from fvg.studio.session import (HISTORY_COLUMNS, MAX_CANDIDATES, StudioSession, sampling_defaults,  # noqa: E402
+                                studio_presets)
+
+log = logging.getLogger("fvg.studio")
+HEAVY = dict(concurrency_id="pipeline", concurrency_limit=1)
+MAX_UPLOAD = "50mb"
+
+
+def _friendly(fn):
+    """Show errors as one readable line in the UI, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except FvgError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        except Exception as exc:
+            log.exception("studio callback failed")
+            raise gr.Error(f"unexpected error ({type(exc).__name__}): {exc}", print_exception=False) from None
+    return wrapper
+
+
+def _reporter(progress: gr.Progress):
+    return lambda stage, step, total: progress((step, total), desc=f"{stage} {step}/{total}", unit="steps")
+
+
+def _gallery(anchor) -> list:
+    return [(c.image, f"#{i}" + ("" if c.seed is None else f" seed {c.seed}")) for i, c in enumerate(anchor.candidates)]
+
+
+def _warnings(items) -> str:
+    return "".join(f"\n- warning: {w}" for w in dict.fromkeys(items))
+
+
+def build_app(session: StudioSession) -> gr.Blocks:
+    @_friendly
+    def on_plan(prompt, preset):
+        plan = session.plan(prompt, preset)
+        note = f"Planned with **{plan.backend}**" + (f" ({plan.model})" if plan.model else "") + "."
+        return plan.first_frame_caption, plan.upsampled_prompt, note + _warnings(plan.warnings), plan
+
+    @_friendly
+    def on_candidates(prompt, caption, preset, num, anchor_seed, plan, progress=gr.Progress()):
+        note = ""
+        if not (caption or "").strip():
+            plan = session.plan_for(prompt, preset, plan)
+            caption, note = plan.first_frame_caption, f"Planned with **{plan.backend}**. "
+        anchor = session.candidates(caption, preset, int(num), int(anchor_seed or 0), _reporter(progress))
+        note += f"{len(anchor.candidates)} candidates from seed {int(anchor_seed or 0)}: click one to choose it."
+        return (_gallery(anchor), 0, anchor.image, anchor, plan, caption,
+                plan.upsampled_prompt if plan else gr.skip(), note)
+
+    @_friendly
+    def on_regenerate(prompt, caption, preset, num, anchor_seed, plan, progress=gr.Progress()):
+        new_seed = int(anchor_seed or 0) + int(num)
+        return (*on_candidates(prompt, caption, preset, num, new_seed, plan, progress), new_seed)
+
+    @_friendly
+    def on_upload(path, preset):
+        anchor = session.upload(path, preset)
+        return _gallery(anchor), 0, anchor.image, anchor, f"Using your image `{Path(path).name}` as the anchor."
+
+    @_friendly
+    def on_select(anchor, evt: gr.SelectData):
+        anchor = session.pick(anchor, evt.index)
+        return evt.index, anchor.image, anchor
+
+    @_friendly
+    def on_pick(index, anchor):
+        anchor = session.pick(anchor, index)
+        return anchor.image, anchor, f"Chose candidate #{anchor.selected}."
+
+    @_friendly
+    def on_animate(prompt, caption, upsampled, preset, mode, seed, steps, guidance, compare, selected, plan,
+                   anchor, progress=gr.Progress()):
+        run = session.run(prompt, preset, mode, int(seed or 0), steps, guidance, plan, caption, upsampled, anchor,
+                          int(selected or 0), bool(compare), _reporter(progress))
+        out = run.output
+        note = (f"Saved **{out.mode}** run to `{run.out_dir}` ({run.seconds:.1f} s, {out.frames.shape[0]} frames "
+                f"of {out.frames.shape[2]}x{out.frames.shape[1]}, {out.steps} steps)." + _warnings(out.warnings))
+        return (str(run.video), None if run.compare_video is None else str(run.compare_video),
+                [str(p) for p in run.files], note, session.history_rows(),
+                out.anchor.image if out.anchor else gr.skip())
+
+    def on_preset(preset, mode):
+        return ([], None, None, *sampling_defaults(preset, mode),
+                "Preset changed: generate the anchor candidates again (or upload an image).")
+
+    steps0, guidance0 = sampling_defaults(session.default_preset, "factorized")
+
+    with gr.Blocks(title="fvg studio", analytics_enabled=False) as demo:
+        plan_state, anchor_state = gr.State(None), gr.State(None)
+        gr.Markdown("## fvg studio\nPlan the first frame, choose the anchor, animate. "
+                    "Each run is saved under `" + str(session.out_root) + "`.")
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="Prompt", lines=1, max_lines=4, elem_id="prompt",
+                                    placeholder="a red ball rolls left and knocks over a blue cup")
+                plan_btn = gr.Button("1. Plan the first frame", elem_id="plan-btn")
+                caption = gr.Textbox(label="First-frame caption", lines=3, elem_id="caption",
+                                     info="The scene before anything moves; edit it freely, it renders the anchor.")
+                upsampled = gr.Textbox(label="Upsampled prompt", lines=2, elem_id="upsampled",
+                                       info="The detailed video prompt that mode 'upsampled' animates.")
+            with gr.Column(scale=2):
+                preset = gr.Dropdown(studio_presets(), value=session.default_preset, label="Preset",
+                                     elem_id="preset")
+                mode = gr.Radio(list(MODES), value="factorized", label="Mode", elem_id="mode")
+                with gr.Row():
+                    seed = gr.Number(0, precision=0, minimum=0, label="Video seed", elem_id="seed")
+                    steps = gr.Number(steps0, precision=0, minimum=1, label="Steps", elem_id="steps")
+                    guidance = gr.Number(guidance0, minimum=0, label="Guidance", elem_id="guidance")
+                compare = gr.Checkbox(False, label="Also render plain T2V (same seed, steps, guidance) to compare",
+                                      elem_id="compare")
+        with gr.Row():
+            with gr.Column(scale=3):
+                gallery = gr.Gallery(label="Anchor candidates (click one to choose it)", columns=4, height=280,
+                                     allow_preview=False, object_fit="contain", interactive=False,
+                                     elem_id="gallery")
+                with gr.Row():
+                    num = gr.Slider(1, MAX_CANDIDATES, value=4, step=1, label="Candidates", elem_id="num")
+                    anchor_seed = gr.Number(0, precision=0, minimum=0, label="Anchor seed", elem_id="anchor-seed")
+                with gr.Row():
+                    gen_btn = gr.Button("2. Generate candidates", elem_id="gen-btn")
+                    regen_btn = gr.Button("Regenerate (new seeds)", elem_id="regen-btn")
+                    upload_btn = gr.UploadButton("Upload my own image", file_types=[".png", ".jpg", ".jpeg", ".webp"],
+                                                 elem_id="upload-btn")
+            with gr.Column(scale=2):
+                chosen = gr.Image(label="Chosen anchor", interactive=False, height=240, elem_id="chosen")
+                selected = gr.Number(0, precision=0, minimum=0, label="Chosen candidate #", elem_id="selected")
+        animate_btn = gr.Button("3. Animate", variant="primary", elem_id="animate-btn")
+        status = gr.Markdown(label="Status", elem_id="status")
+        with gr.Row():
+            video = gr.Video(label="Video", autoplay=True, loop=True, interactive=False, height=360,
+                             elem_id="video")
+            compare_video = gr.Video(label="Plain T2V, same seed", autoplay=True, loop=True, interactive=False,
+                                     height=360, visible=False, elem_id="compare-video")
+        downloads = gr.File(label="Download: video, anchor, plan, run record", file_count="multiple",
+                            interactive=False, elem_id="downloads")
+        history = gr.Dataframe(headers=HISTORY_COLUMNS, label="Runs since the studio started", interactive=False,
+                               wrap=True, elem_id="history")
+
+        plan_io = dict(fn=on_plan, inputs=[prompt, preset], outputs=[caption, upsampled, status, plan_state], **HEAVY)
+        plan_btn.click(**plan_io, api_name="plan")
+        prompt.submit(**plan_io, api_visibility="private")
+        candidate_inputs = [prompt, caption, preset, num, anchor_seed, plan_state]
+        candidate_outputs = [gallery, selected, chosen, anchor_state, plan_state, caption, upsampled, status]
+        gen_btn.click(on_candidates, candidate_inputs, candidate_outputs, api_name="candidates", **HEAVY)
+        regen_btn.click(on_regenerate, candidate_inputs, candidate_outputs + [anchor_seed], api_name="regenerate",
+                        **HEAVY)
+        upload_btn.upload(on_upload, [upload_btn, preset], [gallery, selected, chosen, anchor_state, status],
+                          api_name="upload", **HEAVY)
+        gallery.select(on_select, [anchor_state], [selected, chosen, anchor_state], api_visibility="private")
+        selected.input(on_pick, [selected, anchor_state], [chosen, anchor_state, status], api_name="pick")
+        preset.change(on_preset, [preset, mode], [gallery, chosen, anchor_state, steps, guidance, status],
+                      api_visibility="private")
+        mode.change(lambda p, m: sampling_defaults(p, m)[0], [preset, mode], [steps], api_visibility="private")
+        compare.change(lambda c: gr.Video(visible=c), [compare], [compare_video], api_visibility="private")
+        animate_btn.click(on_animate, [prompt, caption, upsampled, preset, mode, seed, steps, guidance, compare,
+                                       selected, plan_state, anchor_state],
+                          [video, compare_video, downloads, status, history, chosen], api_name="animate", **HEAVY)
+        demo.load(session.history_rows, None, [history], api_visibility="private")
+    return demo
+
+
+def serve(session: StudioSession, host: str = "127.0.0.1", port: int = 7860) -> gr.Blocks:
+    """Build the app, queue it (one pipeline job at a time) and start the server in a background
+    thread; `demo.block_thread()` waits for Ctrl+C, `demo.close()` stops it."""
+    demo = build_app(session)
+    demo.queue(default_concurrency_limit=1)
+    session.out_root.mkdir(parents=True, exist_ok=True)
+    try:
+        demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True, show_error=True,
+                    allowed_paths=[str(session.out_root.resolve())], max_file_size=MAX_UPLOAD, ssr_mode=False)
+    except OSError as exc:
+        reason = str(exc).split(". ")[0]
+        raise FvgError(f"cannot start the studio on {host}:{port}: {reason} (choose another --port)") from None
+    return demo
