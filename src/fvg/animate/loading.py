@@ -89,7 +89,7 @@ def apply_memory_options(pipe, device: str, cpu_offload: bool = False, vae_tilin
     if cpu_offload:
         if not device.startswith("cuda"):
             raise FvgError("--cpu-offload needs a CUDA device (it moves models between CPU and GPU)")
-        pipe.enable_model_cpu_offload()
+        pipe.enable_model_cpu_offload(device=device)  # each process offloads to its own GPU
     else:
         pipe.to(device)
     return pipe

@@ -1,0 +1,219 @@
+"""`fvg eval`: generate benchmark videos, score them locally, import official scores, report.
+
+Also runnable as a module, which is how `accelerate launch` starts one process per GPU:
+
+    accelerate launch -m fvg.eval.cli generate --suite t2v-compbench --suite-dir T2V-CompBench ...
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from fvg.io import FvgError
+
+eval_app = typer.Typer(help="Benchmark videos (T2V-CompBench, VBench 2.0, MiniCompBench, prompt files): "
+                            "generate, score, import official scores, report.",
+                       no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console(stderr=True, soft_wrap=True)  # one-line errors stay on one line
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(eval_app, name="eval")
+
+
+def _progress(disable: bool = False) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True, disable=disable)
+
+
+def _split(text: Optional[str]) -> Optional[list[str]]:
+    return [p.strip() for p in text.split(",") if p.strip()] if text else None
+
+
+@eval_app.command()
+def generate(
+    suite: str = typer.Option(..., "--suite", help="t2v-compbench, vbench2, minicompbench, or a .txt prompt file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: OUT/<mode>/... in the benchmark's layout."),
+    suite_dir: Optional[Path] = typer.Option(None, "--suite-dir",
+                                             help="T2V-CompBench checkout (or its prompts/); VBench 2.0 full-info "
+                                                  "JSON or folder of <Dimension>.txt files."),
+    preset: str = typer.Option("tiny", "--preset", "-p", help="Preset name (see `fvg presets`)."),
+    modes: str = typer.Option("t2v,upsampled,factorized", "--modes", help="Comma-separated modes."),
+    seeds: str = typer.Option("0", "--seeds", help="Seeds, e.g. 0,1,2,3,4 or 0-4; shared by all modes. VBench: "
+                                                   "the i-th video of a prompt uses the i-th seed."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default: the preset's per mode)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N prompts of each category."),
+    categories: Optional[str] = typer.Option(None, "--categories", help="Only these categories/dimensions."),
+    samples: Optional[int] = typer.Option(None, "--samples",
+                                          help="VBench: videos per prompt (default 3, Diversity 20)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the videos this run would write, generate nothing."),
+    lora: Optional[str] = typer.Option(None, "--lora", help="Anchor LoRA."),
+    video_model: Optional[str] = typer.Option(None, "--video-model"),
+    anchor_model: Optional[str] = typer.Option(None, "--anchor-model"),
+    planner: Optional[str] = typer.Option(None, "--planner", help="rules, transformers or openai."),
+    planner_model: Optional[str] = typer.Option(None, "--planner-model"),
+    planner_url: Optional[str] = typer.Option(None, "--planner-url"),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    plan_cache: Optional[Path] = typer.Option(None, "--plan-cache"),
+    height: Optional[int] = typer.Option(None, "--height"),
+    width: Optional[int] = typer.Option(None, "--width"),
+    frames: Optional[int] = typer.Option(None, "--frames"),
+    fps: Optional[int] = typer.Option(None, "--fps"),
+    device: Optional[str] = typer.Option(None, "--device", help="Default: this process's accelerate device."),
+    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    cpu_offload: bool = typer.Option(False, "--cpu-offload"),
+    vae_tiling: bool = typer.Option(False, "--vae-tiling"),
+):
+    """Generate every (prompt, mode, seed) video of a suite; resumable; shard with `accelerate launch`."""
+    from .generate import (GenerateSettings, check_config, distributed_state, parse_modes, parse_seeds, plan_jobs,
+                           run_generation, shard)
+    from .suites import load_suite
+
+    if steps is not None and steps < 1:
+        raise FvgError(f"--steps must be at least 1, got {steps}")
+    the_suite = load_suite(suite, suite_dir, samples).select(_split(categories), limit)
+    mode_list, seed_list = parse_modes(modes), parse_seeds(seeds)
+    if dry_run:
+        for job in plan_jobs(the_suite, mode_list, seed_list):
+            typer.echo(job.video)
+        return
+    planner_options = {"api_key_env": api_key_env}
+    if planner_url:
+        planner_options["base_url"] = planner_url
+    if plan_cache:
+        planner_options["cache_dir"] = plan_cache
+    overrides = dict(lora=lora, video_model=video_model, anchor_model=anchor_model, planner=planner,
+                     planner_model=planner_model, height=height, width=width, num_frames=frames, fps=fps)
+    settings = GenerateSettings(the_suite, mode_list, seed_list, out, preset, steps,
+                                {k: v for k, v in overrides.items() if v is not None}, device, dtype, cpu_offload,
+                                vae_tiling, planner_options)
+    check_config(settings)  # before any progress bar: a refused folder is a one-line error
+    state = distributed_state(device)
+    total = len(shard(plan_jobs(the_suite, mode_list, seed_list), state.process_index, state.num_processes))
+    label = f"rank {state.process_index}/{state.num_processes} videos" if state.num_processes > 1 else "videos"
+    with _progress(disable=not state.is_main_process) as progress:
+        task = progress.add_task(label, total=total)
+        summary = run_generation(settings, on_video=lambda job, status: progress.advance(task), state=state)
+    who = f"rank {state.process_index}: " if state.num_processes > 1 else ""
+    console.print(f"{who}{summary.generated} generated, {summary.skipped} already present, {summary.failed} failed "
+                  f"in {summary.seconds:.1f} s")
+    for error in summary.errors[:5]:
+        console.print(f"[red]failed:[/] {error}", highlight=False)
+    if summary.manifest is not None:
+        console.print(f"manifest: {summary.manifest}")
+    if summary.failed:  # an error exit, so scripts notice; the rerun retries exactly the failed videos
+        raise FvgError(f"{summary.failed} video(s) failed (see the manifest's 'error' fields): run again to retry them")
+
+
+@eval_app.command()
+def score(
+    out: Path = typer.Argument(..., help="The folder `fvg eval generate` wrote (with manifest.jsonl)."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="CLIP model folder or hub id (for clip, consistency)."),
+    metrics: Optional[str] = typer.Option(None, "--metrics",
+                                          help="clip,consistency,motion,anchor,minicompbench (default: all that "
+                                               "can run; clip and consistency need --clip)."),
+    scores: Optional[Path] = typer.Option(None, "--scores", help="Output JSONL (default OUT/scores.jsonl)."),
+    device: Optional[str] = typer.Option(None, "--device"),
+    rescore: bool = typer.Option(False, "--rescore", help="Recompute rows an earlier run already scored."),
+):
+    """Local metrics for every generated video: CLIP similarity, anchor fidelity, consistency, motion."""
+    from .generate import MANIFEST, read_jsonl
+    from .metrics import parse_metrics, score_run
+
+    metric_list = parse_metrics(metrics, clip)
+    if not (out / MANIFEST).is_file():
+        raise FvgError(f"no {MANIFEST} in {out}: run `fvg eval generate --out {out}` first")
+    total = len(read_jsonl(out / MANIFEST))
+    with _progress() as progress:
+        task = progress.add_task("scoring", total=total)
+        summary = score_run(out, scores or out / "scores.jsonl", metric_list, clip, device, rescore,
+                            on_video=lambda _entry: progress.advance(task))
+    for note in summary.notes[:3]:
+        console.print(f"[yellow]note:[/] left out {note}", highlight=False)
+    console.print(f"{summary.scored} scored, {summary.reused} unchanged, {summary.missing} missing -> {summary.path}")
+
+
+@eval_app.command("import")
+def import_(
+    tool: str = typer.Argument(..., help="t2v-compbench or vbench2."),
+    files: List[Path] = typer.Argument(..., help="T2V-CompBench CSVs or VBench 2.0 *_eval_results.json files."),
+    to: Path = typer.Option(..., "--to", help="Score JSONL to add the rows to (e.g. OUT/official.jsonl)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="Mode of these results (default: from the path)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="T2V-CompBench: seed (default: seed<N> in the path)."),
+    category: Optional[str] = typer.Option(None, "--category", help="T2V-CompBench: category (default: file name)."),
+):
+    """Official evaluators' results as score rows, for `fvg eval report`."""
+    from fvg.presets import validate_mode
+
+    from .importers import import_t2v_compbench, import_vbench2, merge_rows
+
+    if mode is not None:
+        validate_mode(mode)
+    rows = []
+    for path in files:
+        if tool == "t2v-compbench":
+            rows += import_t2v_compbench(path, mode, seed, category)
+        elif tool == "vbench2":
+            if seed is not None or category is not None:
+                raise FvgError("--seed and --category apply to t2v-compbench; VBench names dimensions itself")
+            rows += import_vbench2(path, mode)
+        else:
+            raise FvgError(f"unknown tool '{tool}' (choose from: t2v-compbench, vbench2)")
+    merge_rows(to, rows)
+    console.print(f"imported {len(rows)} rows from {len(files)} file(s) into {to}")
+
+
+@eval_app.command()
+def report(
+    scores: List[Path] = typer.Argument(..., help="Score JSONL files (from `score` and `import`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report folder: report.md/.csv/.json, paired.csv, plots/."),
+    compare: Optional[str] = typer.Option(None, "--compare",
+                                          help="TREATMENT:BASELINE pairs (default: each mode:t2v and "
+                                               "factorized:upsampled)."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="PNG plots (needs matplotlib: fvg[eval])."),
+):
+    """Mode x category tables, plots and paired comparisons with bootstrap intervals."""
+    from .report import build_report, load_rows, parse_pairs, write_report
+
+    the_report = build_report(load_rows(scores), parse_pairs(compare) if compare else None)
+    if plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            console.print("[yellow]note:[/] matplotlib is not installed (pip install 'fvg[eval]'): no plots")
+            plots = False
+    written = write_report(the_report, out, plots=plots)
+    typer.echo(Path(out / "report.md").read_text(encoding="utf-8"))
+    console.print(f"wrote {len(written)} files in {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fvg.eval.cli`: the eval commands alone, with fvg's error convention (one line, exit 2)."""
+    import click
+
+    try:
+        code = eval_app(args=argv, standalone_mode=False)  # a typer.Exit comes back as its code
+    except FvgError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+    except typer.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        return 1
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""`fvg eval generate`: every (prompt, mode, seed) video of a suite, sharded over processes.
+
+Work is split by prompt: prompt k goes to process k mod N, so a prompt's plan is made once
+and shared by its `upsampled` and `factorized` videos (a paired comparison should differ in
+the mode only), and every video has exactly one writer. Each process writes its plan,
+anchor and run record under `records/` first and the MP4 last, atomically: a valid MP4 marks
+a finished video, and resume skips it. Each process then writes its manifest part; after
+`wait_for_everyone` the main process merges them into `manifest.jsonl`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from fvg.io import FvgError, mp4_is_valid, save_image, write_json, write_text
+from fvg.presets import MODES, get_preset, validate_mode
+
+from .suites import Suite, SuitePrompt, record_relpath, video_relpath
+
+MANIFEST = "manifest.jsonl"
+CONFIG = "eval.json"
+PART_GLOB = "manifest.part-*.jsonl"
+
+
+@dataclass(frozen=True)
+class VideoJob:
+    order: int  # position in the whole run: fixes the manifest order
+    group: int  # position of the prompt: the unit of sharding
+    item: SuitePrompt
+    mode: str
+    seed: int
+    sample: int  # VBench: index in `<prompt>-<i>.mp4`; compbench layouts: 0
+    video: str  # relative to the output folder
+    record: str  # folder for plan.json, anchor.png, run.json, relative to the output folder
+
+
+@dataclass
+class GenerateSettings:
+    suite: Suite
+    modes: list[str]
+    seeds: list[int]
+    out: Path
+    preset: str = "tiny"
+    steps: int | None = None  # None: the preset's (15 factorized, 50 baselines)
+    overrides: dict = field(default_factory=dict)  # preset fields (video_model, lora, num_frames, ...)
+    device: str | None = None
+    dtype: str | None = None
+    cpu_offload: bool = False
+    vae_tiling: bool = False
+    planner_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class GenerateSummary:
+    generated: int
+    skipped: int
+    failed: int
+    seconds: float
+    manifest: Path | None  # None on processes other than the main one
+    errors: list[str] = field(default_factory=list)
+
+
+def sample_seed(seeds: list[int], sample: int) -> int:
+    """VBench: the i-th video of a prompt uses seeds[i]; past the list, seeds continue by one."""
+    return seeds[sample] if sample < len(seeds) else seeds[-1] + sample - len(seeds) + 1
+
+
+def plan_jobs(suite: Suite, modes: list[str], seeds: list[int]) -> list[VideoJob]:
+    """All videos of the run, grouped by prompt; within a prompt, by seed, then mode (paired)."""
+    for mode in modes:
+        validate_mode(mode)
+    if not modes or not seeds:
+        raise FvgError("give at least one mode and one seed")
+    if len(set(modes)) != len(modes) or len(set(seeds)) != len(seeds):
+        raise FvgError("modes and seeds must not repeat")
+    jobs: list[VideoJob] = []
+    for group, item in enumerate(suite.prompts):
+        if suite.layout == "vbench":
+            draws = [(sample_seed(seeds, i), i) for i in range(item.samples)]
+        else:
+            draws = [(seed, 0) for seed in seeds]
+        for seed, sample in draws:
+            for mode in modes:
+                video = video_relpath(suite, item, mode, seed, sample)
+                jobs.append(VideoJob(len(jobs), group, item, mode, seed, sample, video, record_relpath(video)))
+    return jobs
+
+
+def shard(jobs: list[VideoJob], rank: int, world: int) -> list[VideoJob]:
+    """This process's jobs: whole prompts, round robin, so the union over ranks is every job once."""
+    return [j for j in jobs if j.group % world == rank]
+
+
+def _fingerprint(settings: GenerateSettings) -> dict:
+    # What makes two runs' videos comparable: mixing presets or step counts in one folder would not be.
+    overrides = {k: v for k, v in sorted(settings.overrides.items()) if v is not None}
+    return {"suite": settings.suite.name, "layout": settings.suite.layout, "preset": settings.preset,
+            "steps": settings.steps, "overrides": overrides}
+
+
+def check_config(settings: GenerateSettings) -> dict:
+    """The run config to write; FvgError if the output folder holds videos made with other settings."""
+    path = settings.out / CONFIG
+    fingerprint = _fingerprint(settings)
+    config = {"fvg_eval": 1, **fingerprint, "source": settings.suite.source, "modes": settings.modes,
+              "seeds": settings.seeds}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            raise FvgError(f"{path} is corrupt: delete it or use another --out") from None
+        differ = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+        if differ:
+            raise FvgError(f"{settings.out} holds videos made with other settings ({', '.join(differ)}: "
+                           f"{', '.join(str(old.get(k)) for k in differ)}): use another --out")
+        config["modes"] = list(dict.fromkeys([*old.get("modes", []), *settings.modes]))
+        config["seeds"] = list(dict.fromkeys([*old.get("seeds", []), *settings.seeds]))
+    return config
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _entry(job: VideoJob, out: Path, status: str, rank: int, error: str | None = None) -> dict:
+    """A manifest line, filled from the job's records (present for generated and resumed videos)."""
+    rec = out / job.record
+    run = _read_json(rec / "run.json") or {}
+    return {
+        "suite": run.get("eval", {}).get("suite"),  # set for every line when the parts are merged
+        "category": job.item.category, "index": job.item.index, "sample": job.sample,
+        "prompt": job.item.prompt, "video_prompt": run.get("video_prompt"),
+        "mode": job.mode, "seed": job.seed, "video": job.video, "record": job.record,
+        "plan": _read_json(rec / "plan.json") if job.mode != "t2v" else None,
+        "anchor": f"{job.record}/anchor.png" if (rec / "anchor.png").is_file() else None,
+        "timings": run.get("timings_s", {}), "status": status, "error": error, "rank": rank,
+    }
+
+
+class _PlanStore:
+    """One plan per prompt, shared by its modes and seeds; reloaded from records on resume."""
+
+    def __init__(self, pipe, out: Path):
+        self.pipe, self.out = pipe, out
+
+    def get(self, jobs: list[VideoJob]) -> tuple[object, float | None]:
+        from fvg.plan import Plan
+
+        for job in jobs:
+            saved = _read_json(self.out / job.record / "plan.json")
+            if saved is not None and job.mode != "t2v":
+                try:
+                    return Plan.from_dict(saved), None
+                except FvgError:
+                    pass  # a damaged record: plan again
+        start = time.perf_counter()
+        plan = self.pipe.plan(jobs[0].item.prompt)
+        return plan, time.perf_counter() - start
+
+
+def _save(result, job: VideoJob, out: Path, suite: Suite, plan_seconds: float | None) -> None:
+    from fvg.io import write_mp4
+
+    rec = out / job.record
+    if result.anchor is not None:
+        save_image(rec / "anchor.png", result.anchor.image)
+    if result.plan is not None:
+        write_json(rec / "plan.json", result.plan.to_dict())
+    record = result.run_record()
+    if plan_seconds is not None:  # planning ran once for the prompt; its time goes on this video
+        record["timings_s"] = {"plan": round(plan_seconds, 4), **record["timings_s"]}
+        record["timings_s"]["total"] = round(sum(v for k, v in record["timings_s"].items() if k != "total"), 4)
+    record["eval"] = {"suite": suite.name, "category": job.item.category, "index": job.item.index,
+                      "sample": job.sample, "video": job.video}
+    write_json(rec / "run.json", record)
+    write_mp4(out / job.video, result.frames, fps=result.fps)  # last: a valid MP4 means a finished video
+
+
+def _grouped(jobs: list[VideoJob]) -> Iterable[list[VideoJob]]:
+    groups: dict[int, list[VideoJob]] = {}
+    for job in jobs:
+        groups.setdefault(job.group, []).append(job)
+    return groups.values()
+
+
+def _set_cpu_threads(num_processes: int) -> None:
+    # N processes on one CPU would each start one thread per core and fight over them.
+    if num_processes > 1 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_processes))
+
+
+def distributed_state(device: str | None = None):
+    """accelerate's `PartialState`. Without a GPU it must be told `cpu=True`, or processes started by
+    `accelerate launch`/`torchrun` on a CPU machine would each run alone as rank 0 of 1."""
+    import torch
+    from accelerate import PartialState
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return PartialState(cpu=launched and (device == "cpu" or not torch.cuda.is_available()))
+
+
+def run_generation(settings: GenerateSettings, on_video: Callable[[VideoJob, str], None] | None = None,
+                   state=None) -> GenerateSummary:
+    """Generate this process's share of the suite; `state` is an accelerate `PartialState`."""
+    from fvg.pipeline import FactorizedPipeline
+
+    state = state or distributed_state(settings.device)
+    rank, world = state.process_index, state.num_processes
+    preset = get_preset(settings.preset, **settings.overrides)  # fail on a bad preset before any work
+    config = check_config(settings)
+    jobs = plan_jobs(settings.suite, settings.modes, settings.seeds)
+    mine = shard(jobs, rank, world)
+    if state.is_main_process:
+        write_json(settings.out / CONFIG, {**config, "updated": _now()})
+    # One process: the pipeline's own default device. Several: each its own (cuda:<local rank>).
+    device = settings.device or (str(state.device) if world > 1 else None)
+    if (device or str(state.device)) == "cpu":
+        _set_cpu_threads(world)
+    planner_options = dict(settings.planner_options)
+    if world > 1:  # a local planner LLM would otherwise load on the default GPU in every process
+        planner_options.setdefault("device", device)
+    pipe = FactorizedPipeline.from_preset(
+        settings.preset, device=device, dtype=settings.dtype, cpu_offload=settings.cpu_offload,
+        vae_tiling=settings.vae_tiling, planner_options=planner_options, **settings.overrides)
+    plans = _PlanStore(pipe, settings.out)
+    start = time.perf_counter()
+    entries: list[tuple[int, dict]] = []
+    counts = {"generated": 0, "skipped": 0, "failed": 0}
+    errors: list[str] = []
+    fatal: FvgError | None = None
+    for group in _grouped(mine):
+        plan = None
+        for job in group:
+            if fatal is not None:
+                status, error = "failed", f"not run: {fatal}"
+            elif mp4_is_valid(settings.out / job.video, preset.num_frames):
+                status, error = "skipped", None
+            else:
+                status, error = "generated", None
+                try:
+                    plan_seconds = None
+                    if job.mode != "t2v" and plan is None:
+                        plan, plan_seconds = plans.get(group)
+                    result = pipe(job.item.prompt, mode=job.mode, seed=job.seed, steps=settings.steps,
+                                  plan=plan if job.mode != "t2v" else None)
+                    _save(result, job, settings.out, settings.suite, plan_seconds)
+                except FvgError as exc:  # a user mistake (missing model, bad option) fails every job alike
+                    fatal, status, error = exc, "failed", str(exc)
+                except Exception as exc:  # e.g. out of memory on one prompt: record it, go on with the rest
+                    status, error = "failed", f"{type(exc).__name__}: {exc}"
+            counts[status] += 1
+            if error:
+                errors.append(f"{job.video}: {error}")
+            entries.append((job.order, _entry(job, settings.out, status, rank, error)))
+            if on_video:
+                on_video(job, status)
+    _write_part(settings.out, rank, entries)
+    state.wait_for_everyone()  # every part is on disk before the main process merges them
+    manifest = merge_manifest(settings.out, world, settings.suite.name) if state.is_main_process else None
+    state.wait_for_everyone()
+    if fatal is not None:
+        raise fatal
+    return GenerateSummary(counts["generated"], counts["skipped"], counts["failed"],
+                           time.perf_counter() - start, manifest, errors)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_part(out: Path, rank: int, entries: list[tuple[int, dict]]) -> None:
+    lines = "".join(json.dumps({"order": order, **entry}, ensure_ascii=False) + "\n" for order, entry in entries)
+    write_text(out / f"manifest.part-{rank:03d}.jsonl", lines)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise FvgError(f"{path}:{number} is not valid JSON") from None
+    return rows
+
+
+def merge_manifest(out: Path, world: int, suite_name: str) -> Path:
+    """Merge this run's parts (in job order) into manifest.jsonl, keeping earlier runs' other videos."""
+    parts: list[dict] = []
+    for rank in range(world):
+        part = out / f"manifest.part-{rank:03d}.jsonl"
+        if not part.is_file():
+            raise FvgError(f"manifest part {part} is missing: process {rank} did not finish")
+        parts += read_jsonl(part)
+    parts.sort(key=lambda e: e.pop("order"))
+    for entry in parts:
+        entry["suite"] = suite_name
+    path = out / MANIFEST
+    new = {e["video"] for e in parts}
+    kept = [e for e in read_jsonl(path) if e.get("video") not in new] if path.is_file() else []
+    write_text(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in kept + parts))
+    for part in out.glob(PART_GLOB):  # including stale ones from an interrupted run with more processes
+        part.unlink()
+    return path
+
+
+def parse_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    for mode in modes:
+        validate_mode(mode)
+    if not modes:
+        raise FvgError(f"--modes is empty (choose from: {', '.join(MODES)})")
+    return modes
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2', an inclusive range '0-4', or a mix: '0-2,7'."""
+    seeds: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if match is None:
+            raise FvgError(f"bad seed list '{text}': use non-negative integers, e.g. 0,1,2 or 0-4")
+        lo, hi = int(match.group(1)), int(match.group(2) or match.group(1))
+        seeds += list(range(lo, hi + 1))
+    if not seeds:
+        raise FvgError("--seeds is empty")
+    return seeds
