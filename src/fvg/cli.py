@@ -297,12 +297,14 @@ def presets():
 # (fvg.train.cli, fvg.eval.cli, fvg.studio add `register(app)`.)
 from fvg.studio import register as _register_studio; _register_studio(app)  # noqa: E402
 from fvg.eval.cli import register as _register_eval; _register_eval(app)  # noqa: E402
+from fvg.train.cli import register as _register_train; _register_train(app)  # noqa: E402
+from fvg.miniworld.cli import register as _register_miniworld; _register_miniworld(app)  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: user mistakes print one line and exit 2, never a traceback."""
+def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> int:
+    """Run a typer app the fvg way: user mistakes print one line and exit 2, never a traceback."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = typer_app(args=argv, standalone_mode=False)  # click returns a typer.Exit's code
     except FvgError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True, markup=True)
         return 2
@@ -320,7 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, click.exceptions.Abort):
             return 1
         raise
-    return 0
+    return code if isinstance(code, int) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_app(app, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,98 @@
+"""Writing the trained anchor LoRA: diffusers keys and original Wan / ComfyUI keys.
+
+* `anchor_lora.safetensors`: diffusers/PEFT keys with a `transformer.` prefix, the layout of
+  `WanLoraLoaderMixin.save_lora_weights`, including its `lora_adapter_metadata` header
+  (the LoraConfig, prefixed `transformer.`). diffusers builds the adapter from that header, so
+  `lora_alpha` is honoured; without it diffusers would assume alpha = rank.
+* `anchor_lora_wan.safetensors`: `diffusion_model.blocks.N.self_attn.q.lora_A.weight` ... with one
+  `.alpha` per layer (`fvg.animate.lora.to_original_wan`), for ComfyUI and other Wan tools.
+
+The low-noise expert of Wan2.2-A14B gets `anchor_lora_2*.safetensors`; its keys are also
+`transformer.`-prefixed, as `load_lora_weights(..., load_into_transformer_2=True)` expects.
+Both files carry rank, alpha, base model, steps and data hash in their header.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from fvg.animate.lora import to_diffusers, to_original_wan
+from fvg.io import FvgError, atomic_path
+
+log = logging.getLogger("fvg.train")
+
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+
+
+def lora_stem(expert: str) -> str:
+    return "anchor_lora" if expert == "transformer" else "anchor_lora_2"
+
+
+def adapter_metadata(lora_config: dict) -> str:
+    """diffusers' header: the LoraConfig dict, keys prefixed with the component name, sets as lists."""
+    clean = {f"transformer.{k}": sorted(v) if isinstance(v, set) else v for k, v in lora_config.items()}
+    return json.dumps(clean, indent=2, sort_keys=True, default=str)
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def write_lora(state_dict: dict[str, torch.Tensor], directory: str | Path, expert: str, lora_config: dict,
+               info: dict, formats: tuple[str, ...] = ("diffusers", "wan")) -> dict[str, Path]:
+    """Write a PEFT state dict (`blocks.0.attn1.to_q.lora_A.weight` ...) in the requested formats."""
+    directory, stem = Path(directory), lora_stem(expert)
+    header = {"format": "pt", "fvg": json.dumps(info, sort_keys=True, default=str),
+              **{k: str(info[k]) for k in ("rank", "alpha", "base_model", "steps", "data_hash") if k in info}}
+    paths = {}
+    if "diffusers" in formats:
+        paths["diffusers"] = directory / f"{stem}.safetensors"
+        _save(to_diffusers(state_dict), paths["diffusers"],
+              {**header, LORA_ADAPTER_METADATA_KEY: adapter_metadata(lora_config)})
+    if "wan" in formats:
+        try:
+            original = to_original_wan(state_dict, alpha=float(lora_config["lora_alpha"]))
+        except ValueError as exc:  # a target module outside the Wan blocks has no original name
+            log.warning("no original Wan/ComfyUI export: %s", exc)
+        else:
+            paths["wan"] = directory / f"{stem}_wan.safetensors"
+            _save(original, paths["wan"], header)
+    return paths
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """PEFT state dict, LoraConfig dict and fvg info from a diffusers-format file written by `write_lora`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+        tensors = {k.removeprefix("transformer."): f.get_tensor(k) for k in f.keys()}
+    adapter = json.loads(header.get(LORA_ADAPTER_METADATA_KEY, "{}"))
+    config = {k.removeprefix("transformer."): v for k, v in adapter.items()}
+    return tensors, config, json.loads(header.get("fvg", "{}"))
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """Export the LoRA(s) of a training checkpoint (`checkpoints/step_XXXXXX`) in both key formats."""
+    checkpoint = Path(checkpoint)
+    state_file = checkpoint / "trainer_state.json"
+    if not state_file.is_file():
+        raise FvgError(f"{checkpoint} is not a training checkpoint (no trainer_state.json)")
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    paths = {}
+    for expert in state["experts"]:
+        source = checkpoint / f"{lora_stem(expert)}.safetensors"
+        if not source.is_file():
+            raise FvgError(f"checkpoint {checkpoint} has no {source.name}")
+        tensors, config, info = read_lora(source)
+        for fmt, path in write_lora(tensors, out_dir, expert, config, info).items():
+            paths[f"{expert}.{fmt}"] = path
+    return paths
