@@ -17,7 +17,7 @@ def qwen_image_dir(tmp_path_factory):
 
 
 def test_autopipeline_loads_qwen_image_and_keeps_every_candidate(qwen_image_dir):
-    source = DiffusersAnchorSource.from_pretrained(str(qwen_image_dir), torch_dtype=None, steps=2,
+    source = DiffusersAnchorSource.from_pretrained(str(qwen_image_dir), dtype=None, steps=2,
                                                    guidance_scale=1.0, native_area=64 * 48)
     assert type(source.pipe).__name__ == "QwenImagePipeline"
     result = source("a red circle on the left", height=32, width=48, num_candidates=3, seed=10, selected=2)
@@ -30,7 +30,7 @@ def test_autopipeline_loads_qwen_image_and_keeps_every_candidate(qwen_image_dir)
 
 
 def test_candidate_selection_is_validated(qwen_image_dir):
-    source = DiffusersAnchorSource.from_pretrained(str(qwen_image_dir), torch_dtype=None, steps=1)
+    source = DiffusersAnchorSource.from_pretrained(str(qwen_image_dir), dtype=None, steps=1)
     with pytest.raises(FvgError, match="out of range"):
         source("x", 32, 32, num_candidates=2, selected=2)
     with pytest.raises(FvgError, match="at least 1"):

@@ -158,7 +158,7 @@ class FactorizedPipeline:
                 self._anchor_source = DiffusersAnchorSource(pipe, model_id=p.anchor_model, **kwargs)
             else:
                 self._anchor_source = DiffusersAnchorSource.from_pretrained(
-                    p.anchor_model, torch_dtype=self.dtype, device=self.device, **kwargs)
+                    p.anchor_model, dtype=self.dtype, device=self.device, **kwargs)
         return self._anchor_source
 
     @property

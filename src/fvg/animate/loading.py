@@ -45,8 +45,8 @@ def load_wan_pipeline(model_id: str, dtype: torch.dtype, flow_shift: float | Non
             for module in (pipe.transformer, pipe.text_encoder):
                 module.to(dtype)
     else:
-        vae = load_or_explain(AutoencoderKLWan.from_pretrained, model_id, subfolder="vae", torch_dtype=torch.float32)
-        pipe = load_or_explain(AnchoredWanPipeline.from_pretrained, model_id, vae=vae, torch_dtype=dtype)
+        vae = load_or_explain(AutoencoderKLWan.from_pretrained, model_id, subfolder="vae", dtype=torch.float32)
+        pipe = load_or_explain(AnchoredWanPipeline.from_pretrained, model_id, vae=vae, dtype=dtype)
     if flow_shift is not None and "flow_shift" in pipe.scheduler.config:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=flow_shift)
     elif flow_shift is not None and "shift" in pipe.scheduler.config:
