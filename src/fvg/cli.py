@@ -12,13 +12,12 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from fvg.console import StageProgress, console, progress_bar, run_app
 from fvg.io import FvgError, mp4_is_valid, save_image, write_json
 
 app = typer.Typer(help="Factorized Video Generation: plan the first frame, anchor it, then animate.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console(stderr=True)
 
 DEFAULT_PRESET = "tiny"
 
@@ -27,11 +26,13 @@ SeedOpt = typer.Option(0, "--seed", help="Seed: the video noise; anchor candidat
 StepsOpt = typer.Option(None, "--steps", help="Denoising steps (default: the preset's, 15 factorized / 50 others).")
 
 
-def _load_pipeline(preset: str, lora: Optional[str], video_model: Optional[str], anchor_model: Optional[str],
-                   planner: Optional[str], planner_model: Optional[str], planner_url: Optional[str],
-                   api_key_env: str, plan_cache: Optional[Path], height: Optional[int], width: Optional[int],
-                   frames: Optional[int], fps: Optional[int], device: Optional[str], dtype: Optional[str],
-                   cpu_offload: bool, vae_tiling: bool):
+def _load_pipeline(preset: str, *, lora: Optional[str] = None, video_model: Optional[str] = None,
+                   anchor_model: Optional[str] = None, planner: Optional[str] = None,
+                   planner_model: Optional[str] = None, planner_url: Optional[str] = None,
+                   api_key_env: str = "OPENAI_API_KEY", plan_cache: Optional[Path] = None,
+                   height: Optional[int] = None, width: Optional[int] = None, frames: Optional[int] = None,
+                   fps: Optional[int] = None, device: Optional[str] = None, dtype: Optional[str] = None,
+                   cpu_offload: bool = False, vae_tiling: bool = False):
     from fvg.pipeline import FactorizedPipeline
 
     planner_options = {"api_key_env": api_key_env}
@@ -44,28 +45,6 @@ def _load_pipeline(preset: str, lora: Optional[str], video_model: Optional[str],
         planner_options=planner_options, lora=lora, video_model=video_model, anchor_model=anchor_model,
         planner=planner, planner_model=planner_model, height=height, width=width, num_frames=frames, fps=fps,
     )
-
-
-class StageProgress:
-    """Rich progress for the stages of one video: a bar per stage with step counts and ETA."""
-
-    def __init__(self, progress: Progress, label: str = ""):
-        self.progress, self.label, self.tasks = progress, label, {}
-
-    def __call__(self, stage: str, step: int, total: int) -> None:
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(f"{self.label}{stage}", total=total)
-        self.progress.update(self.tasks[stage], completed=step, total=total)
-
-    def done(self) -> None:
-        for task in self.tasks.values():
-            self.progress.remove_task(task)
-        self.tasks.clear()
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True)
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -137,7 +116,7 @@ def generate(
     if prompts is None and not prompt.strip():
         raise FvgError("prompt is empty")
     pipe = _load_pipeline(
-        preset=preset, lora=lora, video_model=video_model, anchor_model=anchor_model, planner=planner,
+        preset, lora=lora, video_model=video_model, anchor_model=anchor_model, planner=planner,
         planner_model=planner_model, planner_url=planner_url, api_key_env=api_key_env, plan_cache=plan_cache,
         height=height, width=width, frames=frames, fps=fps, device=device, dtype=dtype, cpu_offload=cpu_offload,
         vae_tiling=vae_tiling)
@@ -151,7 +130,7 @@ def generate(
                 guidance_scale=guidance)
     if prompts is None:
         out_dir = out or _default_out(prompt)
-        with _progress() as progress:
+        with progress_bar() as progress:
             result = pipe(prompt, anchor_image=anchor, progress=StageProgress(progress), **call)
         video = result.save(out_dir)
         _warn(result.warnings)
@@ -159,7 +138,7 @@ def generate(
         return
 
     done = skipped = 0
-    with _progress() as progress:
+    with progress_bar() as progress:
         overall = progress.add_task("prompts", total=len(prompt_list))
         for index, text in enumerate(prompt_list, start=1):
             stem = f"{index:04d}"
@@ -188,11 +167,8 @@ def plan(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the plan to this JSON file."),
 ):
     """Stage 1 alone: print the first-frame caption and upsampled prompt as JSON."""
-    pipe = _load_pipeline(
-        preset=preset, lora=None, video_model=None, anchor_model=None, planner=planner,
-        planner_model=planner_model, planner_url=planner_url, api_key_env=api_key_env, plan_cache=plan_cache,
-        height=None, width=None, frames=None, fps=None, device="cpu", dtype=None, cpu_offload=False,
-        vae_tiling=False)
+    pipe = _load_pipeline(preset, planner=planner, planner_model=planner_model, planner_url=planner_url,
+                          api_key_env=api_key_env, plan_cache=plan_cache, device="cpu")
     result = pipe.plan(prompt)
     if out:
         write_json(out, result.to_dict())
@@ -222,16 +198,14 @@ def anchor(
     """Stages 1-2 alone: plan (unless --caption) and render anchor candidates."""
     if not prompt.strip():
         raise FvgError("prompt is empty")
-    pipe = _load_pipeline(
-        preset=preset, lora=None, video_model=None, anchor_model=anchor_model, planner=planner,
-        planner_model=planner_model, planner_url=planner_url, api_key_env=api_key_env, plan_cache=None,
-        height=height, width=width, frames=None, fps=None, device=device, dtype=dtype, cpu_offload=False,
-        vae_tiling=False)
+    pipe = _load_pipeline(preset, anchor_model=anchor_model, planner=planner, planner_model=planner_model,
+                          planner_url=planner_url, api_key_env=api_key_env, height=height, width=width,
+                          device=device, dtype=dtype)
     out_dir = out or _default_out(prompt)
     start = time.perf_counter()
     the_plan = None if caption else pipe.plan(prompt)
     text = prompt.strip() if caption else the_plan.first_frame_caption
-    with _progress() as progress:
+    with progress_bar() as progress:
         result = pipe.make_anchor(text, seed, num_candidates, select, progress=StageProgress(progress))
     elapsed = time.perf_counter() - start
     for i, cand in enumerate(result.candidates):
@@ -299,30 +273,6 @@ from fvg.studio import register as _register_studio; _register_studio(app)  # no
 from fvg.eval.cli import register as _register_eval; _register_eval(app)  # noqa: E402
 from fvg.train.cli import register as _register_train; _register_train(app)  # noqa: E402
 from fvg.miniworld.cli import register as _register_miniworld; _register_miniworld(app)  # noqa: E402
-
-
-def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> int:
-    """Run a typer app the fvg way: user mistakes print one line and exit 2, never a traceback."""
-    try:
-        code = typer_app(args=argv, standalone_mode=False)  # click returns a typer.Exit's code
-    except FvgError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True, markup=True)
-        return 2
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        return 130
-    except typer.Exit as exc:
-        return exc.exit_code
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            return 1
-        raise
-    return code if isinstance(code, int) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

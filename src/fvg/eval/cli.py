@@ -12,24 +12,17 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from fvg.console import console, progress_bar, run_app
 from fvg.io import FvgError
 
 eval_app = typer.Typer(help="Benchmark videos (T2V-CompBench, VBench 2.0, MiniCompBench, prompt files): "
                             "generate, score, import official scores, report.",
                        no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console(stderr=True, soft_wrap=True)  # one-line errors stay on one line
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(eval_app, name="eval")
-
-
-def _progress(disable: bool = False) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True, disable=disable)
 
 
 def _split(text: Optional[str]) -> Optional[list[str]]:
@@ -97,7 +90,7 @@ def generate(
     state = distributed_state(device)
     total = len(shard(plan_jobs(the_suite, mode_list, seed_list), state.process_index, state.num_processes))
     label = f"rank {state.process_index}/{state.num_processes} videos" if state.num_processes > 1 else "videos"
-    with _progress(disable=not state.is_main_process) as progress:
+    with progress_bar(disable=not state.is_main_process) as progress:
         task = progress.add_task(label, total=total)
         summary = run_generation(settings, on_video=lambda job, status: progress.advance(task), state=state)
     who = f"rank {state.process_index}: " if state.num_processes > 1 else ""
@@ -130,7 +123,7 @@ def score(
     if not (out / MANIFEST).is_file():
         raise FvgError(f"no {MANIFEST} in {out}: run `fvg eval generate --out {out}` first")
     total = len(read_jsonl(out / MANIFEST))
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("scoring", total=total)
         summary = score_run(out, scores or out / "scores.jsonl", metric_list, clip, device, rescore,
                             on_video=lambda _entry: progress.advance(task))
@@ -195,24 +188,7 @@ def report(
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m fvg.eval.cli`: the eval commands alone, with fvg's error convention (one line, exit 2)."""
-    import click
-
-    try:
-        code = eval_app(args=argv, standalone_mode=False)  # a typer.Exit comes back as its code
-    except FvgError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
-        return 2
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        return 130
-    except typer.Exit as exc:
-        return exc.exit_code
-    except click.exceptions.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
-        return 1
-    return code if isinstance(code, int) else 0
+    return run_app(eval_app, argv)
 
 
 if __name__ == "__main__":

@@ -21,20 +21,13 @@ from typing import List, Optional
 
 import typer
 
+from fvg.console import run_app, setup_logging
+
 
 
 def _setup_logging() -> None:
-    logger = logging.getLogger("fvg.train")
-    if not logger.handlers:
-        from rich.console import Console
-        from rich.logging import RichHandler
-
-        handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=True)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        # Under accelerate/torchrun only rank 0 reports progress; the others speak up for errors only.
-        logger.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.ERROR)
-        logger.propagate = False
+    # Under accelerate/torchrun only rank 0 reports progress; the others speak up for errors only.
+    setup_logging("fvg.train", level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.ERROR)
 
 
 def train(
@@ -109,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("train", "train-export", "--help"):
         argv.insert(0, "train")
-    from fvg.cli import run_app  # at call time: fvg.cli imports this module to register `train`
-
     return run_app(app, argv)
 
 

@@ -1,0 +1,79 @@
+"""Terminal output shared by every fvg command: one-line errors, progress bars, logging."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+from fvg.io import FvgError
+
+# stderr keeps stdout clean for machine-readable output (`fvg plan` prints JSON); soft_wrap keeps
+# one-line errors on one line whatever the terminal width.
+console = Console(stderr=True, soft_wrap=True)
+
+
+def progress_bar(*extra: ProgressColumn, disable: bool = False, transient: bool = True) -> Progress:
+    """Stage, step count, elapsed time and ETA (plus `extra` columns such as the loss)."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra,
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                    transient=transient, disable=disable)
+
+
+class StageProgress:
+    """A `progress(stage, step, total)` callback drawing one bar per pipeline stage."""
+
+    def __init__(self, progress: Progress, label: str = ""):
+        self.progress, self.label, self.tasks = progress, label, {}
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(f"{self.label}{stage}", total=total)
+        self.progress.update(self.tasks[stage], completed=step, total=total)
+
+    def done(self) -> None:
+        for task in self.tasks.values():
+            self.progress.remove_task(task)
+        self.tasks.clear()
+
+
+def setup_logging(*names: str, level: int = logging.INFO) -> None:
+    """Route fvg's loggers through rich on stderr, once."""
+    from rich.logging import RichHandler
+
+    for name in names:
+        logger = logging.getLogger(name)
+        if logger.handlers:
+            continue
+        handler = RichHandler(console=console, show_path=False, show_time=True)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
+
+
+def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> int:
+    """Run a typer app the fvg way: user mistakes print one line and exit 2, never a traceback."""
+    try:
+        code = typer_app(args=argv, standalone_mode=False)  # click returns a typer.Exit's code
+    except FvgError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False, markup=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+    except typer.Exit as exc:
+        return exc.exit_code
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            return 1
+        raise
+    return code if isinstance(code, int) else 0
