@@ -149,7 +149,7 @@ def generate(
                 result = pipe(text, progress=stages, **call)
                 stages.done()
                 result.save(out, stem=stem)
-                _warn([w for w in result.warnings if "random weights" not in w])
+                _warn(result.warnings)
                 done += 1
             progress.advance(overall)
     console.print(f"batch done: {done} generated, {skipped} already present, in {out}")

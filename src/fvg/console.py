@@ -16,6 +16,17 @@ from fvg.io import FvgError
 console = Console(stderr=True, soft_wrap=True)
 
 
+class _DropTorchvisionNotice(logging.Filter):
+    """transformers announces its PIL image-processor fallback whenever torchvision is absent; fvg
+    wants that fallback (PyPI's torchvision cannot load beside the CPU torch build), so it is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionNotice())
+
+
 def progress_bar(*extra: ProgressColumn, disable: bool = False, transient: bool = True) -> Progress:
     """Stage, step count, elapsed time and ETA (plus `extra` columns such as the loss)."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra,

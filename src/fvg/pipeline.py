@@ -277,7 +277,5 @@ class FactorizedPipeline:
             "device": self.device, "dtype": str(self.dtype).removeprefix("torch."),
             "cpu_offload": self.cpu_offload, "vae_tiling": self.vae_tiling,
         }
-        if self.preset.output_is_noise:
-            warnings.append(f"preset '{self.preset.name}' has random weights: its output is noise")
         return FactorizedOutput(frames, mode, prompt, video_prompt, seed, steps, self.preset.fps, plan, anchor,
                                 timings, settings, warnings)

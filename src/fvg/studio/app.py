@@ -97,6 +97,8 @@ def build_app(session: StudioSession) -> gr.Blocks:
         out = run.output
         note = (f"Saved **{out.mode}** run to `{run.out_dir}` ({run.seconds:.1f} s, {out.frames.shape[0]} frames "
                 f"of {out.frames.shape[2]}x{out.frames.shape[1]}, {out.steps} steps)." + _warnings(out.warnings))
+        if out.settings.get("output_is_noise"):
+            note += f"\n- note: preset '{out.settings['preset']}' has random weights: its output is noise"
         return (str(run.video), None if run.compare_video is None else str(run.compare_video),
                 [str(p) for p in run.files], note, session.history_rows(),
                 out.anchor.image if out.anchor else gr.skip())
