@@ -49,6 +49,7 @@ class AnchoredWanPipeline(WanPipeline):
         mean, inv_std = self._latent_stats(device, torch.float32)
         return (latent - mean) * inv_std
 
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, output_type: str = "np"):
         latents = latents.to(get_module_execution_device(self.vae), dtype=self.vae.dtype)
         mean, inv_std = self._latent_stats(latents.device, latents.dtype)
