@@ -104,7 +104,7 @@ BAD_INPUTS = [
     (["generate", "x", "--mode", "fast"], "unknown mode 'fast'"),
     (["generate", "x", "--frames", "10"], "frames must be 4n+1"),
     (["generate", "x", "--height", "40"], "multiples of 16"),
-    (["generate", "x", "--preset", "cogvideox1.5-5b"], "not implemented yet"),
+    (["generate", "x", "--preset", "cogvideox1.5-5b"], "not available offline"),
     (["generate", "x", "--video-model", "no-such-org/no-such-wan"], "not available offline"),
     (["generate", "x", "--mode", "t2v", "--anchor", "frame.png"], "only applies to mode 'factorized'"),
     (["animate", "x", "--anchor", "missing.png"], "anchor image not found"),

@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from fvg.anchor import AnchorResult, DiffusersAnchorSource, FileAnchorSource, fit_to_resolution
-from fvg.animate.loading import (apply_memory_options, default_device, load_anchor_lora, load_wan_pipeline,
-                                 resolve_dtype)
+from fvg.animate.loading import (apply_memory_options, default_device, load_anchor_lora, load_cogvideox_pipeline,
+                                 load_wan_pipeline, resolve_dtype)
 from fvg.io import FvgError, save_image, to_uint8, write_json, write_mp4
 from fvg.plan import Plan, make_planner
 from fvg.presets import Preset, get_preset, validate_mode, validate_video_shape
@@ -165,9 +165,12 @@ class FactorizedPipeline:
     def video_pipe(self):
         if self._video_pipe is None:
             p = self.preset
-            if p.family != "wan":
-                raise FvgError(f"video model family '{p.family}' is not implemented yet")
-            pipe = load_wan_pipeline(p.video_model, self.dtype, p.flow_shift)
+            if p.family == "wan":
+                pipe = load_wan_pipeline(p.video_model, self.dtype, p.flow_shift)
+            elif p.family == "cogvideox":
+                pipe = load_cogvideox_pipeline(p.video_model, self.dtype)
+            else:
+                raise FvgError(f"video model family '{p.family}' is not implemented")
             if p.lora:
                 load_anchor_lora(pipe, p.lora, "transformer")
                 if getattr(pipe, "transformer_2", None) is not None:
@@ -212,13 +215,20 @@ class FactorizedPipeline:
             def callback(_pipe, i, _t, kwargs):
                 progress("animate", i + 1, steps)
                 return {}
+        kwargs = {}
+        if p.family == "cogvideox":
+            if anchor is not None and pipe.patch_size_t == 2 and (p.num_frames - 1) % 8:
+                raise FvgError(f"anchored CogVideoX1.5 needs 8n+1 frames (e.g. 81, 49, 17), got {p.num_frames}: "
+                               "the anchor fills the first temporal patch (docs/cogvideox.md)")
+            kwargs["max_sequence_length"] = pipe.transformer.config.max_text_seq_length
+        elif pipe.config.boundary_ratio is not None:  # Wan2.2-A14B's low-noise expert
+            kwargs["guidance_scale_2"] = p.guidance_scale_2
         result = pipe(
             prompt=prompt, negative_prompt=p.negative_prompt or None, anchor=anchor,
             height=p.height, width=p.width, num_frames=p.num_frames, num_inference_steps=steps,
             guidance_scale=p.guidance_scale if guidance_scale is None else guidance_scale,
-            guidance_scale_2=p.guidance_scale_2 if pipe.config.boundary_ratio is not None else None,
             generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
-            callback_on_step_end=callback,
+            callback_on_step_end=callback, **kwargs,
         )
         return to_uint8(result.frames[0])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from fvg.io import FvgError
 
@@ -57,6 +58,14 @@ class Preset:
 QWEN_IMAGE = "Qwen/Qwen-Image"
 QWEN_IMAGE_AREA = 1328 * 1328  # Qwen-Image's native pixel count
 PAPER_PLANNER = "Qwen/Qwen2.5-7B-Instruct"
+# The `mini` models ship inside the package (trained by `fvg miniworld train`, docs/miniworld.md).
+MINI_WEIGHTS = Path(__file__).resolve().parent / "weights" / "mini"
+# Wan's reference sampling code uses this negative prompt for every T2V/TI2V model.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -65,30 +74,43 @@ PRESETS: dict[str, Preset] = {
             name="wan2.1-1.3b", description="Wan2.1 T2V 1.3B + anchor LoRA, Qwen-Image anchors (the paper's Wan 1B)",
             family="wan", video_model="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", anchor_model=QWEN_IMAGE,
             height=480, width=832, num_frames=81, fps=16, guidance_scale=5.0, flow_shift=3.0, needs_lora=True,
-            anchor_area=QWEN_IMAGE_AREA, planner_model=PAPER_PLANNER,
+            anchor_area=QWEN_IMAGE_AREA, planner_model=PAPER_PLANNER, negative_prompt=WAN_NEGATIVE_PROMPT,
         ),
         Preset(
             name="wan2.2-5b", description="Wan2.2 TI2V 5B: anchors natively, no LoRA needed",
             family="wan", video_model="Wan-AI/Wan2.2-TI2V-5B-Diffusers", anchor_model=QWEN_IMAGE,
             height=704, width=1280, num_frames=121, fps=24, guidance_scale=5.0, flow_shift=5.0,
-            anchor_area=QWEN_IMAGE_AREA, planner_model=PAPER_PLANNER,
+            anchor_area=QWEN_IMAGE_AREA, planner_model=PAPER_PLANNER, negative_prompt=WAN_NEGATIVE_PROMPT,
         ),
         Preset(
             name="wan2.2-a14b", description="Wan2.2 T2V A14B (two experts) + anchor LoRA on both experts",
             family="wan", video_model="Wan-AI/Wan2.2-T2V-A14B-Diffusers", anchor_model=QWEN_IMAGE,
             height=480, width=832, num_frames=81, fps=16, guidance_scale=4.0, guidance_scale_2=3.0,
-            flow_shift=12.0, needs_lora=True, anchor_area=QWEN_IMAGE_AREA, planner_model=PAPER_PLANNER,
+            flow_shift=12.0, needs_lora=True, anchor_area=QWEN_IMAGE_AREA, planner_model=PAPER_PLANNER, negative_prompt=WAN_NEGATIVE_PROMPT,
         ),
         Preset(
-            name="cogvideox1.5-5b", description="CogVideoX1.5 5B + anchor LoRA (not implemented yet: issue 7)",
+            name="cogvideox1.5-5b", description="CogVideoX1.5 T2V 5B + anchor LoRA (docs/cogvideox.md)",
             family="cogvideox", video_model="THUDM/CogVideoX1.5-5B", anchor_model=QWEN_IMAGE,
             height=768, width=1360, num_frames=81, fps=16, guidance_scale=6.0, needs_lora=True,
-            anchor_area=QWEN_IMAGE_AREA, planner_model=PAPER_PLANNER, implemented=False,
+            anchor_area=QWEN_IMAGE_AREA, planner_model=PAPER_PLANNER,
+        ),
+        Preset(
+            name="mini", description="MiniWorld models trained on 2 CPU cores (docs/miniworld.md): real output, offline",
+            family="wan", video_model=str(MINI_WEIGHTS / "video"), anchor_model=str(MINI_WEIGHTS / "anchor"),
+            lora=str(MINI_WEIGHTS / "anchor_lora.safetensors"), height=64, width=64, num_frames=17, fps=8,
+            guidance_scale=4.0, needs_lora=True, steps_factorized=15, steps_baseline=50, anchor_steps=30,
+            anchor_guidance=4.0,
         ),
         Preset(
             name="tiny", description="random tiny instances of the real classes, built offline: smoke tests only",
             family="wan", video_model="builtin:tiny-wan", anchor_model="builtin:tiny-qwen-image",
             height=32, width=32, num_frames=9, fps=8, guidance_scale=5.0, flow_shift=3.0,
+            anchor_steps=4, anchor_guidance=1.0, output_is_noise=True,
+        ),
+        Preset(
+            name="tiny-cogvideox", description="random tiny CogVideoX1.5-shaped models, built offline: smoke tests only",
+            family="cogvideox", video_model="builtin:tiny-cogvideox", anchor_model="builtin:tiny-qwen-image",
+            height=32, width=32, num_frames=9, fps=8, guidance_scale=6.0,
             anchor_steps=4, anchor_guidance=1.0, output_is_noise=True,
         ),
     ]

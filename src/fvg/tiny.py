@@ -99,3 +99,41 @@ def tiny_qwen_image_pipeline(seed: int = TINY_SEED):
                                  latents_std=[1.0] * 4).eval()
     return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
                              tokenizer=tokenizer, transformer=transformer)
+
+
+def tiny_cogvideox_components(seed: int = TINY_SEED, text_dim: int = 32) -> dict:
+    """Components for `CogVideoXPipeline` / `AnchoredCogVideoXPipeline`, shaped like CogVideoX1.5.
+
+    As in CogVideoX1.5-5B: temporal patch 2 (`patch_size_t=2`), rotary positions, a T5 encoder,
+    v-prediction DDIM with zero terminal SNR; the VAE compresses 4x in time and 8x in space.
+    The text length is 16 tokens (`max_text_seq_length`; 226 in the real model).
+    """
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer), d_model=text_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    ).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
+        norm_num_groups=2, temporal_compression_ratio=4,
+        down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
+    ).eval()
+    torch.manual_seed(seed + 2)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=text_dim, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        patch_size_t=2, temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=True,
+    ).eval()
+    # CogVideoX1.5-5B's scheduler settings (scheduler/scheduler_config.json)
+    scheduler = CogVideoXDDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True, snr_shift_scale=1.0,
+        steps_offset=0, timestep_spacing="trailing",
+    )
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "transformer": transformer,
+            "scheduler": scheduler}

@@ -54,9 +54,37 @@ def load_wan_pipeline(model_id: str, dtype: torch.dtype, flow_shift: float | Non
     return pipe
 
 
+def load_cogvideox_pipeline(model_id: str, dtype: torch.dtype, vae_tiling: bool | None = None):
+    """An `AnchoredCogVideoXPipeline` from a diffusers CogVideoX text-to-video checkpoint (e.g. THUDM/CogVideoX1.5-5B).
+
+    The VAE stays in float32, as for Wan. Real checkpoints get VAE tiling by default (diffusers'
+    CogVideoX1.5 recipe: a 81 x 768 x 1360 decode does not fit otherwise); `vae_tiling=False` turns it off.
+    """
+    from diffusers import AutoencoderKLCogVideoX
+
+    from fvg.animate.cogvideox import AnchoredCogVideoXPipeline
+
+    if model_id == "builtin:tiny-cogvideox":
+        from fvg.tiny import tiny_cogvideox_components
+
+        pipe = AnchoredCogVideoXPipeline(**tiny_cogvideox_components())  # built in float32
+        if dtype != torch.float32:
+            for module in (pipe.transformer, pipe.text_encoder):
+                module.to(dtype)
+        return pipe
+    vae = load_or_explain(AutoencoderKLCogVideoX.from_pretrained, model_id, subfolder="vae", dtype=torch.float32)
+    pipe = load_or_explain(AnchoredCogVideoXPipeline.from_pretrained, model_id, vae=vae, dtype=dtype)
+    if vae_tiling is not False:
+        pipe.vae.enable_tiling()
+    return pipe
+
+
 def load_anchor_lora(pipe, path: str, expert: str = "transformer", adapter_name: str = ANCHOR_ADAPTER) -> None:
     """Load an anchor LoRA (diffusers `transformer.` keys, original Wan/ComfyUI `diffusion_model.` keys, or
-    musubi `lora_unet_` keys) and check it really attached: diffusers only logs a warning when no key matches."""
+    musubi `lora_unet_` keys) and check it really attached: diffusers only logs a warning when no key matches.
+
+    CogVideoX pipelines (`CogVideoXLoraLoaderMixin`) read the diffusers format only: diffusers has no
+    converter for another CogVideoX LoRA key format."""
     if not Path(path).exists() and not _looks_like_hub_id(path):
         raise FvgError(f"LoRA file not found: {path}")
     kwargs = {"load_into_transformer_2": True} if expert == "transformer_2" else {}

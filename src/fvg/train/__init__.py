@@ -4,7 +4,8 @@
     result = train(load_config("configs/train/tiny.toml"))
 
 Modules: `config` (TrainConfig, TOML + overrides), `data` (clips, decoding, latent cache),
-`objective` (flow matching with the clean frame-0 anchor), `trainer` (the accelerate loop,
+`objective` (flow matching with the clean frame-0 anchor), `cogvideox` (the v-prediction
+objective for CogVideoX), `trainer` (the accelerate loop,
 checkpoints, resume), `validation`, `export` (diffusers and original Wan key formats),
 `synthetic` (a tiny test data set), `cli`.
 """

@@ -33,7 +33,8 @@ def _setup_logging() -> None:
 def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Training TOML (configs/train/*.toml)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="'latest' or a checkpoint folder."),
-    model: Optional[str] = typer.Option(None, "--model", help="Wan checkpoint id/dir, or builtin:tiny-wan."),
+    model: Optional[str] = typer.Option(None, "--model", help="Wan or CogVideoX checkpoint id/dir, or "
+                                                              "builtin:tiny-wan / builtin:tiny-cogvideox."),
     data: Optional[str] = typer.Option(None, "--data", help="Clips folder or metadata.jsonl/csv."),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run folder."),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Latent cache root."),
@@ -56,7 +57,7 @@ def train(
     num_workers: Optional[int] = typer.Option(None, "--num-workers"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Any setting, key=value in TOML syntax."),
 ):
-    """Train the anchor LoRA (clean latent frame 0 at timestep 0) on a Wan T2V model."""
+    """Train the anchor LoRA (clean latent frame 0 at timestep 0) on a Wan or CogVideoX T2V model."""
     from fvg.train.config import load_config, parse_set
     from fvg.train.trainer import train as run_training
 

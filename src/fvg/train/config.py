@@ -24,6 +24,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as the `tomli` packa
 
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 EXPERTS = ("transformer", "transformer_2", "both")
+FAMILIES = ("auto", "wan", "cogvideox")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -35,6 +36,7 @@ def default_cache_dir() -> str:
 class TrainConfig:
     # model and data
     model: str = "builtin:tiny-wan"  # diffusers Wan checkpoint (hub id in the HF cache, or a local dir)
+    family: str = "auto"  # "wan", "cogvideox" (docs/cogvideox.md), or "auto": from the model id / model_index.json
     data: str = ""  # folder of clips + .txt captions, or a folder/file with metadata.csv / metadata.jsonl
     video_column: str = "video"
     caption_column: str = "caption"
@@ -93,6 +95,7 @@ class TrainConfig:
         need(self.height > 0 and self.width > 0 and self.height % 16 == 0 and self.width % 16 == 0,
              f"height and width must be positive multiples of 16, got {self.height}x{self.width}")
         need(self.fps > 0, f"fps must be positive, got {self.fps}")
+        need(self.family in FAMILIES, f"family must be one of {', '.join(FAMILIES)}, got '{self.family}'")
         need(self.rank > 0 and self.alpha > 0, "rank and alpha must be positive")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         need(bool(self.target_modules), "target_modules is empty")
@@ -178,6 +181,23 @@ def _flatten(table: dict[str, Any], path: str) -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
+
+
+def resolve_family(model: str, family: str = "auto") -> str:
+    """The video model family of a training run: `family` unless "auto", else guessed from the model:
+    a local diffusers folder's model_index.json, else the id ("cogvideox" in it means CogVideoX)."""
+    if family != "auto":
+        return family
+    index = Path(model) / "model_index.json"
+    if index.is_file():
+        import json
+
+        try:
+            name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+        except (OSError, ValueError):
+            name = ""
+        return "cogvideox" if "cogvideox" in name.lower() else "wan"
+    return "cogvideox" if "cogvideox" in model.lower() else "wan"
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

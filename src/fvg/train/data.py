@@ -166,12 +166,18 @@ def data_hash(clips: list[Clip]) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(cfg, clips: list[Clip]) -> str:
+def pipe_family(pipe) -> str:
+    return getattr(pipe, "fvg_family", "wan")
+
+
+def cache_key(cfg, clips: list[Clip], family: str = "wan") -> str:
     # mixed_precision sets the text encoder's dtype (bf16 vs fp32 embeddings); the VAE always runs in fp32.
     parts = {"format": CACHE_FORMAT, "model": cfg.model, "precision": cfg.mixed_precision,
              "height": cfg.height, "width": cfg.width,
              "num_frames": cfg.num_frames, "fps": cfg.fps, "max_sequence_length": cfg.max_sequence_length,
              "data": data_hash(clips)}
+    if family != "wan":  # Wan keys stay as they were, so existing Wan caches remain valid
+        parts["family"] = family
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -179,6 +185,9 @@ def cache_key(cfg, clips: list[Clip]) -> str:
 def encode_clip(pipe, pixels: torch.Tensor) -> torch.Tensor:
     """Normalised latent [C, F, h, w] at the posterior mode, exactly as `AnchoredWanPipeline.encode_anchor`
     encodes the anchor (the mode is deterministic, so it can be cached; sampling would need the variance)."""
+    if pipe_family(pipe) == "cogvideox":
+        # scaled latents [F, C, h, w], as `AnchoredCogVideoXPipeline.encode_video` (fvg.train.cogvideox)
+        return pipe.encode_video(pixels)[0].cpu()
     from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
 
     vae = pipe.vae
@@ -193,7 +202,13 @@ def encode_captions(pipe, captions: list[str], max_sequence_length: int, device)
 
     WanPipeline zero-pads the embeddings to `max_sequence_length`; storing only the real tokens
     and padding again on load (`pad_text`) is exact and saves most of the space.
+    CogVideoX attends to all `max_sequence_length` T5 outputs (its padding tokens are not zero):
+    they are stored whole.
     """
+    if pipe_family(pipe) == "cogvideox":
+        embeds, _ = pipe.encode_prompt(prompt=captions, do_classifier_free_guidance=False,
+                                       max_sequence_length=max_sequence_length, device=device)
+        return [emb.clone() for emb in embeds.cpu()]
     from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
     embeds, _ = pipe.encode_prompt(prompt=captions, do_classifier_free_guidance=False,
@@ -220,7 +235,8 @@ def build_cache(cfg, clips: list[Clip], pipe, accelerator) -> dict:
     """
     from safetensors.torch import save_file
 
-    key = cache_key(cfg, clips)
+    family = pipe_family(pipe)
+    key = cache_key(cfg, clips, family)
     root = Path(cfg.cache_dir) / key
     index_path = root / "index.json"
     if index_path.is_file():
@@ -251,15 +267,20 @@ def build_cache(cfg, clips: list[Clip], pipe, accelerator) -> dict:
             except ClipError as exc:
                 skipped.append((str(clips[i].path), str(exc)))
                 continue
-            batch.append((i, encode_clip(pipe, to_pixels(frames))))
+            pixels = to_pixels(frames)
+            # CogVideoX: also the first frame encoded alone, the anchor as inference encodes it
+            anchor = pipe.encode_video(pixels[:, :, :1])[0, 0].cpu() if family == "cogvideox" else None
+            batch.append((i, encode_clip(pipe, pixels), anchor))
         if not batch:
             continue
-        texts = encode_captions(pipe, [clips[i].caption for i, _ in batch], cfg.max_sequence_length, device)
-        for (i, latent), text in zip(batch, texts):
+        texts = encode_captions(pipe, [clips[i].caption for i, _, _ in batch], cfg.max_sequence_length, device)
+        for (i, latent, anchor), text in zip(batch, texts):
             name = f"shard-r{rank:03d}-{shard_no:05d}.safetensors"
             shard[f"{i}.latent"], shard[f"{i}.text"] = latent.contiguous(), text.contiguous()
+            if anchor is not None:
+                shard[f"{i}.anchor"] = anchor.contiguous()
             entries.append({"index": i, "video": str(clips[i].path), "caption": clips[i].caption, "shard": name})
-            if len(shard) >= 2 * SHARD_SIZE:
+            if len(shard) >= (3 if family == "cogvideox" else 2) * SHARD_SIZE:
                 flush()
     flush()
     write_json(root / f"part-r{rank:03d}.json", {"entries": entries, "skipped": skipped})
@@ -308,8 +329,10 @@ class CachedClips(torch.utils.data.Dataset):
         entry = self.entries[i]
         f = self._file(entry["shard"])
         text = f.get_tensor(f"{entry['index']}.text")
-        return {"latent": f.get_tensor(f"{entry['index']}.latent"),
-                "text": pad_text(text, self.max_sequence_length)}
+        item = {"latent": f.get_tensor(f"{entry['index']}.latent"), "text": pad_text(text, self.max_sequence_length)}
+        if f"{entry['index']}.anchor" in f.keys():  # CogVideoX caches the separately encoded first frame
+            item["anchor"] = f.get_tensor(f"{entry['index']}.anchor")
+        return item
 
     def __getstate__(self):
         return {**self.__dict__, "_files": {}}

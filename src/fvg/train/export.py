@@ -7,6 +7,9 @@
 * `anchor_lora_wan.safetensors`: `diffusion_model.blocks.N.self_attn.q.lora_A.weight` ... with one
   `.alpha` per layer (`fvg.animate.lora.to_original_wan`), for ComfyUI and other Wan tools.
 
+CogVideoX runs (`family = "cogvideox"`) write `anchor_lora.safetensors` only: CogVideoX's LoRA loader
+(`CogVideoXLoraLoaderMixin`) reads diffusers keys and converts no other layout.
+
 The low-noise expert of Wan2.2-A14B gets `anchor_lora_2*.safetensors`; its keys are also
 `transformer.`-prefixed, as `load_lora_weights(..., load_into_transformer_2=True)` expects.
 Both files carry rank, alpha, base model, steps and data hash in their header.
@@ -93,6 +96,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict[str, 
         if not source.is_file():
             raise FvgError(f"checkpoint {checkpoint} has no {source.name}")
         tensors, config, info = read_lora(source)
-        for fmt, path in write_lora(tensors, out_dir, expert, config, info).items():
+        # CogVideoX LoRAs have one key format: diffusers has no converter for another one
+        formats = ("diffusers",) if state.get("family", "wan") == "cogvideox" else ("diffusers", "wan")
+        for fmt, path in write_lora(tensors, out_dir, expert, config, info, formats).items():
             paths[f"{expert}.{fmt}"] = path
     return paths
