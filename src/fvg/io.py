@@ -153,6 +153,12 @@ def load_or_explain(loader: Callable[..., Any], model_id: str, **kwargs) -> Any:
     """
     from huggingface_hub import constants
 
+    if Path(model_id).is_absolute() and not Path(model_id).exists():
+        hint = ""
+        if "weights/mini" in Path(model_id).as_posix():
+            hint = (": the mini preset's weights are not in this checkout yet; train them with "
+                    "`fvg miniworld train --out runs/mini --stage all --resume` (docs/miniworld.md)")
+        raise FvgError(f"model directory not found: {model_id}{hint}")
     if Path(model_id).exists():
         try:
             return loader(model_id, **kwargs)

@@ -73,6 +73,22 @@ class FileAnchorSource:
         return AnchorResult([AnchorCandidate(image, None)], source="file", model=str(path))
 
 
+def _is_video_pipeline_dir(model_id: str) -> bool:
+    """A local diffusers dir whose pipeline class AutoPipelineForText2Image cannot resolve (e.g. WanPipeline)."""
+    import json
+
+    index = Path(model_id) / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+    except (OSError, ValueError):
+        return False
+    from diffusers.pipelines.auto_pipeline import AUTO_TEXT2IMAGE_PIPELINES_MAPPING
+
+    return name not in {cls.__name__ for cls in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.values()}
+
+
 class DiffusersAnchorSource:
     """Any diffusers text-to-image pipeline, called with the first-frame caption."""
 
@@ -91,11 +107,14 @@ class DiffusersAnchorSource:
         self._is_video_model = "num_frames" in self._call_params  # e.g. a one-frame Wan model
 
     @classmethod
-    def from_pretrained(cls, model_id: str, torch_dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
+    def from_pretrained(cls, model_id: str, dtype: torch.dtype | None = torch.bfloat16, device: str = "cpu",
                         **kwargs) -> "DiffusersAnchorSource":
-        from diffusers import AutoPipelineForText2Image
+        from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
-        pipe = load_or_explain(AutoPipelineForText2Image.from_pretrained, model_id, torch_dtype=torch_dtype)
+        # AutoPipelineForText2Image does not know video pipelines: a local one-frame Wan model
+        # (MiniWorld's anchor model, a WanPipeline dir) loads as what its model_index.json names.
+        loader = DiffusionPipeline if _is_video_pipeline_dir(model_id) else AutoPipelineForText2Image
+        pipe = load_or_explain(loader.from_pretrained, model_id, dtype=dtype)
         return cls(pipe.to(device), model_id=model_id, **kwargs)
 
     def _generate_one(self, caption: str, height: int, width: int, seed: int) -> Image.Image:
