@@ -181,3 +181,18 @@ def test_lora_whose_keys_match_nothing_is_an_error(tmp_path, trained_lora):
         load_anchor_lora(pipe, str(path))
     with pytest.raises(FvgError, match="not found"):
         load_anchor_lora(pipe, str(tmp_path / "missing.safetensors"))
+
+
+def test_anchor_lora_is_active_only_in_the_anchored_mode(tmp_path, trained_lora):
+    from fvg.pipeline import FactorizedPipeline
+
+    _, state_dict = trained_lora
+    path = tmp_path / "lora.safetensors"
+    save_file(to_diffusers(state_dict), path)
+    plain = FactorizedPipeline.from_preset("tiny")
+    with_lora = FactorizedPipeline.from_preset("tiny", lora=str(path))
+    image = Image.new("RGB", (32, 32), (200, 40, 40))
+    # the baselines run the base model: the LoRA changes nothing there
+    np.testing.assert_array_equal(plain.animate("a red circle", None, 0, 2), with_lora.animate("a red circle", None, 0, 2))
+    # the anchored mode runs with the LoRA
+    assert not np.array_equal(plain.animate("a red circle", image, 0, 2), with_lora.animate("a red circle", image, 0, 2))

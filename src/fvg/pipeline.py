@@ -215,6 +215,9 @@ class FactorizedPipeline:
             def callback(_pipe, i, _t, kwargs):
                 progress("animate", i + 1, steps)
                 return {}
+        if p.lora:
+            # The anchor LoRA serves the anchored mode; the baselines are the plain base model, as in the paper.
+            pipe.enable_lora() if anchor is not None else pipe.disable_lora()
         kwargs = {}
         if p.family == "cogvideox":
             if anchor is not None and pipe.patch_size_t == 2 and (p.num_frames - 1) % 8:
