@@ -16,3 +16,13 @@ def _library_logs_to_real_stderr():
         if handler is not None:
             handler.setStream(sys.__stderr__)
     yield
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Reset accelerate's process-wide singletons after a test that built an Accelerator."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

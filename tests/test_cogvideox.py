@@ -28,13 +28,8 @@ ROW = 4  # tokens per temporal row: 4x4 latent, patch 2
 ROWS = 2  # 3 latent frames + 1 padding frame = 4, patch_size_t 2
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+# accelerate keeps process-wide singletons; every test here starts from a fresh one.
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

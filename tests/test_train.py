@@ -23,13 +23,8 @@ from fvg.train.synthetic import write_synthetic_dataset
 from fvg.train.trainer import experts_to_train, train
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+# accelerate keeps process-wide singletons; every test here starts from a fresh one.
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

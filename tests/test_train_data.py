@@ -16,13 +16,8 @@ from fvg.train.synthetic import write_synthetic_dataset
 SHAPE = dict(height=32, width=32, num_frames=9, fps=8, max_sequence_length=16)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+# accelerate keeps process-wide singletons; every test here starts from a fresh one.
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
