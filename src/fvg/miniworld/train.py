@@ -170,6 +170,17 @@ def _done(path: Path) -> bool:
     return (path / "DONE.json").is_file()
 
 
+def _skip_if_done(out: Path, name: str, needs: tuple[str, ...] = ()) -> bool:
+    """Every stage's preamble: a finished stage is skipped; one whose inputs are unfinished refuses to start."""
+    if _done(out / name):
+        log.info("%s: complete, skipped", name)
+        return True
+    for need in needs:
+        if not _done(out / need):
+            raise FvgError(f"{name}: the {need} stage is not complete")
+    return False
+
+
 def _mark_done(path: Path, info: dict) -> None:
     write_json(path / "DONE.json", {"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info})
 
@@ -309,8 +320,7 @@ def stage_data(out: Path, s: RunSettings, **_) -> None:
     from .dataset import write_dataset
 
     data = out / "data"
-    if _done(data):
-        log.info("data: complete, skipped")
+    if _skip_if_done(out, "data"):
         return
     tick = time.perf_counter()
     write_dataset(data, s.num_clips, s.seed)
@@ -329,8 +339,7 @@ def _vae_material(out: Path, s: RunSettings) -> tuple[np.ndarray, np.ndarray]:
 
 def stage_vae(out: Path, s: RunSettings, resume: bool = False, time_limit: float | None = None, **_) -> None:
     stage = out / "vae"
-    if _done(stage):
-        log.info("vae: complete, skipped")
+    if _skip_if_done(out, "vae"):
         return
     clips, backgrounds = _vae_material(out, s)
     torch.manual_seed(s.seed)
@@ -405,11 +414,8 @@ def stage_latents(out: Path, s: RunSettings, **_) -> None:
     from fvg.train.data import encode_captions
 
     lat = out / "latents"
-    if _done(lat):
-        log.info("latents: complete, skipped")
+    if _skip_if_done(out, "latents", needs=("vae",)):
         return
-    if not _done(out / "vae"):
-        raise FvgError("latents: the vae stage is not complete")
     lat.mkdir(parents=True, exist_ok=True)
     vae = AutoencoderKLWan.from_pretrained(str(out / "vae" / "final")).eval()
     rows = _rows(out)
@@ -531,8 +537,7 @@ def _train_transformer(out: Path, s: RunSettings, name: str, resume: bool, time_
     from fvg.train.objective import SigmaSampler, draw_batch, masked_flow_loss
 
     stage = out / name
-    if _done(stage):
-        log.info("%s: complete, skipped", name)
+    if _skip_if_done(out, name):
         return
     data = LatentSet(out)
     arch = s.model.anchor if name == "anchor" else s.model.t2v
@@ -629,11 +634,8 @@ def stage_lora(out: Path, s: RunSettings, resume: bool = False, **_) -> None:
     from fvg.train.trainer import train as run_training
 
     stage = out / "lora"
-    if _done(stage):
-        log.info("lora: complete, skipped")
+    if _skip_if_done(out, "lora", needs=("t2v",)):
         return
-    if not _done(out / "t2v"):
-        raise FvgError("lora: the t2v stage is not complete")
     cfg = lora_config(out, s)
     pipe = AnchoredWanPipeline.from_pretrained(cfg.model, dtype=torch.float32)
     result = run_training(cfg, resume="latest" if resume else None, pipe=pipe)
