@@ -24,7 +24,12 @@ from fvg.miniworld import train as mt
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("mini")
     out, weights = root / "run", root / "weights"
-    mt.run(out, stage="all", profile="tiny", weights_dir=weights)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # `all` then trains the anchor model in a child process beside the T2V model
+    try:
+        mt.run(out, stage="all", profile="tiny", weights_dir=weights)
+    finally:
+        torch.set_num_threads(threads)
     return out, weights
 
 
@@ -100,6 +105,7 @@ def test_all_stages_complete_and_write_curves(tiny_run):
     out, _ = tiny_run
     for name in ("data", "vae", "latents", "anchor", "t2v", "lora"):
         assert (out / name / "DONE.json").is_file(), name
+    assert "stage anchor:" in (out / "anchor.stage.log").read_text()  # the anchor stage ran beside t2v
     for name in ("vae", "anchor", "t2v"):
         rows = mt.read_log(out / name / "log.jsonl")
         assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and all(np.isfinite(r["loss"]) for r in rows)

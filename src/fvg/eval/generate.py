@@ -212,8 +212,9 @@ def distributed_state(device: str | None = None):
 
 
 def run_generation(settings: GenerateSettings, on_video: Callable[[VideoJob, str], None] | None = None,
-                   state=None) -> GenerateSummary:
-    """Generate this process's share of the suite; `state` is an accelerate `PartialState`."""
+                   state=None, pipe=None) -> GenerateSummary:
+    """Generate this process's share of the suite; `state` is an accelerate `PartialState`. `pipe`: an
+    already loaded `FactorizedPipeline` of `settings.preset` (e.g. shared by several runs in one process)."""
     from fvg.pipeline import FactorizedPipeline
 
     state = state or distributed_state(settings.device)
@@ -231,7 +232,7 @@ def run_generation(settings: GenerateSettings, on_video: Callable[[VideoJob, str
     planner_options = dict(settings.planner_options)
     if world > 1:  # a local planner LLM would otherwise load on the default GPU in every process
         planner_options.setdefault("device", device)
-    pipe = FactorizedPipeline.from_preset(
+    pipe = pipe or FactorizedPipeline.from_preset(
         settings.preset, device=device, dtype=settings.dtype, cpu_offload=settings.cpu_offload,
         vae_tiling=settings.vae_tiling, planner_options=planner_options, **settings.overrides)
     plans = _PlanStore(pipe, settings.out)

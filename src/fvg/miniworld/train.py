@@ -264,7 +264,7 @@ def fit(stage_dir: Path, model: torch.nn.Module, loss_fn: Callable[[int], torch.
         if not resume:
             raise FvgError(f"{stage_dir.name}: a checkpoint exists ({ckpt}); pass --resume to continue it, "
                            f"or delete {stage_dir} to start the stage over")
-        state = torch.load(str(ckpt), map_location="cpu", weights_only=False)
+        state = torch.load(str(ckpt), map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         if ema_model is not None:
@@ -670,26 +670,84 @@ def stage_export(out: Path, s: RunSettings, weights_dir: str | Path | None = Non
     return target
 
 
+class _SideStage:
+    """One training stage in a child process (`fvg miniworld train --stage NAME`), beside this one.
+
+    Each of the two transformers gets half the threads: these small models run much faster on one
+    thread each than on two threads taken in turns, and the two stages share nothing but the latents."""
+
+    def __init__(self, out: Path, name: str, resume: bool, time_limit: float | None):
+        import subprocess
+        import sys
+
+        threads = torch.get_num_threads()
+        mine = max(1, threads // 2)
+        cmd = [sys.executable, "-m", "fvg", "miniworld", "train", "--out", str(out), "--stage", name,
+               "--threads", str(threads - mine)]
+        if resume:
+            cmd.append("--resume")
+        if time_limit is not None:
+            cmd += ["--time-limit", str(time_limit)]
+        self.name, self.log_path = name, out / f"{name}.stage.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as sink:
+            self.proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
+        torch.set_num_threads(mine)
+        self.threads = threads
+        log.info("stage %s: started beside the next stage (process %d, log %s)", name, self.proc.pid, self.log_path)
+
+    def join(self) -> None:
+        code = self.proc.wait()
+        torch.set_num_threads(self.threads)
+        if code != 0:
+            tail = self.log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
+            raise FvgError(f"stage {self.name} failed (exit {code}; see {self.log_path}): {' '.join(tail)}")
+        log.info("stage %s: finished beside t2v", self.name)
+
+    def stop(self) -> None:
+        self.proc.terminate()  # its last checkpoint stays: --resume continues it
+        self.proc.wait()
+        torch.set_num_threads(self.threads)
+
+
 RUNNERS = {"data": stage_data, "vae": stage_vae, "latents": stage_latents, "anchor": stage_anchor,
            "t2v": stage_t2v, "lora": stage_lora, "export": stage_export}
 
 
 def run(out: str | Path, stage: str = "all", resume: bool = False, profile: str | None = None,
-        overrides: dict | None = None, time_limit: float | None = None, weights_dir: str | Path | None = None) -> None:
-    """Run one stage or all of them in order (complete stages are skipped)."""
+        overrides: dict | None = None, time_limit: float | None = None, weights_dir: str | Path | None = None,
+        parallel: bool = True) -> None:
+    """Run one stage or all of them in order (complete stages are skipped). With `parallel` and two or
+    more torch threads, `all` trains the anchor and T2V transformers at once (they are independent),
+    the anchor in a child process, each on half the threads."""
     if stage != "all" and stage not in STAGES:
         raise FvgError(f"unknown stage '{stage}' (choose from: {', '.join(STAGES)}, all)")
     out = Path(out)
     settings = load_settings(out, profile, overrides)
     todo = STAGES if stage == "all" else (stage,)
     deadline = None if time_limit is None else time.perf_counter() + time_limit * 60
+    side: _SideStage | None = None
     for name in todo:
         left = None if deadline is None else max(0.0, (deadline - time.perf_counter()) / 60)
         if left == 0.0 and name != todo[0] and not _done(out / name):
             log.info("time limit reached before stage %s; continue with --resume", name)
             return
         tick = time.perf_counter()
-        RUNNERS[name](out, settings, resume=resume, time_limit=left, weights_dir=weights_dir)
+        if name == "anchor" and stage == "all" and parallel and not _done(out / "anchor") \
+                and not _done(out / "t2v") and torch.get_num_threads() >= 2:
+            side = _SideStage(out, "anchor", resume, left)  # runs beside t2v; joined after it
+            continue
+        try:
+            RUNNERS[name](out, settings, resume=resume, time_limit=left, weights_dir=weights_dir)
+        except BaseException:
+            if side is not None:
+                side.stop()
+            raise
+        if side is not None and name == "t2v":
+            side.join()
+            side = None
+            if not _done(out / "anchor"):
+                return  # stopped by the time limit
         if name not in ("export",) and not _done(out / name):
             return  # stopped by the time limit
         log.info("stage %s: %.0f s", name, time.perf_counter() - tick)
@@ -776,7 +834,7 @@ def vae_preview(out: str | Path, png: str | Path, clips: int = 4) -> dict:
         ckpt = out / "vae" / "ckpt.pt"
         if not ckpt.is_file():
             raise FvgError(f"no VAE in {out / 'vae'} yet")
-        state = torch.load(str(ckpt), map_location="cpu", weights_only=False)
+        state = torch.load(str(ckpt), map_location="cpu", weights_only=True)
         vae, step = models.build_vae(s.model.vae), state["step"]
         vae.load_state_dict(state["model"])
     vae.eval()
