@@ -222,3 +222,14 @@ def test_vae_preview_and_curves(tiny_run, tmp_path):
     assert (tmp_path / "p.png").is_file() and 0 <= info["object_pixel_agreement"] <= 1
     summary = mt.write_curves(out)
     assert set(summary) == {"vae", "anchor", "t2v", "lora"} and summary["t2v"]["steps"] == mt.tiny_settings().t2v_steps
+
+
+def test_plateau_fits_the_tail_not_one_slice():
+    rng = np.random.default_rng(0)
+    flat = [{"step": i, "loss": 0.3 + 0.01 * rng.standard_normal()} for i in range(2000)]
+    falling = [{"step": i, "loss": 1.0 - i / 1000 + 0.02 * rng.standard_normal()} for i in range(600)]
+    assert mt.plateau(flat)["plateau"] and abs(mt.plateau(flat)["relative_drop"]) < 0.02
+    info = mt.plateau(falling)
+    assert not info["plateau"] and info["relative_drop"] == pytest.approx(0.12 / 0.46, abs=0.05)
+    assert info["tail_halves"][0] > info["tail_halves"][1]
+    assert mt.plateau(flat[:10])["plateau"] is None

@@ -15,11 +15,10 @@ from rich.console import Console
 
 from fvg.console import StageProgress, console, progress_bar, run_app
 from fvg.io import FvgError, mp4_is_valid, save_image, write_json
+from fvg.presets import DEFAULT_PRESET
 
 app = typer.Typer(help="Factorized Video Generation: plan the first frame, anchor it, then animate.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-
-DEFAULT_PRESET = "tiny"
 
 PresetOpt = typer.Option(DEFAULT_PRESET, "--preset", "-p", help="Preset name (see `fvg presets`).")
 SeedOpt = typer.Option(0, "--seed", help="Seed: the video noise; anchor candidate i uses seed + i.")

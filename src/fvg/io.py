@@ -145,6 +145,23 @@ def mp4_is_valid(path: str | os.PathLike, num_frames: int | None = None) -> bool
     return num_frames is None or len(frames) == num_frames
 
 
+@contextlib.contextmanager
+def _without_loading_bars() -> Iterator[None]:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            diffusers_logging.enable_progress_bar()
+        if was[1]:
+            transformers_logging.enable_progress_bar()
+
+
 def load_or_explain(loader: Callable[..., Any], model_id: str, **kwargs) -> Any:
     """Call a `from_pretrained`; turn "not on disk and no hub" into one actionable line.
 
@@ -161,7 +178,8 @@ def load_or_explain(loader: Callable[..., Any], model_id: str, **kwargs) -> Any:
         raise FvgError(f"model directory not found: {model_id}{hint}")
     if Path(model_id).exists():
         try:
-            return loader(model_id, **kwargs)
+            with _without_loading_bars():  # nothing to download: per-component bars are only noise
+                return loader(model_id, **kwargs)
         except (OSError, ValueError) as exc:
             raise FvgError(f"cannot load {model_id}: {str(exc).splitlines()[0]}") from None
     try:

@@ -28,7 +28,7 @@ from fvg.animate.loading import (apply_memory_options, default_device, load_anch
                                  load_wan_pipeline, resolve_dtype)
 from fvg.io import FvgError, save_image, to_uint8, write_json, write_mp4
 from fvg.plan import Plan, make_planner
-from fvg.presets import Preset, get_preset, validate_mode, validate_video_shape
+from fvg.presets import DEFAULT_PRESET, Preset, get_preset, validate_mode, validate_video_shape
 
 # progress(stage, step, total): stage is "plan", "anchor", "animate" or "decode"
 ProgressFn = Callable[[str, int, int], None]
@@ -127,7 +127,7 @@ class FactorizedPipeline:
         self._video_pipe = None
 
     @classmethod
-    def from_preset(cls, name: str = "tiny", *, device: str | None = None, dtype: str | torch.dtype | None = None,
+    def from_preset(cls, name: str = DEFAULT_PRESET, *, device: str | None = None, dtype: str | torch.dtype | None = None,
                     cpu_offload: bool = False, vae_tiling: bool = False, planner_options: dict | None = None,
                     **overrides) -> "FactorizedPipeline":
         """`overrides` are preset fields (video_model, lora, height, num_frames, planner, ...)."""

@@ -58,6 +58,9 @@ class Preset:
 QWEN_IMAGE = "Qwen/Qwen-Image"
 QWEN_IMAGE_AREA = 1328 * 1328  # Qwen-Image's native pixel count
 PAPER_PLANNER = "Qwen/Qwen2.5-7B-Instruct"
+# What `fvg generate` runs without --preset: trained, offline, seconds on a CPU.
+DEFAULT_PRESET = "mini"
+
 # The `mini` models ship inside the package (trained by `fvg miniworld train`, docs/miniworld.md).
 MINI_WEIGHTS = Path(__file__).resolve().parent / "weights" / "mini"
 # Wan's reference sampling code uses this negative prompt for every T2V/TI2V model.

@@ -15,6 +15,7 @@ import typer
 
 from fvg.console import console, progress_bar, run_app
 from fvg.io import FvgError
+from fvg.presets import DEFAULT_PRESET
 
 eval_app = typer.Typer(help="Benchmark videos (T2V-CompBench, VBench 2.0, MiniCompBench, prompt files): "
                             "generate, score, import official scores, report.",
@@ -41,7 +42,7 @@ def generate(
     suite_dir: Optional[Path] = typer.Option(None, "--suite-dir",
                                              help="T2V-CompBench checkout (or its prompts/); VBench 2.0 full-info "
                                                   "JSON or folder of <Dimension>.txt files."),
-    preset: str = typer.Option("tiny", "--preset", "-p", help="Preset name (see `fvg presets`)."),
+    preset: str = typer.Option(DEFAULT_PRESET, "--preset", "-p", help="Preset name (see `fvg presets`)."),
     modes: str = typer.Option("t2v,upsampled,factorized", "--modes", help="Comma-separated modes."),
     seeds: str = typer.Option("0", "--seeds", help="Seeds, e.g. 0,1,2,3,4 or 0-4; shared by all modes. VBench: "
                                                    "the i-th video of a prompt uses the i-th seed."),

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from fvg.io import FvgError, mp4_is_valid, save_image, write_json, write_text
-from fvg.presets import MODES, get_preset, validate_mode
+from fvg.presets import DEFAULT_PRESET, MODES, get_preset, validate_mode
 
 from .suites import Suite, SuitePrompt, record_relpath, video_relpath
 
@@ -47,7 +47,7 @@ class GenerateSettings:
     modes: list[str]
     seeds: list[int]
     out: Path
-    preset: str = "tiny"
+    preset: str = DEFAULT_PRESET
     steps: int | None = None  # None: the preset's (15 factorized, 50 baselines)
     overrides: dict = field(default_factory=dict)  # preset fields (video_model, lora, num_frames, ...)
     device: str | None = None

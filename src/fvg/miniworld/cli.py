@@ -115,8 +115,9 @@ def curves(
 
     summary = write_curves(out, png)
     for name, info in summary.items():
-        typer.echo(f"{name}: {info['steps']} steps, {info['s_per_step']} s/step, last-20% relative drop "
-                   f"{info['relative_drop']} (plateau: {info['plateau']})")
+        typer.echo(f"{name}: {info['steps']} steps, {info['s_per_step']} s/step, last-20% fitted relative drop "
+                   f"{info['relative_drop']} (plateau: {info['plateau']}; mean loss of its halves "
+                   f"{info['tail_halves']})")
         typer.echo("  " + " ".join(f"{step}:{loss:.4f}" for step, loss in info["curve"]))
     if not summary:
         typer.echo(json.dumps({}))

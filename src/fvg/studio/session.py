@@ -22,7 +22,7 @@ from fvg.anchor import AnchorResult
 from fvg.io import FvgError
 from fvg.pipeline import FactorizedOutput, FactorizedPipeline, ProgressFn
 from fvg.plan import Plan
-from fvg.presets import PRESETS, get_preset, validate_mode
+from fvg.presets import DEFAULT_PRESET, PRESETS, get_preset, validate_mode
 
 DEFAULT_OUT = Path("outputs") / "studio"
 MAX_CANDIDATES = 8
@@ -30,7 +30,7 @@ HISTORY_COLUMNS = ["time", "prompt", "mode", "preset", "seed", "steps", "seconds
 
 
 def default_preset() -> str:
-    return "mini" if "mini" in PRESETS else "tiny"
+    return DEFAULT_PRESET
 
 
 def studio_presets() -> list[str]:

@@ -1,0 +1,86 @@
+"""The shipped `mini` weights: they load as the real classes, the README's main command works offline,
+and factorized generation scores above a measured floor on fixed MiniCompBench prompts (this fails if
+the weights or the anchor injection break)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fvg.miniworld import models
+from fvg.presets import get_preset
+
+# One prompt per category (the suite's first), seeds 0 and 1, factorized at the preset's 15 steps:
+# `fvg bench mini` measured 0.262 on exactly these 14 videos (BENCHMARKS.md). The floor leaves room
+# for platform noise (BLAS differences move a few pixels, and a check can flip) but not for broken
+# weights: random-weight models leave the frame noise, which fails nearly every check.
+FLOOR = 0.20
+# Frame 0 of a factorized video is the anchor's VAE reconstruction (about 26 dB from the anchor
+# image for this VAE); a broken injection leaves frame 0 to the video model.
+FRAME0_MIN_PSNR = 20.0
+
+
+@pytest.fixture(scope="module")
+def mini_pipe():
+    from fvg.pipeline import FactorizedPipeline
+
+    return FactorizedPipeline.from_preset("mini").load("factorized")
+
+
+def test_shipped_weights_are_complete_and_small():
+    root = models.WEIGHTS_DIR
+    for part in ("video/model_index.json", "video/transformer/diffusion_pytorch_model.safetensors",
+                 "video/vae/diffusion_pytorch_model.safetensors", "anchor/model_index.json",
+                 "anchor_lora.safetensors", "manifest.json"):
+        assert (root / part).is_file(), part
+    assert models.shipped_size(root) <= models.MAX_SHIPPED_BYTES
+    assert not list(root.rglob("*.pt")) and not list(root.rglob("*.bin"))  # safetensors only
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"vae", "latents", "anchor", "t2v", "lora"}
+
+
+def test_mini_loads_as_the_wan_classes(mini_pipe):
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    from fvg.animate.wan import AnchoredWanPipeline
+
+    video = mini_pipe.video_pipe
+    assert isinstance(video, AnchoredWanPipeline)
+    assert isinstance(video.transformer, WanTransformer3DModel) and isinstance(video.vae, AutoencoderKLWan)
+    assert isinstance(video.text_encoder, UMT5EncoderModel)
+    assert isinstance(mini_pipe.anchor_source.pipe, WanPipeline)
+    assert any("lora" in name for name, _ in video.transformer.named_parameters())
+
+
+def test_factorized_scores_above_the_measured_floor_and_starts_at_the_anchor(mini_pipe):
+    from fvg.eval.metrics import psnr
+    from fvg.miniworld import load_suite
+    from fvg.miniworld.score import score_video
+
+    firsts = {}
+    for item in load_suite():
+        firsts.setdefault(item.category, item)
+    scores = []
+    for item in firsts.values():
+        for seed in (0, 1):
+            out = mini_pipe(item.prompt, mode="factorized", seed=seed)
+            assert out.steps == 15
+            assert psnr(out.frames[0], np.asarray(out.anchor.image.convert("RGB"))) >= FRAME0_MIN_PSNR
+            scores.append(score_video(item.prompt, out.frames).score)
+    score = float(np.mean(scores))
+    assert score >= FLOOR, f"factorized scored {score:.3f} on the fixed prompts, floor {FLOOR}"
+
+
+def test_readme_main_command_runs_offline_on_mini(tmp_path, monkeypatch):
+    from fvg.cli import main
+    from fvg.io import read_mp4
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "run"
+    assert main(["generate", "a red circle moves right while a blue square moves up", "--out", str(out)]) == 0
+    frames = read_mp4(out / "video.mp4")
+    preset = get_preset("mini")
+    assert frames.shape == (preset.num_frames, preset.height, preset.width, 3)
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["preset"] == "mini" and run["mode"] == "factorized"
