@@ -11,7 +11,7 @@ from fvg.miniworld import models
 from fvg.presets import get_preset
 
 # One prompt per category (the suite's first), seeds 0 and 1, factorized at the preset's 15 steps:
-# `fvg bench mini` measured 0.262 on exactly these 14 videos (BENCHMARKS.md). The floor leaves room
+# `fvg bench mini` measured 0.322 on exactly these 14 videos (BENCHMARKS.md). The floor leaves room
 # for platform noise (BLAS differences move a few pixels, and a check can flip) but not for broken
 # weights: random-weight models leave the frame noise, which fails nearly every check.
 FLOOR = 0.20

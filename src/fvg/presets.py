@@ -101,7 +101,7 @@ PRESETS: dict[str, Preset] = {
             name="mini", description="MiniWorld models trained on 2 CPU cores (docs/miniworld.md): real output, offline",
             family="wan", video_model=str(MINI_WEIGHTS / "video"), anchor_model=str(MINI_WEIGHTS / "anchor"),
             lora=str(MINI_WEIGHTS / "anchor_lora.safetensors"), height=64, width=64, num_frames=17, fps=8,
-            guidance_scale=4.0, needs_lora=True, steps_factorized=15, steps_baseline=50, anchor_steps=30,
+            guidance_scale=4.0, needs_lora=True, steps_factorized=15, steps_baseline=50, anchor_steps=15,
             anchor_guidance=4.0,
         ),
         Preset(
