@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import platform
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -118,11 +117,8 @@ def _mean_timings(entries: list[dict]) -> tuple[float, dict[str, float]]:
 
 
 def compute_targets(results: dict[str, ConfigResult], categories: list[str]) -> list[Target]:
-    def get(label):
-        return results.get(label)
-
     targets = []
-    f50, t50, f15 = get("factorized@50"), get("t2v@50"), get("factorized@15")
+    f50, t50, f15 = results.get("factorized@50"), results.get("t2v@50"), results.get("factorized@15")
     if f50 and t50:
         targets.append(Target("factorized@50 - t2v@50, mean score", f50.mean - t50.mean, "> 0",
                               f50.mean > t50.mean))
@@ -146,17 +142,11 @@ def compute_targets(results: dict[str, ConfigResult], categories: list[str]) -> 
 
 
 def _setup(preset: str, seeds: list[int], limit: int | None, threads: int) -> dict:
-    import diffusers
-    import torch
-    import transformers
-
-    import fvg
+    from fvg.pipeline import package_versions
 
     return {"preset": preset, "suite": "minicompbench", "seeds": seeds, "limit_per_category": limit,
             "torch_threads": threads, "cpu_cores": os.cpu_count(), "load_average_1min_start": os.getloadavg()[0],
-            "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "fvg": getattr(fvg, "__version__", None),
-            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+            **package_versions(), "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 def run_bench(out: str | Path, preset: str = "mini", configs: list[BenchConfig] | None = None,
@@ -198,7 +188,7 @@ def run_bench(out: str | Path, preset: str = "mini", configs: list[BenchConfig] 
     pipe(suite.prompts[0].prompt, mode="factorized", seed=0, steps=2)
 
     state = distributed_state("cpu")
-    rows, results = [], {}
+    rows, runs = [], []  # score rows (mode = the configuration's label); per configuration: timings, counts
     for config in configs:
         s = settings[config.label]
         if on_config:
@@ -211,27 +201,28 @@ def run_bench(out: str | Path, preset: str = "mini", configs: list[BenchConfig] 
             raise FvgError(f"{config.label}: {summary.failed} video(s) failed, e.g. {summary.errors[0]}")
         score_run(s.out, s.out / "scores.jsonl", [METRIC])
         scored = [r for r in read_jsonl(s.out / "scores.jsonl") if r.get("mode") == config.mode]
-        for r in scored:
-            rows.append({**r, "mode": config.label})
-        by_category: dict[str, list[float]] = {}
-        for r in scored:
-            if r["metrics"].get(METRIC) is not None:
-                by_category.setdefault(r["category"], []).append(r["metrics"][METRIC])
-        scores = {c: float(np.mean(by_category[c])) for c in suite.categories if c in by_category}
+        rows += [{**r, "mode": config.label} for r in scored]
         entries = [e for e in read_jsonl(s.out / MANIFEST) if e.get("mode") == config.mode]
-        per_video, stages = _mean_timings(entries)
+        runs.append((config, len(scored), *_mean_timings(entries), wall, summary.generated))
+
+    # The report's tables are the per-category means: one computation for bench.md and report.md.
+    pairs = [(a, b) for a, b in (("factorized@50", "t2v@50"), ("factorized@50", "upsampled@50"),
+                                 ("factorized@15", "t2v@50"), ("factorized@15", "factorized@50"))
+             if a in settings and b in settings]
+    report = build_report(rows, pairs)
+    table = report.tables.get(METRIC, {})
+    results = {}
+    for config, videos, per_video, stages, wall, generated in runs:
+        cells = table.get(config.label, {})
+        scores = {c: cells[c].mean for c in suite.categories if c in cells}
         results[config.label] = ConfigResult(
-            config.label, config.mode, config.steps, len(scored), scores,
-            float(np.mean(list(scores.values()))) if scores else float("nan"), per_video, stages, wall,
-            summary.generated)
+            config.label, config.mode, config.steps, videos, scores,
+            float(np.mean(list(scores.values()))) if scores else float("nan"), per_video, stages, wall, generated)
 
     setup["load_average_1min_end"] = os.getloadavg()[0]
     result = BenchResult(list(results.values()), suite.categories, compute_targets(results, suite.categories),
                          cold_start, setup)
-    pairs = [(a, b) for a, b in (("factorized@50", "t2v@50"), ("factorized@50", "upsampled@50"),
-                                 ("factorized@15", "t2v@50"), ("factorized@15", "factorized@50"))
-             if a in results and b in results]
-    write_report(build_report(rows, pairs), out, plots=True)
+    write_report(report, out, plots=True)
     write_text(out / "bench.md", to_markdown(result))
     write_json(out / "bench.json", to_json(result))
     plot(result, out / "bench.png")

@@ -207,8 +207,6 @@ def bench_mini(
     from .generate import parse_seeds
 
     config_list, seed_list = parse_configs(configs), parse_seeds(seeds)
-    if limit is not None and limit < 1:
-        raise FvgError(f"--limit must be at least 1, got {limit}")
     with progress_bar() as progress:
         tasks: dict[str, int] = {}
 
