@@ -1,0 +1,628 @@
+"""How much accelerator memory a preset needs, stage by stage, without loading any weights.
+
+`estimate(preset)` sizes every model a stage puts on the device and the activations of its
+biggest forward pass, for each memory mode; `fvg memory` prints it. Nothing here reads a weight:
+
+- **Model sizes are exact.** A local checkpoint is sized from its safetensors headers (the JSON
+  header at the start of each file: dtype and shape of every tensor). Otherwise the published
+  config shipped in `fvg/model_configs/` is instantiated on the meta device (no memory) and its
+  parameters counted. `builtin:` models are built (they are a few thousand parameters).
+  Bytes are element counts times the dtype the pipeline loads them in: transformers and text
+  encoders in the run dtype; the video pipeline's VAE in float32 (`animate/loading.py`); the anchor
+  pipeline whole in the run dtype (`DiffusersAnchorSource.from_pretrained`), the tiny one in float32.
+- **Activations are estimates**, one small dataclass per family below, each saying what it counts.
+  They assume batch 1 per forward pass where the pipeline runs CFG as separate passes (Wan,
+  Qwen-Image), batch 2 where it concatenates (CogVideoX), SDPA/flash attention (no seq x seq
+  matrix), and the per-frame Wan modulation (no [B, seq, 6, dim] tensor: anchored costs the same as
+  plain plus O(frames x dim)).
+
+Memory modes and what each keeps resident while a phase runs:
+
+- `gpu`: every model of the stage's pipeline.
+- `model-offload`: the model that runs (diffusers' `enable_model_cpu_offload`: one model at a time).
+- `group-offload`: the running model's non-block parameters plus two of its blocks (block-level
+  groups of one block, the next group prefetched on a side stream); a model without a repeated
+  block list (a VAE) counts whole.
+- `sequential`: the running model's largest leaf module (accelerate's per-module hooks).
+- `fp8` (with any mode): transformer weights stored at 1 byte (layerwise casting), plus the
+  largest leaf upcast to the compute dtype.
+
+`auto` picks the first mode of `MODES` (fastest first) whose peak over all stages fits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fvg.io import FvgError
+from fvg.presets import Preset
+
+GIB = 1024**3
+MODES = ("gpu", "model-offload", "group-offload", "sequential")
+MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
+DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# A parameter inside a repeated block: "blocks.3.attn1.to_q.weight", "encoder.block.7...", "layers.12...".
+_BLOCK = re.compile(r"^(.*?\b(?:blocks|block|layers|transformer_blocks))\.(\d+)\.")
+
+
+# -- sizes of one model --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Element counts of one model's tensors, and the byte figures each memory mode needs."""
+
+    name: str  # "transformer", "text_encoder", "vae", "planner", ...
+    numel: int
+    bytes_per_element: int
+    largest_leaf_numel: int  # the biggest single module's own tensors (sequential offload)
+    largest_block_numel: int  # the biggest repeated block (group offload); 0 without blocks
+    non_block_numel: int  # everything outside the repeated blocks
+    source: str  # "safetensors", "config", "built"
+    is_transformer: bool = False  # the denoiser: what fp8 layerwise casting stores at 1 byte
+
+    @property
+    def bytes(self) -> int:
+        return self.numel * self.bytes_per_element
+
+    def resident_bytes(self, mode: str, fp8: bool = False) -> int:
+        per = 1 if (fp8 and self.is_transformer) else self.bytes_per_element
+        upcast = self.largest_leaf_numel * self.bytes_per_element if per != self.bytes_per_element else 0
+        if mode in ("gpu", "model-offload"):
+            return self.numel * per + upcast
+        if mode == "group-offload":
+            if not self.largest_block_numel:
+                return self.numel * per + upcast
+            return (self.non_block_numel + 2 * self.largest_block_numel) * per + upcast
+        if mode == "sequential":
+            return self.largest_leaf_numel * self.bytes_per_element
+        raise FvgError(f"unknown memory mode '{mode}' (choose from: auto, {', '.join(MODES)})")
+
+
+def size_from_numels(name: str, numels: dict[str, int], bytes_per_element: int, source: str,
+                     is_transformer: bool = False) -> ModelSize:
+    """Group tensor names into leaf modules and repeated blocks."""
+    leaves: dict[str, int] = {}
+    blocks: dict[str, int] = {}
+    for tensor, n in numels.items():
+        module = tensor.rsplit(".", 1)[0] if "." in tensor else ""
+        leaves[module] = leaves.get(module, 0) + n
+        match = _BLOCK.match(tensor)
+        if match:
+            key = f"{match.group(1)}.{match.group(2)}"
+            blocks[key] = blocks.get(key, 0) + n
+    total = sum(numels.values())
+    return ModelSize(name, total, bytes_per_element, max(leaves.values(), default=0), max(blocks.values(), default=0),
+                     total - sum(blocks.values()), source, is_transformer)
+
+
+def safetensors_numels(path: str | Path) -> dict[str, int]:
+    """Tensor name -> element count, read from the file's JSON header only (no tensor data)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise FvgError(f"{path} is not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", raw)
+        if length > 100_000_000:
+            raise FvgError(f"{path} is not a safetensors file (header length {length})")
+        header = json.loads(f.read(length))
+    numels = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _SAFETENSORS_BYTES:
+            raise FvgError(f"{path}: unknown tensor dtype {info['dtype']} for {name}")
+        numels[name] = math.prod(info["shape"])
+    return numels
+
+
+def checkpoint_numels(folder: Path) -> dict[str, int]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FvgError(f"no .safetensors weights in {folder}")
+    numels: dict[str, int] = {}
+    for f in files:
+        numels.update(safetensors_numels(f))
+    return numels
+
+
+def meta_model(config: dict) -> torch.nn.Module:
+    """A diffusers/transformers model built from its config on the meta device (shapes, no memory).
+
+    Published configs carry fields the installed classes ignore (e.g. Qwen-Image's
+    `pooled_projection_dim`); the libraries' notes about them are silenced here."""
+    import diffusers
+    import transformers
+    from diffusers.utils import logging as diffusers_logging
+
+    d_level, t_level = diffusers_logging.get_verbosity(), transformers.logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    try:
+        with torch.device("meta"):
+            if "_class_name" in config:
+                return getattr(diffusers, config["_class_name"]).from_config(config)
+            arch = config["architectures"][0]
+            return getattr(transformers, arch)(transformers.AutoConfig.for_model(**config))
+    finally:
+        diffusers_logging.set_verbosity(d_level)
+        transformers.logging.set_verbosity(t_level)
+
+
+def meta_numels(config: dict) -> dict[str, int]:
+    return module_numels(meta_model(config))
+
+
+def module_numels(module: torch.nn.Module) -> dict[str, int]:
+    return {name: p.numel() for name, p in module.named_parameters()}
+
+
+# -- where a model's config and weights are --------------------------------------------------------
+
+def shipped_config_dir(model_id: str) -> Path | None:
+    folder = MODEL_CONFIGS / model_id.replace("/", "--")
+    return folder if folder.is_dir() else None
+
+
+def local_checkpoint(model_id: str) -> Path | None:
+    """A local folder, or the hub cache's snapshot when the model was downloaded; never the network."""
+    if Path(model_id).is_dir():
+        return Path(model_id)
+    if model_id.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except Exception:  # not in the cache (or no hub client): fall back to the shipped config
+        return None
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One model of a pipeline: its config, and its weights folder when present locally."""
+
+    model_id: str
+    subfolder: str  # "" for a model at the repository's root (an LLM)
+    config: dict
+    weights: Path | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.model_id}/{self.subfolder}" if self.subfolder else self.model_id
+
+
+def find_model(model_id: str, subfolder: str = "") -> ModelSource:
+    local = local_checkpoint(model_id)
+    if local is not None and (local / subfolder / "config.json").is_file():
+        folder = local / subfolder
+        weights = folder if any(folder.glob("*.safetensors")) else None
+        return ModelSource(model_id, subfolder, json.loads((folder / "config.json").read_text()), weights)
+    shipped = shipped_config_dir(model_id)
+    if shipped is not None and (shipped / subfolder / "config.json").is_file():
+        return ModelSource(model_id, subfolder, json.loads((shipped / subfolder / "config.json").read_text()), None)
+    raise FvgError(f"cannot size {model_id}{'/' + subfolder if subfolder else ''}: no local checkpoint and no "
+                   f"shipped config (fvg/model_configs/ has: {', '.join(sorted(p.name for p in MODEL_CONFIGS.iterdir() if p.is_dir()))})")
+
+
+def size_model(source: ModelSource, name: str, bytes_per_element: int, is_transformer: bool = False) -> ModelSize:
+    if source.weights is not None:
+        return size_from_numels(name, checkpoint_numels(source.weights), bytes_per_element, "safetensors",
+                                is_transformer)
+    return size_from_numels(name, meta_numels(source.config), bytes_per_element, "config", is_transformer)
+
+
+def pipeline_components(model_id: str) -> list[str]:
+    """The model subfolders of a diffusers pipeline (model_index.json), transformer(s) first."""
+    local = local_checkpoint(model_id)
+    index = None
+    for folder in (local, shipped_config_dir(model_id)):
+        if folder is not None and (folder / "model_index.json").is_file():
+            index = json.loads((folder / "model_index.json").read_text())
+            break
+    if index is None:
+        raise FvgError(f"cannot size {model_id}: no model_index.json locally or in fvg/model_configs/")
+    names = [k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] in ("diffusers", "transformers")
+             and k in ("transformer", "transformer_2", "text_encoder", "vae")]
+    order = ("transformer", "transformer_2", "text_encoder", "vae")
+    return sorted(names, key=order.index)
+
+
+# -- activations, one dataclass per family ---------------------------------------------------------
+
+def _block_peak(tokens: int, dim: int, ffn_dim: int, b: int, fp32_norm: bool) -> int:
+    """The live tensors of one transformer block at its worst moment, over the residual stream.
+
+    Counted: the residual stream [S, dim] (run dtype) kept across blocks, plus the largest of
+    - attention: q, k, v and the output [S, dim] each, plus two fp32 [S, dim] rotary temporaries;
+    - FFN: the normalised input [S, dim] and two [S, ffn_dim] (the projection and its GELU);
+    - norm/residual (`fp32_norm`, as Wan's blocks upcast): two fp32 [S, dim] copies and one in run dtype.
+    Not counted: the seq x seq attention matrix (SDPA/flash never forms it), per-head log-sum-exp.
+    """
+    sd = tokens * dim
+    attention = 4 * sd * b + 2 * sd * 4
+    ffn = sd * b + 2 * tokens * ffn_dim * b
+    norm = (2 * sd * 4 + sd * b) if fp32_norm else 2 * sd * b
+    return sd * b + max(attention, ffn, norm)
+
+
+@dataclass(frozen=True)
+class WanActivation:
+    """Wan2.x transformer forward (diffusers `WanTransformer3DModel`), batch 1 per CFG pass.
+
+    tokens = latent frames x (H / vae_spatial / 2) x (W / vae_spatial / 2), latent frames =
+    (frames - 1) / 4 + 1. Blocks upcast to fp32 around norms and residuals. Modulation is per frame
+    (fvg's anchored path): [frames, 6, dim] fp32, so anchored == plain + O(frames x dim). The text
+    stream (512 tokens) and the cross-attention k/v are included.
+    """
+
+    dim: int
+    ffn_dim: int
+    vae_spatial: int
+    patch: int = 2
+    vae_temporal: int = 4
+    text_tokens: int = 512
+
+    def tokens(self, height: int, width: int, frames: int) -> int:
+        latent_frames = (frames - 1) // self.vae_temporal + 1
+        return latent_frames * (height // self.vae_spatial // self.patch) * (width // self.vae_spatial // self.patch)
+
+    def activation_bytes(self, height: int, width: int, frames: int, b: int) -> int:
+        s = self.tokens(height, width, frames)
+        latent_frames = (frames - 1) // self.vae_temporal + 1
+        modulation = latent_frames * 6 * self.dim * 4
+        cross_kv = 2 * self.text_tokens * self.dim * b + self.text_tokens * self.dim * b
+        return _block_peak(s, self.dim, self.ffn_dim, b, fp32_norm=True) + modulation + cross_kv
+
+
+@dataclass(frozen=True)
+class CogVideoXActivation:
+    """CogVideoX transformer forward: text and video tokens in one sequence, CFG batched (B = 2).
+
+    tokens = ceil(latent frames / patch_t) x (H / 8 / 2) x (W / 8 / 2) + text tokens (226);
+    the pipeline pads latent frames to a multiple of `patch_t`. FFN is 4 x dim, GELU(tanh);
+    norms stay in the run dtype.
+    """
+
+    dim: int
+    ffn_dim: int
+    text_tokens: int
+    patch: int = 2
+    patch_t: int = 2
+    vae_spatial: int = 8
+    vae_temporal: int = 4
+    batch: int = 2
+
+    def tokens(self, height: int, width: int, frames: int) -> int:
+        latent_frames = (frames - 1) // self.vae_temporal + 1
+        t = math.ceil(latent_frames / self.patch_t)
+        return t * (height // self.vae_spatial // self.patch) * (width // self.vae_spatial // self.patch) + self.text_tokens
+
+    def activation_bytes(self, height: int, width: int, frames: int, b: int) -> int:
+        return self.batch * _block_peak(self.tokens(height, width, frames), self.dim, self.ffn_dim, b, fp32_norm=False)
+
+
+@dataclass(frozen=True)
+class QwenImageActivation:
+    """Qwen-Image (MMDiT) forward at its generation size, batch 1 per true-CFG pass.
+
+    image tokens = (H / 8 / 2) x (W / 8 / 2) (1328 x 1328: 83 x 83 = 6889), plus up to 512 text
+    tokens in the joint attention; FFN 4 x dim; rotary embedding in fp32 (complex) on q and k.
+    """
+
+    dim: int
+    ffn_dim: int
+    vae_spatial: int = 8
+    patch: int = 2
+    text_tokens: int = 512
+
+    def tokens(self, height: int, width: int) -> int:
+        return (height // self.vae_spatial // self.patch) * (width // self.vae_spatial // self.patch) + self.text_tokens
+
+    def activation_bytes(self, height: int, width: int, b: int) -> int:
+        return _block_peak(self.tokens(height, width), self.dim, self.ffn_dim, b, fp32_norm=False)
+
+
+@dataclass(frozen=True)
+class TextEncoderActivation:
+    """A text encoder (UMT5, T5, Qwen2.5-VL) over one prompt: hidden states [T, d] and the FFN
+    intermediate [T, d_ff] twice (gated), plus the output kept for the denoiser. Small next to weights."""
+
+    dim: int
+    ffn_dim: int
+    tokens: int
+
+    def activation_bytes(self, b: int) -> int:
+        return 3 * self.tokens * self.dim * b + 3 * self.tokens * self.ffn_dim * b
+
+
+@dataclass(frozen=True)
+class PlannerActivation:
+    """The LLM planner (transformers `generate`): KV cache for `tokens` (prompt + reply, 2048 by
+    default) in the run dtype, the prefill's FFN intermediate, and fp32 logits of the last position."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tokens: int = 2048
+
+    def activation_bytes(self, b: int) -> int:
+        kv_cache = 2 * self.layers * self.kv_heads * self.head_dim * self.tokens * b
+        prefill = self.tokens * (4 * self.hidden + 3 * self.intermediate) * b
+        return kv_cache + prefill + self.vocab * 4 * 2
+
+
+@dataclass(frozen=True)
+class VaeDecodeActivation:
+    """Decoding latents to frames. diffusers decodes Wan/Qwen VAEs one latent frame at a time and
+    CogVideoX's a few frames at a time, so the peak is set by the widest feature map of one chunk.
+
+    `widest_bytes` is measured by running the decoder on the meta device (shapes only) at the
+    decode size (full frame, or one tile when tiling) and taking the largest module output;
+    `copies` (4) of it are alive at once in a residual block (input, norm, activation, conv output
+    with its causal cache). The decoded video in fp32 is counted twice (the output and the
+    pipeline's post-processing copy).
+    """
+
+    widest_bytes: int
+    video_bytes: int
+    copies: int = 4
+
+    def activation_bytes(self) -> int:
+        return self.copies * self.widest_bytes + 2 * self.video_bytes
+
+
+def widest_decoder_map(vae_config: dict, latent_shape: tuple[int, ...], bytes_per_element: int) -> int:
+    """The largest output (elements x bytes) of any module while `vae.decode` runs on meta tensors."""
+    vae = meta_model(vae_config)
+    widest = 0
+
+    def hook(_module, _inputs, output):
+        nonlocal widest
+        tensors = output if isinstance(output, (tuple, list)) else (output,)
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                widest = max(widest, t.numel())
+
+    handles = [m.register_forward_hook(hook) for m in vae.decoder.modules()]
+    try:
+        with torch.no_grad():
+            vae.decode(torch.zeros(latent_shape, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    return widest * bytes_per_element
+
+
+# -- stages ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Phase:
+    """One model at work inside a stage, and the activations of its forward pass."""
+
+    model: str  # a ModelSize.name of the stage
+    what: str
+    activation_bytes: int
+
+
+@dataclass(frozen=True)
+class StageEstimate:
+    name: str  # "plan", "anchor", "animate", "decode"
+    models: tuple[ModelSize, ...]
+    phases: tuple[Phase, ...]
+    note: str = ""
+
+    def model(self, name: str) -> ModelSize:
+        return next(m for m in self.models if m.name == name)
+
+    def resident_bytes(self, mode: str, fp8: bool = False, phase: Phase | None = None) -> int:
+        """Weights on the device: all the stage's models (`gpu`), else only the model at work."""
+        if mode == "gpu":
+            return sum(m.resident_bytes(mode, fp8) for m in self.models)
+        phases = [phase] if phase else self.phases
+        return max(self.model(p.model).resident_bytes(mode, fp8) for p in phases)
+
+    def activation_bytes(self) -> int:
+        return max(p.activation_bytes for p in self.phases)
+
+    def peak_bytes(self, mode: str, fp8: bool = False) -> int:
+        return max(self.resident_bytes(mode, fp8, p) + p.activation_bytes for p in self.phases)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    preset: str
+    dtype: torch.dtype
+    height: int
+    width: int
+    frames: int
+    stages: tuple[StageEstimate, ...]
+    fp8: bool = False
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def peak_bytes(self, mode: str) -> int:
+        return max(s.peak_bytes(mode, self.fp8) for s in self.stages)
+
+    def choose(self, budget_bytes: int) -> str | None:
+        """The fastest mode whose peak over every stage fits the budget, or None."""
+        return next((m for m in MODES if self.peak_bytes(m) <= budget_bytes), None)
+
+
+def _run_bytes(dtype: torch.dtype) -> int:
+    return DTYPE_BYTES[dtype]
+
+
+def _vae_decode(vae_config: dict, height: int, width: int, frames: int, b: int, tiling: bool,
+                video: bool = True) -> VaeDecodeActivation:
+    """Latent shape for one decode chunk from the VAE's own config; a tile instead of the frame when tiling."""
+    cls = vae_config["_class_name"]
+    if cls == "AutoencoderKLCogVideoX":
+        spatial, z = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1), vae_config.get("latent_channels", 16)
+        # diffusers' CogVideoX tiles are half the VAE's sample size; it decodes two latent frames per
+        # batch, the first batch taking the odd one (3)
+        tile_h, tile_w = vae_config.get("sample_height", 480) // 2, vae_config.get("sample_width", 720) // 2
+        chunk_frames = 3
+    else:
+        spatial = vae_config.get("scale_factor_spatial") or 8
+        z = vae_config.get("z_dim", 16)
+        tile_h = tile_w = 256  # diffusers' Wan/Qwen tile_sample_min_height/width
+        chunk_frames = 2  # the first latent frame, then one more: the second chunk decodes 4 frames
+    h, w = (min(height, tile_h), min(width, tile_w)) if tiling else (height, width)
+    latent = (1, z, chunk_frames if video else 1, max(1, h // spatial), max(1, w // spatial))
+    widest = widest_decoder_map(vae_config, latent, b)
+    video_bytes = 3 * frames * height * width * 4
+    return VaeDecodeActivation(widest, video_bytes)
+
+
+def _text_encoder_activation(config: dict, tokens: int, b: int) -> int:
+    cfg = config.get("text_config", config)
+    dim = cfg.get("d_model") or cfg.get("hidden_size")
+    ffn = cfg.get("d_ff") or cfg.get("intermediate_size")
+    return TextEncoderActivation(dim, ffn, tokens).activation_bytes(b)
+
+
+def _denoiser_activation(family: str, config: dict, vae_config: dict, height: int, width: int, frames: int,
+                         b: int) -> int:
+    if family == "wan":
+        spatial = vae_config.get("scale_factor_spatial") or 8
+        act = WanActivation(dim=config["num_attention_heads"] * config["attention_head_dim"], ffn_dim=config["ffn_dim"],
+                            vae_spatial=spatial, patch=config["patch_size"][-1])
+        return act.activation_bytes(height, width, frames, b)
+    if family == "cogvideox":
+        dim = config["num_attention_heads"] * config["attention_head_dim"]
+        act = CogVideoXActivation(dim=dim, ffn_dim=4 * dim, text_tokens=config.get("max_text_seq_length", 226),
+                                  patch=config["patch_size"], patch_t=config.get("patch_size_t") or 1)
+        return act.activation_bytes(height, width, frames, b)
+    raise FvgError(f"no activation model for video family '{family}'")
+
+
+def _models(model_id: str, dtype_of: dict[str, int], built: dict | None = None) -> tuple[list[ModelSize], dict]:
+    """Size every model of a diffusers pipeline; returns the sizes and each model's config."""
+    sizes, configs = [], {}
+    if built is not None:  # builtin: tiny pipelines built in code
+        for name, module in built.items():
+            sizes.append(size_from_numels(name, module_numels(module), dtype_of[name], "built",
+                                          is_transformer=name.startswith("transformer")))
+            configs[name] = dict(module.config) if hasattr(module.config, "keys") else module.config.to_dict()
+            configs[name].setdefault("_class_name", type(module).__name__)
+        return sizes, configs
+    for name in pipeline_components(model_id):
+        source = find_model(model_id, name)
+        sizes.append(size_model(source, name, dtype_of[name], is_transformer=name.startswith("transformer")))
+        configs[name] = source.config
+    return sizes, configs
+
+
+def _builtin_video(model_id: str) -> dict:
+    from fvg import tiny
+
+    parts = (tiny.tiny_wan_components() if model_id == "builtin:tiny-wan" else tiny.tiny_cogvideox_components())
+    return {k: parts[k] for k in ("transformer", "text_encoder", "vae")}
+
+
+def _builtin_anchor() -> dict:
+    from fvg.tiny import tiny_qwen_image_pipeline
+
+    pipe = tiny_qwen_image_pipeline()
+    return {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
+
+
+def _lora_numel(path: str | None) -> int:
+    if not path or not Path(path).is_file():
+        return 0
+    return sum(safetensors_numels(path).values())
+
+
+def estimate(preset: Preset, dtype: torch.dtype = torch.bfloat16, fp8: bool = False,
+             vae_tiling: bool | None = None, planner: str | None = None) -> MemoryEstimate:
+    """Per-stage model sizes and activations for `preset` at its resolution and frame count."""
+    if dtype not in DTYPE_BYTES:
+        raise FvgError(f"unsupported dtype {dtype}")
+    b = _run_bytes(dtype)
+    h, w, f = preset.height, preset.width, preset.num_frames
+    tiling = (h >= 704) if vae_tiling is None else vae_tiling  # the issue: tiling on by default at 704p and up
+    stages: list[StageEstimate] = []
+    notes: list[str] = []
+
+    planner = planner or preset.planner
+    if planner == "transformers":
+        if not preset.planner_model:
+            raise FvgError(f"preset '{preset.name}' names no planner model")
+        source = find_model(preset.planner_model)
+        llm = size_model(source, "planner", b)
+        c = source.config
+        act = PlannerActivation(c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"],
+                                c.get("num_key_value_heads", c["num_attention_heads"]),
+                                c["hidden_size"] // c["num_attention_heads"], c["vocab_size"])
+        stages.append(StageEstimate("plan", (llm,), (Phase("planner", "generate", act.activation_bytes(b)),)))
+
+    if preset.anchor_model:
+        from fvg.anchor import generation_size
+
+        gh, gw = generation_size(h, w, preset.anchor_area)
+        builtin = preset.anchor_model == "builtin:tiny-qwen-image"
+        anchor_b = 4 if builtin else b  # the tiny anchor pipeline is built in float32 and not cast
+        sizes, configs = _models(preset.anchor_model, {k: anchor_b for k in ("transformer", "text_encoder", "vae")},
+                                 _builtin_anchor() if builtin else None)
+        tconf, vconf = configs["transformer"], configs["vae"]
+        if tconf["_class_name"] == "QwenImageTransformer2DModel":
+            dim = tconf["num_attention_heads"] * tconf["attention_head_dim"]
+            denoise = QwenImageActivation(dim, 4 * dim, patch=tconf["patch_size"]).activation_bytes(gh, gw, anchor_b)
+        else:  # a one-frame Wan model (MiniWorld's anchor)
+            denoise = _denoiser_activation("wan", tconf, vconf, gh, gw, 1, anchor_b)
+        decode = _vae_decode(vconf, gh, gw, 1, anchor_b, tiling=False, video=False).activation_bytes()
+        phases = (Phase("text_encoder", "encode", _text_encoder_activation(configs["text_encoder"], 512, anchor_b)),
+                  Phase("transformer", f"denoise {gh}x{gw}", denoise),
+                  Phase("vae", "decode", decode))
+        stages.append(StageEstimate("anchor", tuple(sizes), phases, note=f"generation size {gh}x{gw}"))
+
+    video_dtypes = {"transformer": b, "transformer_2": b, "text_encoder": b, "vae": 4}
+    builtin = preset.video_model.startswith("builtin:")
+    sizes, configs = _models(preset.video_model, video_dtypes, _builtin_video(preset.video_model) if builtin else None)
+    lora = _lora_numel(preset.lora)
+    if lora:  # the anchor LoRA is added to the transformer (and to transformer_2 for A14B)
+        lora_2 = _lora_numel(preset.lora_2) or lora
+        sizes = [_with_extra(s, lora if s.name == "transformer" else lora_2) if s.name.startswith("transformer") else s
+                 for s in sizes]
+        notes.append(f"anchor LoRA: {lora:,} parameters per expert")
+    tconf, vconf = configs["transformer"], configs["vae"]
+    denoise = _denoiser_activation(preset.family, tconf, vconf, h, w, f, b)
+    text = _text_encoder_activation(configs["text_encoder"], 512 if preset.family == "wan" else 226, b)
+    experts = [s.name for s in sizes if s.name.startswith("transformer")]
+    phases = (Phase("text_encoder", "encode", text),
+              *(Phase(e, "denoise", denoise) for e in experts))
+    stages.append(StageEstimate("animate", tuple(sizes), phases, note=f"{h}x{w}x{f}"))
+    decode = _vae_decode(vconf, h, w, f, 4, tiling)
+    stages.append(StageEstimate("decode", tuple(sizes), (Phase("vae", "decode" + (" (tiled)" if tiling else ""),
+                                                                 decode.activation_bytes()),),
+                                note="VAE tiling on" if tiling else "VAE tiling off"))
+    return MemoryEstimate(preset.name, dtype, h, w, f, tuple(stages), fp8, tuple(notes))
+
+
+def _with_extra(size: ModelSize, extra_numel: int) -> ModelSize:
+    from dataclasses import replace
+
+    return replace(size, numel=size.numel + extra_numel, non_block_numel=size.non_block_numel + extra_numel)
+
+
+def device_budget_bytes(gpu_gib: float | None) -> int:
+    """The budget: --gpu-gib, else the free memory of the present CUDA device."""
+    if gpu_gib is not None:
+        if not gpu_gib > 0:
+            raise FvgError(f"--gpu-gib must be positive, got {gpu_gib}")
+        return int(gpu_gib * GIB)
+    if not torch.cuda.is_available():
+        raise FvgError("no CUDA device here: pass --gpu-gib G (the GPU memory to plan for, in GiB)")
+    free, _total = torch.cuda.mem_get_info()
+    return int(free)
