@@ -58,50 +58,80 @@ _BLOCK = re.compile(r"^(.*?\b(?:blocks|block|layers|transformer_blocks))\.(\d+)\
 
 @dataclass(frozen=True)
 class ModelSize:
-    """Element counts of one model's tensors, and the byte figures each memory mode needs."""
+    """One model's element count, and the byte figures each memory mode needs."""
 
     name: str  # "transformer", "text_encoder", "vae", "planner", ...
     numel: int
-    bytes_per_element: int
-    largest_leaf_numel: int  # the biggest single module's own tensors (sequential offload)
-    largest_block_numel: int  # the biggest repeated block (group offload); 0 without blocks
-    non_block_numel: int  # everything outside the repeated blocks
+    bytes: int  # in the dtypes the pipeline loads it in
+    largest_leaf_bytes: int  # the biggest single module's own tensors (sequential offload)
+    largest_block_bytes: int  # the biggest repeated block (group offload); 0 without blocks
+    non_block_bytes: int  # everything outside the repeated blocks
     source: str  # "safetensors", "config", "built"
     is_transformer: bool = False  # the denoiser: what fp8 layerwise casting stores at 1 byte
-
-    @property
-    def bytes(self) -> int:
-        return self.numel * self.bytes_per_element
+    largest_leaf_numel: int = 0
 
     def resident_bytes(self, mode: str, fp8: bool = False) -> int:
-        per = 1 if (fp8 and self.is_transformer) else self.bytes_per_element
-        upcast = self.largest_leaf_numel * self.bytes_per_element if per != self.bytes_per_element else 0
+        if fp8 and self.is_transformer:  # 1 byte a weight, one leaf upcast at a time
+            upcast = self.largest_leaf_bytes
+            if mode == "sequential":
+                return upcast
+            if mode == "group-offload" and self.largest_block_bytes:
+                share = (self.non_block_bytes + 2 * self.largest_block_bytes) / self.bytes
+                return int(self.numel * share) + upcast
+            if mode in MODES:
+                return self.numel + upcast
         if mode in ("gpu", "model-offload"):
-            return self.numel * per + upcast
+            return self.bytes
         if mode == "group-offload":
-            if not self.largest_block_numel:
-                return self.numel * per + upcast
-            return (self.non_block_numel + 2 * self.largest_block_numel) * per + upcast
+            if not self.largest_block_bytes:
+                return self.bytes
+            return self.non_block_bytes + 2 * self.largest_block_bytes
         if mode == "sequential":
-            return self.largest_leaf_numel * self.bytes_per_element
+            return self.largest_leaf_bytes
         raise FvgError(f"unknown memory mode '{mode}' (choose from: auto, {', '.join(MODES)})")
 
 
 def size_from_numels(name: str, numels: dict[str, int], bytes_per_element: int, source: str,
-                     is_transformer: bool = False) -> ModelSize:
-    """Group tensor names into leaf modules and repeated blocks."""
+                     is_transformer: bool = False, keep_fp32: tuple[str, ...] = ()) -> ModelSize:
+    """Group tensor names into leaf modules and repeated blocks and add up their bytes.
+
+    Tensors under a module named in `keep_fp32` (the class's `_keep_in_fp32_modules`, matched on a
+    dotted name component as diffusers and transformers match them) count 4 bytes."""
     leaves: dict[str, int] = {}
+    leaf_numel: dict[str, int] = {}
     blocks: dict[str, int] = {}
+    total = 0
     for tensor, n in numels.items():
+        nbytes = n * (4 if keep_fp32 and any(k in tensor.split(".") for k in keep_fp32) else bytes_per_element)
+        total += nbytes
         module = tensor.rsplit(".", 1)[0] if "." in tensor else ""
-        leaves[module] = leaves.get(module, 0) + n
+        leaves[module] = leaves.get(module, 0) + nbytes
+        leaf_numel[module] = leaf_numel.get(module, 0) + n
         match = _BLOCK.match(tensor)
         if match:
             key = f"{match.group(1)}.{match.group(2)}"
-            blocks[key] = blocks.get(key, 0) + n
-    total = sum(numels.values())
-    return ModelSize(name, total, bytes_per_element, max(leaves.values(), default=0), max(blocks.values(), default=0),
-                     total - sum(blocks.values()), source, is_transformer)
+            blocks[key] = blocks.get(key, 0) + nbytes
+    return ModelSize(name, sum(numels.values()), total, max(leaves.values(), default=0), max(blocks.values(), default=0),
+                     total - sum(blocks.values()), source, is_transformer, max(leaf_numel.values(), default=0))
+
+
+def kept_in_fp32(class_name: str, dtype: torch.dtype) -> tuple[str, ...]:
+    """Modules the library loads in fp32 whatever the dtype asked for (diffusers: any dtype but fp32;
+    transformers: `_keep_in_fp32_modules` for fp16 only, `_keep_in_fp32_modules_strict` for fp16/bf16)."""
+    if dtype == torch.float32:
+        return ()
+    import diffusers
+    import transformers
+
+    cls = getattr(diffusers, class_name, None) or getattr(transformers, class_name, None)
+    if cls is None:
+        return ()
+    if cls.__module__.startswith("diffusers"):
+        return tuple(cls._keep_in_fp32_modules or ())
+    keep = list(getattr(cls, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype == torch.float16:
+        keep += list(getattr(cls, "_keep_in_fp32_modules", None) or ())
+    return tuple(keep)
 
 
 def safetensors_numels(path: str | Path) -> dict[str, int]:
@@ -213,11 +243,13 @@ def find_model(model_id: str, subfolder: str = "") -> ModelSource:
                    f"shipped config (fvg/model_configs/ has: {', '.join(sorted(p.name for p in MODEL_CONFIGS.iterdir() if p.is_dir()))})")
 
 
-def size_model(source: ModelSource, name: str, bytes_per_element: int, is_transformer: bool = False) -> ModelSize:
-    if source.weights is not None:
-        return size_from_numels(name, checkpoint_numels(source.weights), bytes_per_element, "safetensors",
-                                is_transformer)
-    return size_from_numels(name, meta_numels(source.config), bytes_per_element, "config", is_transformer)
+def size_model(source: ModelSource, name: str, dtype: torch.dtype, is_transformer: bool = False) -> ModelSize:
+    """Sizes in `dtype`, as `from_pretrained(..., dtype=dtype)` loads the model (fp32-kept modules included)."""
+    class_name = source.config.get("_class_name") or source.config["architectures"][0]
+    keep = kept_in_fp32(class_name, dtype)
+    numels = checkpoint_numels(source.weights) if source.weights is not None else meta_numels(source.config)
+    kind = "safetensors" if source.weights is not None else "config"
+    return size_from_numels(name, numels, DTYPE_BYTES[dtype], kind, is_transformer, keep)
 
 
 def pipeline_components(model_id: str) -> list[str]:
@@ -507,12 +539,12 @@ def _denoiser_activation(family: str, config: dict, vae_config: dict, height: in
     raise FvgError(f"no activation model for video family '{family}'")
 
 
-def _models(model_id: str, dtype_of: dict[str, int], built: dict | None = None) -> tuple[list[ModelSize], dict]:
+def _models(model_id: str, dtype_of: dict[str, torch.dtype], built: dict | None = None) -> tuple[list[ModelSize], dict]:
     """Size every model of a diffusers pipeline; returns the sizes and each model's config."""
     sizes, configs = [], {}
     if built is not None:  # builtin: tiny pipelines built in code
         for name, module in built.items():
-            sizes.append(size_from_numels(name, module_numels(module), dtype_of[name], "built",
+            sizes.append(size_from_numels(name, module_numels(module), DTYPE_BYTES[dtype_of[name]], "built",
                                           is_transformer=name.startswith("transformer")))
             configs[name] = dict(module.config) if hasattr(module.config, "keys") else module.config.to_dict()
             configs[name].setdefault("_class_name", type(module).__name__)
@@ -560,7 +592,7 @@ def estimate(preset: Preset, dtype: torch.dtype = torch.bfloat16, fp8: bool = Fa
         if not preset.planner_model:
             raise FvgError(f"preset '{preset.name}' names no planner model")
         source = find_model(preset.planner_model)
-        llm = size_model(source, "planner", b)
+        llm = size_model(source, "planner", dtype)
         c = source.config
         act = PlannerActivation(c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"],
                                 c.get("num_key_value_heads", c["num_attention_heads"]),
@@ -572,8 +604,9 @@ def estimate(preset: Preset, dtype: torch.dtype = torch.bfloat16, fp8: bool = Fa
 
         gh, gw = generation_size(h, w, preset.anchor_area)
         builtin = preset.anchor_model == "builtin:tiny-qwen-image"
-        anchor_b = 4 if builtin else b  # the tiny anchor pipeline is built in float32 and not cast
-        sizes, configs = _models(preset.anchor_model, {k: anchor_b for k in ("transformer", "text_encoder", "vae")},
+        anchor_dtype = torch.float32 if builtin else dtype  # the tiny anchor pipeline is built in float32, not cast
+        anchor_b = DTYPE_BYTES[anchor_dtype]
+        sizes, configs = _models(preset.anchor_model, {k: anchor_dtype for k in ("transformer", "text_encoder", "vae")},
                                  _builtin_anchor() if builtin else None)
         tconf, vconf = configs["transformer"], configs["vae"]
         if tconf["_class_name"] == "QwenImageTransformer2DModel":
@@ -587,14 +620,14 @@ def estimate(preset: Preset, dtype: torch.dtype = torch.bfloat16, fp8: bool = Fa
                   Phase("vae", "decode", decode))
         stages.append(StageEstimate("anchor", tuple(sizes), phases, note=f"generation size {gh}x{gw}"))
 
-    video_dtypes = {"transformer": b, "transformer_2": b, "text_encoder": b, "vae": 4}
+    video_dtypes = {"transformer": dtype, "transformer_2": dtype, "text_encoder": dtype, "vae": torch.float32}
     builtin = preset.video_model.startswith("builtin:")
     sizes, configs = _models(preset.video_model, video_dtypes, _builtin_video(preset.video_model) if builtin else None)
     lora = _lora_numel(preset.lora)
     if lora:  # the anchor LoRA is added to the transformer (and to transformer_2 for A14B)
         lora_2 = _lora_numel(preset.lora_2) or lora
-        sizes = [_with_extra(s, lora if s.name == "transformer" else lora_2) if s.name.startswith("transformer") else s
-                 for s in sizes]
+        sizes = [_with_lora(s, lora if s.name == "transformer" else lora_2, b) if s.name.startswith("transformer")
+                 else s for s in sizes]
         notes.append(f"anchor LoRA: {lora:,} parameters per expert")
     tconf, vconf = configs["transformer"], configs["vae"]
     denoise = _denoiser_activation(preset.family, tconf, vconf, h, w, f, b)
@@ -610,10 +643,14 @@ def estimate(preset: Preset, dtype: torch.dtype = torch.bfloat16, fp8: bool = Fa
     return MemoryEstimate(preset.name, dtype, h, w, f, tuple(stages), fp8, tuple(notes))
 
 
-def _with_extra(size: ModelSize, extra_numel: int) -> ModelSize:
+def _with_lora(size: ModelSize, lora_numel: int, bytes_per_element: int) -> ModelSize:
+    """The anchor LoRA's A/B matrices live inside the blocks; spread evenly, they are counted
+    outside them here (a few MB: the group-offload figure is a slight overestimate)."""
     from dataclasses import replace
 
-    return replace(size, numel=size.numel + extra_numel, non_block_numel=size.non_block_numel + extra_numel)
+    extra = lora_numel * bytes_per_element
+    return replace(size, numel=size.numel + lora_numel, bytes=size.bytes + extra,
+                   non_block_bytes=size.non_block_bytes + extra)
 
 
 def device_budget_bytes(gpu_gib: float | None) -> int:

@@ -1,0 +1,187 @@
+"""`fvg memory` and fvg.memory: exact model sizes without loading weights, and the fits line.
+
+The shipped configs must count to the published parameter numbers (issue 12's table); the
+estimator's weight figures must equal the bytes of the models fvg actually builds for `tiny` and
+`mini`; safetensors sizes come from the header alone.
+"""
+
+import json
+import re
+
+import pytest
+import torch
+
+from fvg.cli import main
+from fvg.io import FvgError
+from fvg.memory import (GIB, MODEL_CONFIGS, MODES, checkpoint_numels, estimate, meta_numels, safetensors_numels,
+                        size_from_numels)
+from fvg.presets import get_preset
+
+# issue 12: parameters counted on the meta device from the published configs, in billions
+PUBLISHED = [
+    ("Qwen--Qwen-Image/transformer", 20.43),
+    ("Qwen--Qwen-Image/text_encoder", 8.29),
+    ("Wan-AI--Wan2.2-TI2V-5B-Diffusers/transformer", 5.00),
+    ("Wan-AI--Wan2.2-T2V-A14B-Diffusers/transformer", 14.29),
+    ("Wan-AI--Wan2.2-T2V-A14B-Diffusers/transformer_2", 14.29),
+    ("Wan-AI--Wan2.1-T2V-1.3B-Diffusers/transformer", 1.42),
+    ("Wan-AI--Wan2.1-T2V-1.3B-Diffusers/text_encoder", 5.68),
+    ("Wan-AI--Wan2.2-TI2V-5B-Diffusers/vae", 0.70),
+    ("Wan-AI--Wan2.1-T2V-1.3B-Diffusers/vae", 0.13),
+    ("THUDM--CogVideoX1.5-5B/transformer", 5.57),
+    ("THUDM--CogVideoX1.5-5B/text_encoder", 4.76),
+    ("Qwen--Qwen2.5-7B-Instruct", 7.62),
+]
+
+
+@pytest.mark.parametrize("component,billions", PUBLISHED)
+def test_shipped_configs_count_to_the_published_sizes(component, billions):
+    config = json.loads((MODEL_CONFIGS / component / "config.json").read_text())
+    assert round(sum(meta_numels(config).values()) / 1e9, 2) == billions
+
+
+def test_every_real_preset_is_sized_from_shipped_configs():
+    for name in ("wan2.1-1.3b", "wan2.2-5b", "wan2.2-a14b", "cogvideox1.5-5b"):
+        est = estimate(get_preset(name))
+        assert [s.name for s in est.stages] == ["anchor", "animate", "decode"]
+        anchor = est.stages[0]
+        assert anchor.model("transformer").numel == 20_430_401_088
+        assert anchor.model("transformer").bytes == 20_430_401_088 * 2  # bf16
+        vae = est.stages[1].model("vae")
+        assert vae.bytes == vae.numel * 4  # the video VAE stays fp32
+    a14b = estimate(get_preset("wan2.2-a14b")).stages[1]
+    assert a14b.model("transformer_2").numel == a14b.model("transformer").numel == 14_288_491_584
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_weights_equal_the_built_models(dtype):
+    from fvg.animate.loading import load_wan_pipeline
+    from fvg.tiny import tiny_qwen_image_pipeline
+
+    est = estimate(get_preset("tiny"), dtype)
+    video = load_wan_pipeline("builtin:tiny-wan", dtype)
+    animate = est.stages[1]
+    for name in ("transformer", "text_encoder", "vae"):
+        assert animate.model(name).bytes == _bytes(getattr(video, name)), name
+    anchor_pipe = tiny_qwen_image_pipeline()  # built in float32 whatever the run dtype
+    for name in ("transformer", "text_encoder", "vae"):
+        assert est.stages[0].model(name).bytes == _bytes(getattr(anchor_pipe, name)), name
+    assert est.stages[1].resident_bytes("gpu") == sum(_bytes(getattr(video, n)) for n in ("transformer", "text_encoder", "vae"))
+
+
+def test_mini_weights_equal_the_loaded_models():
+    from fvg.pipeline import FactorizedPipeline
+
+    pipe = FactorizedPipeline.from_preset("mini", device="cpu", dtype="bfloat16")
+    est = estimate(pipe.preset, torch.bfloat16)
+    anchor, animate = est.stages[0], est.stages[1]
+    for name in ("transformer", "text_encoder", "vae"):
+        assert anchor.model(name).source == "safetensors"
+        assert anchor.model(name).bytes == _bytes(getattr(pipe.anchor_source.pipe, name)), name
+    for name in ("text_encoder", "vae"):
+        assert animate.model(name).bytes == _bytes(getattr(pipe.video_pipe, name)), name
+    # the transformer carries the anchor LoRA: its parameters are counted with it
+    assert animate.model("transformer").numel == sum(p.numel() for p in pipe.video_pipe.transformer.parameters())
+
+
+def test_safetensors_sizes_come_from_the_header(tmp_path):
+    from fvg.tiny import tiny_wan_components
+
+    transformer = tiny_wan_components()["transformer"].to(torch.bfloat16)
+    transformer.save_pretrained(tmp_path / "transformer")
+    numels = checkpoint_numels(tmp_path / "transformer")
+    assert numels == {k: v.numel() for k, v in transformer.state_dict().items()}
+    size = size_from_numels("transformer", numels, 2, "safetensors", is_transformer=True)
+    assert size.bytes == _bytes(transformer)
+    # blocks are found by name: two Wan blocks, the rest (embeddings, head) outside them
+    block0 = sum(p.numel() for p in transformer.blocks[0].parameters())
+    assert size.largest_block_bytes == block0 * 2
+    assert size.non_block_bytes == (size.numel - 2 * block0) * 2
+    assert size.resident_bytes("group-offload") == (size.numel - 2 * block0 + 2 * block0) * 2
+    assert size.resident_bytes("sequential") == max(
+        sum(p.numel() for p in m.parameters(recurse=False)) for m in transformer.modules()) * 2
+    assert size.resident_bytes("gpu", fp8=True) == size.numel + size.largest_leaf_bytes
+
+
+def test_a_file_that_is_not_safetensors_is_refused(tmp_path):
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"\xff" * 16)
+    with pytest.raises(FvgError, match="not a safetensors file"):
+        safetensors_numels(bad)
+
+
+def test_modes_order_and_auto_choice():
+    est = estimate(get_preset("wan2.2-5b"))
+    peaks = [est.peak_bytes(m) for m in MODES]
+    assert peaks[0] > peaks[1] > peaks[2]  # each offload mode keeps less resident
+    assert est.choose(int(80 * GIB)) == "gpu"  # one stage at a time: the anchor stage, 56 GiB, is the largest
+    assert est.choose(int(48 * GIB)) == "model-offload"  # Qwen-Image's transformer alone is 38 GiB
+    assert est.choose(int(24 * GIB)) == "group-offload"
+    assert est.choose(int(0.5 * GIB)) is None
+    fp8 = estimate(get_preset("wan2.2-5b"), fp8=True)
+    assert fp8.stages[1].model("transformer").resident_bytes("gpu", fp8=True) < est.stages[1].model("transformer").bytes
+
+
+def test_anchored_wan_activation_is_plain_plus_per_frame_modulation():
+    from fvg.memory import WanActivation
+
+    act = WanActivation(dim=3072, ffn_dim=14336, vae_spatial=16)
+    assert act.tokens(704, 1280, 121) == 31 * 22 * 40
+    # doubling the frames roughly doubles the tokens and the activation (no seq^2 term)
+    one, two = act.activation_bytes(704, 1280, 61, 2), act.activation_bytes(704, 1280, 121, 2)
+    assert 1.9 < two / one < 2.1
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+FITS = re.compile(r"^fits: (yes \(peak [\d.]+ GiB, memory [a-z-]+\)|no \(peak [\d.]+ GiB > [\d.]+ GiB in .+\))$")
+
+
+def test_fvg_memory_tiny_ends_with_one_fits_line(capsys):
+    code, out, err = run_cli(capsys, "memory", "--preset", "tiny", "--gpu-gib", "1")
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if line.startswith("fits:")]
+    assert len(lines) == 1 and FITS.match(lines[0]) and out.rstrip().endswith(lines[0])
+    assert lines[0].endswith("memory gpu)")
+
+
+@pytest.mark.parametrize("preset,gib", [("wan2.2-5b", 24), ("wan2.1-1.3b", 24), ("wan2.2-a14b", 48)])
+def test_issue_targets_fit_in_some_mode(capsys, preset, gib):
+    code, out, err = run_cli(capsys, "memory", "--preset", preset, "--gpu-gib", gib)
+    assert code == 0, err
+    assert out.splitlines()[-1].startswith("fits: yes")
+
+
+def test_fvg_memory_says_no_with_exit_1(capsys):
+    code, out, _ = run_cli(capsys, "memory", "--preset", "wan2.2-a14b", "--gpu-gib", "2")
+    assert code == 1
+    assert FITS.match(out.splitlines()[-1]) and "in every mode" in out.splitlines()[-1]
+    code, out, _ = run_cli(capsys, "memory", "--preset", "wan2.2-a14b", "--gpu-gib", "48", "--memory", "gpu")
+    assert code == 1 and out.splitlines()[-1].endswith("in mode gpu)")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--preset", "nope", "--gpu-gib", "24"], "unknown preset 'nope'"),
+    (["--preset", "tiny", "--gpu-gib", "-3"], "--gpu-gib must be positive"),
+    (["--preset", "tiny", "--gpu-gib", "24", "--memory", "fast"], "unknown memory mode 'fast'"),
+    (["--preset", "tiny", "--gpu-gib", "24", "--frames", "10"], "frames must be 4n+1"),
+    (["--preset", "tiny", "--gpu-gib", "24", "--dtype", "int3"], "unknown dtype 'int3'"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, args, message):
+    code, out, err = run_cli(capsys, "memory", *args)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only message")
+def test_without_gpu_gib_on_a_cpu_machine_asks_for_it(capsys):
+    code, _, err = run_cli(capsys, "memory", "--preset", "tiny")
+    assert code == 2 and "--gpu-gib" in err and len(err.strip().splitlines()) == 1
