@@ -185,3 +185,140 @@ def test_bad_input_is_one_line_and_exit_2(capsys, args, message):
 def test_without_gpu_gib_on_a_cpu_machine_asks_for_it(capsys):
     code, _, err = run_cli(capsys, "memory", "--preset", "tiny")
     assert code == 2 and "--gpu-gib" in err and len(err.strip().splitlines()) == 1
+
+
+# -- activation estimates against measured peaks (CPU, reduced models of the real classes) ---------
+
+def _measured_peak(model, call, inputs_outside):
+    """Peak bytes of tensors created during `call()` (weights and inputs made before are not counted)."""
+    from fvg.memory import LiveTensorBytes
+
+    with torch.no_grad():
+        call()  # warm-up: lazily built caches are not activations
+        tracker = LiveTensorBytes(ignore=[*model.parameters(), *model.buffers(), *inputs_outside])
+        with tracker:
+            call()
+    return tracker.peak
+
+
+def _keep_fp32_like_from_pretrained(model):
+    """`.to(bf16)` casts everything; from_pretrained(dtype=bf16) keeps these modules in fp32."""
+    for keep in model._keep_in_fp32_modules or ():
+        for name, module in model.named_modules():
+            if keep in name.split("."):
+                module.float()
+    return model
+
+
+def test_the_tracker_counts_what_is_alive():
+    from fvg.memory import LiveTensorBytes
+
+    with LiveTensorBytes() as tracker:
+        a = torch.ones(1000)
+        b = a * 2
+        view = b.view(-1)
+        del a, b
+        assert tracker.now == 4000  # the view keeps b's storage alive
+        del view
+    assert tracker.now == 0 and tracker.peak == 8000
+
+
+@pytest.mark.parametrize("frames,height,width,heads,head_dim,ffn", [(5, 64, 64, 4, 32, 512), (5, 64, 64, 4, 32, 128),
+                                                                     (9, 48, 80, 2, 128, 1024)])
+def test_wan_activation_estimate_matches_the_measured_peak(frames, height, width, heads, head_dim, ffn):
+    from diffusers import WanTransformer3DModel
+
+    from fvg.memory import WanActivation
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
+                                  in_channels=16, out_channels=16, text_dim=64, freq_dim=256, ffn_dim=ffn, num_layers=2,
+                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads").eval().to(torch.bfloat16)
+    _keep_fp32_like_from_pretrained(model)
+    x = torch.randn(1, 16, frames, height, width, dtype=torch.bfloat16)
+    text = torch.randn(1, 512, 64, dtype=torch.bfloat16)
+    t = torch.tensor([500.0])
+    measured = _measured_peak(model, lambda: model(x, t, text), [x, text, t])
+    estimate = WanActivation(dim=heads * head_dim, ffn_dim=ffn, vae_spatial=8, head_dim=head_dim).activation_bytes(
+        height * 8, width * 8, (frames - 1) * 4 + 1, 2)
+    assert abs(estimate / measured - 1) < 0.05, (estimate, measured)
+
+
+def test_qwen_image_activation_estimate_matches_the_measured_peak():
+    from diffusers import QwenImageTransformer2DModel
+
+    from fvg.memory import QwenImageActivation
+
+    heads, head_dim, h, w, text_tokens = 2, 64, 32, 48, 64
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                                        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=64,
+                                        axes_dims_rope=(8, 28, 28)).eval().to(torch.bfloat16)
+    inputs = dict(hidden_states=torch.randn(1, h * w, 64, dtype=torch.bfloat16),
+                  encoder_hidden_states=torch.randn(1, text_tokens, 64, dtype=torch.bfloat16),
+                  encoder_hidden_states_mask=torch.ones(1, text_tokens, dtype=torch.long),
+                  timestep=torch.tensor([0.5], dtype=torch.bfloat16), img_shapes=[[(1, h, w)]], return_dict=False)
+    measured = _measured_peak(model, lambda: model(**inputs), [v for v in inputs.values() if torch.is_tensor(v)])
+    estimate = QwenImageActivation(heads * head_dim, 4 * heads * head_dim, head_dim=head_dim,
+                                   text_tokens=text_tokens).activation_bytes(h * 16, w * 16, 2)
+    assert abs(estimate / measured - 1) < 0.05, (estimate, measured)
+
+
+def test_cogvideox_activation_estimate_matches_the_measured_peak():
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    from fvg.memory import CogVideoXActivation
+
+    heads, head_dim, latent_frames, h, w, text_tokens = 2, 32, 5, 48, 32, 32
+    torch.manual_seed(0)
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=32, num_layers=2, sample_width=w, sample_height=h, sample_frames=(latent_frames - 1) * 4 + 1,
+        patch_size=2, patch_size_t=2, temporal_compression_ratio=4, max_text_seq_length=text_tokens,
+        use_rotary_positional_embeddings=True).eval().to(torch.bfloat16)
+    padded = latent_frames + latent_frames % 2  # the pipeline pads latent frames to patch_size_t
+    x = torch.randn(2, padded, 4, h, w, dtype=torch.bfloat16)  # CFG batched
+    text = torch.randn(2, text_tokens, 32, dtype=torch.bfloat16)
+    t = torch.tensor([500, 500])
+
+    def call():  # the pipeline builds the rotary tables every step
+        rope = get_3d_rotary_pos_embed(embed_dim=head_dim, crops_coords=None, grid_size=(h // 2, w // 2),
+                                       temporal_size=padded // 2, grid_type="slice", max_size=(h // 2, w // 2))
+        return model(hidden_states=x, encoder_hidden_states=text, timestep=t, image_rotary_emb=rope, return_dict=False)
+
+    measured = _measured_peak(model, call, [x, text, t])
+    estimate = CogVideoXActivation(heads * head_dim, 4 * heads * head_dim, text_tokens=text_tokens,
+                                   head_dim=head_dim).activation_bytes(h * 8, w * 8, (latent_frames - 1) * 4 + 1, 2)
+    assert abs(estimate / measured - 1) < 0.05, (estimate, measured)
+
+
+SMALL_WAN_VAE = {"_class_name": "AutoencoderKLWan", "base_dim": 16, "z_dim": 16, "dim_mult": [1, 2, 4, 4],
+                 "num_res_blocks": 2, "temperal_downsample": [False, True, True]}
+
+
+def test_the_meta_decode_simulation_equals_the_cpu_measurement():
+    from diffusers import AutoencoderKLWan
+
+    from fvg.memory import meta_model, simulate_decode
+
+    config = {k: v for k, v in SMALL_WAN_VAE.items() if k != "_class_name"}
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**config).eval()
+    z = torch.randn(1, 16, 3, 8, 8)
+    measured = _measured_peak(vae, lambda: vae.decode(z), [z])
+    assert simulate_decode(meta_model(SMALL_WAN_VAE).eval(), (1, 16, 3, 8, 8), torch.float32) == measured
+
+
+@pytest.mark.parametrize("tiling,latent_frames,tolerance", [(False, 9, 0.01), (False, 21, 0.01), (True, 21, 0.15)])
+def test_vae_decode_estimate_against_a_full_simulation(tiling, latent_frames, tolerance):
+    """The estimate simulates 3 latent frames and extrapolates; the full simulation decodes them all."""
+    from fvg.memory import _vae_decode, meta_model, simulate_decode
+
+    h, w = 40, 48
+    vae = meta_model(SMALL_WAN_VAE).eval()
+    if tiling:
+        vae.enable_tiling()
+    full = simulate_decode(vae, (1, 16, latent_frames, h, w), torch.float32)
+    est = _vae_decode(SMALL_WAN_VAE, h * 8, w * 8, (latent_frames - 1) * 4 + 1, torch.float32, tiling)
+    assert abs((est.activation_bytes() - est.postprocess_bytes) / full - 1) < tolerance

@@ -36,10 +36,13 @@ import json
 import math
 import re
 import struct
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from fvg.io import FvgError
 from fvg.presets import Preset
@@ -164,11 +167,12 @@ def checkpoint_numels(folder: Path) -> dict[str, int]:
     return numels
 
 
-def meta_model(config: dict) -> torch.nn.Module:
+def meta_model(config: dict, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A diffusers/transformers model built from its config on the meta device (shapes, no memory).
 
     Published configs carry fields the installed classes ignore (e.g. Qwen-Image's
-    `pooled_projection_dim`); the libraries' notes about them are silenced here."""
+    `pooled_projection_dim`), and casting warns about fp32-kept modules; the libraries' notes
+    are silenced here."""
     import diffusers
     import transformers
     from diffusers.utils import logging as diffusers_logging
@@ -179,9 +183,11 @@ def meta_model(config: dict) -> torch.nn.Module:
     try:
         with torch.device("meta"):
             if "_class_name" in config:
-                return getattr(diffusers, config["_class_name"]).from_config(config)
-            arch = config["architectures"][0]
-            return getattr(transformers, arch)(transformers.AutoConfig.for_model(**config))
+                model = getattr(diffusers, config["_class_name"]).from_config(config)
+            else:
+                arch = config["architectures"][0]
+                model = getattr(transformers, arch)(transformers.AutoConfig.for_model(**config))
+        return model if dtype == torch.float32 else model.to(dtype)
     finally:
         diffusers_logging.set_verbosity(d_level)
         transformers.logging.set_verbosity(t_level)
@@ -290,15 +296,23 @@ def _block_peak(tokens: int, dim: int, ffn_dim: int, b: int, fp32_norm: bool) ->
 class WanActivation:
     """Wan2.x transformer forward (diffusers `WanTransformer3DModel`), batch 1 per CFG pass.
 
-    tokens = latent frames x (H / vae_spatial / 2) x (W / vae_spatial / 2), latent frames =
-    (frames - 1) / 4 + 1. Blocks upcast to fp32 around norms and residuals. Modulation is per frame
-    (fvg's anchored path): [frames, 6, dim] fp32, so anchored == plain + O(frames x dim). The text
-    stream (512 tokens) and the cross-attention k/v are included.
+    tokens S = latent frames x (H / vae_spatial / 2) x (W / vae_spatial / 2), latent frames =
+    (frames - 1) / 4 + 1; D = heads x head_dim, F = ffn_dim, b = bytes of the run dtype.
+    Counted at a block's two worst moments (measured on a reduced model on CPU, tests/test_memory.py):
+    - FFN: four [S, D] (the block's input, held by the caller; the residual; the cross-attention
+      output; the normalised FFN input) and two [S, F] (the projection and its GELU);
+    - self-attention: five [S, D] (input, normalised input, q, k, v) and the rotary embedding's
+      fp32 temporaries, three [S, D] in fp32 (two when the run dtype is fp32: `.float()` is free);
+    plus always: the rotary cos/sin tables (2 x [S, head_dim], fp32: diffusers keeps `rope` in fp32),
+    the text stream and its cross-attention k/v (3 x [512, D]), and the per-frame modulation
+    [frames, 6, D] fp32 (fvg's anchored path: anchored == plain + O(frames x dim)).
+    Not counted: the S x S attention matrix (SDPA/flash never forms it).
     """
 
     dim: int
     ffn_dim: int
     vae_spatial: int
+    head_dim: int = 128
     patch: int = 2
     vae_temporal: int = 4
     text_tokens: int = 512
@@ -308,59 +322,85 @@ class WanActivation:
         return latent_frames * (height // self.vae_spatial // self.patch) * (width // self.vae_spatial // self.patch)
 
     def activation_bytes(self, height: int, width: int, frames: int, b: int) -> int:
-        s = self.tokens(height, width, frames)
-        latent_frames = (frames - 1) // self.vae_temporal + 1
-        modulation = latent_frames * 6 * self.dim * 4
-        cross_kv = 2 * self.text_tokens * self.dim * b + self.text_tokens * self.dim * b
-        return _block_peak(s, self.dim, self.ffn_dim, b, fp32_norm=True) + modulation + cross_kv
+        s, d = self.tokens(height, width, frames), self.dim
+        ffn = 4 * s * d * b + 2 * s * self.ffn_dim * b
+        attention = 5 * s * d * b + (3 if b < 4 else 2) * s * d * 4
+        rope = 2 * s * self.head_dim * 4
+        text = 3 * self.text_tokens * d * b
+        modulation = ((frames - 1) // self.vae_temporal + 1) * 6 * d * 4
+        return max(ffn, attention) + rope + text + modulation
 
 
 @dataclass(frozen=True)
 class CogVideoXActivation:
     """CogVideoX transformer forward: text and video tokens in one sequence, CFG batched (B = 2).
 
-    tokens = ceil(latent frames / patch_t) x (H / 8 / 2) x (W / 8 / 2) + text tokens (226);
-    the pipeline pads latent frames to a multiple of `patch_t`. FFN is 4 x dim, GELU(tanh);
-    norms stay in the run dtype.
+    S = ceil(latent frames / patch_t) x (H / 8 / 2) x (W / 8 / 2) + text tokens (226); the pipeline
+    pads latent frames to a multiple of `patch_t`. Per batch element, at a block's worst moments
+    (measured on a reduced model on CPU, tests/test_memory.py):
+    - attention (the worst): seven [S, D] in the run dtype (the joined streams, q, k, v, their
+      norms, the stacked rotary halves) and three fp32 [S, D] (the rotary embedding's upcast and products);
+    - FFN: four [S, D] and two [S, 4D];
+    plus the rotary cos/sin tables 2 x [S_video, head_dim] fp32, shared by the batch.
     """
 
     dim: int
     ffn_dim: int
     text_tokens: int
+    head_dim: int = 64
     patch: int = 2
     patch_t: int = 2
     vae_spatial: int = 8
     vae_temporal: int = 4
     batch: int = 2
 
-    def tokens(self, height: int, width: int, frames: int) -> int:
+    def video_tokens(self, height: int, width: int, frames: int) -> int:
         latent_frames = (frames - 1) // self.vae_temporal + 1
         t = math.ceil(latent_frames / self.patch_t)
-        return t * (height // self.vae_spatial // self.patch) * (width // self.vae_spatial // self.patch) + self.text_tokens
+        return t * (height // self.vae_spatial // self.patch) * (width // self.vae_spatial // self.patch)
+
+    def tokens(self, height: int, width: int, frames: int) -> int:
+        return self.video_tokens(height, width, frames) + self.text_tokens
 
     def activation_bytes(self, height: int, width: int, frames: int, b: int) -> int:
-        return self.batch * _block_peak(self.tokens(height, width, frames), self.dim, self.ffn_dim, b, fp32_norm=False)
+        s, d = self.tokens(height, width, frames), self.dim
+        attention = 7 * s * d * b + 3 * s * d * 4
+        ffn = 4 * s * d * b + 2 * s * self.ffn_dim * b
+        rope = 2 * self.video_tokens(height, width, frames) * self.head_dim * 4
+        return self.batch * max(attention, ffn) + rope
 
 
 @dataclass(frozen=True)
 class QwenImageActivation:
     """Qwen-Image (MMDiT) forward at its generation size, batch 1 per true-CFG pass.
 
-    image tokens = (H / 8 / 2) x (W / 8 / 2) (1328 x 1328: 83 x 83 = 6889), plus up to 512 text
-    tokens in the joint attention; FFN 4 x dim; rotary embedding in fp32 (complex) on q and k.
+    image tokens S_img = (H / 8 / 2) x (W / 8 / 2) (1328 x 1328: 83 x 83 = 6889), text tokens up to
+    512 (S = S_img + S_txt), D = heads x head_dim, FFN 4 x D. Counted at the image FFN's GELU, the
+    block's worst moment (measured on a reduced model on CPU, tests/test_memory.py): seven [S, D]
+    (both streams' inputs, normalised inputs, attention outputs and residuals), two [S_img, 4D], the
+    image rotary table (S_img x head_dim/2 complex64) and the rope cache (4096 positions). The
+    attention moment (q, k, v and complex64 rotary copies of q and k) is counted too and is smaller.
     """
 
     dim: int
     ffn_dim: int
+    head_dim: int = 128
     vae_spatial: int = 8
     patch: int = 2
     text_tokens: int = 512
 
+    def image_tokens(self, height: int, width: int) -> int:
+        return (height // self.vae_spatial // self.patch) * (width // self.vae_spatial // self.patch)
+
     def tokens(self, height: int, width: int) -> int:
-        return (height // self.vae_spatial // self.patch) * (width // self.vae_spatial // self.patch) + self.text_tokens
+        return self.image_tokens(height, width) + self.text_tokens
 
     def activation_bytes(self, height: int, width: int, b: int) -> int:
-        return _block_peak(self.tokens(height, width), self.dim, self.ffn_dim, b, fp32_norm=False)
+        s_img, s, d = self.image_tokens(height, width), self.tokens(height, width), self.dim
+        ffn = 7 * s * d * b + 2 * s_img * self.ffn_dim * b
+        attention = 10 * s * d * b + 2 * s * d * 4
+        rope = s_img * (self.head_dim // 2) * 8 + 4096 * (self.head_dim // 2) * 8
+        return max(ffn, attention) + rope
 
 
 @dataclass(frozen=True)
@@ -395,46 +435,79 @@ class PlannerActivation:
         return kv_cache + prefill + self.vocab * 4 * 2
 
 
-@dataclass(frozen=True)
-class VaeDecodeActivation:
-    """Decoding latents to frames. diffusers decodes Wan/Qwen VAEs one latent frame at a time and
-    CogVideoX's a few frames at a time, so the peak is set by the widest feature map of one chunk.
+class LiveTensorBytes(TorchDispatchMode):
+    """Tracks the bytes of tensors alive while it is active, and their peak.
 
-    `widest_bytes` is measured by running the decoder on the meta device (shapes only) at the
-    decode size (full frame, or one tile when tiling) and taking the largest module output;
-    `copies` (4) of it are alive at once in a residual block (input, norm, activation, conv output
-    with its causal cache). The decoded video in fp32 is counted twice (the output and the
-    pipeline's post-processing copy).
+    Every tensor an operator returns is counted until its storage is freed (a weak reference on the
+    storage, keyed by identity so that it works on the meta device too); tensors that existed
+    before (`ignore`: weights, inputs) are not counted. On CPU this is the measured activation
+    peak; on the meta device it simulates a forward pass's allocations exactly without computing.
+    Not seen: workspace an operator allocates and frees inside itself (cuDNN, flash attention).
     """
 
-    widest_bytes: int
+    def __init__(self, ignore=()):
+        super().__init__()
+        self.ignore = {id(t.untyped_storage()) for t in ignore}
+        self.live: dict[int, int] = {}
+        self.now = 0
+        self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.now -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = id(storage)
+                if key in self.live or key in self.ignore or storage.nbytes() == 0:
+                    continue
+                self.live[key] = storage.nbytes()
+                self.now += storage.nbytes()
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(storage, self._free, key)
+        return out
+
+
+@dataclass(frozen=True)
+class VaeDecodeActivation:
+    """Decoding latents to frames, from a simulation of the decoder rather than a guess.
+
+    diffusers decodes Wan/Qwen VAEs one latent frame at a time with a causal-conv cache and
+    CogVideoX's two at a time, so the working set of one chunk does not grow with the frame count;
+    the decoded frames accumulate. `chunk_peak_bytes` is the peak of the decoder's own control flow
+    run on the meta device under `LiveTensorBytes` (exact shapes and lifetimes, no compute) on three
+    latent frames, less those frames' output: at full resolution, or on one tile when tiling.
+    The decoded video (`video_bytes`, in the VAE's dtype) then counts once untiled (the output
+    grows as chunks are concatenated; checked against full simulations: tests/test_memory.py)
+    and `overlap + 2` times tiled (every tile's output, overlaps included, then the blended rows
+    and their concatenation), which is an upper bound at few frames. The pipeline's
+    post-processing adds one fp32 copy of the video (`postprocess_bytes`).
+    """
+
+    chunk_peak_bytes: int
     video_bytes: int
-    copies: int = 4
+    postprocess_bytes: int
+    tile_overlap: float = 0.0  # sum of tile areas / frame area; 0 when not tiling
 
     def activation_bytes(self) -> int:
-        return self.copies * self.widest_bytes + 2 * self.video_bytes
+        copies = 1 if not self.tile_overlap else self.tile_overlap + 2
+        return int(self.chunk_peak_bytes + copies * self.video_bytes + self.postprocess_bytes)
 
 
-def widest_decoder_map(vae_config: dict, latent_shape: tuple[int, ...], bytes_per_element: int) -> int:
-    """The largest output (elements x bytes) of any module while `vae.decode` runs on meta tensors."""
-    vae = meta_model(vae_config)
-    widest = 0
+def simulate_decode(vae: torch.nn.Module, latent_shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Peak bytes of live tensors while a meta-device `vae.decode` runs on latents of `latent_shape`."""
+    latents = torch.zeros(latent_shape, device="meta", dtype=dtype)
+    tracker = LiveTensorBytes(ignore=[*vae.parameters(), *vae.buffers(), latents])
+    with torch.no_grad(), tracker:
+        vae.decode(latents)
+    return tracker.peak
 
-    def hook(_module, _inputs, output):
-        nonlocal widest
-        tensors = output if isinstance(output, (tuple, list)) else (output,)
-        for t in tensors:
-            if isinstance(t, torch.Tensor):
-                widest = max(widest, t.numel())
 
-    handles = [m.register_forward_hook(hook) for m in vae.decoder.modules()]
-    try:
-        with torch.no_grad():
-            vae.decode(torch.zeros(latent_shape, device="meta"))
-    finally:
-        for h in handles:
-            h.remove()
-    return widest * bytes_per_element
+def _tile_overlap(size: int, tile: int, stride: int) -> float:
+    """Covered length / size along one axis for diffusers' tiling loop (`range(0, size, stride)`)."""
+    return sum(min(tile, size - start) for start in range(0, size, stride)) / size
 
 
 # -- stages ----------------------------------------------------------------------------------------
@@ -495,26 +568,31 @@ def _run_bytes(dtype: torch.dtype) -> int:
     return DTYPE_BYTES[dtype]
 
 
-def _vae_decode(vae_config: dict, height: int, width: int, frames: int, b: int, tiling: bool,
-                video: bool = True) -> VaeDecodeActivation:
-    """Latent shape for one decode chunk from the VAE's own config; a tile instead of the frame when tiling."""
-    cls = vae_config["_class_name"]
-    if cls == "AutoencoderKLCogVideoX":
-        spatial, z = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1), vae_config.get("latent_channels", 16)
-        # diffusers' CogVideoX tiles are half the VAE's sample size; it decodes two latent frames per
-        # batch, the first batch taking the odd one (3)
-        tile_h, tile_w = vae_config.get("sample_height", 480) // 2, vae_config.get("sample_width", 720) // 2
-        chunk_frames = 3
+def _vae_decode(vae_config: dict, height: int, width: int, frames: int, dtype: torch.dtype, tiling: bool
+                ) -> VaeDecodeActivation:
+    """Simulate one three-latent-frame chunk (see `VaeDecodeActivation`) with the VAE's own config."""
+    vae = meta_model(vae_config, dtype).eval()
+    b = DTYPE_BYTES[dtype]
+    cogvideox = vae_config["_class_name"] == "AutoencoderKLCogVideoX"
+    if cogvideox:
+        spatial, z = 2 ** (len(vae.config.block_out_channels) - 1), vae.config.latent_channels
+        temporal = vae.config.temporal_compression_ratio
+        tile_h, tile_w = vae.tile_sample_min_height, vae.tile_sample_min_width
+        stride_h = int(tile_h * (1 - vae.tile_overlap_factor_height))
+        stride_w = int(tile_w * (1 - vae.tile_overlap_factor_width))
     else:
-        spatial = vae_config.get("scale_factor_spatial") or 8
-        z = vae_config.get("z_dim", 16)
-        tile_h = tile_w = 256  # diffusers' Wan/Qwen tile_sample_min_height/width
-        chunk_frames = 2  # the first latent frame, then one more: the second chunk decodes 4 frames
+        spatial, z = vae.config.get("scale_factor_spatial") or 8, vae.config.z_dim
+        temporal = vae.config.get("scale_factor_temporal") or 4
+        tile_h, tile_w = vae.tile_sample_min_height, vae.tile_sample_min_width
+        stride_h, stride_w = vae.tile_sample_stride_height, vae.tile_sample_stride_width
+    latent_frames = (frames - 1) // temporal + 1
+    chunk = min(latent_frames, 3)
     h, w = (min(height, tile_h), min(width, tile_w)) if tiling else (height, width)
-    latent = (1, z, chunk_frames if video else 1, max(1, h // spatial), max(1, w // spatial))
-    widest = widest_decoder_map(vae_config, latent, b)
-    video_bytes = 3 * frames * height * width * 4
-    return VaeDecodeActivation(widest, video_bytes)
+    peak = simulate_decode(vae, (1, z, chunk, h // spatial, w // spatial), dtype)
+    chunk_video = 3 * ((chunk - 1) * temporal + 1) * h * w * b
+    overlap = _tile_overlap(height, tile_h, stride_h) * _tile_overlap(width, tile_w, stride_w) if tiling else 0.0
+    return VaeDecodeActivation(peak - chunk_video, 3 * frames * height * width * b, 3 * frames * height * width * 4,
+                               overlap)
 
 
 def _text_encoder_activation(config: dict, tokens: int, b: int) -> int:
@@ -529,12 +607,13 @@ def _denoiser_activation(family: str, config: dict, vae_config: dict, height: in
     if family == "wan":
         spatial = vae_config.get("scale_factor_spatial") or 8
         act = WanActivation(dim=config["num_attention_heads"] * config["attention_head_dim"], ffn_dim=config["ffn_dim"],
-                            vae_spatial=spatial, patch=config["patch_size"][-1])
+                            vae_spatial=spatial, head_dim=config["attention_head_dim"], patch=config["patch_size"][-1])
         return act.activation_bytes(height, width, frames, b)
     if family == "cogvideox":
         dim = config["num_attention_heads"] * config["attention_head_dim"]
         act = CogVideoXActivation(dim=dim, ffn_dim=4 * dim, text_tokens=config.get("max_text_seq_length", 226),
-                                  patch=config["patch_size"], patch_t=config.get("patch_size_t") or 1)
+                                  head_dim=config["attention_head_dim"], patch=config["patch_size"],
+                                  patch_t=config.get("patch_size_t") or 1)
         return act.activation_bytes(height, width, frames, b)
     raise FvgError(f"no activation model for video family '{family}'")
 
@@ -611,10 +690,11 @@ def estimate(preset: Preset, dtype: torch.dtype = torch.bfloat16, fp8: bool = Fa
         tconf, vconf = configs["transformer"], configs["vae"]
         if tconf["_class_name"] == "QwenImageTransformer2DModel":
             dim = tconf["num_attention_heads"] * tconf["attention_head_dim"]
-            denoise = QwenImageActivation(dim, 4 * dim, patch=tconf["patch_size"]).activation_bytes(gh, gw, anchor_b)
+            denoise = QwenImageActivation(dim, 4 * dim, head_dim=tconf["attention_head_dim"],
+                                          patch=tconf["patch_size"]).activation_bytes(gh, gw, anchor_b)
         else:  # a one-frame Wan model (MiniWorld's anchor)
             denoise = _denoiser_activation("wan", tconf, vconf, gh, gw, 1, anchor_b)
-        decode = _vae_decode(vconf, gh, gw, 1, anchor_b, tiling=False, video=False).activation_bytes()
+        decode = _vae_decode(vconf, gh, gw, 1, anchor_dtype, tiling=False).activation_bytes()
         phases = (Phase("text_encoder", "encode", _text_encoder_activation(configs["text_encoder"], 512, anchor_b)),
                   Phase("transformer", f"denoise {gh}x{gw}", denoise),
                   Phase("vae", "decode", decode))
@@ -636,7 +716,7 @@ def estimate(preset: Preset, dtype: torch.dtype = torch.bfloat16, fp8: bool = Fa
     phases = (Phase("text_encoder", "encode", text),
               *(Phase(e, "denoise", denoise) for e in experts))
     stages.append(StageEstimate("animate", tuple(sizes), phases, note=f"{h}x{w}x{f}"))
-    decode = _vae_decode(vconf, h, w, f, 4, tiling)
+    decode = _vae_decode(vconf, h, w, f, torch.float32, tiling)
     stages.append(StageEstimate("decode", tuple(sizes), (Phase("vae", "decode" + (" (tiled)" if tiling else ""),
                                                                  decode.activation_bytes()),),
                                 note="VAE tiling on" if tiling else "VAE tiling off"))
