@@ -277,6 +277,8 @@ def memory(
     height: Optional[int] = typer.Option(None, "--height"),
     width: Optional[int] = typer.Option(None, "--width"),
     frames: Optional[int] = typer.Option(None, "--frames", help="Frame count, 4n+1."),
+    vae_tiling: Optional[bool] = typer.Option(None, "--vae-tiling/--no-vae-tiling",
+                                              help="Count a tiled decode (default: tiled at 704p and above)."),
 ):
     """Per-stage resident weights and activations of PRESET for each memory mode, without loading weights."""
     from fvg.animate.loading import resolve_dtype
@@ -288,7 +290,7 @@ def memory(
     p = get_preset(preset, height=height, width=width, num_frames=frames)
     validate_video_shape(p.height, p.width, p.num_frames)
     budget = device_budget_bytes(gpu_gib)
-    est = estimate(p, resolve_dtype(dtype, "cuda"), fp8=fp8, planner=planner)
+    est = estimate(p, resolve_dtype(dtype, "cuda"), fp8=fp8, vae_tiling=vae_tiling, planner=planner)
     modes = MODES if memory_mode == "auto" else (memory_mode,)
     gib = lambda n: f"{n / GIB:.2f}"  # noqa: E731
     from rich.table import Table

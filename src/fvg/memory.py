@@ -10,11 +10,15 @@ biggest forward pass, for each memory mode; `fvg memory` prints it. Nothing here
   Bytes are element counts times the dtype the pipeline loads them in: transformers and text
   encoders in the run dtype; the video pipeline's VAE in float32 (`animate/loading.py`); the anchor
   pipeline whole in the run dtype (`DiffusersAnchorSource.from_pretrained`), the tiny one in float32.
-- **Activations are estimates**, one small dataclass per family below, each saying what it counts.
-  They assume batch 1 per forward pass where the pipeline runs CFG as separate passes (Wan,
-  Qwen-Image), batch 2 where it concatenates (CogVideoX), SDPA/flash attention (no seq x seq
-  matrix), and the per-frame Wan modulation (no [B, seq, 6, dim] tensor: anchored costs the same as
-  plain plus O(frames x dim)).
+- **Activations** of the transformers are formulas, one small dataclass per family below, each
+  saying what it counts; they were read off and are checked against the measured peak of reduced
+  models of the real classes on CPU (`LiveTensorBytes`, tests/test_memory.py: within 5%). They
+  assume batch 1 per forward pass where the pipeline runs CFG as separate passes (Wan, Qwen-Image),
+  batch 2 where it concatenates (CogVideoX), SDPA/flash attention (no seq x seq matrix), and the
+  per-frame Wan modulation (no [B, seq, 6, dim] tensor: anchored costs plain + O(frames x dim)).
+  The VAE decode is simulated: the decoder runs on the meta device under the same tracker.
+  Not counted: allocator fragmentation, CUDA context, cuDNN/attention workspaces; the GPU benchmark
+  measures those.
 
 Memory modes and what each keeps resident while a phase runs:
 
