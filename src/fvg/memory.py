@@ -500,11 +500,20 @@ class VaeDecodeActivation:
         return int(self.chunk_peak_bytes + copies * self.video_bytes + self.postprocess_bytes)
 
 
+def _attention_like_flash(query, key, value, *args, **kwargs):
+    """SDPA as flash/memory-efficient kernels allocate it: the output only. On the meta device
+    PyTorch would take the math path and form the seq x seq matrix no GPU run forms."""
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
 def simulate_decode(vae: torch.nn.Module, latent_shape: tuple[int, ...], dtype: torch.dtype) -> int:
     """Peak bytes of live tensors while a meta-device `vae.decode` runs on latents of `latent_shape`."""
+    from unittest import mock
+
     latents = torch.zeros(latent_shape, device="meta", dtype=dtype)
     tracker = LiveTensorBytes(ignore=[*vae.parameters(), *vae.buffers(), latents])
-    with torch.no_grad(), tracker:
+    with torch.no_grad(), mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _attention_like_flash), \
+            tracker:
         vae.decode(latents)
     return tracker.peak
 
