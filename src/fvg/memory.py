@@ -280,20 +280,9 @@ def pipeline_components(model_id: str) -> list[str]:
 
 # -- activations, one dataclass per family ---------------------------------------------------------
 
-def _block_peak(tokens: int, dim: int, ffn_dim: int, b: int, fp32_norm: bool) -> int:
-    """The live tensors of one transformer block at its worst moment, over the residual stream.
-
-    Counted: the residual stream [S, dim] (run dtype) kept across blocks, plus the largest of
-    - attention: q, k, v and the output [S, dim] each, plus two fp32 [S, dim] rotary temporaries;
-    - FFN: the normalised input [S, dim] and two [S, ffn_dim] (the projection and its GELU);
-    - norm/residual (`fp32_norm`, as Wan's blocks upcast): two fp32 [S, dim] copies and one in run dtype.
-    Not counted: the seq x seq attention matrix (SDPA/flash never forms it), per-head log-sum-exp.
-    """
-    sd = tokens * dim
-    attention = 4 * sd * b + 2 * sd * 4
-    ffn = sd * b + 2 * tokens * ffn_dim * b
-    norm = (2 * sd * 4 + sd * b) if fp32_norm else 2 * sd * b
-    return sd * b + max(attention, ffn, norm)
+def latent_frames(frames: int, temporal: int = 4) -> int:
+    """Frames after the VAE's causal temporal compression: the first frame alone, then `temporal` per latent."""
+    return (frames - 1) // temporal + 1
 
 
 @dataclass(frozen=True)
@@ -322,8 +311,8 @@ class WanActivation:
     text_tokens: int = 512
 
     def tokens(self, height: int, width: int, frames: int) -> int:
-        latent_frames = (frames - 1) // self.vae_temporal + 1
-        return latent_frames * (height // self.vae_spatial // self.patch) * (width // self.vae_spatial // self.patch)
+        grid = (height // self.vae_spatial // self.patch) * (width // self.vae_spatial // self.patch)
+        return latent_frames(frames, self.vae_temporal) * grid
 
     def activation_bytes(self, height: int, width: int, frames: int, b: int) -> int:
         s, d = self.tokens(height, width, frames), self.dim
@@ -331,7 +320,7 @@ class WanActivation:
         attention = 5 * s * d * b + (3 if b < 4 else 2) * s * d * 4
         rope = 2 * s * self.head_dim * 4
         text = 3 * self.text_tokens * d * b
-        modulation = ((frames - 1) // self.vae_temporal + 1) * 6 * d * 4
+        modulation = latent_frames(frames, self.vae_temporal) * 6 * d * 4
         return max(ffn, attention) + rope + text + modulation
 
 
@@ -359,8 +348,7 @@ class CogVideoXActivation:
     batch: int = 2
 
     def video_tokens(self, height: int, width: int, frames: int) -> int:
-        latent_frames = (frames - 1) // self.vae_temporal + 1
-        t = math.ceil(latent_frames / self.patch_t)
+        t = math.ceil(latent_frames(frames, self.vae_temporal) / self.patch_t)
         return t * (height // self.vae_spatial // self.patch) * (width // self.vae_spatial // self.patch)
 
     def tokens(self, height: int, width: int, frames: int) -> int:
@@ -598,8 +586,7 @@ def _vae_decode(vae_config: dict, height: int, width: int, frames: int, dtype: t
         temporal = vae.config.get("scale_factor_temporal") or 4
         tile_h, tile_w = vae.tile_sample_min_height, vae.tile_sample_min_width
         stride_h, stride_w = vae.tile_sample_stride_height, vae.tile_sample_stride_width
-    latent_frames = (frames - 1) // temporal + 1
-    chunk = min(latent_frames, 3)
+    chunk = min(latent_frames(frames, temporal), 3)
     h, w = (min(height, tile_h), min(width, tile_w)) if tiling else (height, width)
     peak = simulate_decode(vae, (1, z, chunk, h // spatial, w // spatial), dtype)
     chunk_video = 3 * ((chunk - 1) * temporal + 1) * h * w * b
