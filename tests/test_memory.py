@@ -151,6 +151,9 @@ def test_fvg_memory_tiny_ends_with_one_fits_line(capsys):
     lines = [line for line in out.splitlines() if line.startswith("fits:")]
     assert len(lines) == 1 and FITS.match(lines[0]) and out.rstrip().endswith(lines[0])
     assert lines[0].endswith("memory gpu)")
+    est = estimate(get_preset("tiny"))
+    for model in est.stages[1].models:  # exact parameter counts are printed
+        assert f"{model.numel:,}" in out
 
 
 @pytest.mark.parametrize("preset,gib", [("wan2.2-5b", 24), ("wan2.1-1.3b", 24), ("wan2.2-a14b", 48)])
@@ -174,6 +177,8 @@ def test_fvg_memory_says_no_with_exit_1(capsys):
     (["--preset", "tiny", "--gpu-gib", "24", "--memory", "fast"], "unknown memory mode 'fast'"),
     (["--preset", "tiny", "--gpu-gib", "24", "--frames", "10"], "frames must be 4n+1"),
     (["--preset", "tiny", "--gpu-gib", "24", "--dtype", "int3"], "unknown dtype 'int3'"),
+    (["--preset", "tiny", "--gpu-gib", "24", "--planner", "oracle"], "unknown planner backend 'oracle'"),
+    (["--preset", "tiny", "--gpu-gib", "24", "--planner", "transformers"], "names no planner model"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, args, message):
     code, out, err = run_cli(capsys, "memory", *args)
@@ -322,3 +327,12 @@ def test_vae_decode_estimate_against_a_full_simulation(tiling, latent_frames, to
     full = simulate_decode(vae, (1, 16, latent_frames, h, w), torch.float32)
     est = _vae_decode(SMALL_WAN_VAE, h * 8, w * 8, (latent_frames - 1) * 4 + 1, torch.float32, tiling)
     assert abs((est.activation_bytes() - est.postprocess_bytes) / full - 1) < tolerance
+
+
+def test_the_llm_planner_is_a_stage_of_its_own():
+    est = estimate(get_preset("wan2.2-5b"), planner="transformers")
+    plan = est.stages[0]
+    assert plan.name == "plan" and plan.model("planner").numel == 7_615_616_512
+    assert plan.resident_bytes("gpu") == 7_615_616_512 * 2
+    assert est.peak_bytes("gpu") == estimate(get_preset("wan2.2-5b")).peak_bytes("gpu")  # the anchor stage is larger
+    assert [s.name for s in estimate(get_preset("wan2.2-5b"), planner="rules").stages][0] == "anchor"

@@ -304,7 +304,7 @@ def memory(
             continue
         shown.add(s.models)
         for m in s.models:
-            models.add_row(s.name, m.name, f"{m.numel / 1e9:.3f} B", gib(m.bytes), m.source)
+            models.add_row(s.name, m.name, f"{m.numel:,}", gib(m.bytes), m.source)
     out.print(models)
     peaks = Table("stage", "activation GiB", *modes, title="resident weights / peak (GiB) per memory mode")
     for s in est.stages:

@@ -666,8 +666,12 @@ def estimate(preset: Preset, dtype: torch.dtype = torch.bfloat16, fp8: bool = Fa
     stages: list[StageEstimate] = []
     notes: list[str] = []
 
-    planner = planner or preset.planner
-    if planner == "transformers":
+    planner = (planner or preset.planner).strip().lower()
+    from fvg.plan.base import BACKENDS
+
+    if planner not in BACKENDS:
+        raise FvgError(f"unknown planner backend {planner!r}; valid backends: {', '.join(BACKENDS)}")
+    if planner == "transformers":  # the other backends run off the accelerator (rules) or on a server
         if not preset.planner_model:
             raise FvgError(f"preset '{preset.name}' names no planner model")
         source = find_model(preset.planner_model)
