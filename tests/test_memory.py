@@ -107,6 +107,25 @@ def test_safetensors_sizes_come_from_the_header(tmp_path):
     assert size.resident_bytes("gpu", fp8=True) == size.numel + size.largest_leaf_bytes
 
 
+def test_variants_beside_the_weights_are_not_counted_twice(tmp_path):
+    from safetensors.torch import save_file
+
+    from fvg.memory import checkpoint_files
+
+    save_file({"w": torch.zeros(4, 4)}, tmp_path / "diffusion_pytorch_model.safetensors")
+    save_file({"w": torch.zeros(4, 4, dtype=torch.float16)}, tmp_path / "diffusion_pytorch_model.fp16.safetensors")
+    assert checkpoint_numels(tmp_path) == {"w": 16}
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    save_file({"a": torch.zeros(3)}, sharded / "model-00001-of-00002.safetensors")
+    save_file({"b": torch.zeros(5)}, sharded / "model-00002-of-00002.safetensors")
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    assert [f.name for f in checkpoint_files(sharded)] == ["model-00001-of-00002.safetensors",
+                                                           "model-00002-of-00002.safetensors"]
+    assert checkpoint_numels(sharded) == {"a": 3, "b": 5}
+
+
 def test_a_file_that_is_not_safetensors_is_refused(tmp_path):
     bad = tmp_path / "x.safetensors"
     bad.write_bytes(b"\xff" * 16)

@@ -161,8 +161,21 @@ def safetensors_numels(path: str | Path) -> dict[str, int]:
     return numels
 
 
-def checkpoint_numels(folder: Path) -> dict[str, int]:
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The weight files `from_pretrained` reads: the shards an index names, else the plain files
+    (a `model.fp16.safetensors` variant beside `model.safetensors` is not loaded, so not counted)."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    plain_indexes = [i for i in indexes if i.name.count(".") == 3] or indexes
+    if plain_indexes:
+        shards = json.loads(plain_indexes[0].read_text())["weight_map"].values()
+        return [folder / name for name in sorted(set(shards))]
     files = sorted(folder.glob("*.safetensors"))
+    plain = [f for f in files if "." not in f.stem]
+    return plain or files
+
+
+def checkpoint_numels(folder: Path) -> dict[str, int]:
+    files = checkpoint_files(folder)
     if not files:
         raise FvgError(f"no .safetensors weights in {folder}")
     numels: dict[str, int] = {}
