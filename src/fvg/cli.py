@@ -22,6 +22,11 @@ app = typer.Typer(help="Factorized Video Generation: plan the first frame, ancho
 
 PresetOpt = typer.Option(DEFAULT_PRESET, "--preset", "-p", help="Preset name (see `fvg presets`).")
 SeedOpt = typer.Option(0, "--seed", help="Seed: the video noise; anchor candidate i uses seed + i.")
+MemoryOpt = typer.Option(
+    "auto", "--memory", help="auto, gpu, model-offload, group-offload or sequential: how each stage's models "
+    "use the device (one stage on it at a time; auto picks the fastest that fits).")
+VaeTilingOpt = typer.Option(None, "--vae-tiling/--no-vae-tiling",
+                            help="Tile the VAE decode (default: on at 704p and above).")
 StepsOpt = typer.Option(None, "--steps", help="Denoising steps (default: the preset's, 15 factorized / 50 others).")
 
 
@@ -31,7 +36,7 @@ def _load_pipeline(preset: str, *, lora: Optional[str] = None, video_model: Opti
                    api_key_env: str = "OPENAI_API_KEY", plan_cache: Optional[Path] = None,
                    height: Optional[int] = None, width: Optional[int] = None, frames: Optional[int] = None,
                    fps: Optional[int] = None, device: Optional[str] = None, dtype: Optional[str] = None,
-                   cpu_offload: bool = False, vae_tiling: bool = False):
+                   cpu_offload: bool = False, vae_tiling: Optional[bool] = None, memory: str = "auto"):
     from fvg.pipeline import FactorizedPipeline
 
     planner_options = {"api_key_env": api_key_env}
@@ -40,7 +45,7 @@ def _load_pipeline(preset: str, *, lora: Optional[str] = None, video_model: Opti
     if plan_cache:
         planner_options["cache_dir"] = plan_cache
     return FactorizedPipeline.from_preset(
-        preset, device=device, dtype=dtype, cpu_offload=cpu_offload, vae_tiling=vae_tiling,
+        preset, device=device, dtype=dtype, cpu_offload=cpu_offload, vae_tiling=vae_tiling, memory=memory,
         planner_options=planner_options, lora=lora, video_model=video_model, anchor_model=anchor_model,
         planner=planner, planner_model=planner_model, height=height, width=width, num_frames=frames, fps=fps,
     )
@@ -96,8 +101,9 @@ def generate(
     fps: Optional[int] = typer.Option(None, "--fps"),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cpu, ... (default: cuda if available)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
-    cpu_offload: bool = typer.Option(False, "--cpu-offload", help="Offload idle models to CPU (CUDA only)."),
-    vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Tile the VAE to save memory."),
+    memory: str = MemoryOpt,
+    cpu_offload: bool = typer.Option(False, "--cpu-offload", help="Same as --memory model-offload."),
+    vae_tiling: Optional[bool] = VaeTilingOpt,
 ):
     """Generate a video (or a batch with --prompts) with the factorized method or a baseline."""
     from fvg.presets import validate_mode
@@ -118,7 +124,7 @@ def generate(
         preset, lora=lora, video_model=video_model, anchor_model=anchor_model, planner=planner,
         planner_model=planner_model, planner_url=planner_url, api_key_env=api_key_env, plan_cache=plan_cache,
         height=height, width=width, frames=frames, fps=fps, device=device, dtype=dtype, cpu_offload=cpu_offload,
-        vae_tiling=vae_tiling)
+        vae_tiling=vae_tiling, memory=memory)
     if pipe.preset.output_is_noise:
         console.print(f"[yellow]note:[/] preset '{pipe.preset.name}' has random weights: its output is noise.")
     if anchor is not None:
@@ -239,15 +245,16 @@ def animate(
     fps: Optional[int] = typer.Option(None, "--fps"),
     device: Optional[str] = typer.Option(None, "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype"),
-    cpu_offload: bool = typer.Option(False, "--cpu-offload"),
-    vae_tiling: bool = typer.Option(False, "--vae-tiling"),
+    memory: str = MemoryOpt,
+    cpu_offload: bool = typer.Option(False, "--cpu-offload", help="Same as --memory model-offload."),
+    vae_tiling: Optional[bool] = VaeTilingOpt,
 ):
     """Stage 3 alone: animate PROMPT from your own anchor image."""
     generate(prompt=prompt, prompts=None, out=out, preset=preset, mode="factorized", steps=steps, seed=seed,
              num_candidates=1, select=0, anchor=anchor, guidance=guidance, lora=lora, video_model=video_model,
              anchor_model=None, planner=None, planner_model=None, planner_url=None, api_key_env="OPENAI_API_KEY",
              plan_cache=None, height=height, width=width, frames=frames, fps=fps, device=device, dtype=dtype,
-             cpu_offload=cpu_offload, vae_tiling=vae_tiling)
+             cpu_offload=cpu_offload, vae_tiling=vae_tiling, memory=memory)
 
 
 @app.command()

@@ -24,11 +24,11 @@ import torch
 from PIL import Image
 
 from fvg.anchor import AnchorResult, DiffusersAnchorSource, FileAnchorSource, fit_to_resolution
-from fvg.animate.loading import (apply_memory_options, default_device, load_anchor_lora, load_cogvideox_pipeline,
-                                 load_wan_pipeline, resolve_dtype)
+from fvg.animate.loading import default_device, load_anchor_lora, load_cogvideox_pipeline, load_wan_pipeline, resolve_dtype
 from fvg.io import FvgError, save_image, to_uint8, write_json, write_mp4
 from fvg.plan import Plan, make_planner
 from fvg.presets import DEFAULT_PRESET, Preset, get_preset, validate_mode, validate_video_shape
+from fvg.residency import StageResidency
 
 # progress(stage, step, total): stage is "plan", "anchor", "animate" or "decode"
 ProgressFn = Callable[[str, int, int], None]
@@ -112,28 +112,40 @@ def package_versions() -> dict[str, str]:
 
 
 class FactorizedPipeline:
-    """The three stages of Factorized Video Generation, loaded from a preset."""
+    """The three stages of Factorized Video Generation, loaded from a preset.
+
+    Models load on the host when first needed; each stage's models go to the device only while
+    that stage runs (`fvg.residency`), in the memory mode `memory` (auto, gpu, model-offload,
+    group-offload, sequential). `cpu_offload=True` is the older spelling of `memory="model-offload"`.
+    """
 
     def __init__(self, preset: Preset, device: str | None = None, dtype: str | torch.dtype | None = None,
-                 cpu_offload: bool = False, vae_tiling: bool = False, planner_options: dict | None = None):
+                 cpu_offload: bool = False, vae_tiling: bool | None = None, planner_options: dict | None = None,
+                 memory: str = "auto"):
         self.preset = preset
         self.device = device or default_device()
         self.dtype = resolve_dtype(dtype, self.device)
-        self.cpu_offload = cpu_offload
-        self.vae_tiling = vae_tiling
+        self.memory = "model-offload" if cpu_offload and memory == "auto" else memory
+        # Decoding 704p and larger videos in one piece needs tens of GiB: tile there unless told otherwise.
+        self.vae_tiling = preset.height * preset.width >= 704 * 1280 if vae_tiling is None else vae_tiling
         self.planner_options = dict(planner_options or {})
+        self.residency = StageResidency(self.device, self.memory)
         self._planner = None
         self._anchor_source = None
         self._video_pipe = None
 
+    @property
+    def cpu_offload(self) -> bool:
+        return self.memory == "model-offload"
+
     @classmethod
     def from_preset(cls, name: str = DEFAULT_PRESET, *, device: str | None = None, dtype: str | torch.dtype | None = None,
-                    cpu_offload: bool = False, vae_tiling: bool = False, planner_options: dict | None = None,
-                    **overrides) -> "FactorizedPipeline":
+                    cpu_offload: bool = False, vae_tiling: bool | None = None, planner_options: dict | None = None,
+                    memory: str = "auto", **overrides) -> "FactorizedPipeline":
         """`overrides` are preset fields (video_model, lora, height, num_frames, planner, ...)."""
         preset = get_preset(name, **overrides)
         validate_video_shape(preset.height, preset.width, preset.num_frames)
-        return cls(preset, device, dtype, cpu_offload, vae_tiling, planner_options)
+        return cls(preset, device, dtype, cpu_offload, vae_tiling, planner_options, memory)
 
     # -- stages, each usable alone -------------------------------------------------------------
 
@@ -154,11 +166,11 @@ class FactorizedPipeline:
             if p.anchor_model == "builtin:tiny-qwen-image":
                 from fvg.tiny import tiny_qwen_image_pipeline
 
-                pipe = tiny_qwen_image_pipeline().to(self.device)
+                pipe = tiny_qwen_image_pipeline()
                 self._anchor_source = DiffusersAnchorSource(pipe, model_id=p.anchor_model, **kwargs)
-            else:
+            else:  # loaded on the host: `make_anchor` places it for the anchor stage only
                 self._anchor_source = DiffusersAnchorSource.from_pretrained(
-                    p.anchor_model, dtype=self.dtype, device=self.device, **kwargs)
+                    p.anchor_model, dtype=self.dtype, device="cpu", **kwargs)
         return self._anchor_source
 
     @property
@@ -176,11 +188,14 @@ class FactorizedPipeline:
                 if getattr(pipe, "transformer_2", None) is not None:
                     load_anchor_lora(pipe, p.lora_2 or p.lora, "transformer_2")
             pipe.set_progress_bar_config(disable=True)
-            self._video_pipe = apply_memory_options(pipe, self.device, self.cpu_offload, self.vae_tiling)
+            if self.vae_tiling:
+                pipe.vae.enable_tiling()
+            self._video_pipe = pipe  # on the host until the animate stage places it
         return self._video_pipe
 
     def load(self, mode: str = "factorized", anchor_model: bool = True) -> "FactorizedPipeline":
-        """Load what `mode` needs now, so a missing checkpoint fails before any compute is spent."""
+        """Load what `mode` needs now, on the host, so a missing checkpoint fails before any compute
+        is spent; nothing is placed on the device until its stage runs."""
         validate_mode(mode)
         if mode != "t2v":
             self.planner
@@ -190,13 +205,18 @@ class FactorizedPipeline:
         return self
 
     def plan(self, prompt: str) -> Plan:
-        return self.planner.plan(prompt)
+        planner = self.planner
+        if hasattr(planner, "loaded_model") and not planner.cached(prompt):  # a local LLM computes
+            self.residency.enter("plan", planner)
+        return planner.plan(prompt)
 
     def make_anchor(self, caption: str, seed: int = 0, num_candidates: int = 1, selected: int = 0,
                     progress: ProgressFn | None = None) -> AnchorResult:
         p = self.preset
         report = (lambda i, n: progress("anchor", i, n)) if progress else None
-        return self.anchor_source(caption, p.height, p.width, num_candidates, seed, selected, progress=report)
+        source = self.anchor_source
+        self.residency.enter("anchor", source.pipe)
+        return source(caption, p.height, p.width, num_candidates, seed, selected, progress=report)
 
     def anchor_from_image(self, image: str | Path | Image.Image) -> AnchorResult:
         if isinstance(image, Image.Image):
@@ -210,6 +230,7 @@ class FactorizedPipeline:
                 guidance_scale: float | None = None, progress: ProgressFn | None = None) -> np.ndarray:
         p = self.preset
         pipe = self.video_pipe
+        self.residency.enter("animate", pipe)
         callback = None
         if progress is not None:
             def callback(_pipe, i, _t, kwargs):
@@ -288,7 +309,7 @@ class FactorizedPipeline:
             "preset": self.preset.name, **asdict(self.preset),
             "guidance_scale": self.preset.guidance_scale if guidance_scale is None else guidance_scale,
             "device": self.device, "dtype": str(self.dtype).removeprefix("torch."),
-            "cpu_offload": self.cpu_offload, "vae_tiling": self.vae_tiling,
+            "memory": self.memory, "memory_modes": dict(self.residency.modes), "vae_tiling": self.vae_tiling,
         }
         return FactorizedOutput(frames, mode, prompt, video_prompt, seed, steps, self.preset.fps, plan, anchor,
                                 timings, settings, warnings)

@@ -108,15 +108,3 @@ def load_anchor_lora(pipe, path: str, expert: str = "transformer", adapter_name:
 
 def _looks_like_hub_id(path: str) -> bool:
     return path.count("/") == 1 and not path.endswith(".safetensors")
-
-
-def apply_memory_options(pipe, device: str, cpu_offload: bool = False, vae_tiling: bool = False):
-    if vae_tiling:
-        pipe.vae.enable_tiling()
-    if cpu_offload:
-        if not device.startswith("cuda"):
-            raise FvgError("--cpu-offload needs a CUDA device (it moves models between CPU and GPU)")
-        pipe.enable_model_cpu_offload(device=device)  # each process offloads to its own GPU
-    else:
-        pipe.to(device)
-    return pipe

@@ -179,6 +179,10 @@ class _LLMPlanner:
     def _complete(self, messages: list[dict[str, str]], attempt: int) -> str:
         raise NotImplementedError
 
+    def cached(self, prompt: str) -> bool:
+        """Whether `plan(prompt)` would answer from the cache (no model needed)."""
+        return self.cache is not None and self.cache.get(self.name, self.model, TEMPLATE_VERSION, prompt) is not None
+
     def plan(self, prompt: str) -> Plan:
         prompt = validate_prompt(prompt)
         if self.cache is not None:
@@ -261,6 +265,18 @@ class TransformersPlanner(_LLMPlanner):
         if not getattr(tokenizer, "chat_template", None):
             raise FvgError(f"planner model {self.model!r} has no chat template; use an instruct/chat model")
         self._tokenizer, self._model = tokenizer, model.to(device).eval()
+
+    @property
+    def loaded_model(self):
+        """The causal LM once loaded (None before the first uncached prompt)."""
+        return self._model
+
+    def to(self, device: str) -> "TransformersPlanner":
+        """Where the LLM runs from now on; `FactorizedPipeline` moves it off the accelerator after planning."""
+        self.device = device
+        if self._model is not None and not hasattr(self._model, "_hf_hook"):
+            self._model.to(device)
+        return self
 
     def _complete(self, messages: list[dict[str, str]], attempt: int) -> str:
         import torch
