@@ -259,8 +259,7 @@ def presets():
 
     table = Table("name", "video model", "anchor model", "size", "frames", "fps", "steps f/b", "notes")
     for p in PRESETS.values():
-        notes = "not implemented yet" if not p.implemented else ("noise (smoke tests)" if p.output_is_noise else
-                                                                 ("needs anchor LoRA" if p.needs_lora else ""))
+        notes = "noise (smoke tests)" if p.output_is_noise else ("needs anchor LoRA" if p.needs_lora else "")
         table.add_row(p.name, p.video_model, str(p.anchor_model), f"{p.height}x{p.width}", str(p.num_frames),
                       str(p.fps), f"{p.steps_factorized}/{p.steps_baseline}", notes)
     Console().print(table)

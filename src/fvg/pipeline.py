@@ -24,11 +24,11 @@ import torch
 from PIL import Image
 
 from fvg.anchor import AnchorResult, DiffusersAnchorSource, FileAnchorSource, fit_to_resolution
-from fvg.animate.loading import (apply_memory_options, default_device, load_anchor_lora, load_cogvideox_pipeline,
-                                 load_wan_pipeline, resolve_dtype)
+from fvg.animate.loading import apply_memory_options, default_device, load_anchor_lora, resolve_dtype
+from fvg.families import get_family
 from fvg.io import FvgError, save_image, to_uint8, write_json, write_mp4
 from fvg.plan import Plan, make_planner
-from fvg.presets import DEFAULT_PRESET, Preset, get_preset, validate_mode, validate_video_shape
+from fvg.presets import DEFAULT_PRESET, Preset, get_preset, validate_mode
 
 # progress(stage, step, total): stage is "plan", "anchor", "animate" or "decode"
 ProgressFn = Callable[[str, int, int], None]
@@ -117,6 +117,7 @@ class FactorizedPipeline:
     def __init__(self, preset: Preset, device: str | None = None, dtype: str | torch.dtype | None = None,
                  cpu_offload: bool = False, vae_tiling: bool = False, planner_options: dict | None = None):
         self.preset = preset
+        self.family = get_family(preset.family)
         self.device = device or default_device()
         self.dtype = resolve_dtype(dtype, self.device)
         self.cpu_offload = cpu_offload
@@ -132,7 +133,7 @@ class FactorizedPipeline:
                     **overrides) -> "FactorizedPipeline":
         """`overrides` are preset fields (video_model, lora, height, num_frames, planner, ...)."""
         preset = get_preset(name, **overrides)
-        validate_video_shape(preset.height, preset.width, preset.num_frames)
+        get_family(preset.family).check_shape(preset.height, preset.width, preset.num_frames)
         return cls(preset, device, dtype, cpu_offload, vae_tiling, planner_options)
 
     # -- stages, each usable alone -------------------------------------------------------------
@@ -165,12 +166,7 @@ class FactorizedPipeline:
     def video_pipe(self):
         if self._video_pipe is None:
             p = self.preset
-            if p.family == "wan":
-                pipe = load_wan_pipeline(p.video_model, self.dtype, p.flow_shift)
-            elif p.family == "cogvideox":
-                pipe = load_cogvideox_pipeline(p.video_model, self.dtype)
-            else:
-                raise FvgError(f"video model family '{p.family}' is not implemented")
+            pipe = self.family.load_pipeline(p.video_model, self.dtype, p.flow_shift)
             if p.lora:
                 load_anchor_lora(pipe, p.lora, "transformer")
                 if getattr(pipe, "transformer_2", None) is not None:
@@ -218,14 +214,7 @@ class FactorizedPipeline:
         if p.lora:
             # The anchor LoRA serves the anchored mode; the baselines are the plain base model, as in the paper.
             pipe.enable_lora() if anchor is not None else pipe.disable_lora()
-        kwargs = {}
-        if p.family == "cogvideox":
-            if anchor is not None and pipe.patch_size_t == 2 and (p.num_frames - 1) % 8:
-                raise FvgError(f"anchored CogVideoX1.5 needs 8n+1 frames (e.g. 81, 49, 17), got {p.num_frames}: "
-                               "the anchor fills the first temporal patch (docs/cogvideox.md)")
-            kwargs["max_sequence_length"] = pipe.transformer.config.max_text_seq_length
-        elif pipe.config.boundary_ratio is not None:  # Wan2.2-A14B's low-noise expert
-            kwargs["guidance_scale_2"] = p.guidance_scale_2
+        kwargs = self.family.call_arguments(pipe, p, anchored=anchor is not None)
         result = pipe(
             prompt=prompt, negative_prompt=p.negative_prompt or None, anchor=anchor,
             height=p.height, width=p.width, num_frames=p.num_frames, num_inference_steps=steps,

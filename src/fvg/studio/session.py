@@ -34,7 +34,7 @@ def default_preset() -> str:
 
 
 def studio_presets() -> list[str]:
-    return [name for name, preset in PRESETS.items() if preset.implemented]
+    return list(PRESETS)
 
 
 def sampling_defaults(preset: str, mode: str) -> tuple[int, float]:
@@ -89,7 +89,7 @@ class StudioSession:
                  pipeline_factory: Callable[[str], FactorizedPipeline] = FactorizedPipeline.from_preset):
         self.out_root = Path(out_root)
         self.default_preset = preset or default_preset()
-        get_preset(self.default_preset)  # FvgError for an unknown or unimplemented preset
+        get_preset(self.default_preset)  # FvgError for an unknown preset
         self._factory = pipeline_factory
         self._pipelines: dict[str, FactorizedPipeline] = {}
         self._lock = threading.RLock()  # the models are not thread-safe: one stage at a time

@@ -1,7 +1,7 @@
-"""The anchor-LoRA training loop: peft LoRA on Wan's transformer(s), driven by accelerate.
+"""The anchor-LoRA training loop: peft LoRA on a video model's transformer(s), driven by accelerate.
 
-CogVideoX models (`family = "cogvideox"`, docs/cogvideox.md) train through the same loop with the
-v-prediction objective of `fvg.train.cogvideox` instead of flow matching.
+The model's family (`fvg.families`) supplies loading, the caption and clip encoding, the objective
+(Wan: flow matching, CogVideoX: v-prediction) and the LoRA key formats; the loop is the same for all.
 
 accelerate provides everything multi-process (DDP by default; FSDP or DeepSpeed through an
 accelerate config), mixed precision, gradient accumulation and checkpoint state. The data
@@ -34,10 +34,11 @@ from typing import Iterator
 import torch
 
 from fvg.io import FvgError, write_json
-from fvg.train.config import TrainConfig, resolve_family
+from fvg.families import TrainingObjective, family_of, resolve_family
+from fvg.train.config import TrainConfig
 from fvg.train.data import CachedClips, build_cache, collate, find_clips
 from fvg.train.export import lora_stem, read_lora, write_lora
-from fvg.train.objective import SigmaSampler, draw_batch, masked_flow_loss, step_generator, step_seed
+from fvg.train.seeds import step_generator, step_seed
 from fvg.train import validation
 
 log = logging.getLogger("fvg.train")
@@ -130,76 +131,23 @@ class Trainer:
 
     def _load_pipeline(self, weight_dtype):
         if self.pipe is not None:
-            self.family = getattr(self.pipe, "fvg_family", "wan")
+            self.family = family_of(self.pipe)
             return self.pipe
         self.family = resolve_family(self.cfg.model, self.cfg.family)
-        if self.family == "cogvideox":
-            from fvg.animate.loading import load_cogvideox_pipeline
+        return self.family.load_pipeline(self.cfg.model, weight_dtype, self.cfg.flow_shift)
 
-            return load_cogvideox_pipeline(self.cfg.model, weight_dtype)
-        from fvg.animate.loading import load_wan_pipeline
-
-        return load_wan_pipeline(self.cfg.model, weight_dtype, self.cfg.flow_shift)
-
-    def _cogvideox_setup(self, pipe):
-        """CogVideoX: text length and LoRA targets in CogVideoX's terms, the v-prediction step function."""
-        from fvg.train import cogvideox as cog
-
-        cfg = self.cfg
-        changes = {}
-        text_len = min(cfg.max_sequence_length, pipe.transformer.config.max_text_seq_length)
-        if text_len != cfg.max_sequence_length:
-            changes["max_sequence_length"] = text_len  # CogVideoX was trained on 226 T5 tokens
-        targets = [t.replace("ffn.net.", "ff.net.") if t.startswith("ffn.net.") else t for t in cfg.target_modules]
-        if targets != list(cfg.target_modules):
-            changes["target_modules"] = targets  # CogVideoX's feed-forward is `ff`, Wan's `ffn`
+    def _objective(self, pipe, weight_dtype) -> TrainingObjective:
+        """The family's objective, after the settings it changes into its own terms (text length, LoRA modules)."""
+        self.family.check_shape(self.cfg.height, self.cfg.width, self.cfg.num_frames)
+        changes = self.family.adapt_train_config(self.cfg, pipe)
         if changes:
-            log.info("CogVideoX: %s", ", ".join(f"{k} = {v}" for k, v in changes.items()))
-            self.cfg = cfg = cfg.replace(**changes)
-        self.shift = None
-        scheduler = pipe.scheduler
-        if scheduler.config.get("prediction_type") != "v_prediction":
-            raise FvgError(f"CogVideoX training expects a v-prediction scheduler, got "
-                           f"{scheduler.config.get('prediction_type')}")
-        sampler = cog.TimestepSampler(scheduler.config.num_train_timesteps)
-        patch_t = pipe.transformer.config.patch_size_t
-        latent_frames = (cfg.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
-        if cfg.p_anchor > 0:
-            try:
-                cog.anchor_layout(latent_frames, patch_t)
-            except ValueError as exc:
-                raise FvgError(f"num_frames = {cfg.num_frames}: {exc}") from None
-        rotary = None
-        if pipe.transformer.config.use_rotary_positional_embeddings:
-            rotary = pipe._prepare_rotary_positional_embeddings(
-                cfg.height, cfg.width, cog.padded_frames(latent_frames, patch_t), self.accelerator.device)
-
-        def step_loss(model, batch, generator, weight_dtype):
-            acc = self.accelerator
-            nb = cog.draw_batch(scheduler, batch["latent"].to(acc.device), batch["anchor"].to(acc.device), sampler,
-                                cfg.p_anchor, generator, patch_t)
-            with acc.autocast():
-                pred = model(hidden_states=nb.model_input.to(weight_dtype), timestep=nb.timestep,
-                             encoder_hidden_states=batch["text"].to(acc.device, weight_dtype),
-                             image_rotary_emb=rotary, return_dict=False)[0]
-            return cog.masked_v_loss(pred, nb.target, nb.frame_weight)
-
-        return sampler, step_loss
-
-    def _samplers(self, pipe, experts: list[str]) -> list[SigmaSampler]:
-        cfg = self.cfg
-        sched = pipe.scheduler.config
-        shift = cfg.flow_shift or sched.get("flow_shift") or sched.get("shift") or 1.0
-        self.shift = float(shift)
-        base = SigmaSampler(self.shift, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std)
-        if getattr(pipe, "transformer_2", None) is None:
-            return [base]
-        if pipe.config.boundary_ratio not in (None, cfg.boundary_ratio):
-            log.warning("model's boundary_ratio %s overridden by the config's %s", pipe.config.boundary_ratio,
-                        cfg.boundary_ratio)
-        pipe.register_to_config(boundary_ratio=cfg.boundary_ratio)  # validation switches experts there too
-        ranges = {"transformer": (cfg.boundary_ratio, 1.0), "transformer_2": (0.0, cfg.boundary_ratio)}
-        return [base.restrict(*ranges[name]) for name in experts]
+            log.info("%s: %s", self.family.label, ", ".join(f"{k} = {v}" for k, v in changes.items()))
+            self.cfg = self.cfg.replace(**changes)
+        acc = self.accelerator
+        objective = self.family.training_objective(pipe, self.cfg, self.experts, acc.device, acc.autocast,
+                                                   weight_dtype)
+        self.shift = objective.flow_shift
+        return objective
 
     def _add_lora(self, model) -> None:
         from diffusers.training_utils import cast_training_params
@@ -228,19 +176,9 @@ class Trainer:
 
     def _lora_info(self, step: int) -> dict:
         cfg = self.cfg
-        info = {"rank": cfg.rank, "alpha": cfg.alpha, "base_model": cfg.model, "steps": step,
-                "data_hash": self.data_hash, "p_anchor": cfg.p_anchor, "flow_shift": self.shift,
-                "target_modules": list(cfg.target_modules),
-                "method": "anchor LoRA: clean latent frame 0 at timestep 0 (Factorized Video Generation)"}
-        if self.family == "cogvideox":
-            info["family"] = "cogvideox"
-            info["method"] = ("anchor LoRA: clean first temporal patch (anchor latent twice) at timestep 0, "
-                              "v-prediction (Factorized Video Generation)")
-        return info
-
-    @property
-    def lora_formats(self) -> tuple[str, ...]:
-        return ("diffusers",) if self.family == "cogvideox" else ("diffusers", "wan")
+        return self.family.lora_info({
+            "rank": cfg.rank, "alpha": cfg.alpha, "base_model": cfg.model, "steps": step, "data_hash": self.data_hash,
+            "p_anchor": cfg.p_anchor, "flow_shift": self.shift, "target_modules": list(cfg.target_modules)})
 
     def _register_hooks(self) -> None:
         from peft import set_peft_model_state_dict
@@ -272,13 +210,13 @@ class Trainer:
         states = self._lora_states()
         if acc.is_main_process:
             for expert, state in zip(self.experts, states):
-                write_lora(state, path, expert, self.lora_config, self._lora_info(step), formats=("diffusers",))
+                write_lora(state, path, expert, self.lora_config, self._lora_info(step))
             write_json(path / STATE_FILE, {
                 "step": step, "epoch": position[0], "epoch_offset": position[1],
                 "num_processes": acc.num_processes, "batch_size": self.cfg.batch_size,
                 "gradient_accumulation_steps": self.cfg.gradient_accumulation_steps, "train_clips": self.num_train,
                 "experts": self.experts, "data_hash": self.data_hash, "config": self.cfg.to_dict(),
-                "family": self.family,
+                "family": self.family.name,
             })
             for old in checkpoint_dirs(self.output)[:-self.cfg.checkpoints_keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -351,13 +289,8 @@ class Trainer:
         if len(self.experts) > 1 and acc.distributed_type == DistributedType.DEEPSPEED:
             raise FvgError("DeepSpeed trains one model per run: train expert = 'transformer' and 'transformer_2' "
                            "in two runs, or use FSDP for expert = 'both'")
-        cog_step = None
-        if self.family == "cogvideox":
-            cog_sampler, cog_step = self._cogvideox_setup(pipe)
-            cfg = self.cfg
-            samplers = [cog_sampler]
-        else:
-            samplers = self._samplers(pipe, self.experts)
+        objective = self._objective(pipe, weight_dtype)
+        cfg, samplers = self.cfg, objective.samplers
         self.pipe_boundary = pipe.config.boundary_ratio if getattr(pipe, "transformer_2", None) is not None else None
         self.timings["load_model"] = time.perf_counter() - tick
 
@@ -450,7 +383,6 @@ class Trainer:
         batches = self._batches(dataset, position)
         micro = step * cfg.gradient_accumulation_steps
         p_high = samplers[0].mass() / (samplers[0].mass() + samplers[1].mass()) if len(samplers) == 2 else 1.0
-        patch = acc.unwrap_model(self.models[0]).config.patch_size if cog_step is None else None
         train_time, tick = 0.0, time.perf_counter()
         with _progress(acc.is_main_process) as progress:
             task = progress.add_task("train", total=cfg.max_steps, completed=step, loss="-", rate="-")
@@ -465,17 +397,8 @@ class Trainer:
                     batch, position = next(batches)
                     torch.manual_seed(step_seed(cfg.seed, 0xD0, micro, acc.process_index))  # LoRA dropout
                     with acc.accumulate(*self.models):
-                        if cog_step is not None:  # CogVideoX: v-prediction (fvg.train.cogvideox)
-                            loss = cog_step(model, batch, step_generator(cfg.seed, micro, acc.process_index),
-                                            weight_dtype)
-                        else:
-                            nb = draw_batch(batch["latent"].to(acc.device), sampler, cfg.p_anchor,
-                                            step_generator(cfg.seed, micro, acc.process_index), patch)
-                            with acc.autocast():
-                                pred = model(hidden_states=nb.model_input.to(weight_dtype), timestep=nb.timestep,
-                                             encoder_hidden_states=batch["text"].to(acc.device, weight_dtype),
-                                             return_dict=False)[0]
-                            loss = masked_flow_loss(pred, nb.target, nb.frame_weight)
+                        loss = objective.step_loss(model, sampler, batch,
+                                                   step_generator(cfg.seed, micro, acc.process_index))
                         acc.backward(loss)
                         if acc.sync_gradients and cfg.max_grad_norm > 0:
                             acc.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -515,7 +438,7 @@ class Trainer:
         if acc.is_main_process:
             for expert, state in zip(self.experts, states):
                 for fmt, path in write_lora(state, self.output / "lora", expert, self.lora_config,
-                                            self._lora_info(step), formats=self.lora_formats).items():
+                                            self._lora_info(step), self.family.lora_converters).items():
                     lora_files[f"{expert}.{fmt}"] = path
         self.timings["export"] = time.perf_counter() - tick
         digests = self._rank_digests()
@@ -554,7 +477,7 @@ class Trainer:
         return {
             "fvg_train_run": 1, "created": created, "command": sys.argv,
             "config": cfg.to_dict(),
-            "resolved": {"family": self.family, "flow_shift": self.shift, "experts": self.experts,
+            "resolved": {"family": self.family.name, "flow_shift": self.shift, "experts": self.experts,
                          "boundary_ratio": self.pipe_boundary,
                          "lora_config": json.loads(json.dumps(self.lora_config, default=str))},
             "distributed": {"type": str(acc.distributed_type), "num_processes": acc.num_processes,
