@@ -8,8 +8,8 @@ from PIL import Image
 
 from fvg.anchor import AnchorCandidate, AnchorResult
 from fvg.cli import main
-from fvg.io import FvgError, read_mp4
-from fvg.studio.session import StudioSession, sampling_defaults, slug
+from fvg.io import FvgError, read_mp4, slug
+from fvg.studio.session import StudioSession, sampling_defaults
 
 pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")  # Gradio vs pandas 3, not ours
 

@@ -12,8 +12,6 @@ and animates the original prompt anchored to it.
 
 from __future__ import annotations
 
-import datetime as _dt
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from fvg.animate.loading import apply_memory_options, default_device, load_ancho
 from fvg.families import get_family
 from fvg.io import FvgError, save_image, to_uint8, write_json, write_mp4
 from fvg.plan import Plan, make_planner
+from fvg.provenance import package_versions, utc_timestamp
 from fvg.presets import DEFAULT_PRESET, Preset, get_preset, validate_mode
 
 # progress(stage, step, total): stage is "plan", "anchor", "animate" or "decode"
@@ -52,7 +51,7 @@ class FactorizedOutput:
     def run_record(self) -> dict:
         return {
             "fvg_run": 1,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": utc_timestamp(),
             "prompt": self.prompt,
             "mode": self.mode,
             "video_prompt": self.video_prompt,
@@ -97,18 +96,6 @@ def output_paths(out_dir: Path, stem: str | None = None) -> dict[str, Path]:
     return {"video": out_dir / f"{stem}.mp4", "anchor": out_dir / f"{stem}.anchor.png",
             "candidates": out_dir / f"{stem}.candidates", "plan": out_dir / f"{stem}.plan.json",
             "run": out_dir / f"{stem}.run.json"}
-
-
-def package_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    versions = {"python": platform.python_version()}
-    for name in ("fvg", "torch", "diffusers", "transformers", "peft", "accelerate"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 class FactorizedPipeline:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from fvg.io import FvgError
+from fvg.io import DTYPE_NAMES, FvgError
 
 ANCHOR_ADAPTER = "anchor"
 
@@ -19,11 +19,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         return dtype
     if dtype is None:
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
+    if dtype not in DTYPE_NAMES:
         raise FvgError(f"unknown dtype '{dtype}' (choose from: float32, bfloat16, float16)")
-    return names[dtype]
+    return getattr(torch, DTYPE_NAMES[dtype])
 
 
 def default_device() -> str:

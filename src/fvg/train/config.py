@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fvg.families import check_video_shape, family_names
-from fvg.io import FvgError
+from fvg.io import FvgError, cache_dir
 
 try:
     import tomllib
@@ -30,7 +30,7 @@ LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("FVG_TRAIN_CACHE") or str(Path.home() / ".cache" / "fvg" / "train-latents")
+    return str(cache_dir("train-latents", override_env="FVG_TRAIN_CACHE"))
 
 
 @dataclass

@@ -20,7 +20,6 @@ and each clip's path, size, mtime and caption). A second run with the same key r
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import hashlib
 import json
 import logging
@@ -33,6 +32,7 @@ import torch
 from fvg.anchor import fit_to_resolution
 from fvg.families import ModelFamily, family_of
 from fvg.io import FvgError, atomic_path, write_json
+from fvg.provenance import utc_timestamp
 
 log = logging.getLogger("fvg.train")
 
@@ -254,8 +254,7 @@ def build_cache(cfg, clips: list[Clip], pipe, accelerator) -> dict:
     if accelerator.is_main_process:
         parts = [json.loads((root / f"part-r{r:03d}.json").read_text()) for r in range(world)]
         index = {
-            "format": CACHE_FORMAT, "key": key, "model": cfg.model, "created": _dt.datetime.now(
-                _dt.timezone.utc).isoformat(timespec="seconds"),
+            "format": CACHE_FORMAT, "key": key, "model": cfg.model, "created": utc_timestamp(),
             "shape": {"height": cfg.height, "width": cfg.width, "num_frames": cfg.num_frames, "fps": cfg.fps},
             "max_sequence_length": cfg.max_sequence_length, "data_hash": data_hash(clips),
             "entries": sorted((e for p in parts for e in p["entries"]), key=lambda e: e["index"]),
