@@ -8,9 +8,10 @@ from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import save_file
 
-from fvg.animate.loading import load_anchor_lora, load_wan_pipeline
-from fvg.animate.lora import to_diffusers, to_original_wan
+from fvg.animate.loading import load_anchor_lora
+from fvg.animate.lora import to_diffusers
 from fvg.animate.wan import AnchoredWanPipeline
+from fvg.families.wan import load_wan_pipeline, to_original_wan
 from fvg.io import FvgError
 from fvg.tiny import tiny_wan_components
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -13,8 +11,9 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from fvg.console import StageProgress, console, progress_bar, run_app
-from fvg.io import FvgError, mp4_is_valid, save_image, write_json
+from fvg.console import (ApiKeyEnvOpt, PlanCacheOpt, PlannerModelOpt, PlannerOpt, PlannerUrlOpt, StageProgress, console,
+                         planner_options, progress_bar, run_app)
+from fvg.io import FvgError, mp4_is_valid, run_name, save_image, write_json
 from fvg.presets import DEFAULT_PRESET
 
 app = typer.Typer(help="Factorized Video Generation: plan the first frame, anchor it, then animate.",
@@ -39,24 +38,16 @@ def _load_pipeline(preset: str, *, lora: Optional[str] = None, video_model: Opti
                    cpu_offload: bool = False, vae_tiling: Optional[bool] = None, memory: str = "auto"):
     from fvg.pipeline import FactorizedPipeline
 
-    planner_options = {"api_key_env": api_key_env}
-    if planner_url:
-        planner_options["base_url"] = planner_url
-    if plan_cache:
-        planner_options["cache_dir"] = plan_cache
     return FactorizedPipeline.from_preset(
         preset, device=device, dtype=dtype, cpu_offload=cpu_offload, vae_tiling=vae_tiling, memory=memory,
-        planner_options=planner_options, lora=lora, video_model=video_model, anchor_model=anchor_model,
+        planner_options=planner_options(api_key_env, planner_url, plan_cache), lora=lora, video_model=video_model,
+        anchor_model=anchor_model,
         planner=planner, planner_model=planner_model, height=height, width=width, num_frames=frames, fps=fps,
     )
 
 
-def _slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "run"
-
-
 def _default_out(prompt: str) -> Path:
-    return Path("outputs") / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{_slug(prompt)}"
+    return Path("outputs") / run_name(prompt)
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -90,11 +81,11 @@ def generate(
     lora: Optional[str] = typer.Option(None, "--lora", help="Anchor LoRA (.safetensors, diffusers or Wan keys)."),
     video_model: Optional[str] = typer.Option(None, "--video-model", help="Override the video model id/path."),
     anchor_model: Optional[str] = typer.Option(None, "--anchor-model", help="Override the text-to-image model."),
-    planner: Optional[str] = typer.Option(None, "--planner", help="rules, transformers or openai."),
-    planner_model: Optional[str] = typer.Option(None, "--planner-model", help="LLM id/path or served name."),
-    planner_url: Optional[str] = typer.Option(None, "--planner-url", help="OpenAI-compatible base URL."),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Env var holding the API key."),
-    plan_cache: Optional[Path] = typer.Option(None, "--plan-cache", help="Planner cache folder."),
+    planner: Optional[str] = PlannerOpt,
+    planner_model: Optional[str] = PlannerModelOpt,
+    planner_url: Optional[str] = PlannerUrlOpt,
+    api_key_env: str = ApiKeyEnvOpt,
+    plan_cache: Optional[Path] = PlanCacheOpt,
     height: Optional[int] = typer.Option(None, "--height"),
     width: Optional[int] = typer.Option(None, "--width"),
     frames: Optional[int] = typer.Option(None, "--frames", help="Frame count, 4n+1."),
@@ -164,11 +155,11 @@ def generate(
 def plan(
     prompt: str = typer.Argument(..., help="The video prompt."),
     preset: str = PresetOpt,
-    planner: Optional[str] = typer.Option(None, "--planner", help="rules, transformers or openai."),
-    planner_model: Optional[str] = typer.Option(None, "--planner-model"),
-    planner_url: Optional[str] = typer.Option(None, "--planner-url"),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
-    plan_cache: Optional[Path] = typer.Option(None, "--plan-cache"),
+    planner: Optional[str] = PlannerOpt,
+    planner_model: Optional[str] = PlannerModelOpt,
+    planner_url: Optional[str] = PlannerUrlOpt,
+    api_key_env: str = ApiKeyEnvOpt,
+    plan_cache: Optional[Path] = PlanCacheOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the plan to this JSON file."),
 ):
     """Stage 1 alone: print the first-frame caption and upsampled prompt as JSON."""
@@ -191,10 +182,10 @@ def anchor(
     num_candidates: int = typer.Option(4, "--num-candidates", "-n"),
     select: int = typer.Option(0, "--select"),
     anchor_model: Optional[str] = typer.Option(None, "--anchor-model"),
-    planner: Optional[str] = typer.Option(None, "--planner"),
-    planner_model: Optional[str] = typer.Option(None, "--planner-model"),
-    planner_url: Optional[str] = typer.Option(None, "--planner-url"),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    planner: Optional[str] = PlannerOpt,
+    planner_model: Optional[str] = PlannerModelOpt,
+    planner_url: Optional[str] = PlannerUrlOpt,
+    api_key_env: str = ApiKeyEnvOpt,
     height: Optional[int] = typer.Option(None, "--height"),
     width: Optional[int] = typer.Option(None, "--width"),
     device: Optional[str] = typer.Option(None, "--device"),
@@ -218,7 +209,7 @@ def anchor(
     save_image(out_dir / "anchor.png", result.image)
     if the_plan is not None:
         write_json(out_dir / "plan.json", the_plan.to_dict())
-    from fvg.pipeline import package_versions
+    from fvg.provenance import package_versions
 
     write_json(out_dir / "run.json", {
         "fvg_run": 1, "stage": "anchor", "prompt": prompt, "caption": text, "seed": seed,
@@ -266,8 +257,7 @@ def presets():
 
     table = Table("name", "video model", "anchor model", "size", "frames", "fps", "steps f/b", "notes")
     for p in PRESETS.values():
-        notes = "not implemented yet" if not p.implemented else ("noise (smoke tests)" if p.output_is_noise else
-                                                                 ("needs anchor LoRA" if p.needs_lora else ""))
+        notes = "noise (smoke tests)" if p.output_is_noise else ("needs anchor LoRA" if p.needs_lora else "")
         table.add_row(p.name, p.video_model, str(p.anchor_model), f"{p.height}x{p.width}", str(p.num_frames),
                       str(p.fps), f"{p.steps_factorized}/{p.steps_baseline}", notes)
     Console().print(table)

@@ -27,6 +27,24 @@ class _DropTorchvisionNotice(logging.Filter):
 logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionNotice())
 
 
+# The planner options of every command that plans (fvg generate / plan / anchor, fvg eval generate).
+PlannerOpt = typer.Option(None, "--planner", help="rules, transformers or openai.")
+PlannerModelOpt = typer.Option(None, "--planner-model", help="LLM id/path or served name.")
+PlannerUrlOpt = typer.Option(None, "--planner-url", help="OpenAI-compatible base URL.")
+ApiKeyEnvOpt = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Env var holding the API key.")
+PlanCacheOpt = typer.Option(None, "--plan-cache", help="Planner cache folder.")
+
+
+def planner_options(api_key_env: str, planner_url: str | None = None, plan_cache=None) -> dict:
+    """`make_planner` keyword arguments from those options (backend and model are preset fields)."""
+    options = {"api_key_env": api_key_env}
+    if planner_url:
+        options["base_url"] = planner_url
+    if plan_cache:
+        options["cache_dir"] = plan_cache
+    return options
+
+
 def progress_bar(*extra: ProgressColumn, disable: bool = False, transient: bool = True) -> Progress:
     """Stage, step count, elapsed time and ETA (plus `extra` columns such as the loss)."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra,

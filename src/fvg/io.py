@@ -8,8 +8,10 @@ half-written output that a later resume would mistake for a finished one.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
+import re
 import tempfile
 from fractions import Fraction
 from pathlib import Path
@@ -196,3 +198,39 @@ def load_or_explain(loader: Callable[..., Any], model_id: str, **kwargs) -> Any:
 def _offline_message(model_id: str) -> str:
     return (f"weights for '{model_id}' are not available offline: download them on a machine with internet "
             f"(`hf download {model_id}`, then copy the cache or set HF_HOME), or pass a local directory instead")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON object of each non-blank line; a bad line is an FvgError naming file and line."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise FvgError(f"{path}:{number} is not valid JSON") from None
+    return rows
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe form of `text`: lower-case ASCII words joined by "-", at most `limit` characters."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "run"
+
+
+def run_name(prompt: str) -> str:
+    """The default folder name of a run: local time, then the prompt's slug (20260131-120000-a-red-circle)."""
+    return f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{slug(prompt)}"
+
+
+def cache_dir(name: str, override_env: str | None = None) -> Path:
+    """fvg's cache folder `name`: `$<override_env>` if set, else `$FVG_CACHE_DIR/<name>`, else
+    `~/.cache/fvg/<name>`. The one rule for every cache (plans, training latents)."""
+    if override_env and os.environ.get(override_env):
+        return Path(os.environ[override_env]).expanduser()
+    root = os.environ.get("FVG_CACHE_DIR")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "fvg") / name
+
+
+# The dtype names fvg accepts (CLI flags, planner options) -> torch's attribute names.
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}

@@ -12,8 +12,6 @@ and animates the original prompt anchored to it.
 
 from __future__ import annotations
 
-import datetime as _dt
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,10 +22,12 @@ import torch
 from PIL import Image
 
 from fvg.anchor import AnchorResult, DiffusersAnchorSource, FileAnchorSource, fit_to_resolution
-from fvg.animate.loading import default_device, load_anchor_lora, load_cogvideox_pipeline, load_wan_pipeline, resolve_dtype
+from fvg.animate.loading import default_device, load_anchor_lora, resolve_dtype
+from fvg.families import get_family
 from fvg.io import FvgError, save_image, to_uint8, write_json, write_mp4
 from fvg.plan import Plan, make_planner
-from fvg.presets import DEFAULT_PRESET, Preset, get_preset, validate_mode, validate_video_shape
+from fvg.provenance import package_versions, utc_timestamp
+from fvg.presets import DEFAULT_PRESET, Preset, get_preset, validate_mode
 from fvg.residency import StageResidency
 
 # progress(stage, step, total): stage is "plan", "anchor", "animate" or "decode"
@@ -52,7 +52,7 @@ class FactorizedOutput:
     def run_record(self) -> dict:
         return {
             "fvg_run": 1,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": utc_timestamp(),
             "prompt": self.prompt,
             "mode": self.mode,
             "video_prompt": self.video_prompt,
@@ -99,18 +99,6 @@ def output_paths(out_dir: Path, stem: str | None = None) -> dict[str, Path]:
             "run": out_dir / f"{stem}.run.json"}
 
 
-def package_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    versions = {"python": platform.python_version()}
-    for name in ("fvg", "torch", "diffusers", "transformers", "peft", "accelerate"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
 class FactorizedPipeline:
     """The three stages of Factorized Video Generation, loaded from a preset.
 
@@ -123,6 +111,7 @@ class FactorizedPipeline:
                  cpu_offload: bool = False, vae_tiling: bool | None = None, planner_options: dict | None = None,
                  memory: str = "auto"):
         self.preset = preset
+        self.family = get_family(preset.family)
         self.device = device or default_device()
         self.dtype = resolve_dtype(dtype, self.device)
         self.memory = "model-offload" if cpu_offload and memory == "auto" else memory
@@ -144,7 +133,7 @@ class FactorizedPipeline:
                     memory: str = "auto", **overrides) -> "FactorizedPipeline":
         """`overrides` are preset fields (video_model, lora, height, num_frames, planner, ...)."""
         preset = get_preset(name, **overrides)
-        validate_video_shape(preset.height, preset.width, preset.num_frames)
+        get_family(preset.family).check_shape(preset.height, preset.width, preset.num_frames)
         return cls(preset, device, dtype, cpu_offload, vae_tiling, planner_options, memory)
 
     # -- stages, each usable alone -------------------------------------------------------------
@@ -177,12 +166,7 @@ class FactorizedPipeline:
     def video_pipe(self):
         if self._video_pipe is None:
             p = self.preset
-            if p.family == "wan":
-                pipe = load_wan_pipeline(p.video_model, self.dtype, p.flow_shift)
-            elif p.family == "cogvideox":
-                pipe = load_cogvideox_pipeline(p.video_model, self.dtype)
-            else:
-                raise FvgError(f"video model family '{p.family}' is not implemented")
+            pipe = self.family.load_pipeline(p.video_model, self.dtype, p.flow_shift)
             if p.lora:
                 load_anchor_lora(pipe, p.lora, "transformer")
                 if getattr(pipe, "transformer_2", None) is not None:
@@ -239,14 +223,7 @@ class FactorizedPipeline:
         if p.lora:
             # The anchor LoRA serves the anchored mode; the baselines are the plain base model, as in the paper.
             pipe.enable_lora() if anchor is not None else pipe.disable_lora()
-        kwargs = {}
-        if p.family == "cogvideox":
-            if anchor is not None and pipe.patch_size_t == 2 and (p.num_frames - 1) % 8:
-                raise FvgError(f"anchored CogVideoX1.5 needs 8n+1 frames (e.g. 81, 49, 17), got {p.num_frames}: "
-                               "the anchor fills the first temporal patch (docs/cogvideox.md)")
-            kwargs["max_sequence_length"] = pipe.transformer.config.max_text_seq_length
-        elif pipe.config.boundary_ratio is not None:  # Wan2.2-A14B's low-noise expert
-            kwargs["guidance_scale_2"] = p.guidance_scale_2
+        kwargs = self.family.call_arguments(pipe, p, anchored=anchor is not None)
         result = pipe(
             prompt=prompt, negative_prompt=p.negative_prompt or None, anchor=anchor,
             height=p.height, width=p.width, num_frames=p.num_frames, num_inference_steps=steps,

@@ -23,7 +23,7 @@ timestep 0 in every denoising step. CogVideoX needs two things diffusers does no
    padding frame is dropped as usual, so the decoded video starts with exactly the anchor
    latent. This needs an odd number of latent frames (`num_frames = 8n + 1`, e.g. 81, 49,
    17, 9); otherwise the first patch would hold a frame that must be generated. Training
-   (`fvg.train.cogvideox`) lays out clips the same way. CogVideoX 1.0 (`patch_size_t=None`)
+   (`fvg.families.cogvideox`) lays out clips the same way. CogVideoX 1.0 (`patch_size_t=None`)
    pins latent frame 0 only.
 
 The anchor latent is the VAE posterior mode of the anchor encoded as a one-frame video,
@@ -190,8 +190,6 @@ def anchor_layout(latent_frames: int, patch_size_t: int | None) -> tuple[int, in
 
 class AnchoredCogVideoXPipeline(CogVideoXPipeline):
     """`CogVideoXPipeline` whose first temporal patch can be pinned to an anchor image at timestep 0."""
-
-    fvg_family = "cogvideox"
 
     def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler):
         super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,

@@ -1,4 +1,6 @@
-"""Loading the video model for a preset: checkpoints, scheduler shift, anchor LoRA, memory knobs."""
+"""Loading helpers shared by every family: dtype and device, the anchor LoRA, memory knobs.
+
+Each family loads its own checkpoints (`ModelFamily.load_pipeline`, `fvg.families`)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from fvg.io import FvgError, load_or_explain
+from fvg.io import DTYPE_NAMES, FvgError
 
 ANCHOR_ADAPTER = "anchor"
 
@@ -17,66 +19,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         return dtype
     if dtype is None:
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
+    if dtype not in DTYPE_NAMES:
         raise FvgError(f"unknown dtype '{dtype}' (choose from: float32, bfloat16, float16)")
-    return names[dtype]
+    return getattr(torch, DTYPE_NAMES[dtype])
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_wan_pipeline(model_id: str, dtype: torch.dtype, flow_shift: float | None = None):
-    """An `AnchoredWanPipeline` from a diffusers Wan checkpoint (T2V, TI2V or the A14B pair).
-
-    The VAE stays in float32 as Wan's reference code keeps it: bf16 decoding shows banding.
-    """
-    from diffusers import AutoencoderKLWan
-
-    from fvg.animate.wan import AnchoredWanPipeline
-
-    if model_id == "builtin:tiny-wan":
-        from fvg.tiny import tiny_wan_components
-
-        pipe = AnchoredWanPipeline(**tiny_wan_components())  # built in float32
-        if dtype != torch.float32:
-            for module in (pipe.transformer, pipe.text_encoder):
-                module.to(dtype)
-    else:
-        vae = load_or_explain(AutoencoderKLWan.from_pretrained, model_id, subfolder="vae", dtype=torch.float32)
-        pipe = load_or_explain(AnchoredWanPipeline.from_pretrained, model_id, vae=vae, dtype=dtype)
-    if flow_shift is not None and "flow_shift" in pipe.scheduler.config:
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=flow_shift)
-    elif flow_shift is not None and "shift" in pipe.scheduler.config:
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=flow_shift)
-    return pipe
-
-
-def load_cogvideox_pipeline(model_id: str, dtype: torch.dtype, vae_tiling: bool | None = None):
-    """An `AnchoredCogVideoXPipeline` from a diffusers CogVideoX text-to-video checkpoint (e.g. THUDM/CogVideoX1.5-5B).
-
-    The VAE stays in float32, as for Wan. Real checkpoints get VAE tiling by default (diffusers'
-    CogVideoX1.5 recipe: a 81 x 768 x 1360 decode does not fit otherwise); `vae_tiling=False` turns it off.
-    """
-    from diffusers import AutoencoderKLCogVideoX
-
-    from fvg.animate.cogvideox import AnchoredCogVideoXPipeline
-
-    if model_id == "builtin:tiny-cogvideox":
-        from fvg.tiny import tiny_cogvideox_components
-
-        pipe = AnchoredCogVideoXPipeline(**tiny_cogvideox_components())  # built in float32
-        if dtype != torch.float32:
-            for module in (pipe.transformer, pipe.text_encoder):
-                module.to(dtype)
-        return pipe
-    vae = load_or_explain(AutoencoderKLCogVideoX.from_pretrained, model_id, subfolder="vae", dtype=torch.float32)
-    pipe = load_or_explain(AnchoredCogVideoXPipeline.from_pretrained, model_id, vae=vae, dtype=dtype)
-    if vae_tiling is not False:
-        pipe.vae.enable_tiling()
-    return pipe
 
 
 def load_anchor_lora(pipe, path: str, expert: str = "transformer", adapter_name: str = ANCHOR_ADAPTER) -> None:

@@ -13,7 +13,8 @@ from typing import List, Optional
 
 import typer
 
-from fvg.console import console, progress_bar, run_app
+from fvg.console import (ApiKeyEnvOpt, PlanCacheOpt, PlannerModelOpt, PlannerOpt, PlannerUrlOpt, console,
+                         planner_options, progress_bar, run_app)
 from fvg.io import FvgError
 from fvg.presets import DEFAULT_PRESET
 
@@ -55,11 +56,11 @@ def generate(
     lora: Optional[str] = typer.Option(None, "--lora", help="Anchor LoRA."),
     video_model: Optional[str] = typer.Option(None, "--video-model"),
     anchor_model: Optional[str] = typer.Option(None, "--anchor-model"),
-    planner: Optional[str] = typer.Option(None, "--planner", help="rules, transformers or openai."),
-    planner_model: Optional[str] = typer.Option(None, "--planner-model"),
-    planner_url: Optional[str] = typer.Option(None, "--planner-url"),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
-    plan_cache: Optional[Path] = typer.Option(None, "--plan-cache"),
+    planner: Optional[str] = PlannerOpt,
+    planner_model: Optional[str] = PlannerModelOpt,
+    planner_url: Optional[str] = PlannerUrlOpt,
+    api_key_env: str = ApiKeyEnvOpt,
+    plan_cache: Optional[Path] = PlanCacheOpt,
     height: Optional[int] = typer.Option(None, "--height"),
     width: Optional[int] = typer.Option(None, "--width"),
     frames: Optional[int] = typer.Option(None, "--frames"),
@@ -82,16 +83,11 @@ def generate(
         for job in plan_jobs(the_suite, mode_list, seed_list):
             typer.echo(job.video)
         return
-    planner_options = {"api_key_env": api_key_env}
-    if planner_url:
-        planner_options["base_url"] = planner_url
-    if plan_cache:
-        planner_options["cache_dir"] = plan_cache
     overrides = dict(lora=lora, video_model=video_model, anchor_model=anchor_model, planner=planner,
                      planner_model=planner_model, height=height, width=width, num_frames=frames, fps=fps)
     settings = GenerateSettings(the_suite, mode_list, seed_list, out, preset, steps,
                                 {k: v for k, v in overrides.items() if v is not None}, device, dtype, cpu_offload,
-                                vae_tiling, planner_options)
+                                vae_tiling, planner_options(api_key_env, planner_url, plan_cache))
     check_config(settings)  # before any progress bar: a refused folder is a one-line error
     state = distributed_state(device)
     total = len(shard(plan_jobs(the_suite, mode_list, seed_list), state.process_index, state.num_processes))
@@ -122,7 +118,9 @@ def score(
     rescore: bool = typer.Option(False, "--rescore", help="Recompute rows an earlier run already scored."),
 ):
     """Local metrics for every generated video: CLIP similarity, anchor fidelity, consistency, motion."""
-    from .generate import MANIFEST, read_jsonl
+    from fvg.io import read_jsonl
+
+    from .generate import MANIFEST
     from .metrics import parse_metrics, score_run
 
     metric_list = parse_metrics(metrics, clip)

@@ -10,7 +10,6 @@ a finished video, and resume skips it. Each process then writes its manifest par
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import re
@@ -19,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from fvg.io import FvgError, mp4_is_valid, save_image, write_json, write_text
+from fvg.io import FvgError, mp4_is_valid, read_jsonl, save_image, write_json, write_text
 from fvg.presets import DEFAULT_PRESET, MODES, get_preset, validate_mode
+from fvg.provenance import utc_timestamp
 
 from .suites import Suite, SuitePrompt, record_relpath, video_relpath
 
@@ -224,7 +224,7 @@ def run_generation(settings: GenerateSettings, on_video: Callable[[VideoJob, str
     jobs = plan_jobs(settings.suite, settings.modes, settings.seeds)
     mine = shard(jobs, rank, world)
     if state.is_main_process:
-        write_json(settings.out / CONFIG, {**config, "updated": _now()})
+        write_json(settings.out / CONFIG, {**config, "updated": utc_timestamp()})
     # One process: the pipeline's own default device. Several: each its own (cuda:<local rank>).
     device = settings.device or (str(state.device) if world > 1 else None)
     if (device or str(state.device)) == "cpu":
@@ -277,24 +277,9 @@ def run_generation(settings: GenerateSettings, on_video: Callable[[VideoJob, str
                            time.perf_counter() - start, manifest, errors)
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def _write_part(out: Path, rank: int, entries: list[tuple[int, dict]]) -> None:
     lines = "".join(json.dumps({"order": order, **entry}, ensure_ascii=False) + "\n" for order, entry in entries)
     write_text(out / f"manifest.part-{rank:03d}.jsonl", lines)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise FvgError(f"{path}:{number} is not valid JSON") from None
-    return rows
 
 
 def merge_manifest(out: Path, world: int, suite_name: str) -> Path:

@@ -258,7 +258,9 @@ def score_run(out: Path, scores_path: Path, metrics: list[str], clip: str | None
     """
     from fvg.io import write_text
 
-    from .generate import MANIFEST, read_jsonl
+    from fvg.io import read_jsonl
+
+    from .generate import MANIFEST
 
     manifest_path = out / MANIFEST
     if not manifest_path.is_file():

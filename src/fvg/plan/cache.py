@@ -8,15 +8,14 @@ import logging
 import os
 from pathlib import Path
 
-from fvg.io import FvgError, write_json
+from fvg.io import FvgError, cache_dir, write_json
 from fvg.plan.base import Plan
 
 log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("FVG_CACHE_DIR")
-    return Path(root).expanduser() / "plans" if root else Path.home() / ".cache" / "fvg" / "plans"
+    return cache_dir("plans")
 
 
 def cache_key(backend: str, model: str | None, template_version: str, prompt: str) -> str:

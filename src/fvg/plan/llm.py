@@ -20,7 +20,7 @@ import re
 import time
 from typing import Any
 
-from fvg.io import FvgError, load_or_explain
+from fvg.io import DTYPE_NAMES, FvgError, load_or_explain
 from fvg.plan.base import Plan, normalize_space, validate_prompt
 from fvg.plan.cache import PlanCache
 from fvg.plan.rules import RulesPlanner
@@ -216,10 +216,6 @@ class _LLMPlanner:
         return plan
 
 
-_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-           "bfloat16": "bfloat16", "bf16": "bfloat16"}
-
-
 class TransformersPlanner(_LLMPlanner):
     """A local chat model (hub id or directory) run with greedy decoding.
 
@@ -241,8 +237,8 @@ class TransformersPlanner(_LLMPlanner):
         retry_temperature: float = 0.7,
     ):
         super().__init__(model, max_retries=max_retries, cache=cache, backoff=0.0)
-        if dtype is not None and dtype != "auto" and dtype not in _DTYPES:
-            raise FvgError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(_DTYPES))}")
+        if dtype is not None and dtype != "auto" and dtype not in DTYPE_NAMES:
+            raise FvgError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(DTYPE_NAMES))}")
         self.device, self.dtype = device, dtype
         self.max_new_tokens, self.retry_temperature = max_new_tokens, retry_temperature
         self._tokenizer: Any = None
@@ -259,7 +255,7 @@ class TransformersPlanner(_LLMPlanner):
         if self.dtype in (None, "auto"):
             dtype = "auto" if self.dtype == "auto" or device != "cpu" else torch.float32
         else:
-            dtype = getattr(torch, _DTYPES[self.dtype])
+            dtype = getattr(torch, DTYPE_NAMES[self.dtype])
         tokenizer = load_or_explain(AutoTokenizer.from_pretrained, self.model)
         model = load_or_explain(AutoModelForCausalLM.from_pretrained, self.model, dtype=dtype)
         if not getattr(tokenizer, "chat_template", None):

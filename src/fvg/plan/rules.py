@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+from fvg.miniworld.grammar import first_frame_caption, parse_prompt
 from fvg.plan.base import Plan, normalize_space, validate_prompt
 
 RULES_VERSION = "fvg-rules-v1"
@@ -437,12 +438,6 @@ def free_text_caption(prompt: str) -> str:
 
 def miniworld_caption(prompt: str) -> str | None:
     """The MiniWorld v1 grammar's first-frame caption, or None if `prompt` is not MiniWorld."""
-    try:
-        from fvg.miniworld.grammar import first_frame_caption, parse_prompt
-    except ModuleNotFoundError as exc:  # a build without MiniWorld; any other import error is a bug
-        if not (exc.name or "").startswith("fvg.miniworld"):
-            raise
-        return None
     try:
         parsed = parse_prompt(prompt)
     except ValueError:

@@ -23,7 +23,7 @@ def register(app) -> None:
         host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: this machine only)."),
         port: int = typer.Option(7860, "--port", help="Port to serve on."),
         preset: Optional[str] = typer.Option(None, "--preset", "-p",
-                                             help="Preset selected at start (default: mini, else tiny)."),
+                                             help="Preset selected at start (default: mini)."),
         out: Path = typer.Option(Path("outputs/studio"), "--out", "-o", help="Where each run's folder is saved."),
     ):
         """Open the studio: a local web app to plan, choose the anchor, animate and compare."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from fvg.anchor import AnchorResult
-from fvg.io import FvgError
+from fvg.io import FvgError, run_name
 from fvg.pipeline import FactorizedOutput, FactorizedPipeline, ProgressFn
 from fvg.plan import Plan
 from fvg.presets import DEFAULT_PRESET, PRESETS, get_preset, validate_mode
@@ -34,17 +33,13 @@ def default_preset() -> str:
 
 
 def studio_presets() -> list[str]:
-    return [name for name, preset in PRESETS.items() if preset.implemented]
+    return list(PRESETS)
 
 
 def sampling_defaults(preset: str, mode: str) -> tuple[int, float]:
     """The preset's steps for `mode` and its guidance scale: what the UI shows before any edit."""
     p = get_preset(preset)
     return p.steps_for(mode), p.guidance_scale
-
-
-def slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "run"
 
 
 def _prompt(prompt: str | None) -> str:
@@ -89,7 +84,7 @@ class StudioSession:
                  pipeline_factory: Callable[[str], FactorizedPipeline] = FactorizedPipeline.from_preset):
         self.out_root = Path(out_root)
         self.default_preset = preset or default_preset()
-        get_preset(self.default_preset)  # FvgError for an unknown or unimplemented preset
+        get_preset(self.default_preset)  # FvgError for an unknown preset
         self._factory = pipeline_factory
         self._pipelines: dict[str, FactorizedPipeline] = {}
         self._lock = threading.RLock()  # the models are not thread-safe: one stage at a time
@@ -200,7 +195,7 @@ class StudioSession:
         return [run.row() for run in reversed(self.history)]
 
     def _new_run_dir(self, prompt: str) -> Path:
-        base = f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{slug(prompt)}"
+        base = run_name(prompt)
         self.out_root.mkdir(parents=True, exist_ok=True)
         for n in range(1, 1000):
             path = self.out_root / (base if n == 1 else f"{base}-{n}")
