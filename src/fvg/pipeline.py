@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,8 +24,9 @@ import torch
 from PIL import Image
 
 from fvg.anchor import AnchorResult, DiffusersAnchorSource, FileAnchorSource, fit_to_resolution
-from fvg.animate.loading import (apply_memory_options, default_device, load_anchor_lora, load_cogvideox_pipeline,
-                                 load_wan_pipeline, resolve_dtype)
+from fvg.animate.loading import (apply_memory_options, count_experts, default_device, load_cogvideox_pipeline,
+                                 load_expert_loras, load_wan_pipeline, resolve_dtype, resolve_lora_2,
+                                 set_anchor_lora)
 from fvg.io import FvgError, save_image, to_uint8, write_json, write_mp4
 from fvg.plan import Plan, make_planner
 from fvg.presets import DEFAULT_PRESET, Preset, get_preset, validate_mode, validate_video_shape
@@ -133,6 +134,9 @@ class FactorizedPipeline:
         """`overrides` are preset fields (video_model, lora, height, num_frames, planner, ...)."""
         preset = get_preset(name, **overrides)
         validate_video_shape(preset.height, preset.width, preset.num_frames)
+        experts = count_experts(preset.video_model)  # the LoRA choice fails here, before any model loads
+        if experts is not None:
+            preset = replace(preset, lora_2=resolve_lora_2(preset.lora, preset.lora_2, experts == 2))
         return cls(preset, device, dtype, cpu_offload, vae_tiling, planner_options)
 
     # -- stages, each usable alone -------------------------------------------------------------
@@ -171,10 +175,9 @@ class FactorizedPipeline:
                 pipe = load_cogvideox_pipeline(p.video_model, self.dtype)
             else:
                 raise FvgError(f"video model family '{p.family}' is not implemented")
-            if p.lora:
-                load_anchor_lora(pipe, p.lora, "transformer")
-                if getattr(pipe, "transformer_2", None) is not None:
-                    load_anchor_lora(pipe, p.lora_2 or p.lora, "transformer_2")
+            two_experts = getattr(pipe, "transformer_2", None) is not None
+            self.preset = p = replace(p, lora_2=resolve_lora_2(p.lora, p.lora_2, two_experts))
+            load_expert_loras(pipe, p.lora, p.lora_2)
             pipe.set_progress_bar_config(disable=True)
             self._video_pipe = apply_memory_options(pipe, self.device, self.cpu_offload, self.vae_tiling)
         return self._video_pipe
@@ -215,9 +218,8 @@ class FactorizedPipeline:
             def callback(_pipe, i, _t, kwargs):
                 progress("animate", i + 1, steps)
                 return {}
-        if p.lora:
-            # The anchor LoRA serves the anchored mode; the baselines are the plain base model, as in the paper.
-            pipe.enable_lora() if anchor is not None else pipe.disable_lora()
+        # The anchor LoRA serves the anchored mode; the baselines are the plain base model, as in the paper.
+        set_anchor_lora(pipe, anchor is not None)
         kwargs = {}
         if p.family == "cogvideox":
             if anchor is not None and pipe.patch_size_t == 2 and (p.num_frames - 1) % 8:

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from fvg.console import console, progress_bar, run_app
+from fvg.console import console, progress_bar, run_app, setup_logging
 from fvg.io import FvgError
 from fvg.presets import DEFAULT_PRESET
 
@@ -53,6 +53,9 @@ def generate(
                                           help="VBench: videos per prompt (default 3, Diversity 20)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the videos this run would write, generate nothing."),
     lora: Optional[str] = typer.Option(None, "--lora", help="Anchor LoRA."),
+    lora_2: Optional[str] = typer.Option(None, "--lora-2", help="Two-expert models: the low-noise expert's LoRA, "
+                                                              "'same' or 'none' (default: anchor_lora_2* next to "
+                                                              "--lora)."),
     video_model: Optional[str] = typer.Option(None, "--video-model"),
     anchor_model: Optional[str] = typer.Option(None, "--anchor-model"),
     planner: Optional[str] = typer.Option(None, "--planner", help="rules, transformers or openai."),
@@ -87,11 +90,12 @@ def generate(
         planner_options["base_url"] = planner_url
     if plan_cache:
         planner_options["cache_dir"] = plan_cache
-    overrides = dict(lora=lora, video_model=video_model, anchor_model=anchor_model, planner=planner,
+    overrides = dict(lora=lora, lora_2=lora_2, video_model=video_model, anchor_model=anchor_model, planner=planner,
                      planner_model=planner_model, height=height, width=width, num_frames=frames, fps=fps)
     settings = GenerateSettings(the_suite, mode_list, seed_list, out, preset, steps,
                                 {k: v for k, v in overrides.items() if v is not None}, device, dtype, cpu_offload,
                                 vae_tiling, planner_options)
+    setup_logging("fvg.animate")  # says which LoRA each expert got when one was found on disk
     check_config(settings)  # before any progress bar: a refused folder is a one-line error
     state = distributed_state(device)
     total = len(shard(plan_jobs(the_suite, mode_list, seed_list), state.process_index, state.num_processes))
