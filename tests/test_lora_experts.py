@@ -61,9 +61,10 @@ def test_count_experts_reads_the_index_without_loading(two_expert_dir):
     assert count_experts("nobody/not-a-cached-model") is None  # decided once the model loads
 
 
-def test_anchor_lora_2_next_to_the_first_is_picked_up_and_logged(two_expert_dir, tmp_path, caplog):
+def test_anchor_lora_2_next_to_the_first_is_picked_up_and_logged(two_expert_dir, tmp_path, caplog, monkeypatch):
     first = write_lora(tmp_path / "lora" / "anchor_lora.safetensors", seed=1)
     second = write_lora(tmp_path / "lora" / "anchor_lora_2.safetensors", seed=2)
+    monkeypatch.setattr(logging.getLogger("fvg.animate"), "propagate", True)  # the CLI routes it to rich only
     with caplog.at_level(logging.INFO, logger="fvg.animate"):
         pipe = FactorizedPipeline.from_preset("tiny", video_model=str(two_expert_dir), lora=str(first))
     assert f"low-noise expert LoRA: {second}" in caplog.text
@@ -144,3 +145,17 @@ def test_second_lora_misuse_is_refused(two_expert_dir, tmp_path):
         FactorizedPipeline.from_preset("tiny", lora=str(only), lora_2=str(only))
     with pytest.raises(FvgError, match="pass --lora FILE too"):
         FactorizedPipeline.from_preset("tiny", video_model=str(two_expert_dir), lora_2="same")
+
+
+def test_cli_reports_the_found_lora_and_records_it(two_expert_dir, tmp_path, capsys):
+    import json
+
+    first = write_lora(tmp_path / "lora" / "anchor_lora.safetensors", seed=1)
+    second = write_lora(tmp_path / "lora" / "anchor_lora_2.safetensors", seed=2)
+    out = tmp_path / "out"
+    code = main(["generate", "a red circle", "--preset", "tiny", "--video-model", str(two_expert_dir),
+                 "--lora", str(first), "--mode", "t2v", "--steps", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0 and "low-noise expert LoRA" in err and "anchor_lora_2.safetensors" in err
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["lora"] == str(first) and settings["lora_2"] == str(second)
