@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from fvg.console import (ApiKeyEnvOpt, PlanCacheOpt, PlannerModelOpt, PlannerOpt, PlannerUrlOpt, StageProgress, console,
-                         planner_options, progress_bar, run_app)
+                         planner_options, progress_bar, run_app, setup_logging)
 from fvg.io import FvgError, mp4_is_valid, run_name, save_image, write_json
 from fvg.presets import DEFAULT_PRESET
 
@@ -27,10 +27,13 @@ MemoryOpt = typer.Option(
 VaeTilingOpt = typer.Option(None, "--vae-tiling/--no-vae-tiling",
                             help="Tile the VAE decode (default: on at 704p and above).")
 StepsOpt = typer.Option(None, "--steps", help="Denoising steps (default: the preset's, 15 factorized / 50 others).")
+Lora2Opt = typer.Option(None, "--lora-2", help="Two-expert models (Wan2.2-A14B): the low-noise expert's LoRA, 'same' "
+                                               "(the --lora file in both) or 'none' (default: anchor_lora_2* next to "
+                                               "--lora).")
 
 
-def _load_pipeline(preset: str, *, lora: Optional[str] = None, video_model: Optional[str] = None,
-                   anchor_model: Optional[str] = None, planner: Optional[str] = None,
+def _load_pipeline(preset: str, *, lora: Optional[str] = None, lora_2: Optional[str] = None,
+                   video_model: Optional[str] = None, anchor_model: Optional[str] = None, planner: Optional[str] = None,
                    planner_model: Optional[str] = None, planner_url: Optional[str] = None,
                    api_key_env: str = "OPENAI_API_KEY", plan_cache: Optional[Path] = None,
                    height: Optional[int] = None, width: Optional[int] = None, frames: Optional[int] = None,
@@ -38,10 +41,11 @@ def _load_pipeline(preset: str, *, lora: Optional[str] = None, video_model: Opti
                    cpu_offload: bool = False, vae_tiling: Optional[bool] = None, memory: str = "auto"):
     from fvg.pipeline import FactorizedPipeline
 
+    setup_logging("fvg.animate")  # says which LoRA each expert got when one was found on disk
     return FactorizedPipeline.from_preset(
         preset, device=device, dtype=dtype, cpu_offload=cpu_offload, vae_tiling=vae_tiling, memory=memory,
-        planner_options=planner_options(api_key_env, planner_url, plan_cache), lora=lora, video_model=video_model,
-        anchor_model=anchor_model,
+        planner_options=planner_options(api_key_env, planner_url, plan_cache), lora=lora, lora_2=lora_2,
+        video_model=video_model, anchor_model=anchor_model,
         planner=planner, planner_model=planner_model, height=height, width=width, num_frames=frames, fps=fps,
     )
 
@@ -79,6 +83,7 @@ def generate(
     anchor: Optional[Path] = typer.Option(None, "--anchor", help="Use this image as the anchor (skips planning)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
     lora: Optional[str] = typer.Option(None, "--lora", help="Anchor LoRA (.safetensors, diffusers or Wan keys)."),
+    lora_2: Optional[str] = Lora2Opt,
     video_model: Optional[str] = typer.Option(None, "--video-model", help="Override the video model id/path."),
     anchor_model: Optional[str] = typer.Option(None, "--anchor-model", help="Override the text-to-image model."),
     planner: Optional[str] = PlannerOpt,
@@ -112,7 +117,7 @@ def generate(
     if prompts is None and not prompt.strip():
         raise FvgError("prompt is empty")
     pipe = _load_pipeline(
-        preset, lora=lora, video_model=video_model, anchor_model=anchor_model, planner=planner,
+        preset, lora=lora, lora_2=lora_2, video_model=video_model, anchor_model=anchor_model, planner=planner,
         planner_model=planner_model, planner_url=planner_url, api_key_env=api_key_env, plan_cache=plan_cache,
         height=height, width=width, frames=frames, fps=fps, device=device, dtype=dtype, cpu_offload=cpu_offload,
         vae_tiling=vae_tiling, memory=memory)
@@ -229,6 +234,7 @@ def animate(
     seed: int = SeedOpt,
     guidance: Optional[float] = typer.Option(None, "--guidance"),
     lora: Optional[str] = typer.Option(None, "--lora"),
+    lora_2: Optional[str] = Lora2Opt,
     video_model: Optional[str] = typer.Option(None, "--video-model"),
     height: Optional[int] = typer.Option(None, "--height"),
     width: Optional[int] = typer.Option(None, "--width"),
@@ -242,7 +248,8 @@ def animate(
 ):
     """Stage 3 alone: animate PROMPT from your own anchor image."""
     generate(prompt=prompt, prompts=None, out=out, preset=preset, mode="factorized", steps=steps, seed=seed,
-             num_candidates=1, select=0, anchor=anchor, guidance=guidance, lora=lora, video_model=video_model,
+             num_candidates=1, select=0, anchor=anchor, guidance=guidance, lora=lora, lora_2=lora_2,
+             video_model=video_model,
              anchor_model=None, planner=None, planner_model=None, planner_url=None, api_key_env="OPENAI_API_KEY",
              plan_cache=None, height=height, width=width, frames=frames, fps=fps, device=device, dtype=dtype,
              cpu_offload=cpu_offload, vae_tiling=vae_tiling, memory=memory)

@@ -13,7 +13,7 @@ and animates the original prompt anchored to it.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from fvg.anchor import AnchorResult, DiffusersAnchorSource, FileAnchorSource, fit_to_resolution
-from fvg.animate.loading import default_device, load_anchor_lora, resolve_dtype
+from fvg.animate.loading import (count_experts, default_device, load_expert_loras, resolve_dtype, resolve_lora_2,
+                                 set_anchor_lora)
 from fvg.families import get_family
 from fvg.io import FvgError, save_image, to_uint8, write_json, write_mp4
 from fvg.plan import Plan, make_planner
@@ -134,6 +135,9 @@ class FactorizedPipeline:
         """`overrides` are preset fields (video_model, lora, height, num_frames, planner, ...)."""
         preset = get_preset(name, **overrides)
         get_family(preset.family).check_shape(preset.height, preset.width, preset.num_frames)
+        experts = count_experts(preset.video_model)  # the LoRA choice fails here, before any model loads
+        if experts is not None:
+            preset = replace(preset, lora_2=resolve_lora_2(preset.lora, preset.lora_2, experts == 2))
         return cls(preset, device, dtype, cpu_offload, vae_tiling, planner_options, memory)
 
     # -- stages, each usable alone -------------------------------------------------------------
@@ -167,10 +171,9 @@ class FactorizedPipeline:
         if self._video_pipe is None:
             p = self.preset
             pipe = self.family.load_pipeline(p.video_model, self.dtype, p.flow_shift)
-            if p.lora:
-                load_anchor_lora(pipe, p.lora, "transformer")
-                if getattr(pipe, "transformer_2", None) is not None:
-                    load_anchor_lora(pipe, p.lora_2 or p.lora, "transformer_2")
+            two_experts = getattr(pipe, "transformer_2", None) is not None
+            self.preset = p = replace(p, lora_2=resolve_lora_2(p.lora, p.lora_2, two_experts))
+            load_expert_loras(pipe, p.lora, p.lora_2)
             pipe.set_progress_bar_config(disable=True)
             if self.vae_tiling:
                 pipe.vae.enable_tiling()
@@ -220,9 +223,8 @@ class FactorizedPipeline:
             def callback(_pipe, i, _t, kwargs):
                 progress("animate", i + 1, steps)
                 return {}
-        if p.lora:
-            # The anchor LoRA serves the anchored mode; the baselines are the plain base model, as in the paper.
-            pipe.enable_lora() if anchor is not None else pipe.disable_lora()
+        # The anchor LoRA serves the anchored mode; the baselines are the plain base model, as in the paper.
+        set_anchor_lora(pipe, anchor is not None)
         kwargs = self.family.call_arguments(pipe, p, anchored=anchor is not None)
         result = pipe(
             prompt=prompt, negative_prompt=p.negative_prompt or None, anchor=anchor,

@@ -31,7 +31,9 @@ class Preset:
     flow_shift: float | None = None
     guidance_scale_2: float | None = None  # Wan2.2-A14B's low-noise expert
     lora: str | None = None  # the anchor LoRA (high-noise expert for A14B)
-    lora_2: str | None = None  # A14B low-noise expert; defaults to `lora`
+    # A14B low-noise expert: a file, "same" (`lora` in both experts) or "none" (no LoRA). Unset with `lora`
+    # set: the `anchor_lora_2*` file next to it, else an error (fvg.animate.loading.resolve_lora_2).
+    lora_2: str | None = None
     needs_lora: bool = False  # T2V checkpoints respect an anchor only once the anchor LoRA is loaded
     steps_factorized: int = 15  # the paper: anchored sampling holds up at 15 steps
     steps_baseline: int = 50

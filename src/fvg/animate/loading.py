@@ -12,6 +12,7 @@ import torch
 from fvg.io import DTYPE_NAMES, FvgError
 
 ANCHOR_ADAPTER = "anchor"
+log = logging.getLogger("fvg.animate")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
@@ -53,6 +54,107 @@ def load_anchor_lora(pipe, path: str, expert: str = "transformer", adapter_name:
     after = set(pipe.get_list_adapters().get(expert, []))
     if name not in after - before:
         raise FvgError(f"LoRA {path} matched no weights of the {expert}: wrong model or key format")
+
+
+# `lora_2` values that are not files: the first LoRA again, or the low-noise expert left plain.
+SAME_LORA, NO_LORA = "same", "none"
+
+
+def count_experts(model_id: str) -> int | None:
+    """1 or 2 (Wan2.2-A14B's pair): the transformers a checkpoint holds, read from its model_index.json
+    without loading anything. None when the index cannot be read here (a hub id not in the local cache)."""
+    import json
+
+    if model_id.startswith("builtin:"):
+        return 1
+    index = Path(model_id) / "model_index.json"
+    if not index.is_file() and _looks_like_hub_id(model_id):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model_id, "model_index.json")
+        index = Path(cached) if isinstance(cached, str) else index
+    try:
+        components = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    second = components.get("transformer_2")
+    return 2 if isinstance(second, list) and second[0] is not None else 1
+
+
+def _sibling_lora_2(lora: str) -> Path | None:
+    """An `anchor_lora_2*.safetensors` written by `fvg train` next to the high-noise expert's LoRA.
+
+    The same key format first (`anchor_lora_wan.safetensors` -> `anchor_lora_2_wan.safetensors`), then
+    the diffusers file `anchor_lora_2.safetensors`, then the only candidate; several others: an error.
+    """
+    first = Path(lora)
+    candidates = sorted(p for p in first.parent.glob("anchor_lora_2*.safetensors") if p != first)
+    if not first.is_file() or not candidates:
+        return None
+    preferred = [first.parent / "anchor_lora_2.safetensors"]
+    if first.name.startswith("anchor_lora"):
+        preferred.insert(0, first.parent / ("anchor_lora_2" + first.name.removeprefix("anchor_lora")))
+    for path in preferred:
+        if path in candidates:
+            return path
+    if len(candidates) == 1:
+        return candidates[0]
+    raise FvgError(f"several low-noise expert LoRAs next to {lora} ({', '.join(p.name for p in candidates)}): "
+                   "choose one with --lora-2 FILE")
+
+
+def resolve_lora_2(lora: str | None, lora_2: str | None, two_experts: bool) -> str | None:
+    """What the low-noise expert (`transformer_2`) of a two-expert Wan2.2-A14B loads.
+
+    Returns a LoRA path, `NO_LORA` (the expert runs without one, asked for by `lora_2="none"`), or
+    None (a one-expert model, or no LoRA at all). `lora_2="same"` loads `lora` into both experts.
+    With `lora` alone, an `anchor_lora_2*` file next to it is taken (and logged).
+
+    Decision: a two-expert model given one LoRA and no second is an error, not a warning. The
+    experts are separate networks trained on separate noise ranges; loading the high-noise LoRA
+    into the low-noise expert (what fvg did silently before) or leaving that expert plain are
+    both choices the user must make (`--lora-2 same`, `--lora-2 none`), and a warning would
+    scroll past while the wrong video renders for minutes.
+    """
+    if not two_experts:
+        if lora_2 is not None:
+            raise FvgError("--lora-2 is for two-expert models (Wan2.2-A14B's low-noise expert): this model has one "
+                           "transformer, pass its LoRA with --lora")
+        return None
+    if lora_2 == SAME_LORA:
+        if lora is None:
+            raise FvgError("--lora-2 same loads the --lora file into both experts: pass --lora FILE too")
+        return lora
+    if lora_2 is not None:
+        return lora_2
+    if lora is None:
+        return None
+    sibling = None if _looks_like_hub_id(lora) else _sibling_lora_2(lora)
+    if sibling is None:
+        raise FvgError(f"this model has two experts and --lora {lora} is the high-noise expert's: pass the low-noise "
+                       "expert's with --lora-2 FILE (fvg train writes anchor_lora_2.safetensors), or --lora-2 same "
+                       "(this LoRA in both) or --lora-2 none (low-noise expert without a LoRA)")
+    log.info("low-noise expert LoRA: %s (found next to %s; --lora-2 chooses another)", sibling, lora)
+    return str(sibling)
+
+
+def load_expert_loras(pipe, lora: str | None, lora_2: str | None) -> None:
+    """Load the anchor LoRA into `transformer` and `lora_2` (from `resolve_lora_2`) into `transformer_2`."""
+    if lora:
+        load_anchor_lora(pipe, lora, "transformer")
+    if lora_2 not in (None, NO_LORA):
+        load_anchor_lora(pipe, lora_2, "transformer_2")
+
+
+def set_anchor_lora(pipe, enabled: bool) -> None:
+    """Switch the anchor LoRA on or off in each expert that has one (a no-op without any).
+
+    Per expert because `pipe.enable_lora()` / `disable_lora()` raise on an expert without adapters,
+    which is the case for A14B run with `--lora-2 none`."""
+    for name in ("transformer", "transformer_2"):
+        model = getattr(pipe, name, None)
+        if model is not None and getattr(model, "_hf_peft_config_loaded", False):
+            model.enable_lora() if enabled else model.disable_lora()
 
 
 def _looks_like_hub_id(path: str) -> bool:

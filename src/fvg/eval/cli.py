@@ -14,7 +14,7 @@ from typing import List, Optional
 import typer
 
 from fvg.console import (ApiKeyEnvOpt, PlanCacheOpt, PlannerModelOpt, PlannerOpt, PlannerUrlOpt, console,
-                         planner_options, progress_bar, run_app)
+                         planner_options, progress_bar, run_app, setup_logging)
 from fvg.io import FvgError
 from fvg.presets import DEFAULT_PRESET
 
@@ -54,6 +54,9 @@ def generate(
                                           help="VBench: videos per prompt (default 3, Diversity 20)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the videos this run would write, generate nothing."),
     lora: Optional[str] = typer.Option(None, "--lora", help="Anchor LoRA."),
+    lora_2: Optional[str] = typer.Option(None, "--lora-2", help="Two-expert models: the low-noise expert's LoRA, "
+                                                              "'same' or 'none' (default: anchor_lora_2* next to "
+                                                              "--lora)."),
     video_model: Optional[str] = typer.Option(None, "--video-model"),
     anchor_model: Optional[str] = typer.Option(None, "--anchor-model"),
     planner: Optional[str] = PlannerOpt,
@@ -83,11 +86,12 @@ def generate(
         for job in plan_jobs(the_suite, mode_list, seed_list):
             typer.echo(job.video)
         return
-    overrides = dict(lora=lora, video_model=video_model, anchor_model=anchor_model, planner=planner,
+    overrides = dict(lora=lora, lora_2=lora_2, video_model=video_model, anchor_model=anchor_model, planner=planner,
                      planner_model=planner_model, height=height, width=width, num_frames=frames, fps=fps)
     settings = GenerateSettings(the_suite, mode_list, seed_list, out, preset, steps,
                                 {k: v for k, v in overrides.items() if v is not None}, device, dtype, cpu_offload,
                                 vae_tiling, planner_options(api_key_env, planner_url, plan_cache))
+    setup_logging("fvg.animate")  # says which LoRA each expert got when one was found on disk
     check_config(settings)  # before any progress bar: a refused folder is a one-line error
     state = distributed_state(device)
     total = len(shard(plan_jobs(the_suite, mode_list, seed_list), state.process_index, state.num_processes))
