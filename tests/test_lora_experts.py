@@ -9,6 +9,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import fvg.families.wan
 import fvg.pipeline
 from fvg.animate.loading import count_experts, resolve_lora_2
 from fvg.animate.lora import to_diffusers
@@ -120,7 +121,7 @@ def test_one_lora_for_two_experts_is_an_error_before_any_model_loads(two_expert_
     def no_loading(*_args, **_kwargs):
         raise AssertionError("a model was loaded before the LoRA choice was checked")
 
-    monkeypatch.setattr(fvg.pipeline, "load_wan_pipeline", no_loading)
+    monkeypatch.setattr(fvg.families.wan, "load_wan_pipeline", no_loading)
     with pytest.raises(FvgError, match="--lora-2 FILE.*--lora-2 same.*--lora-2 none"):
         FactorizedPipeline.from_preset("tiny", video_model=str(two_expert_dir), lora=str(only))
     code = main(["generate", "a red circle", "--preset", "tiny", "--video-model", str(two_expert_dir),
