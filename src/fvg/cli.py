@@ -171,10 +171,10 @@ def generate(
         planner_model=planner_model, planner_url=planner_url, api_key_env=api_key_env, plan_cache=plan_cache,
         height=height, width=width, frames=frames, fps=fps, device=device, dtype=dtype, cpu_offload=cpu_offload,
         vae_tiling=vae_tiling)
-    if pipe.preset.output_is_noise:
-        console.print(f"[yellow]note:[/] preset '{pipe.preset.name}' has random weights: its output is noise.")
     if anchor is not None:
         pipe.anchor_from_image(anchor)  # validate the image before any model loads
+    if pipe.preset.output_is_noise:
+        console.print(f"[yellow]note:[/] preset '{pipe.preset.name}' has random weights: its output is noise.")
     if prompts is not None:
         todo = _batch_todo(pipe, out_dir, prompt_list, mode, seed, steps, guidance, num_candidates, select)
         if not todo:
