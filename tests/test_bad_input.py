@@ -280,3 +280,15 @@ def test_rerun_in_the_same_folder_replaces_the_older_runs_files(tmp_path, capsys
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["run.json", "video.mp4"]
     assert json.loads((out / "run.json").read_text())["prompt"] == "a blue square"
     assert read_mp4(out / "video.mp4").shape[0] == 9
+
+
+def test_lora_of_the_wrong_shape_is_one_line_and_writes_nothing(tmp_path, capsys):
+    path = tmp_path / "other-model.safetensors"
+    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 7),
+               "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.zeros(9, 4)}, path)
+    code, _, err = run_cli(capsys, "generate", "x", *FAST, "--lora", path, "--out", tmp_path / "out")
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("note:")]
+    assert lines == [f"error: LoRA {path} does not fit builtin:tiny-wan: blocks.0.attn1.to_q.lora_A is [4, 7], "
+                     "the model needs [4, 24] (and 1 more); it was trained for another model or size"]
+    assert not (tmp_path / "out").exists()

@@ -190,6 +190,28 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _load_lora_quietly(pipe, path: str, expert: str, model: str) -> None:
+    """`load_anchor_lora` with diffusers' multi-line "size mismatch" log silenced and its error
+    turned into one line naming the first mismatching weight."""
+    import logging
+
+    from fvg.animate.lora import explain_shape_mismatch
+
+    diffusers_logger = logging.getLogger("diffusers.loaders.peft")  # logs the whole error before raising it
+    level = diffusers_logger.level
+    diffusers_logger.setLevel(logging.CRITICAL)
+    try:
+        load_anchor_lora(pipe, path, expert)
+    except FvgError as exc:
+        cause = exc.__cause__ or exc.__context__
+        explained = explain_shape_mismatch(path, model, str(cause)) if cause is not None else None
+        if explained is None:
+            raise
+        raise FvgError(explained) from None
+    finally:
+        diffusers_logger.setLevel(level)
+
+
 class FactorizedPipeline:
     """The three stages of Factorized Video Generation, loaded from a preset."""
 
@@ -257,9 +279,9 @@ class FactorizedPipeline:
             else:
                 raise FvgError(f"video model family '{p.family}' is not implemented")
             if p.lora:
-                load_anchor_lora(pipe, p.lora, "transformer")
+                _load_lora_quietly(pipe, p.lora, "transformer", p.video_model)
                 if getattr(pipe, "transformer_2", None) is not None:
-                    load_anchor_lora(pipe, p.lora_2 or p.lora, "transformer_2")
+                    _load_lora_quietly(pipe, p.lora_2 or p.lora, "transformer_2", p.video_model)
             pipe.set_progress_bar_config(disable=True)
             self._video_pipe = apply_memory_options(pipe, self.device, self.cpu_offload, self.vae_tiling)
         return self._video_pipe

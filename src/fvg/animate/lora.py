@@ -110,3 +110,19 @@ def _check_finite(path: Path) -> None:
                                    "it would make a black video; retrain or re-export it")
     except SafetensorError as exc:
         raise FvgError(f"LoRA {path} is not a valid safetensors file: {' '.join(str(exc).split())}") from None
+
+
+_MISMATCH = re.compile(r"size mismatch for (?P<key>\S+?)(?:\.\w+)?\.weight: copying a param with shape "
+                       r"torch\.Size\((?P<got>\[[^\]]*\])\) from checkpoint, the shape in current model is "
+                       r"torch\.Size\((?P<want>\[[^\]]*\])\)")
+
+
+def explain_shape_mismatch(path: str | Path, model: str, error_text: str) -> str | None:
+    """One line for diffusers' multi-line "size mismatch" error, or None if `error_text` is not one."""
+    found = list(_MISMATCH.finditer(error_text))
+    if not found:
+        return None
+    first = found[0]
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return (f"LoRA {path} does not fit {model}: {first.group('key')} is {first.group('got')}, the model needs "
+            f"{first.group('want')}{more}; it was trained for another model or size")

@@ -33,7 +33,7 @@ from typing import Iterator
 
 import torch
 
-from fvg.io import FvgError, write_json
+from fvg.io import FvgError, sweep_stale_temps, write_json
 from fvg.train.config import TrainConfig, resolve_family
 from fvg.train.data import CachedClips, build_cache, collate, find_clips
 from fvg.train.export import lora_stem, read_lora, write_lora
@@ -56,6 +56,14 @@ class TrainResult:
     step: int
     losses: list[float] = field(default_factory=list)  # per optimiser step of this run, mean over processes
     record: dict = field(default_factory=dict)
+
+
+def check_finite_loss(loss: float, step: int, lr: float) -> None:
+    """Stop a diverged run with one line: a NaN or inf loss means NaN LoRA weights from here on, and
+    exporting them would make black videos. Every process sees the same reduced loss, so all stop."""
+    if not torch.isfinite(torch.tensor(loss)):
+        raise FvgError(f"training diverged at step {step}: the loss is {loss} (learning rate {lr:g}); "
+                       "no LoRA exported, earlier checkpoints are kept: lower learning_rate or check the data")
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -268,6 +276,8 @@ class Trainer:
     def _save_checkpoint(self, step: int, position: tuple[int, int]) -> Path:
         acc = self.accelerator
         path = self.output / CHECKPOINTS / f"step_{step:06d}"
+        if acc.is_main_process:
+            sweep_stale_temps(self.output / CHECKPOINTS, recursive=True)  # what killed runs left
         acc.save_state(str(path))
         states = self._lora_states()
         if acc.is_main_process:
@@ -486,6 +496,7 @@ class Trainer:
                 lr_scheduler.step()
                 step += 1
                 mean_loss = acc.reduce(torch.stack(step_losses).mean(), reduction="mean").item()
+                check_finite_loss(mean_loss, step, lr_scheduler.get_last_lr()[0])
                 losses.append(mean_loss)
                 train_time += time.perf_counter() - tick
                 if step == start_step + 1:
