@@ -131,7 +131,7 @@ def check_output_file(path: str | os.PathLike, what: str = "--out") -> Path:
     return path
 
 
-def read_prompt_lines(path: str | os.PathLike) -> list[str]:
+def read_prompt_lines(path: str | os.PathLike, allow_empty: bool = False) -> list[str]:
     """The prompts of a text file, one per line, for `fvg generate --prompts` and `fvg eval generate`.
 
     Decisions: UTF-8 only (a UTF-8 byte-order mark is dropped, UTF-16 and other encodings are
@@ -156,7 +156,7 @@ def read_prompt_lines(path: str | os.PathLike) -> list[str]:
     lines = [line.removesuffix("\r").strip() for line in text.split("\n")]
     while lines and not lines[-1]:
         lines.pop()
-    if not lines:
+    if not lines and not allow_empty:
         raise FvgError(f"prompt file {path} has no prompts")
     for number, line in enumerate(lines, start=1):
         if not line:
