@@ -170,7 +170,8 @@ def test_cache_hit_skips_the_server(server, tmp_path):
     first = planner.plan(PROMPT)
     assert not first.cached and len(server.requests) == 1
     files = list((tmp_path / "cache").glob("*.json"))
-    assert len(files) == 1 and files[0].stem == cache_key("openai", "tiny-planner", TEMPLATE_VERSION, PROMPT)
+    assert len(files) == 1 and files[0].stem == cache_key("openai", "tiny-planner", TEMPLATE_VERSION, PROMPT,
+                                                        planner.endpoint)
 
     second = planner.plan(PROMPT)
     assert second.cached and len(server.requests) == 1

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fvg.console import (ApiKeyEnvOpt, PlanCacheOpt, PlannerModelOpt, PlannerOpt, PlannerUrlOpt, StageProgress, console,
                          planner_options, progress_bar, run_app, setup_logging)
-from fvg.io import FvgError, mp4_is_valid, run_name, save_image, write_json
+from fvg.io import (FvgError, check_output_dir, check_output_file, mp4_is_valid, read_prompt_lines, run_name,
+                    save_image, sweep_stale_temps, write_json)
 from fvg.presets import DEFAULT_PRESET
 
 app = typer.Typer(help="Factorized Video Generation: plan the first frame, anchor it, then animate.",
@@ -54,19 +57,64 @@ def _default_out(prompt: str) -> Path:
     return Path("outputs") / run_name(prompt)
 
 
-def _read_prompts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise FvgError(f"prompt file not found: {path}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    prompts = [p for p in prompts if p]
-    if not prompts:
-        raise FvgError(f"prompt file {path} has no prompts")
-    return prompts
-
-
 def _warn(warnings: list[str]) -> None:
     for w in dict.fromkeys(warnings):
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"[yellow]warning:[/] {escape(w)}")
+
+
+@dataclass
+class _BatchItemSpec:
+    """What a batch item's run record must say for a rerun to skip it (see `_is_done`)."""
+
+    mode: str
+    seed: int
+    steps: int
+    settings: dict  # preset fields and guidance, as the run record's "settings" holds them
+    candidates: tuple[int, int] | None  # (number, selected) in factorized mode
+
+    @classmethod
+    def of(cls, pipe, mode: str, seed: int, steps: Optional[int], guidance: Optional[float],
+           num_candidates: int, select: int) -> "_BatchItemSpec":
+        preset = asdict(pipe.preset)
+        settings = {k: preset[k] for k in ("video_model", "anchor_model", "lora", "lora_2", "height", "width",
+                                           "num_frames", "fps", "planner", "planner_model", "negative_prompt")}
+        settings["guidance_scale"] = pipe.preset.guidance_scale if guidance is None else guidance
+        return cls(mode, seed, pipe.preset.steps_for(mode) if steps is None else steps, settings,
+                   (num_candidates, select) if mode == "factorized" else None)
+
+
+def _is_done(out: Path, stem: str, prompt: str, spec: _BatchItemSpec) -> bool:
+    """A batch item counts as done only if its run record parses, is of this prompt, mode and
+    settings, and its video decodes. A garbage record, or one left by another prompt on that
+    line, another --mode or other settings, is redone."""
+    try:
+        record = json.loads((out / f"{stem}.run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+        return False
+    if (record.get("prompt"), record.get("mode"), record.get("seed"), record.get("steps")) != \
+            (prompt, spec.mode, spec.seed, spec.steps):
+        return False
+    if any(record["settings"].get(k) != v for k, v in spec.settings.items()):
+        return False
+    if spec.candidates is not None:
+        anchor = record.get("anchor")
+        if not isinstance(anchor, dict) or not isinstance(anchor.get("seeds"), list) or \
+                (len(anchor["seeds"]), anchor.get("selected")) != spec.candidates:
+            return False
+    return mp4_is_valid(out / f"{stem}.mp4")
+
+
+def _batch_todo(pipe, out: Path, prompt_list: list[str], mode: str, seed: int, steps: Optional[int],
+                guidance: Optional[float], num_candidates: int, select: int) -> set[int]:
+    """Line numbers of the prompts still to generate; sweeps what killed runs left behind first."""
+    swept = sweep_stale_temps(out) + [p for d in out.glob("*.candidates") for p in sweep_stale_temps(d)]
+    if swept:
+        console.print(f"removed {len(swept)} temporary file(s) an interrupted run left in {escape(str(out))}",
+                      highlight=False)
+    spec = _BatchItemSpec.of(pipe, mode, seed, steps, guidance, num_candidates, select)
+    return {i for i, text in enumerate(prompt_list, start=1) if not _is_done(out, f"{i:04d}", text, spec)}
 
 
 @app.command()
@@ -113,29 +161,38 @@ def generate(
         raise FvgError("--anchor applies to a single prompt, not a batch")
     if anchor is not None and mode != "factorized":
         raise FvgError(f"an anchor image only applies to mode 'factorized', not '{mode}'")
-    prompt_list = _read_prompts(prompts) if prompts else [prompt]
     if prompts is None and not prompt.strip():
         raise FvgError("prompt is empty")
+    from fvg.pipeline import validate_call
+
+    validate_call(seed, num_candidates, select, steps, guidance)
+    prompt_list = read_prompt_lines(prompts) if prompts else [prompt]
+    out_dir = check_output_dir(out or _default_out(prompt))
     pipe = _load_pipeline(
         preset, lora=lora, lora_2=lora_2, video_model=video_model, anchor_model=anchor_model, planner=planner,
         planner_model=planner_model, planner_url=planner_url, api_key_env=api_key_env, plan_cache=plan_cache,
         height=height, width=width, frames=frames, fps=fps, device=device, dtype=dtype, cpu_offload=cpu_offload,
         vae_tiling=vae_tiling, memory=memory)
-    if pipe.preset.output_is_noise:
-        console.print(f"[yellow]note:[/] preset '{pipe.preset.name}' has random weights: its output is noise.")
     if anchor is not None:
         pipe.anchor_from_image(anchor)  # validate the image before any model loads
+    if pipe.preset.output_is_noise:
+        console.print(f"[yellow]note:[/] preset '{pipe.preset.name}' has random weights: its output is noise.")
+    if prompts is not None:
+        todo = _batch_todo(pipe, out_dir, prompt_list, mode, seed, steps, guidance, num_candidates, select)
+        if not todo:
+            console.print(f"nothing to do: all {len(prompt_list)} videos in {escape(str(out_dir))} are complete "
+                          "for these prompts and settings", highlight=False)
+            return
     pipe.load(mode, anchor_model=anchor is None)
 
     call = dict(mode=mode, seed=seed, steps=steps, num_candidates=num_candidates, selected=select,
                 guidance_scale=guidance)
     if prompts is None:
-        out_dir = out or _default_out(prompt)
         with progress_bar() as progress:
             result = pipe(prompt, anchor_image=anchor, progress=StageProgress(progress), **call)
         video = result.save(out_dir)
         _warn(result.warnings)
-        console.print(f"wrote {video} ({result.timings['total']:.1f} s)")
+        console.print(f"wrote {escape(str(video))} ({result.timings['total']:.1f} s)", highlight=False)
         return
 
     done = skipped = 0
@@ -143,7 +200,7 @@ def generate(
         overall = progress.add_task("prompts", total=len(prompt_list))
         for index, text in enumerate(prompt_list, start=1):
             stem = f"{index:04d}"
-            if (out / f"{stem}.run.json").is_file() and mp4_is_valid(out / f"{stem}.mp4"):
+            if index not in todo:
                 skipped += 1
             else:
                 stages = StageProgress(progress, f"{stem} ")
@@ -153,7 +210,8 @@ def generate(
                 _warn(result.warnings)
                 done += 1
             progress.advance(overall)
-    console.print(f"batch done: {done} generated, {skipped} already present, in {out}")
+    console.print(f"batch done: {done} generated, {skipped} already present, in {escape(str(out))}",
+                  highlight=False)
 
 
 @app.command()
@@ -168,6 +226,8 @@ def plan(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the plan to this JSON file."),
 ):
     """Stage 1 alone: print the first-frame caption and upsampled prompt as JSON."""
+    if out:
+        check_output_file(out)
     pipe = _load_pipeline(preset, planner=planner, planner_model=planner_model, planner_url=planner_url,
                           api_key_env=api_key_env, plan_cache=plan_cache, device="cpu")
     result = pipe.plan(prompt)
@@ -199,16 +259,20 @@ def anchor(
     """Stages 1-2 alone: plan (unless --caption) and render anchor candidates."""
     if not prompt.strip():
         raise FvgError("prompt is empty")
+    from fvg.pipeline import validate_call
+
+    validate_call(seed, num_candidates, select, None, None)
+    out_dir = check_output_dir(out or _default_out(prompt))
     pipe = _load_pipeline(preset, anchor_model=anchor_model, planner=planner, planner_model=planner_model,
                           planner_url=planner_url, api_key_env=api_key_env, height=height, width=width,
                           device=device, dtype=dtype)
-    out_dir = out or _default_out(prompt)
     start = time.perf_counter()
     the_plan = None if caption else pipe.plan(prompt)
     text = prompt.strip() if caption else the_plan.first_frame_caption
     with progress_bar() as progress:
         result = pipe.make_anchor(text, seed, num_candidates, select, progress=StageProgress(progress))
     elapsed = time.perf_counter() - start
+    (out_dir / "run.json").unlink(missing_ok=True)  # an older record must not describe these new files
     for i, cand in enumerate(result.candidates):
         save_image(out_dir / "candidates" / f"{i:02d}.png", cand.image)
     save_image(out_dir / "anchor.png", result.image)
@@ -221,7 +285,8 @@ def anchor(
         "anchor": {"model": result.model, "seeds": [c.seed for c in result.candidates], "selected": select,
                    "settings": result.settings},
         "preset": pipe.preset.name, "timings_s": {"total": round(elapsed, 4)}, "versions": package_versions()})
-    console.print(f"wrote {len(result.candidates)} candidates and {out_dir / 'anchor.png'}")
+    console.print(f"wrote {len(result.candidates)} candidates and {escape(str(out_dir / 'anchor.png'))}",
+                  highlight=False)
 
 
 @app.command()

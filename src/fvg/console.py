@@ -84,12 +84,28 @@ def setup_logging(*names: str, level: int = logging.INFO) -> None:
         logger.propagate = False
 
 
+def print_error(message: str) -> None:
+    """`error: <message>` on one line: the message's own text verbatim (square brackets are not
+    rich markup: "pip install 'fvg[studio]'" keeps its extra), line breaks folded to spaces."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/] {escape(' '.join(str(message).split()))}", highlight=False)
+
+
 def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> int:
-    """Run a typer app the fvg way: user mistakes print one line and exit 2, never a traceback."""
+    """Run a typer app the fvg way: user mistakes print one line and exit 2, never a traceback.
+
+    An OSError that reaches here (a full disk, a folder that turned read-only mid-run) is the
+    machine's answer, not a bug in fvg: it gets the same one line and exit 2.
+    """
     try:
         code = typer_app(args=argv, standalone_mode=False)  # click returns a typer.Exit's code
     except FvgError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, markup=True)
+        print_error(str(exc))
+        return 2
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print_error(f"{exc.strerror or exc}{where}")
         return 2
     except KeyboardInterrupt:
         console.print("interrupted")

@@ -311,16 +311,25 @@ def parse_modes(text: str) -> list[str]:
     return modes
 
 
+MAX_SEEDS = 10_000  # a run of more videos per prompt is a typo ("0-999999999"), not a plan
+
+
 def parse_seeds(text: str) -> list[int]:
-    """'0,1,2', an inclusive range '0-4', or a mix: '0-2,7'."""
+    """'0,1,2', an inclusive range '0-4', or a mix: '0-2,7'. Sizes are checked before any list is built."""
+    from fvg.pipeline import MAX_SEED
+
     seeds: list[int] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        match = re.fullmatch(r"([0-9]{1,20})(?:-([0-9]{1,20}))?", part)
         if match is None:
-            raise FvgError(f"bad seed list '{text}': use non-negative integers, e.g. 0,1,2 or 0-4")
+            raise FvgError(f"bad seed list '{text}': use integers from 0 to {MAX_SEED}, e.g. 0,1,2 or 0-4")
         lo, hi = int(match.group(1)), int(match.group(2) or match.group(1))
+        if hi > MAX_SEED:
+            raise FvgError(f"seed {hi} in --seeds is out of range: seeds go from 0 to {MAX_SEED}")
+        if len(seeds) + hi - lo + 1 > MAX_SEEDS:
+            raise FvgError(f"--seeds '{text}' names more than {MAX_SEEDS} seeds")
         seeds += list(range(lo, hi + 1))
     if not seeds:
         raise FvgError("--seeds is empty")

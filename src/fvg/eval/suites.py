@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from fvg.io import FvgError
+from fvg.io import FvgError, read_prompt_lines
 
 SUITES = ("t2v-compbench", "vbench2", "minicompbench")  # or a path to a .txt prompt list
 VBENCH_NAME_CHARS = 180  # VBench's sampling script names videos by prompt[:180]
@@ -112,17 +112,8 @@ def load_suite(suite: str, suite_dir: str | Path | None = None, samples: int | N
 
 
 def _read_lines(path: Path) -> list[str]:
-    """Prompt lines of a file, refusing blank lines in the middle: video numbers are line numbers."""
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    except UnicodeDecodeError:
-        raise FvgError(f"{path} is not UTF-8 text") from None
-    while lines and not lines[-1]:
-        lines.pop()
-    for number, line in enumerate(lines, start=1):
-        if not line:
-            raise FvgError(f"{path}:{number} is empty: videos are numbered by line, remove the blank line")
-    return lines
+    """Prompt lines of a file, read as `fvg generate --prompts` reads them (fvg.io.read_prompt_lines)."""
+    return read_prompt_lines(path, allow_empty=True)
 
 
 def load_t2v_compbench(suite_dir: str | Path) -> Suite:

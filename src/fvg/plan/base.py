@@ -32,14 +32,18 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        if not isinstance(d, dict):
+            raise FvgError(f"invalid plan record: a JSON {type(d).__name__}, not an object")
         names = {f.name for f in fields(cls)}
         required = ("prompt", "first_frame_caption", "upsampled_prompt", "backend", "template_version")
         missing = [k for k in required if not isinstance(d.get(k), str)]
         if missing:
             raise FvgError(f"invalid plan record: missing or non-string {', '.join(missing)}")
         kwargs = {k: v for k, v in d.items() if k in names}
-        kwargs["warnings"] = list(kwargs.get("warnings") or [])
-        kwargs.setdefault("model", None)
+        warnings = kwargs.get("warnings")
+        kwargs["warnings"] = [w for w in warnings if isinstance(w, str)] if isinstance(warnings, list) else []
+        kwargs["model"] = kwargs.get("model") if isinstance(kwargs.get("model"), str) else None
+        kwargs["cached"] = kwargs.get("cached") is True
         return cls(**kwargs)
 
 

@@ -19,12 +19,15 @@ from typing import Callable
 
 from fvg.anchor import AnchorResult
 from fvg.io import FvgError, run_name
-from fvg.pipeline import FactorizedOutput, FactorizedPipeline, ProgressFn
+from fvg.pipeline import FactorizedOutput, FactorizedPipeline, ProgressFn, validate_seed
 from fvg.plan import Plan
 from fvg.presets import DEFAULT_PRESET, PRESETS, get_preset, validate_mode
 
 DEFAULT_OUT = Path("outputs") / "studio"
 MAX_CANDIDATES = 8
+# Every request's work is bounded, so one visitor cannot hold the shared pipeline for long:
+MAX_PROMPT_CHARS = 2000  # prompts and captions (real ones are under 300)
+MAX_STEPS = 200  # denoising steps per video
 HISTORY_COLUMNS = ["time", "prompt", "mode", "preset", "seed", "steps", "seconds", "folder"]
 
 
@@ -42,10 +45,16 @@ def sampling_defaults(preset: str, mode: str) -> tuple[int, float]:
     return p.steps_for(mode), p.guidance_scale
 
 
-def _prompt(prompt: str | None) -> str:
+def _prompt(prompt: str | None, what: str = "prompt") -> str:
     if not isinstance(prompt, str) or not prompt.strip():
         raise FvgError("type a prompt first")
-    return prompt.strip()
+    return _bounded(prompt.strip(), what)
+
+
+def _bounded(text: str, what: str) -> str:
+    if len(text) > MAX_PROMPT_CHARS:
+        raise FvgError(f"the {what} is {len(text)} characters long: the studio takes at most {MAX_PROMPT_CHARS}")
+    return text
 
 
 @dataclass
@@ -118,6 +127,9 @@ class StudioSession:
             raise FvgError("the first-frame caption is empty: plan the prompt or write a caption")
         if not 1 <= int(num_candidates) <= MAX_CANDIDATES:
             raise FvgError(f"render between 1 and {MAX_CANDIDATES} candidates, not {num_candidates}")
+        _bounded(caption.strip(), "first-frame caption")
+        validate_seed(int(seed) + int(num_candidates) - 1, "anchor seed + candidates - 1")
+        validate_seed(int(seed), "anchor seed")
         with self._lock:
             return self.pipeline(preset).make_anchor(caption.strip(), int(seed), int(num_candidates), 0, progress)
 
@@ -153,6 +165,10 @@ class StudioSession:
         preset = preset or self.default_preset
         validate_mode(mode)
         steps = None if steps is None else int(steps)
+        if steps is not None and steps > MAX_STEPS:
+            raise FvgError(f"the studio runs at most {MAX_STEPS} steps, not {steps}")
+        for text, what in ((caption, "first-frame caption"), (upsampled, "upsampled prompt")):
+            _bounded((text or "").strip(), what)
         guidance = None if guidance is None else float(guidance)
         seed = int(seed)
         with self._lock:

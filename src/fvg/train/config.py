@@ -10,6 +10,7 @@ directory, like every other fvg path.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,9 @@ class TrainConfig:
             if not cond:
                 raise FvgError(msg)
 
+        for name, value in dataclasses.asdict(self).items():  # inf/nan parse as floats from TOML, YAML, --set
+            need(not isinstance(value, float) or math.isfinite(value),
+                 f"training setting '{name}' must be a finite number, got {value}")
         need(bool(self.data), "no training data: set `data` in the config or pass --data")
         need(self.num_frames >= 5, f"num_frames must be 4n+1 with n >= 1 (e.g. 17, 49, 81), got {self.num_frames}")
         check_video_shape(self.height, self.width, self.num_frames)  # the family's own rule: at training start

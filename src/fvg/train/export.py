@@ -53,6 +53,9 @@ def write_lora(state_dict: dict[str, torch.Tensor], directory: str | Path, exper
     """Write a PEFT state dict (`blocks.0.attn1.to_q.lora_A.weight` ...) with diffusers keys, and with each
     of `converters`' key layouts (a family's `lora_converters`); returns the paths by format name."""
     directory, stem = Path(directory), lora_stem(expert)
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise FvgError(f"refusing to write the {expert} LoRA: {key} holds NaN or inf (the training diverged)")
     header = {"format": "pt", "fvg": json.dumps(info, sort_keys=True, default=str),
               **{k: str(info[k]) for k in ("rank", "alpha", "base_model", "steps", "data_hash") if k in info}}
     paths = {"diffusers": directory / f"{stem}.safetensors"}

@@ -32,7 +32,7 @@ from typing import Iterator
 
 import torch
 
-from fvg.io import FvgError, write_json
+from fvg.io import FvgError, sweep_stale_temps, write_json
 from fvg.provenance import package_versions, utc_timestamp
 from fvg.families import TrainingObjective, family_of, resolve_family
 from fvg.train.config import TrainConfig
@@ -76,6 +76,14 @@ class Optimisation:
     params: list  # the trained LoRA parameters
     optimizer: object
     lr_scheduler: object
+
+
+def check_finite_loss(loss: float, step: int, lr: float) -> None:
+    """Stop a diverged run with one line: a NaN or inf loss means NaN LoRA weights from here on, and
+    exporting them would make black videos. Every process sees the same reduced loss, so all stop."""
+    if not torch.isfinite(torch.tensor(loss)):
+        raise FvgError(f"training diverged at step {step}: the loss is {loss} (learning rate {lr:g}); "
+                       "no LoRA exported, earlier checkpoints are kept: lower learning_rate or check the data")
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -225,6 +233,8 @@ class Trainer:
     def _save_checkpoint(self, step: int, position: tuple[int, int]) -> Path:
         acc = self.accelerator
         path = self.output / CHECKPOINTS / f"step_{step:06d}"
+        if acc.is_main_process:
+            sweep_stale_temps(self.output / CHECKPOINTS, recursive=True)  # what killed runs left
         acc.save_state(str(path))
         states = self._lora_states()
         if acc.is_main_process:
@@ -442,6 +452,7 @@ class Trainer:
                 mean_loss, position = self._optimiser_step(objective, e, batches, optim, micro)
                 micro += cfg.gradient_accumulation_steps
                 step += 1
+                check_finite_loss(mean_loss, step, optim.lr_scheduler.get_last_lr()[0])
                 losses.append(mean_loss)
                 train_time += time.perf_counter() - tick
                 if step == start_step + 1:
