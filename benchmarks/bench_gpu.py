@@ -79,6 +79,7 @@ def build_full(parts: tuple[str, ...], dtype, device: str):
                 model = getattr(transformers, config["architectures"][0])(transformers.AutoConfig.for_model(**config))
     finally:
         torch.set_default_dtype(previous)
+    model.to(dtype)  # transformers 5 builds in its own default (fp32), whatever torch's default is
     keep = getattr(model, "_keep_in_fp32_modules", None) or []
     for name, param in model.named_parameters():
         if any(part in keep for part in name.split(".")):
