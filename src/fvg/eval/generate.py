@@ -111,40 +111,120 @@ def check_config(settings: GenerateSettings) -> dict:
     fingerprint = _fingerprint(settings)
     config = {"fvg_eval": 1, **fingerprint, "source": settings.suite.source, "modes": settings.modes,
               "seeds": settings.seeds}
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            raise FvgError(f"{path} is corrupt: delete it or use another --out") from None
+    if path.exists():
+        old = _read_config(path)
         differ = [k for k in fingerprint if old.get(k) != fingerprint[k]]
         if differ:
             raise FvgError(f"{settings.out} holds videos made with other settings ({', '.join(differ)}: "
                            f"{', '.join(str(old.get(k)) for k in differ)}): use another --out")
         config["modes"] = list(dict.fromkeys([*old.get("modes", []), *settings.modes]))
         config["seeds"] = list(dict.fromkeys([*old.get("seeds", []), *settings.seeds]))
+    if (settings.out / MANIFEST).exists():  # merged into at the end: refuse a damaged one now, not after the work
+        read_manifest(settings.out)
     return config
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_config(path: Path) -> dict:
+    """An existing eval.json, checked field by field: a damaged one is refused, never half-trusted."""
+    hint = "delete it (the videos stay) or use another --out"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        old = read_json_object(path, "fvg eval config")
+    except FvgError as exc:
+        raise FvgError(f"{exc}: {hint}") from None
+    modes, seeds = old.get("modes", []), old.get("seeds", [])
+    if not (isinstance(modes, list) and all(isinstance(m, str) for m in modes)
+            and isinstance(seeds, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise FvgError(f"{path} is corrupt (its 'modes' or 'seeds' are not lists of names and integers): {hint}")
+    return old
+
+
+def read_text_file(path: Path, what: str = "file") -> str:
+    """A UTF-8 text file's contents; FvgError (one line) for a missing, unreadable or binary file."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise FvgError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise FvgError(f"{path} is a folder, not a {what}") from None
+    except OSError as exc:
+        raise FvgError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if b"\0" in data:
+        raise FvgError(f"{path} is a binary file, not a {what}")
+    try:
+        return data.decode("utf-8-sig")  # tolerate a BOM: editors on Windows add one
+    except UnicodeDecodeError:
+        raise FvgError(f"{path} is not UTF-8 text, not a {what}") from None
+
+
+def parse_json(text: str, where: str):
+    """JSON text as Python values; FvgError for anything `json` cannot turn into a value: syntax errors,
+    nesting deep enough to exhaust the recursion limit, integers too long to convert."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FvgError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise FvgError(f"{where} is not usable JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal longer than Python's conversion limit
+        raise FvgError(f"{where} is not usable JSON: {str(exc).splitlines()[0][:120]}") from None
+
+
+def read_json_object(path: Path, what: str = "JSON file") -> dict:
+    """A file holding one JSON object; FvgError naming the problem otherwise."""
+    data = parse_json(read_text_file(path, what), str(path))
+    if not isinstance(data, dict):
+        raise FvgError(f"{path} is not a {what}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_record(path: Path) -> dict | None:
+    """A record written by an earlier run, or None when it is missing or damaged in any way (binary,
+    truncated, not an object): a damaged record is redone, never trusted."""
+    try:
+        return read_json_object(path)
+    except FvgError:
         return None
 
 
 def _entry(job: VideoJob, out: Path, status: str, rank: int, error: str | None = None) -> dict:
     """A manifest line, filled from the job's records (present for generated and resumed videos)."""
     rec = out / job.record
-    run = _read_json(rec / "run.json") or {}
+    run = _job_record(job, out)
+    plan = _job_plan(job, out) if job.mode != "t2v" else None
+    timings = run.get("timings_s")
+    video_prompt = run.get("video_prompt")
     return {
-        "suite": run.get("eval", {}).get("suite"),  # set for every line when the parts are merged
+        "suite": None,  # set for every line when the parts are merged
         "category": job.item.category, "index": job.item.index, "sample": job.sample,
-        "prompt": job.item.prompt, "video_prompt": run.get("video_prompt"),
+        "prompt": job.item.prompt, "video_prompt": video_prompt if isinstance(video_prompt, str) else None,
         "mode": job.mode, "seed": job.seed, "video": job.video, "record": job.record,
-        "plan": _read_json(rec / "plan.json") if job.mode != "t2v" else None,
+        "plan": plan.to_dict() if plan is not None else None,
         "anchor": f"{job.record}/anchor.png" if (rec / "anchor.png").is_file() else None,
-        "timings": run.get("timings_s", {}), "status": status, "error": error, "rank": rank,
+        "timings": timings if isinstance(timings, dict) else {}, "status": status, "error": error, "rank": rank,
     }
+
+
+def _job_record(job: VideoJob, out: Path) -> dict:
+    """The job's run.json, or {} when it is missing, damaged or records another video (prompt, mode or
+    seed differ: left over from another run in this folder)."""
+    run = read_record(out / job.record / "run.json") or {}
+    same = (run.get("prompt") == job.item.prompt.strip() and run.get("mode") == job.mode
+            and run.get("seed") == job.seed)
+    return run if same else {}
+
+
+def _job_plan(job: VideoJob, out: Path):
+    """The job's saved plan, or None when it is missing, damaged or was made for another prompt."""
+    from fvg.plan import Plan
+
+    saved = read_record(out / job.record / "plan.json")
+    if saved is None:
+        return None
+    try:
+        plan = Plan.from_dict(saved)
+    except (FvgError, TypeError, ValueError):
+        return None
+    return plan if plan.prompt == job.item.prompt.strip() else None
 
 
 class _PlanStore:
@@ -154,15 +234,10 @@ class _PlanStore:
         self.pipe, self.out = pipe, out
 
     def get(self, jobs: list[VideoJob]) -> tuple[object, float | None]:
-        from fvg.plan import Plan
-
         for job in jobs:
-            saved = _read_json(self.out / job.record / "plan.json")
-            if saved is not None and job.mode != "t2v":
-                try:
-                    return Plan.from_dict(saved), None
-                except FvgError:
-                    pass  # a damaged record: plan again
+            plan = _job_plan(job, self.out) if job.mode != "t2v" else None
+            if plan is not None:  # a damaged or foreign record is not reused: plan again
+                return plan, None
         start = time.perf_counter()
         plan = self.pipe.plan(jobs[0].item.prompt)
         return plan, time.perf_counter() - start
@@ -287,14 +362,32 @@ def _write_part(out: Path, rank: int, entries: list[tuple[int, dict]]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a JSONL file, one per line; FvgError naming the first bad line (or a binary,
+    non-UTF-8 or unreadable file). Lines are split on '\\n' only: JSON escapes every other line break."""
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text_file(path, "JSONL file").split("\n"), start=1):
         if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise FvgError(f"{path}:{number} is not valid JSON") from None
+            row = parse_json(line, f"{path}:{number}")
+            if not isinstance(row, dict):
+                raise FvgError(f"{path}:{number} is not a JSON object")
+            rows.append(row)
     return rows
+
+
+def read_manifest(out: Path) -> list[dict]:
+    """OUT/manifest.jsonl, every line checked for the fields the eval commands use."""
+    path = out / MANIFEST
+    hint = f"delete it and rerun `fvg eval generate --out {out}` (finished videos are kept, the manifest is rebuilt)"
+    try:
+        entries = read_jsonl(path)
+    except FvgError as exc:
+        raise FvgError(f"{exc}: {hint}") from None
+    for number, entry in enumerate(entries, start=1):
+        video = entry.get("video")
+        if not isinstance(video, str) or not video.endswith(".mp4") or ".." in Path(video).parts \
+                or Path(video).is_absolute():
+            raise FvgError(f"{path}: entry {number} has no valid 'video' path: {hint}")
+    return entries
 
 
 def merge_manifest(out: Path, world: int, suite_name: str) -> Path:
@@ -310,7 +403,7 @@ def merge_manifest(out: Path, world: int, suite_name: str) -> Path:
         entry["suite"] = suite_name
     path = out / MANIFEST
     new = {e["video"] for e in parts}
-    kept = [e for e in read_jsonl(path) if e.get("video") not in new] if path.is_file() else []
+    kept = [e for e in read_manifest(out) if e["video"] not in new] if path.is_file() else []
     write_text(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in kept + parts))
     for part in out.glob(PART_GLOB):  # including stale ones from an interrupted run with more processes
         part.unlink()
