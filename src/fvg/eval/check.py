@@ -233,6 +233,8 @@ def check_compbench(out: Path, suite: Suite, compbench_dir: str, tools_dir: str)
                     model = f"{mode}_{seed_dir.name}"
                     runs += _compbench_commands(category, seed_dir.resolve(), results, model, clock)
     problems.raise_any()
+    if not report.folders:
+        raise FvgError(f"no {suite.name} videos in {out} (expected {out}/<mode>/seed<S>/<category>/0001.mp4 ...)")
     if not official:
         report.notes.append(f"the official scripts score T2V-CompBench's own prompts (its meta_data/*.json); this "
                             f"folder holds {suite.name} prompts, so no commands are printed")
@@ -247,7 +249,8 @@ def check_compbench(out: Path, suite: Suite, compbench_dir: str, tools_dir: str)
         "# frames/, image_grid/ and video_standard/ beside the folder it names.",
         "set -euo pipefail",
         f"COMPBENCH=${{COMPBENCH:-{_q(compbench_dir)}}}",
-        f"cd ${{TOOLS:-{_q(tools_dir)}}}",
+        f"TOOLS=${{TOOLS:-{_q(tools_dir)}}}",
+        'cd "$TOOLS"',
         *runs,
         f"fvg eval import t2v-compbench {_q(results)}/*/*.csv --to {_q(out.resolve() / 'official.jsonl')}",
     ]
@@ -288,12 +291,15 @@ def check_vbench(out: Path, suite: Suite, vbench_dir: str) -> CheckReport:
             runs.append(f"python evaluate.py --videos_path {_q(folder.resolve())} --dimension {dimension} "
                         f"--output_path {_q(results / mode / dimension)}")
     problems.raise_any()
+    if not report.folders:
+        raise FvgError(f"no VBench 2.0 videos in {out} (expected {out}/<mode>/<Dimension>/<prompt>-<i>.mp4)")
     report.commands = [
         "#!/usr/bin/env bash",
         f"# VBench 2.0 commands for {out.resolve()} (written by `fvg eval check`): one dimension folder per run,",
         "# as VBench-2.0/evaluate.sh does; evaluate.py reads vbench2/VBench2_full_info.json beside it.",
         "set -euo pipefail",
-        f"cd ${{VBENCH2:-{_q(vbench_dir)}}}",
+        f"VBENCH2=${{VBENCH2:-{_q(vbench_dir)}}}",
+        'cd "$VBENCH2"',
         *runs,
         f"fvg eval import vbench2 {_q(results)}/*/*/*_eval_results.json --to {_q(out.resolve() / 'official.jsonl')}",
     ]
