@@ -143,28 +143,23 @@ def _generate(prompts: Path, out: Path) -> int:
                  "--modes", "t2v"])
 
 
-@pytest.mark.parametrize("content", [BAD_FILES["binary"], BAD_FILES["deep JSON"], BAD_FILES["JSON list"],
-                                     BAD_FILES["huge integer"], b'{"modes": "t2v", "seeds": [0]}',
-                                     b'{"modes": ["t2v"], "seeds": [[0]]}', b"{"])
-def test_resume_refuses_a_damaged_eval_json_before_any_model_loads(tmp_path, capsys, prompts, content):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "eval.json").write_bytes(content)
-    assert _generate(prompts, out) == 2
-    _one_error_line(capsys, "eval.json", "delete it")
-    assert (out / "eval.json").read_bytes() == content and not (out / "t2v").exists()
+DAMAGED_CONFIG = [BAD_FILES["binary"], BAD_FILES["deep JSON"], BAD_FILES["JSON list"], BAD_FILES["huge integer"],
+                  b'{"modes": "t2v", "seeds": [0]}', b'{"modes": ["t2v"], "seeds": [[0]]}', b"{"]
+DAMAGED_MANIFEST = [BAD_FILES["binary"], b"[1]\n", b'{"video": 5}\n', b'{"video": "../x.mp4"}\n', DEEP.encode()]
 
 
-@pytest.mark.parametrize("content", [BAD_FILES["binary"], b"[1]\n", b'{"video": 5}\n', b'{"video": "../x.mp4"}\n',
-                                     DEEP.encode()])
-def test_resume_refuses_a_damaged_manifest_before_any_model_loads(tmp_path, capsys, prompts, content):
+@pytest.mark.parametrize("name, content", [("eval.json", c) for c in DAMAGED_CONFIG]
+                         + [("manifest.jsonl", c) for c in DAMAGED_MANIFEST])
+def test_resume_refuses_a_damaged_folder_before_any_model_loads(tmp_path, capsys, prompts, name, content):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "manifest.jsonl").write_bytes(content)
+    (out / name).write_bytes(content)
     assert _generate(prompts, out) == 2
-    _one_error_line(capsys, "manifest.jsonl", "delete it")
-    assert main(["score", str(out), "--metrics", "motion"]) == 2
-    _one_error_line(capsys, "manifest.jsonl")
+    _one_error_line(capsys, name, "delete it")
+    assert (out / name).read_bytes() == content and not (out / "t2v").exists()
+    if name == "manifest.jsonl":
+        assert main(["score", str(out), "--metrics", "motion"]) == 2
+        _one_error_line(capsys, name)
 
 
 def _job(mode="upsampled") -> VideoJob:
