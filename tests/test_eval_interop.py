@@ -2,7 +2,7 @@
 and `fvg eval check` on the folders their scripts read.
 
 The fixtures make the same `csv.writer` / `json.dump` calls as the official scripts
-(T2V-CompBench 116f996, VBench 116f996's sibling VBench-2.0 at 45e79ec): the same header rows, the
+(T2V-CompBench at commit 116f996, Vchitect/VBench's VBench-2.0 folder at 45e79ec): the same header rows, the
 `writer.writerow(["score: ", score])` last line, the same per-video ids (`0001.png` from the grid
 images, `0001` elsewhere) and the same per-video scales. Each category score below is worked out by
 hand from the script's formula and written the way the script writes it.
