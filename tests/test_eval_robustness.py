@@ -145,7 +145,10 @@ def _generate(prompts: Path, out: Path) -> int:
 
 DAMAGED_CONFIG = [BAD_FILES["binary"], BAD_FILES["deep JSON"], BAD_FILES["JSON list"], BAD_FILES["huge integer"],
                   b'{"modes": "t2v", "seeds": [0]}', b'{"modes": ["t2v"], "seeds": [[0]]}', b"{"]
-DAMAGED_MANIFEST = [BAD_FILES["binary"], b"[1]\n", b'{"video": 5}\n', b'{"video": "../x.mp4"}\n', DEEP.encode()]
+ENTRY = {"video": "t2v/seed0/p/0001.mp4", "prompt": "a", "mode": "t2v", "category": "p", "index": 1, "seed": 0}
+DAMAGED_MANIFEST = [BAD_FILES["binary"], b"[1]\n", b'{"video": 5}\n', b'{"video": "../x.mp4"}\n', DEEP.encode(),
+                    json.dumps({**ENTRY, "prompt": 5}).encode(), json.dumps({**ENTRY, "anchor": "/etc/x"}).encode(),
+                    json.dumps({**ENTRY, "seed": "0"}).encode()]
 
 
 @pytest.mark.parametrize("name, content", [("eval.json", c) for c in DAMAGED_CONFIG]

@@ -223,6 +223,9 @@ def check_compbench(out: Path, suite: Suite, compbench_dir: str, tools_dir: str)
                     report.notes.append(f"no {category} videos in {seed_dir}")
                     continue
                 videos = check_compbench_folder(folder, counts[category], problems)
+                if 0 < len(videos) < counts[category]:
+                    report.notes.append(f"{folder} holds {len(videos)} of {counts[category]} prompts: the "
+                                        f"official score covers those only")
                 _check_derived(seed_dir, category, videos, problems)
                 info = _check_frames(videos, COMPBENCH_FRAMES, "T2V-CompBench (it resamples to 16 frames)", problems)
                 clock = motion_binding_clock(out, mode, seed_dir, info, problems) \

@@ -383,11 +383,30 @@ def read_manifest(out: Path) -> list[dict]:
     except FvgError as exc:
         raise FvgError(f"{exc}: {hint}") from None
     for number, entry in enumerate(entries, start=1):
-        video = entry.get("video")
-        if not isinstance(video, str) or not video.endswith(".mp4") or ".." in Path(video).parts \
-                or Path(video).is_absolute():
-            raise FvgError(f"{path}: entry {number} has no valid 'video' path: {hint}")
+        problem = _manifest_problem(entry)
+        if problem:
+            raise FvgError(f"{path}: entry {number} {problem}: {hint}")
     return entries
+
+
+def _inside(relpath) -> bool:
+    """A path relative to the output folder that stays inside it."""
+    return isinstance(relpath, str) and bool(relpath) and not Path(relpath).is_absolute() \
+        and ".." not in Path(relpath).parts
+
+
+def _manifest_problem(entry: dict) -> str | None:
+    if not _inside(entry.get("video")) or not entry["video"].endswith(".mp4"):
+        return "has no valid 'video' path"
+    if entry.get("anchor") is not None and not _inside(entry["anchor"]):
+        return "has an invalid 'anchor' path"
+    for key in ("prompt", "mode", "category"):
+        if not isinstance(entry.get(key), str):
+            return f"has no '{key}' text"
+    for key in ("index", "seed", "sample"):
+        if entry.get(key) is not None and (isinstance(entry[key], bool) or not isinstance(entry[key], int)):
+            return f"has a '{key}' that is not an integer"
+    return None
 
 
 def merge_manifest(out: Path, world: int, suite_name: str) -> Path:
