@@ -1,12 +1,14 @@
 """Bad files given to `fvg eval import`, `report`, `score`, `check` and left in a resumed eval folder:
 each gets one line naming the problem and exit 2 (never a traceback), and nothing damaged is trusted."""
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
 
 from fvg.eval.cli import main
+from fvg.eval.importers import import_vbench2
 from fvg.eval.generate import VideoJob, _entry, _job_plan, _PlanStore, read_jsonl, read_record
 from fvg.eval.suites import SuitePrompt
 from fvg.io import FvgError
@@ -233,3 +235,34 @@ def test_check_on_damaged_folders(tmp_path, capsys):
     (tmp_path / "eval.json").write_text('{"suite": "minicompbench", "source": "fvg.miniworld"}')
     assert main(["check", str(tmp_path)]) == 2
     _one_error_line(capsys, "no video folders")
+
+
+@pytest.mark.parametrize("video_id, needle", [("9" * 5000 + ".png", "not a video id"), ("٣.png", "not a video id"),
+                                               ("0001.png\n", None)])
+def test_import_compbench_odd_ids(tmp_path, capsys, video_id, needle):
+    path = tmp_path / "t2v_seed0_consistent_attr_score.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["name", "prompt", "answer_1", "answer_2", "Score"])
+        writer.writerow([video_id, "p", "a", "b", 5])
+        writer.writerow(["score: ", 1.0])
+    code = main(["import", "t2v-compbench", str(path), "--to", str(tmp_path / "o.jsonl")])
+    if needle is None:
+        assert code == 0
+    else:
+        assert code == 2
+        _one_error_line(capsys, needle)
+
+
+def test_odd_names_in_paths_do_not_crash(tmp_path, capsys):
+    folder = tmp_path / ("seed" + "9" * 5000)[:200] / "t2v" / "Mechanics"
+    folder.mkdir(parents=True)
+    path = folder / "results_eval_results.json"
+    path.write_text(json.dumps({"Mechanics": [0.5, [{"video_path": "/x/t2v/Mechanics/a ball-².mp4",
+                                                     "video_results": 1}]]}))
+    rows = import_vbench2(path)
+    assert rows[0]["prompt"] == "a ball-²" and rows[0]["sample"] is None and rows[0]["mode"] == "t2v"
+    out = tmp_path / "out"
+    (out / "t2v" / ("seed" + "9" * 200)).mkdir(parents=True)
+    assert main(["check", str(out), "--suite", "minicompbench"]) == 2
+    _one_error_line(capsys, "no minicompbench videos")

@@ -34,8 +34,8 @@ from .suites import VBENCH_DIVERSITY_SAMPLES, VBENCH_NAME_CHARS, VBENCH_SAMPLES,
 COMPBENCH_FRAMES = 16  # frames every T2V-CompBench script resamples a video to
 HUMAN_IDENTITY_FRAMES = 21  # VBench 2.0: frame 0 plus at least 20 judged frames (mini_frame = 20)
 DERIVED_FOLDERS = ("frames", "image_grid", "video_standard")  # written beside the category folders
-_VIDEO = re.compile(r"^(\d{4})\.mp4$")
-_SEED_DIR = re.compile(r"^seed(\d+)$")
+_VIDEO = re.compile(r"^([0-9]{4})\.mp4$")
+_SEED_DIR = re.compile(r"^seed([0-9]{1,18})$")
 
 # category -> (meta_data JSON, script path under the tools folder); the run order of the README.
 COMPBENCH_SCRIPTS = {
@@ -101,7 +101,7 @@ def _mode_folders(out: Path) -> list[str]:
 def check_compbench_folder(folder: Path, prompts: int, problems: _Problems) -> list[Path]:
     """The category folder's videos if T2V-CompBench would pair them right; problems otherwise."""
     entries = sorted(os.listdir(folder))
-    stray = [e for e in entries if not (_VIDEO.match(e) and (folder / e).is_file())]
+    stray = [e for e in entries if not (_VIDEO.fullmatch(e) and (folder / e).is_file())]
     for name in stray:
         problems.add(f"{folder / name}: a stray entry: T2V-CompBench scores every file of the folder in sorted "
                      f"order and pairs it with the prompt at that position; move it out")

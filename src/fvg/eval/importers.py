@@ -101,7 +101,7 @@ T2V_COMPBENCH_CATEGORIES = tuple(f.category for f in COMPBENCH_FILES)
 VBENCH_INVALID_MARKER = frozenset({"Mechanics", "Material", "Thermotics", "Human_Clothes", "Human_Identity",
                                    "Motion_Order_Understanding", "Multi-View_Consistency"})
 VBENCH_INTERMEDIATE = ("_full_info.json",)
-_SEED = re.compile(r"^seed(\d+)$")
+_SEED = re.compile(r"^seed([0-9]{1,18})$")  # ASCII digits, bounded: int() of any match
 _SCORE_TOLERANCE = 1e-9
 
 
@@ -164,7 +164,7 @@ def _video_rows(path: Path, spec: CompBenchFile, rows: list[list[str]]) -> list[
     """(video number, prompt or None, raw score) per data row, checking the header and the id forms."""
     if not rows or tuple(c.strip() for c in rows[0]) != spec.header:
         raise FvgError(f"{path} is not the CSV {spec.script} writes: its header should be {','.join(spec.header)}")
-    pattern = re.compile(rf"^(\d+){re.escape(spec.id_suffix)}$")
+    pattern = re.compile(rf"^([0-9]{{1,9}}){re.escape(spec.id_suffix)}$")
     out = []
     for number, row in enumerate(rows[1:], start=2):
         if len(row) != len(spec.header):
@@ -254,7 +254,7 @@ def import_t2v_compbench(path: str | Path, mode: str | None = None, seed: int | 
 def _vbench_name(video_path: str) -> tuple[str, int | None]:
     stem = Path(video_path).name.removesuffix(".mp4")
     name, _, sample = stem.rpartition("-")
-    return (name, int(sample)) if name and sample.isdigit() else (stem, None)
+    return (name, int(sample)) if name and re.fullmatch(r"[0-9]{1,9}", sample) else (stem, None)
 
 
 def _finite(value) -> float | None:
