@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from fvg.eval.cli import main
-from fvg.eval.importers import import_vbench2
 from fvg.eval.generate import VideoJob, _entry, _job_plan, _PlanStore, read_jsonl, read_record
+from fvg.eval.importers import import_vbench2
 from fvg.eval.suites import SuitePrompt
 from fvg.io import FvgError
 
