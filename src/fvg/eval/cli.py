@@ -145,12 +145,13 @@ def check(
                                                               "prompt file (default: the one in OUT/eval.json)."),
     suite_dir: Optional[Path] = typer.Option(None, "--suite-dir", help="As for `generate` (default: from eval.json)."),
     categories: Optional[str] = typer.Option(None, "--categories", help="Only these categories/dimensions."),
-    compbench_dir: str = typer.Option("/path/to/T2V-CompBench", "--compbench-dir",
-                                      help="T2V-CompBench checkout, for its meta_data/ (written into the commands)."),
-    tools_dir: str = typer.Option(".", "--tools-dir", help="Folder holding LLaVA/, Depth-Anything/, "
-                                                           "Grounded-Segment-Anything/ and dot/."),
-    vbench_dir: str = typer.Option("/path/to/VBench/VBench-2.0", "--vbench-dir", help="VBench-2.0 folder "
-                                                                                     "(holds evaluate.py)."),
+    compbench_dir: Optional[Path] = typer.Option(None, "--compbench-dir", help="T2V-CompBench checkout, for its "
+                                                                              "meta_data/ (else $COMPBENCH)."),
+    tools_dir: Optional[Path] = typer.Option(None, "--tools-dir", help="Folder holding LLaVA/, Depth-Anything/, "
+                                                                       "Grounded-Segment-Anything/, dot/ (else "
+                                                                       "$TOOLS, else the current folder)."),
+    vbench_dir: Optional[Path] = typer.Option(None, "--vbench-dir", help="VBench-2.0 folder holding evaluate.py "
+                                                                         "(else $VBENCH2)."),
     script: Optional[Path] = typer.Option(None, "--script", help="Write the commands to this file "
                                                                  "(default: print them)."),
 ):
@@ -173,7 +174,10 @@ def check(
         elif suite in ("t2v-compbench", "vbench2") and suite_dir is None:
             suite_dir = Path(config["source"])
     the_suite = load_suite(suite, suite_dir).select(_split(categories))
-    report = check_run(out, the_suite, compbench_dir, tools_dir, vbench_dir)
+    # Absolute: the script changes folder before it uses them.
+    folders = {name: str(path.resolve()) for name, path in (("compbench_dir", compbench_dir), ("tools_dir", tools_dir),
+                                                            ("vbench_dir", vbench_dir)) if path is not None}
+    report = check_run(out, the_suite, **folders)
     for note in report.notes[:10]:
         console.print(f"[yellow]note:[/] {note}", highlight=False, markup=True)
     if len(report.notes) > 10:
