@@ -50,7 +50,7 @@ def miniworld_pipeline():
 
 
 def tiny_pipeline():
-    from fvg.animate.loading import load_wan_pipeline
+    from fvg.families.wan import load_wan_pipeline
 
     return load_wan_pipeline("builtin:tiny-wan", torch.float32)
 

@@ -1,6 +1,14 @@
+import os
 import sys
+from pathlib import Path
 
 import pytest
+
+# The real T2V-CompBench prompt files (a checkout holding prompts/N_<category>.txt), for the tests
+# that compare fvg's layouts with them; those tests skip, saying so, where it is not set.
+COMPBENCH = Path(os.environ["FVG_T2V_COMPBENCH"]) if os.environ.get("FVG_T2V_COMPBENCH") else None
+needs_compbench = pytest.mark.skipif(COMPBENCH is None or not (COMPBENCH / "prompts").is_dir(),
+                                     reason="set FVG_T2V_COMPBENCH to a T2V-CompBench checkout (with prompts/)")
 
 
 @pytest.fixture(autouse=True)
@@ -26,3 +34,48 @@ def fresh_accelerate_state():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function returning a local TCP port that was free a moment ago (bound, read, released)."""
+    import socket
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick
+
+
+# -- training: one synthetic data set per test module, small CPU configs on it ---------------------------
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A training folder holding data/: 8 synthetic 9-frame 32x32 clips at 8 fps."""
+    from fvg.train.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("train")
+    write_synthetic_dataset(root / "data", num_clips=8, num_frames=9, size=32, fps=8, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def train_defaults() -> dict:
+    """Settings a test module adds to every `config(...)` (override this fixture in the module)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def config(workdir, train_defaults):
+    """`config(name, **settings)`: a small CPU TrainConfig on `workdir`'s data, writing to workdir/name."""
+    from fvg.train.config import TrainConfig
+
+    def make(name: str, **settings):
+        base = dict(data=str(workdir / "data"), output_dir=str(workdir / name), cache_dir=str(workdir / "cache"),
+                    height=32, width=32, num_frames=9, fps=8, num_workers=0, lr_warmup_steps=0, batch_size=2,
+                    mixed_precision="no", gradient_checkpointing=False, log_with="none", seed=0)
+        return TrainConfig(**{**base, **train_defaults, **settings})
+
+    return make

@@ -8,9 +8,10 @@ from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import save_file
 
-from fvg.animate.loading import load_anchor_lora, load_wan_pipeline
-from fvg.animate.lora import to_diffusers, to_original_wan
+from fvg.animate.loading import load_anchor_lora
+from fvg.animate.lora import to_diffusers
 from fvg.animate.wan import AnchoredWanPipeline
+from fvg.families.wan import load_wan_pipeline, to_original_wan
 from fvg.io import FvgError
 from fvg.tiny import tiny_wan_components
 
@@ -41,7 +42,44 @@ def test_without_anchor_equals_stock_wan_pipeline(components):
 def test_anchored_equals_diffusers_expand_timesteps_i2v(components, anchor_image):
     ours = AnchoredWanPipeline(**components)
     i2v = WanImageToVideoPipeline(**components, image_encoder=None, image_processor=None, expand_timesteps=True)
-    assert torch.equal(run(ours, anchor=anchor_image), run(i2v, image=anchor_image))
+    assert torch.equal(run(ours, anchor=anchor_image, modulation="token"), run(i2v, image=anchor_image))
+
+
+def test_per_frame_modulation_equals_the_per_token_path(components, anchor_image):
+    pipe = AnchoredWanPipeline(**components)
+    assert type(pipe.transformer).__name__ == "FrameWanTransformer3DModel"
+    per_frame = run(pipe, anchor=anchor_image)
+    per_token = run(pipe, anchor=anchor_image, modulation="token")
+    assert not torch.equal(per_frame[:, :, 1:], pipe.encode_anchor(anchor_image, 32, 32).expand(-1, -1, 2, -1, -1))
+    torch.testing.assert_close(per_frame, per_token, rtol=1e-5, atol=1e-5)
+
+
+def test_per_frame_transformer_forward_matches_per_token_and_stock(components):
+    from fvg.animate.wan import FrameWanTransformer3DModel
+
+    transformer = AnchoredWanPipeline(**components).transformer
+    assert isinstance(transformer, FrameWanTransformer3DModel)
+    torch.manual_seed(3)
+    latents, text = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 7, 32)
+    frame_t = torch.tensor([[0.0, 700.0, 700.0], [0.0, 300.0, 300.0]])
+    token_t = frame_t.repeat_interleave(4, dim=1)  # 2x2 tokens per latent frame
+    with torch.no_grad():
+        per_frame = transformer(latents, frame_t, text, return_dict=False)[0]
+        per_token = transformer(latents, token_t, text, return_dict=False)[0]
+        one_d = transformer(latents, torch.tensor([700.0, 300.0]), text, return_dict=False)[0]
+        stock_one_d = WanTransformer3DModel.forward(transformer, latents, torch.tensor([700.0, 300.0]), text,
+                                                    return_dict=False)[0]
+    torch.testing.assert_close(per_frame, per_token, rtol=1e-5, atol=1e-6)
+    assert torch.equal(one_d, stock_one_d)
+    with pytest.raises(ValueError, match="neither per frame"):
+        transformer(latents, frame_t[:, :2], text)
+
+
+def test_saved_config_names_the_stock_class(components, tmp_path):
+    transformer = AnchoredWanPipeline(**components).transformer
+    transformer.save_pretrained(tmp_path)
+    assert '"_class_name": "WanTransformer3DModel"' in (tmp_path / "config.json").read_text()
+    assert type(WanTransformer3DModel.from_pretrained(tmp_path)) is WanTransformer3DModel
 
 
 def test_first_latent_frame_is_the_normalised_anchor_latent(components, anchor_image):
@@ -70,18 +108,19 @@ def _record_timesteps(transformer):
     return seen, transformer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def test_frame0_tokens_get_timestep_zero_and_the_rest_t(components, anchor_image):
+@pytest.mark.parametrize("modulation", ["frame", "token"])
+def test_frame0_tokens_get_timestep_zero_and_the_rest_t(components, anchor_image, modulation):
     pipe = AnchoredWanPipeline(**components)
     seen, handle = _record_timesteps(pipe.transformer)
-    run(pipe, anchor=anchor_image, guidance_scale=1.0)
+    run(pipe, anchor=anchor_image, guidance_scale=1.0, modulation=modulation)
     handle.remove()
     timesteps = pipe.scheduler.timesteps
     assert len(seen) == len(timesteps) == 3
-    tokens_per_frame = (4 // 2) * (4 // 2)  # 4x4 latent, patch (1, 2, 2)
+    per_row = 1 if modulation == "frame" else (4 // 2) * (4 // 2)  # 4x4 latent, patch (1, 2, 2)
     for ts, t in zip(seen, timesteps):
-        assert ts.shape == (1, 3 * tokens_per_frame)
-        assert torch.all(ts[:, :tokens_per_frame] == 0)
-        assert torch.all(ts[:, tokens_per_frame:] == t)
+        assert ts.shape == (1, 3 * per_row)
+        assert torch.all(ts[:, :per_row] == 0)
+        assert torch.all(ts[:, per_row:] == t)
 
 
 def test_plain_t2v_uses_one_timestep_per_sample(components):
@@ -99,10 +138,11 @@ def test_anchoring_works_with_patch_1x1x1(components, anchor_image):
         text_dim=32, freq_dim=256, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
     pipe = AnchoredWanPipeline(**{**components, "transformer": transformer})
     seen, handle = _record_timesteps(transformer)
-    latents = run(pipe, anchor=anchor_image, guidance_scale=1.0)
+    latents = run(pipe, anchor=anchor_image, guidance_scale=1.0, modulation="token")
     handle.remove()
     assert torch.equal(latents[:, :, :1], pipe.encode_anchor(anchor_image, 32, 32))
     assert seen[0].shape == (1, 3 * 16) and torch.all(seen[0][:, :16] == 0)
+    torch.testing.assert_close(run(pipe, anchor=anchor_image, guidance_scale=1.0), latents, rtol=1e-5, atol=1e-5)
 
 
 def test_two_experts_switch_at_the_boundary_with_anchor(components, anchor_image):

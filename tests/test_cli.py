@@ -56,7 +56,7 @@ def test_baseline_modes_write_video_without_anchor(tmp_path, capsys, mode):
 
 def test_batch_layout_and_resume(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle moves left\n\na green triangle turns orange\na cyan square shrinks\n")
+    prompts.write_text("a red circle moves left\na green triangle turns orange\na cyan square shrinks\n\n")
     out = tmp_path / "batch"
     code, _, err = run_cli(capsys, "generate", "--prompts", prompts, *FAST, "--mode", "t2v", "--out", out)
     assert code == 0, err

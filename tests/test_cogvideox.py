@@ -12,14 +12,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from fvg.animate.cogvideox import AnchoredCogVideoXPipeline, anchor_layout, frame_timesteps, use_frame_timesteps
-from fvg.animate.loading import load_anchor_lora, load_cogvideox_pipeline
+from fvg.animate.loading import load_anchor_lora
 from fvg.animate.lora import to_diffusers
 from fvg.io import FvgError
 from fvg.tiny import tiny_cogvideox_components
-from fvg.train import cogvideox as cog
-from fvg.train.config import TrainConfig, resolve_family
+from fvg.families import cogvideox as cog
+from fvg.families import family_of, resolve_family
+from fvg.families.cogvideox import load_cogvideox_pipeline
 from fvg.train.export import export_checkpoint, read_lora
-from fvg.train.synthetic import write_synthetic_dataset
 from fvg.train.trainer import train
 
 CALL = dict(prompt="a red circle moves right", num_frames=9, height=32, width=32, num_inference_steps=3,
@@ -211,28 +211,18 @@ def test_no_loss_gradient_reaches_the_anchor_tokens(pipe):
 # -- fvg train end to end ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cogtrain")
-    write_synthetic_dataset(root / "data", num_clips=8, num_frames=9, size=32, fps=8, seed=0)
-    return root
-
-
-def config(workdir, name, **overrides) -> TrainConfig:
-    base = dict(model="builtin:tiny-cogvideox", data=str(workdir / "data"), output_dir=str(workdir / name),
-                cache_dir=str(workdir / "cache"), height=32, width=32, num_frames=9, fps=8, max_sequence_length=512,
-                num_workers=0, rank=8, alpha=16.0, learning_rate=4e-3, lr_warmup_steps=0, max_steps=30, batch_size=2,
-                mixed_precision="no", gradient_checkpointing=False, checkpoint_every=15, validation_every=15,
-                validation_holdout=1, validation_steps=2, log_with="none", seed=0)
-    return TrainConfig(**{**base, **overrides})
+def train_defaults() -> dict:  # for conftest's `config`
+    return dict(model="builtin:tiny-cogvideox", max_sequence_length=512, rank=8, alpha=16.0, learning_rate=4e-3,
+                max_steps=30, checkpoint_every=15, validation_every=15, validation_holdout=1, validation_steps=2)
 
 
 @pytest.fixture(scope="module")
-def trained(workdir):
+def trained(workdir, config):
     p = load_cogvideox_pipeline("builtin:tiny-cogvideox", torch.float32)
     seen = []
     p.transformer.time_proj.register_forward_pre_hook(
         lambda m, a: seen.append(a[0].detach().clone()) if torch.is_grad_enabled() else None)
-    result = train(config(workdir, "run", p_anchor=0.5), pipe=p)
+    result = train(config("run", p_anchor=0.5), pipe=p)
     p.transformer.eval()
     return result, p, seen
 
@@ -320,15 +310,15 @@ def test_save_lora_weights_round_trip_and_unmatched_keys(tmp_path):
                          str(tmp_path / "bare.safetensors"))
 
 
-def test_resume_reproduces_the_uninterrupted_run(workdir):
+def test_resume_reproduces_the_uninterrupted_run(workdir, config):
     import shutil
 
     kwargs = dict(max_steps=4, checkpoint_every=2, validation_every=0, gradient_accumulation_steps=2,
                   mixed_precision="bf16", gradient_checkpointing=True)
-    full = train(config(workdir, "full", **kwargs))
+    full = train(config("full", **kwargs))
     shutil.copytree(workdir / "full" / "checkpoints" / "step_000002",
                     workdir / "resumed" / "checkpoints" / "step_000002")
-    resumed = train(config(workdir, "resumed", **kwargs), resume="latest")
+    resumed = train(config("resumed", **kwargs), resume="latest")
     assert resumed.record["steps"]["start"] == 2 and resumed.losses == full.losses[2:]
     assert all(np.isfinite(full.losses))
     state = json.loads((workdir / "full" / "checkpoints" / "step_000004" / "trainer_state.json").read_text())
@@ -337,18 +327,18 @@ def test_resume_reproduces_the_uninterrupted_run(workdir):
 
 def test_load_a_saved_checkpoint_folder(pipe, tmp_path, anchor_image):
     CogVideoXPipeline(**tiny_cogvideox_components()).save_pretrained(tmp_path / "ckpt")
-    assert resolve_family(str(tmp_path / "ckpt")) == "cogvideox"
+    assert family_of(str(tmp_path / "ckpt")).name == "cogvideox" and family_of(pipe).name == "cogvideox"
     loaded = load_cogvideox_pipeline(str(tmp_path / "ckpt"), torch.float32)
     assert isinstance(loaded, AnchoredCogVideoXPipeline) and loaded.vae.use_tiling
     assert loaded.transformer._fvg_frame_timesteps and loaded.vae.dtype == torch.float32
     assert torch.equal(run(loaded, anchor=anchor_image), run(pipe, anchor=anchor_image))
 
 
-def test_family_resolution_and_even_frames_rejected(workdir):
-    assert resolve_family("THUDM/CogVideoX1.5-5B") == "cogvideox" and resolve_family("builtin:tiny-wan") == "wan"
-    assert resolve_family("x/y", "cogvideox") == "cogvideox"
+def test_family_resolution_and_even_frames_rejected(workdir, config):
+    assert family_of("THUDM/CogVideoX1.5-5B").name == "cogvideox" and family_of("builtin:tiny-wan").name == "wan"
+    assert resolve_family("x/y", "cogvideox").name == "cogvideox" and resolve_family("x/y").name == "wan"
     with pytest.raises(FvgError, match="num_frames = 13"):
-        train(config(workdir, "even", num_frames=13, max_steps=1))
+        train(config("even", num_frames=13, max_steps=1))
 
 
 # -- FactorizedPipeline and presets ----------------------------------------------------------------------
@@ -357,7 +347,7 @@ def test_factorized_pipeline_runs_all_modes_on_tiny_cogvideox():
     from fvg.pipeline import FactorizedPipeline
     from fvg.presets import get_preset
 
-    assert get_preset("cogvideox1.5-5b").implemented
+    assert get_preset("cogvideox1.5-5b").family == "cogvideox"
     fp = FactorizedPipeline.from_preset("tiny-cogvideox", device="cpu")
     outs = {m: fp("a red circle moves right", mode=m, seed=0, steps=2) for m in ("t2v", "upsampled", "factorized")}
     for mode, out in outs.items():

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -108,13 +107,7 @@ def test_dry_run_lists_videos_without_generating(tmp_path, capsys):
     assert capsys.readouterr().out.split() == ["factorized/seed0/p/0001.mp4", "factorized/seed0/p/0002.mp4"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_write_every_video_exactly_once(tmp_path):
+def test_two_processes_write_every_video_exactly_once(tmp_path, free_port):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "out"
@@ -122,7 +115,7 @@ def test_two_processes_write_every_video_exactly_once(tmp_path):
     # `--multi_gpu` is accelerate's torchrun launcher; on a machine without GPUs fvg runs it on CPU (gloo).
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "fvg.eval.cli", "generate", "--suite", str(prompts),
+           "--main_process_port", str(free_port()), "-m", "fvg.eval.cli", "generate", "--suite", str(prompts),
            "--out", str(out), "--modes", "t2v,factorized", *ARGS]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

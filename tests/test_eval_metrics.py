@@ -13,7 +13,7 @@ from fvg.io import FvgError, save_image, write_mp4
 
 def _texture(h=64, w=64, seed=0) -> np.ndarray:
     """A smooth random RGB image: optical flow needs texture to track."""
-    import cv2
+    cv2 = pytest.importorskip("cv2", reason="opencv is not installed: pip install 'fvg[eval]'")
 
     noise = np.random.default_rng(seed).integers(0, 256, (h, w, 3)).astype(np.uint8)
     return cv2.normalize(cv2.GaussianBlur(noise, (9, 9), 2.5), None, 0, 255, cv2.NORM_MINMAX)
@@ -100,6 +100,7 @@ def _write_run(out, rows):
 
 
 def test_score_command_on_hand_made_run(tmp_path, clip_dir):
+    pytest.importorskip("cv2", reason="the motion metric needs opencv: pip install 'fvg[eval]'")
     """Anchored video (frame 0 = anchor) vs a moving baseline, and a MiniWorld prompt scored exactly."""
     from fvg.miniworld import load_suite, render_video, sample_scene
 

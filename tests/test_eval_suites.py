@@ -9,10 +9,7 @@ from fvg.eval.generate import parse_seeds, plan_jobs, sample_seed, shard
 from fvg.eval.suites import load_suite, load_vbench2, vbench_video_name, video_relpath
 from fvg.io import FvgError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-COMPBENCH = next((p for p in [SHARED / "benchmarks/t2v-compbench-v1", Path("/work/shared/benchmarks/t2v-compbench-v1")]
-                  if (p / "prompts").is_dir()), None)
-needs_compbench = pytest.mark.skipif(COMPBENCH is None, reason="T2V-CompBench prompt files not available")
+from conftest import COMPBENCH, needs_compbench
 
 
 @needs_compbench

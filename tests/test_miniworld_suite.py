@@ -1,5 +1,4 @@
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,14 +11,18 @@ from fvg.miniworld import (
 )
 from fvg.miniworld.suite import PROMPT_DIR, PROMPT_FILES
 
-COMPBENCH = Path("/work/shared/benchmarks/t2v-compbench-v1/prompts")
+from conftest import COMPBENCH, needs_compbench
+
+
+@needs_compbench
+def test_suite_files_are_named_as_t2v_compbench_s():
+    names = sorted(p.name for p in PROMPT_DIR.glob("*.txt"))
+    assert names == sorted(p.name for p in (COMPBENCH / "prompts").glob("*.txt"))
 
 
 def test_suite_files_and_layout():
     names = sorted(p.name for p in PROMPT_DIR.glob("*.txt"))
     assert names == sorted(f"{stem}.txt" for stem in PROMPT_FILES.values())
-    if COMPBENCH.is_dir():  # same file names as T2V-CompBench
-        assert names == sorted(p.name for p in COMPBENCH.glob("*.txt"))
     suite = load_suite()
     assert len(suite) == 56
     for category in CATEGORIES:

@@ -1,7 +1,6 @@
 """The openai planner backend against a real HTTP server on 127.0.0.1, and the plan cache."""
 
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
@@ -81,13 +80,6 @@ def planner_for(server, tmp_path, **kw) -> OpenAIPlanner:
                         backoff=0.01, **kw)
 
 
-def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
-
-
 # ---------------------------------------------------------------- requests and replies
 
 
@@ -152,8 +144,9 @@ def test_client_errors_are_not_retried(server, tmp_path):
     assert plan.backend == "rules" and "HTTP 401" in plan.warnings[0]
 
 
-def test_server_down_falls_back_quickly(tmp_path):
-    planner = make_planner("openai", model="m", base_url=closed_port_url(), max_retries=2, timeout=2.0,
+def test_server_down_falls_back_quickly(tmp_path, free_port):
+    closed = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    planner = make_planner("openai", model="m", base_url=closed, max_retries=2, timeout=2.0,
                            use_cache=False, backoff=0.01)
     start = time.monotonic()
     plan = planner.plan(PROMPT)
@@ -177,7 +170,8 @@ def test_cache_hit_skips_the_server(server, tmp_path):
     first = planner.plan(PROMPT)
     assert not first.cached and len(server.requests) == 1
     files = list((tmp_path / "cache").glob("*.json"))
-    assert len(files) == 1 and files[0].stem == cache_key("openai", "tiny-planner", TEMPLATE_VERSION, PROMPT)
+    assert len(files) == 1 and files[0].stem == cache_key("openai", "tiny-planner", TEMPLATE_VERSION, PROMPT,
+                                                        planner.endpoint)
 
     second = planner.plan(PROMPT)
     assert second.cached and len(server.requests) == 1

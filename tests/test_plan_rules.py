@@ -1,8 +1,12 @@
 """fvg.plan: the plan record, make_planner, and the offline rules backend."""
 
+import json
+
+import numpy as np
 import pytest
 
 from fvg.io import FvgError
+from fvg.miniworld import grammar
 from fvg.plan import (
     BACKENDS, RULES_VERSION, Plan, Planner, RulesPlanner, free_text_caption, make_planner, parse_reply,
 )
@@ -71,7 +75,6 @@ MINIWORLD_PROMPTS = [
 
 @pytest.mark.parametrize("prompt", MINIWORLD_PROMPTS)
 def test_miniworld_prompts_get_the_grammar_caption(prompt):
-    grammar = pytest.importorskip("fvg.miniworld.grammar")
     grammar.parse_prompt(prompt)  # really a MiniWorld prompt
     expected = grammar.first_frame_caption(prompt)
     plan = make_planner("rules").plan(prompt)
@@ -80,8 +83,6 @@ def test_miniworld_prompts_get_the_grammar_caption(prompt):
 
 
 def test_miniworld_sampled_prompts_are_exact():
-    grammar = pytest.importorskip("fvg.miniworld.grammar")
-    np = pytest.importorskip("numpy")
     from fvg.miniworld import CATEGORIES
 
     rng = np.random.default_rng(0)
@@ -93,7 +94,6 @@ def test_miniworld_sampled_prompts_are_exact():
 
 
 def test_text_outside_the_grammar_uses_the_heuristics():
-    pytest.importorskip("fvg.miniworld.grammar")
     assert caption("A red circle moves left") == "A red circle on the right side of the frame"
 
 
@@ -167,7 +167,12 @@ def test_free_text_captions_are_single_still_sentences():
             assert word not in text, (prompt, text)
 
 
-def test_rules_never_emit_the_llm_reply_format():
-    # the rules caption is plain text, so it never parses as an LLM reply by accident
-    with pytest.raises(ValueError):
-        parse_reply(caption("a leaf turns from green to red"))
+def test_rules_plans_round_trip_through_the_llm_reply_format():
+    # a rules plan written as an LLM reply reads back exactly (no whitespace or length normalisation
+    # changes it), while its plain-text caption alone is not mistaken for a reply
+    for prompt in ["a leaf turns from green to red", "A red circle moves left", MINIWORLD_PROMPTS[0]]:
+        plan = make_planner("rules").plan(prompt)
+        reply = json.dumps({"first_frame_caption": plan.first_frame_caption, "upsampled_prompt": plan.upsampled_prompt})
+        assert parse_reply(f"Here is the plan: {reply}") == (plan.first_frame_caption, plan.upsampled_prompt)
+        with pytest.raises(ValueError):
+            parse_reply(plan.first_frame_caption)

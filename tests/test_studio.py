@@ -1,7 +1,6 @@
 """`fvg studio`: the controller called directly, then the whole app through Gradio's API (tiny preset)."""
 
 import json
-import socket
 
 import numpy as np
 import pytest
@@ -9,8 +8,8 @@ from PIL import Image
 
 from fvg.anchor import AnchorCandidate, AnchorResult
 from fvg.cli import main
-from fvg.io import FvgError, read_mp4
-from fvg.studio.session import StudioSession, sampling_defaults, slug
+from fvg.io import FvgError, read_mp4, slug
+from fvg.studio.session import StudioSession, sampling_defaults
 
 pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")  # Gradio vs pandas 3, not ours
 
@@ -154,14 +153,8 @@ def test_cli_studio_command(capsys):
 # -- the app through Gradio's API --------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, free_port):
     pytest.importorskip("gradio")
     from fvg.studio.app import serve
 

@@ -7,7 +7,6 @@ Set FVG_STUDIO_SCREENSHOT=docs/studio.png to refresh the screenshot in the docs.
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -26,13 +25,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")  # Gradio vs
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, free_port):
     from fvg.studio.app import serve
 
     studio = StudioSession(tmp_path_factory.mktemp("browser"), preset="tiny")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     demo = serve(studio, "127.0.0.1", port)
     yield f"http://127.0.0.1:{port}/", studio
     demo.close()

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 @pytest.fixture(scope="module")
 def pipe():
-    from fvg.animate.loading import load_wan_pipeline
+    from fvg.families.wan import load_wan_pipeline
 
     return load_wan_pipeline("builtin:tiny-wan", torch.float32)
 
@@ -139,8 +139,9 @@ def test_cached_tensors_match_what_inference_sees(tmp_path, pipe, accelerator):
 
 
 def test_miniworld_dataset_is_read_as_is(tmp_path):
-    miniworld = pytest.importorskip("fvg.miniworld.dataset")
-    miniworld.write_dataset(tmp_path, num_clips=2, seed=0)
+    from fvg.miniworld.dataset import write_dataset
+
+    write_dataset(tmp_path, num_clips=2, seed=0)
     clips, skipped = find_clips(tmp_path)
     assert len(clips) == 2 and not skipped
     assert load_clip(clips[0].path, num_frames=17, fps=8, height=64, width=64).shape == (17, 64, 64, 3)

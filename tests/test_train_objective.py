@@ -5,8 +5,9 @@ import math
 import torch
 
 from fvg.tiny import tiny_wan_components
-from fvg.train.objective import (SigmaSampler, draw_batch, masked_flow_loss, noise_batch, shift_sigma,
-                                 step_generator, unshift_sigma)
+from fvg.families.flow_matching import (SigmaSampler, draw_batch, masked_flow_loss, noise_batch, shift_sigma,
+                                        unshift_sigma)
+from fvg.train.seeds import step_generator
 
 TOKENS_PER_FRAME = 4  # a 4x4 latent with patch (1, 2, 2)
 

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import re
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from fvg.console import StageProgress, console, progress_bar, run_app
-from fvg.io import FvgError, mp4_is_valid, save_image, write_json
+from fvg.console import (ApiKeyEnvOpt, PlanCacheOpt, PlannerModelOpt, PlannerOpt, PlannerUrlOpt, StageProgress, console,
+                         planner_options, progress_bar, run_app, setup_logging)
+from fvg.io import (FvgError, check_output_dir, check_output_file, mp4_is_valid, read_prompt_lines, run_name,
+                    save_image, sweep_stale_temps, write_json)
 from fvg.presets import DEFAULT_PRESET
 
 app = typer.Typer(help="Factorized Video Generation: plan the first frame, anchor it, then animate.",
@@ -22,51 +24,97 @@ app = typer.Typer(help="Factorized Video Generation: plan the first frame, ancho
 
 PresetOpt = typer.Option(DEFAULT_PRESET, "--preset", "-p", help="Preset name (see `fvg presets`).")
 SeedOpt = typer.Option(0, "--seed", help="Seed: the video noise; anchor candidate i uses seed + i.")
+MemoryOpt = typer.Option(
+    "auto", "--memory", help="auto, gpu, model-offload, group-offload or sequential: how each stage's models "
+    "use the device (one stage on it at a time; auto picks the fastest that fits).")
+VaeTilingOpt = typer.Option(None, "--vae-tiling/--no-vae-tiling",
+                            help="Tile the VAE decode (default: on at 704p and above).")
 StepsOpt = typer.Option(None, "--steps", help="Denoising steps (default: the preset's, 15 factorized / 50 others).")
+Lora2Opt = typer.Option(None, "--lora-2", help="Two-expert models (Wan2.2-A14B): the low-noise expert's LoRA, 'same' "
+                                               "(the --lora file in both) or 'none' (default: anchor_lora_2* next to "
+                                               "--lora).")
 
 
-def _load_pipeline(preset: str, *, lora: Optional[str] = None, video_model: Optional[str] = None,
-                   anchor_model: Optional[str] = None, planner: Optional[str] = None,
+def _load_pipeline(preset: str, *, lora: Optional[str] = None, lora_2: Optional[str] = None,
+                   video_model: Optional[str] = None, anchor_model: Optional[str] = None, planner: Optional[str] = None,
                    planner_model: Optional[str] = None, planner_url: Optional[str] = None,
                    api_key_env: str = "OPENAI_API_KEY", plan_cache: Optional[Path] = None,
                    height: Optional[int] = None, width: Optional[int] = None, frames: Optional[int] = None,
                    fps: Optional[int] = None, device: Optional[str] = None, dtype: Optional[str] = None,
-                   cpu_offload: bool = False, vae_tiling: bool = False):
+                   cpu_offload: bool = False, vae_tiling: Optional[bool] = None, memory: str = "auto"):
     from fvg.pipeline import FactorizedPipeline
 
-    planner_options = {"api_key_env": api_key_env}
-    if planner_url:
-        planner_options["base_url"] = planner_url
-    if plan_cache:
-        planner_options["cache_dir"] = plan_cache
+    setup_logging("fvg.animate")  # says which LoRA each expert got when one was found on disk
     return FactorizedPipeline.from_preset(
-        preset, device=device, dtype=dtype, cpu_offload=cpu_offload, vae_tiling=vae_tiling,
-        planner_options=planner_options, lora=lora, video_model=video_model, anchor_model=anchor_model,
+        preset, device=device, dtype=dtype, cpu_offload=cpu_offload, vae_tiling=vae_tiling, memory=memory,
+        planner_options=planner_options(api_key_env, planner_url, plan_cache), lora=lora, lora_2=lora_2,
+        video_model=video_model, anchor_model=anchor_model,
         planner=planner, planner_model=planner_model, height=height, width=width, num_frames=frames, fps=fps,
     )
 
 
-def _slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "run"
-
-
 def _default_out(prompt: str) -> Path:
-    return Path("outputs") / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{_slug(prompt)}"
-
-
-def _read_prompts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise FvgError(f"prompt file not found: {path}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    prompts = [p for p in prompts if p]
-    if not prompts:
-        raise FvgError(f"prompt file {path} has no prompts")
-    return prompts
+    return Path("outputs") / run_name(prompt)
 
 
 def _warn(warnings: list[str]) -> None:
     for w in dict.fromkeys(warnings):
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"[yellow]warning:[/] {escape(w)}")
+
+
+@dataclass
+class _BatchItemSpec:
+    """What a batch item's run record must say for a rerun to skip it (see `_is_done`)."""
+
+    mode: str
+    seed: int
+    steps: int
+    settings: dict  # preset fields and guidance, as the run record's "settings" holds them
+    candidates: tuple[int, int] | None  # (number, selected) in factorized mode
+
+    @classmethod
+    def of(cls, pipe, mode: str, seed: int, steps: Optional[int], guidance: Optional[float],
+           num_candidates: int, select: int) -> "_BatchItemSpec":
+        preset = asdict(pipe.preset)
+        settings = {k: preset[k] for k in ("video_model", "anchor_model", "lora", "lora_2", "height", "width",
+                                           "num_frames", "fps", "planner", "planner_model", "negative_prompt")}
+        settings["guidance_scale"] = pipe.preset.guidance_scale if guidance is None else guidance
+        return cls(mode, seed, pipe.preset.steps_for(mode) if steps is None else steps, settings,
+                   (num_candidates, select) if mode == "factorized" else None)
+
+
+def _is_done(out: Path, stem: str, prompt: str, spec: _BatchItemSpec) -> bool:
+    """A batch item counts as done only if its run record parses, is of this prompt, mode and
+    settings, and its video decodes. A garbage record, or one left by another prompt on that
+    line, another --mode or other settings, is redone."""
+    try:
+        record = json.loads((out / f"{stem}.run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+        return False
+    if (record.get("prompt"), record.get("mode"), record.get("seed"), record.get("steps")) != \
+            (prompt, spec.mode, spec.seed, spec.steps):
+        return False
+    if any(record["settings"].get(k) != v for k, v in spec.settings.items()):
+        return False
+    if spec.candidates is not None:
+        anchor = record.get("anchor")
+        if not isinstance(anchor, dict) or not isinstance(anchor.get("seeds"), list) or \
+                (len(anchor["seeds"]), anchor.get("selected")) != spec.candidates:
+            return False
+    return mp4_is_valid(out / f"{stem}.mp4")
+
+
+def _batch_todo(pipe, out: Path, prompt_list: list[str], mode: str, seed: int, steps: Optional[int],
+                guidance: Optional[float], num_candidates: int, select: int) -> set[int]:
+    """Line numbers of the prompts still to generate; sweeps what killed runs left behind first."""
+    swept = sweep_stale_temps(out) + [p for d in out.glob("*.candidates") for p in sweep_stale_temps(d)]
+    if swept:
+        console.print(f"removed {len(swept)} temporary file(s) an interrupted run left in {escape(str(out))}",
+                      highlight=False)
+    spec = _BatchItemSpec.of(pipe, mode, seed, steps, guidance, num_candidates, select)
+    return {i for i, text in enumerate(prompt_list, start=1) if not _is_done(out, f"{i:04d}", text, spec)}
 
 
 @app.command()
@@ -83,21 +131,23 @@ def generate(
     anchor: Optional[Path] = typer.Option(None, "--anchor", help="Use this image as the anchor (skips planning)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
     lora: Optional[str] = typer.Option(None, "--lora", help="Anchor LoRA (.safetensors, diffusers or Wan keys)."),
+    lora_2: Optional[str] = Lora2Opt,
     video_model: Optional[str] = typer.Option(None, "--video-model", help="Override the video model id/path."),
     anchor_model: Optional[str] = typer.Option(None, "--anchor-model", help="Override the text-to-image model."),
-    planner: Optional[str] = typer.Option(None, "--planner", help="rules, transformers or openai."),
-    planner_model: Optional[str] = typer.Option(None, "--planner-model", help="LLM id/path or served name."),
-    planner_url: Optional[str] = typer.Option(None, "--planner-url", help="OpenAI-compatible base URL."),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Env var holding the API key."),
-    plan_cache: Optional[Path] = typer.Option(None, "--plan-cache", help="Planner cache folder."),
+    planner: Optional[str] = PlannerOpt,
+    planner_model: Optional[str] = PlannerModelOpt,
+    planner_url: Optional[str] = PlannerUrlOpt,
+    api_key_env: str = ApiKeyEnvOpt,
+    plan_cache: Optional[Path] = PlanCacheOpt,
     height: Optional[int] = typer.Option(None, "--height"),
     width: Optional[int] = typer.Option(None, "--width"),
     frames: Optional[int] = typer.Option(None, "--frames", help="Frame count, 4n+1."),
     fps: Optional[int] = typer.Option(None, "--fps"),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cpu, ... (default: cuda if available)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
-    cpu_offload: bool = typer.Option(False, "--cpu-offload", help="Offload idle models to CPU (CUDA only)."),
-    vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Tile the VAE to save memory."),
+    memory: str = MemoryOpt,
+    cpu_offload: bool = typer.Option(False, "--cpu-offload", help="Same as --memory model-offload."),
+    vae_tiling: Optional[bool] = VaeTilingOpt,
 ):
     """Generate a video (or a batch with --prompts) with the factorized method or a baseline."""
     from fvg.presets import validate_mode
@@ -111,29 +161,38 @@ def generate(
         raise FvgError("--anchor applies to a single prompt, not a batch")
     if anchor is not None and mode != "factorized":
         raise FvgError(f"an anchor image only applies to mode 'factorized', not '{mode}'")
-    prompt_list = _read_prompts(prompts) if prompts else [prompt]
     if prompts is None and not prompt.strip():
         raise FvgError("prompt is empty")
+    from fvg.pipeline import validate_call
+
+    validate_call(seed, num_candidates, select, steps, guidance)
+    prompt_list = read_prompt_lines(prompts) if prompts else [prompt]
+    out_dir = check_output_dir(out or _default_out(prompt))
     pipe = _load_pipeline(
-        preset, lora=lora, video_model=video_model, anchor_model=anchor_model, planner=planner,
+        preset, lora=lora, lora_2=lora_2, video_model=video_model, anchor_model=anchor_model, planner=planner,
         planner_model=planner_model, planner_url=planner_url, api_key_env=api_key_env, plan_cache=plan_cache,
         height=height, width=width, frames=frames, fps=fps, device=device, dtype=dtype, cpu_offload=cpu_offload,
-        vae_tiling=vae_tiling)
-    if pipe.preset.output_is_noise:
-        console.print(f"[yellow]note:[/] preset '{pipe.preset.name}' has random weights: its output is noise.")
+        vae_tiling=vae_tiling, memory=memory)
     if anchor is not None:
         pipe.anchor_from_image(anchor)  # validate the image before any model loads
+    if pipe.preset.output_is_noise:
+        console.print(f"[yellow]note:[/] preset '{pipe.preset.name}' has random weights: its output is noise.")
+    if prompts is not None:
+        todo = _batch_todo(pipe, out_dir, prompt_list, mode, seed, steps, guidance, num_candidates, select)
+        if not todo:
+            console.print(f"nothing to do: all {len(prompt_list)} videos in {escape(str(out_dir))} are complete "
+                          "for these prompts and settings", highlight=False)
+            return
     pipe.load(mode, anchor_model=anchor is None)
 
     call = dict(mode=mode, seed=seed, steps=steps, num_candidates=num_candidates, selected=select,
                 guidance_scale=guidance)
     if prompts is None:
-        out_dir = out or _default_out(prompt)
         with progress_bar() as progress:
             result = pipe(prompt, anchor_image=anchor, progress=StageProgress(progress), **call)
         video = result.save(out_dir)
         _warn(result.warnings)
-        console.print(f"wrote {video} ({result.timings['total']:.1f} s)")
+        console.print(f"wrote {escape(str(video))} ({result.timings['total']:.1f} s)", highlight=False)
         return
 
     done = skipped = 0
@@ -141,7 +200,7 @@ def generate(
         overall = progress.add_task("prompts", total=len(prompt_list))
         for index, text in enumerate(prompt_list, start=1):
             stem = f"{index:04d}"
-            if (out / f"{stem}.run.json").is_file() and mp4_is_valid(out / f"{stem}.mp4"):
+            if index not in todo:
                 skipped += 1
             else:
                 stages = StageProgress(progress, f"{stem} ")
@@ -151,21 +210,24 @@ def generate(
                 _warn(result.warnings)
                 done += 1
             progress.advance(overall)
-    console.print(f"batch done: {done} generated, {skipped} already present, in {out}")
+    console.print(f"batch done: {done} generated, {skipped} already present, in {escape(str(out))}",
+                  highlight=False)
 
 
 @app.command()
 def plan(
     prompt: str = typer.Argument(..., help="The video prompt."),
     preset: str = PresetOpt,
-    planner: Optional[str] = typer.Option(None, "--planner", help="rules, transformers or openai."),
-    planner_model: Optional[str] = typer.Option(None, "--planner-model"),
-    planner_url: Optional[str] = typer.Option(None, "--planner-url"),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
-    plan_cache: Optional[Path] = typer.Option(None, "--plan-cache"),
+    planner: Optional[str] = PlannerOpt,
+    planner_model: Optional[str] = PlannerModelOpt,
+    planner_url: Optional[str] = PlannerUrlOpt,
+    api_key_env: str = ApiKeyEnvOpt,
+    plan_cache: Optional[Path] = PlanCacheOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the plan to this JSON file."),
 ):
     """Stage 1 alone: print the first-frame caption and upsampled prompt as JSON."""
+    if out:
+        check_output_file(out)
     pipe = _load_pipeline(preset, planner=planner, planner_model=planner_model, planner_url=planner_url,
                           api_key_env=api_key_env, plan_cache=plan_cache, device="cpu")
     result = pipe.plan(prompt)
@@ -185,10 +247,10 @@ def anchor(
     num_candidates: int = typer.Option(4, "--num-candidates", "-n"),
     select: int = typer.Option(0, "--select"),
     anchor_model: Optional[str] = typer.Option(None, "--anchor-model"),
-    planner: Optional[str] = typer.Option(None, "--planner"),
-    planner_model: Optional[str] = typer.Option(None, "--planner-model"),
-    planner_url: Optional[str] = typer.Option(None, "--planner-url"),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    planner: Optional[str] = PlannerOpt,
+    planner_model: Optional[str] = PlannerModelOpt,
+    planner_url: Optional[str] = PlannerUrlOpt,
+    api_key_env: str = ApiKeyEnvOpt,
     height: Optional[int] = typer.Option(None, "--height"),
     width: Optional[int] = typer.Option(None, "--width"),
     device: Optional[str] = typer.Option(None, "--device"),
@@ -197,29 +259,34 @@ def anchor(
     """Stages 1-2 alone: plan (unless --caption) and render anchor candidates."""
     if not prompt.strip():
         raise FvgError("prompt is empty")
+    from fvg.pipeline import validate_call
+
+    validate_call(seed, num_candidates, select, None, None)
+    out_dir = check_output_dir(out or _default_out(prompt))
     pipe = _load_pipeline(preset, anchor_model=anchor_model, planner=planner, planner_model=planner_model,
                           planner_url=planner_url, api_key_env=api_key_env, height=height, width=width,
                           device=device, dtype=dtype)
-    out_dir = out or _default_out(prompt)
     start = time.perf_counter()
     the_plan = None if caption else pipe.plan(prompt)
     text = prompt.strip() if caption else the_plan.first_frame_caption
     with progress_bar() as progress:
         result = pipe.make_anchor(text, seed, num_candidates, select, progress=StageProgress(progress))
     elapsed = time.perf_counter() - start
+    (out_dir / "run.json").unlink(missing_ok=True)  # an older record must not describe these new files
     for i, cand in enumerate(result.candidates):
         save_image(out_dir / "candidates" / f"{i:02d}.png", cand.image)
     save_image(out_dir / "anchor.png", result.image)
     if the_plan is not None:
         write_json(out_dir / "plan.json", the_plan.to_dict())
-    from fvg.pipeline import package_versions
+    from fvg.provenance import package_versions
 
     write_json(out_dir / "run.json", {
         "fvg_run": 1, "stage": "anchor", "prompt": prompt, "caption": text, "seed": seed,
         "anchor": {"model": result.model, "seeds": [c.seed for c in result.candidates], "selected": select,
                    "settings": result.settings},
         "preset": pipe.preset.name, "timings_s": {"total": round(elapsed, 4)}, "versions": package_versions()})
-    console.print(f"wrote {len(result.candidates)} candidates and {out_dir / 'anchor.png'}")
+    console.print(f"wrote {len(result.candidates)} candidates and {escape(str(out_dir / 'anchor.png'))}",
+                  highlight=False)
 
 
 @app.command()
@@ -232,6 +299,7 @@ def animate(
     seed: int = SeedOpt,
     guidance: Optional[float] = typer.Option(None, "--guidance"),
     lora: Optional[str] = typer.Option(None, "--lora"),
+    lora_2: Optional[str] = Lora2Opt,
     video_model: Optional[str] = typer.Option(None, "--video-model"),
     height: Optional[int] = typer.Option(None, "--height"),
     width: Optional[int] = typer.Option(None, "--width"),
@@ -239,15 +307,17 @@ def animate(
     fps: Optional[int] = typer.Option(None, "--fps"),
     device: Optional[str] = typer.Option(None, "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype"),
-    cpu_offload: bool = typer.Option(False, "--cpu-offload"),
-    vae_tiling: bool = typer.Option(False, "--vae-tiling"),
+    memory: str = MemoryOpt,
+    cpu_offload: bool = typer.Option(False, "--cpu-offload", help="Same as --memory model-offload."),
+    vae_tiling: Optional[bool] = VaeTilingOpt,
 ):
     """Stage 3 alone: animate PROMPT from your own anchor image."""
     generate(prompt=prompt, prompts=None, out=out, preset=preset, mode="factorized", steps=steps, seed=seed,
-             num_candidates=1, select=0, anchor=anchor, guidance=guidance, lora=lora, video_model=video_model,
+             num_candidates=1, select=0, anchor=anchor, guidance=guidance, lora=lora, lora_2=lora_2,
+             video_model=video_model,
              anchor_model=None, planner=None, planner_model=None, planner_url=None, api_key_env="OPENAI_API_KEY",
              plan_cache=None, height=height, width=width, frames=frames, fps=fps, device=device, dtype=dtype,
-             cpu_offload=cpu_offload, vae_tiling=vae_tiling)
+             cpu_offload=cpu_offload, vae_tiling=vae_tiling, memory=memory)
 
 
 @app.command()
@@ -259,8 +329,7 @@ def presets():
 
     table = Table("name", "video model", "anchor model", "size", "frames", "fps", "steps f/b", "notes")
     for p in PRESETS.values():
-        notes = "not implemented yet" if not p.implemented else ("noise (smoke tests)" if p.output_is_noise else
-                                                                 ("needs anchor LoRA" if p.needs_lora else ""))
+        notes = "noise (smoke tests)" if p.output_is_noise else ("needs anchor LoRA" if p.needs_lora else "")
         table.add_row(p.name, p.video_model, str(p.anchor_model), f"{p.height}x{p.width}", str(p.num_frames),
                       str(p.fps), f"{p.steps_factorized}/{p.steps_baseline}", notes)
     Console().print(table)

@@ -27,6 +27,24 @@ class _DropTorchvisionNotice(logging.Filter):
 logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionNotice())
 
 
+# The planner options of every command that plans (fvg generate / plan / anchor, fvg eval generate).
+PlannerOpt = typer.Option(None, "--planner", help="rules, transformers or openai.")
+PlannerModelOpt = typer.Option(None, "--planner-model", help="LLM id/path or served name.")
+PlannerUrlOpt = typer.Option(None, "--planner-url", help="OpenAI-compatible base URL.")
+ApiKeyEnvOpt = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Env var holding the API key.")
+PlanCacheOpt = typer.Option(None, "--plan-cache", help="Planner cache folder.")
+
+
+def planner_options(api_key_env: str, planner_url: str | None = None, plan_cache=None) -> dict:
+    """`make_planner` keyword arguments from those options (backend and model are preset fields)."""
+    options = {"api_key_env": api_key_env}
+    if planner_url:
+        options["base_url"] = planner_url
+    if plan_cache:
+        options["cache_dir"] = plan_cache
+    return options
+
+
 def progress_bar(*extra: ProgressColumn, disable: bool = False, transient: bool = True) -> Progress:
     """Stage, step count, elapsed time and ETA (plus `extra` columns such as the loss)."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra,
@@ -66,12 +84,28 @@ def setup_logging(*names: str, level: int = logging.INFO) -> None:
         logger.propagate = False
 
 
+def print_error(message: str) -> None:
+    """`error: <message>` on one line: the message's own text verbatim (square brackets are not
+    rich markup: "pip install 'fvg[studio]'" keeps its extra), line breaks folded to spaces."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/] {escape(' '.join(str(message).split()))}", highlight=False)
+
+
 def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> int:
-    """Run a typer app the fvg way: user mistakes print one line and exit 2, never a traceback."""
+    """Run a typer app the fvg way: user mistakes print one line and exit 2, never a traceback.
+
+    An OSError that reaches here (a full disk, a folder that turned read-only mid-run) is the
+    machine's answer, not a bug in fvg: it gets the same one line and exit 2.
+    """
     try:
         code = typer_app(args=argv, standalone_mode=False)  # click returns a typer.Exit's code
     except FvgError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, markup=True)
+        print_error(str(exc))
+        return 2
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print_error(f"{exc.strerror or exc}{where}")
         return 2
     except KeyboardInterrupt:
         console.print("interrupted")

@@ -12,10 +12,9 @@ and animates the original prompt anchored to it.
 
 from __future__ import annotations
 
-import datetime as _dt
-import platform
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,11 +23,14 @@ import torch
 from PIL import Image
 
 from fvg.anchor import AnchorResult, DiffusersAnchorSource, FileAnchorSource, fit_to_resolution
-from fvg.animate.loading import (apply_memory_options, default_device, load_anchor_lora, load_cogvideox_pipeline,
-                                 load_wan_pipeline, resolve_dtype)
-from fvg.io import FvgError, save_image, to_uint8, write_json, write_mp4
+from fvg.animate.loading import (count_experts, default_device, load_expert_loras, resolve_dtype, resolve_lora_2,
+                                 set_anchor_lora)
+from fvg.families import get_family
+from fvg.io import FvgError, check_image_size, save_image, sweep_stale_temps, to_rgb, to_uint8, write_json, write_mp4
 from fvg.plan import Plan, make_planner
-from fvg.presets import DEFAULT_PRESET, Preset, get_preset, validate_mode, validate_video_shape
+from fvg.provenance import package_versions, utc_timestamp
+from fvg.presets import DEFAULT_PRESET, Preset, get_preset, validate_mode
+from fvg.residency import StageResidency
 
 # progress(stage, step, total): stage is "plan", "anchor", "animate" or "decode"
 ProgressFn = Callable[[str, int, int], None]
@@ -52,7 +54,7 @@ class FactorizedOutput:
     def run_record(self) -> dict:
         return {
             "fvg_run": 1,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": utc_timestamp(),
             "prompt": self.prompt,
             "mode": self.mode,
             "video_prompt": self.video_prompt,
@@ -76,18 +78,50 @@ class FactorizedOutput:
         """Write the video, anchor, candidates, plan and run record, each atomically, run record last
         (its presence marks a complete run). Without `stem`: out_dir/video.mp4, anchor.png,
         candidates/NN.png, plan.json, run.json. With `stem` (batches): out_dir/<stem>.mp4,
-        <stem>.anchor.png, <stem>.candidates/NN.png, <stem>.plan.json, <stem>.run.json."""
+        <stem>.anchor.png, <stem>.candidates/NN.png, <stem>.plan.json, <stem>.run.json.
+
+        An older run's record there is removed first, so its files never pass for this run's;
+        what an older run wrote and this one does not (a plan, extra candidates) goes too. If a
+        write fails, this run's files are removed again (no video without its record) and the
+        failure is one FvgError line.
+        """
         out_dir = Path(out_dir)
         paths = output_paths(out_dir, stem)
-        write_mp4(paths["video"], self.frames, fps=self.fps)
-        if self.anchor is not None:
-            save_image(paths["anchor"], self.anchor.image)
-            for i, cand in enumerate(self.anchor.candidates):
-                save_image(paths["candidates"] / f"{i:02d}.png", cand.image)
-        if self.plan is not None:
-            write_json(paths["plan"], self.plan.to_dict())
-        write_json(paths["run"], self.run_record())
+        sweep_stale_temps(out_dir)
+        sweep_stale_temps(paths["candidates"])
+        written: list[Path] = []
+        try:
+            paths["run"].unlink(missing_ok=True)
+            for stale in self._stale_outputs(paths):
+                stale.unlink()
+            written.append(paths["video"])
+            write_mp4(paths["video"], self.frames, fps=self.fps)
+            if self.anchor is not None:
+                written.append(paths["anchor"])
+                save_image(paths["anchor"], self.anchor.image)
+                for i, cand in enumerate(self.anchor.candidates):
+                    written.append(paths["candidates"] / f"{i:02d}.png")
+                    save_image(written[-1], cand.image)
+            if self.plan is not None:
+                written.append(paths["plan"])
+                write_json(paths["plan"], self.plan.to_dict())
+            write_json(paths["run"], self.run_record())
+        except OSError as exc:
+            for path in written:
+                path.unlink(missing_ok=True)
+            with_name = f" ({exc.filename})" if exc.filename else ""
+            raise FvgError(f"cannot write the outputs in {out_dir}: {exc.strerror or exc}{with_name}") from None
         return paths["video"]
+
+    def _stale_outputs(self, paths: dict[str, Path]) -> list[Path]:
+        """Files an older run left at these paths that this run will not overwrite."""
+        stale = [] if self.anchor is not None or not paths["anchor"].is_file() else [paths["anchor"]]
+        if self.plan is None and paths["plan"].is_file():
+            stale.append(paths["plan"])
+        keep = {f"{i:02d}.png" for i in range(len(self.anchor.candidates) if self.anchor else 0)}
+        if paths["candidates"].is_dir():
+            stale += [p for p in paths["candidates"].glob("[0-9][0-9].png") if p.name not in keep]
+        return stale
 
 
 def output_paths(out_dir: Path, stem: str | None = None) -> dict[str, Path]:
@@ -99,41 +133,120 @@ def output_paths(out_dir: Path, stem: str | None = None) -> dict[str, Path]:
             "run": out_dir / f"{stem}.run.json"}
 
 
-def package_versions() -> dict[str, str]:
-    import importlib.metadata as md
+MAX_SEED = 2**32 - 1  # numpy's limit; torch takes more, but one range for every seed keeps runs portable
 
-    versions = {"python": platform.python_version()}
-    for name in ("fvg", "torch", "diffusers", "transformers", "peft", "accelerate"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+
+def validate_seed(seed: int, what: str = "seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise FvgError(f"{what} must be an integer from 0 to {MAX_SEED}, got {seed}")
+    return seed
+
+
+def validate_device(device: str) -> str:
+    """FvgError unless `device` names a device torch has here ("cuda:7" on a one-GPU or CPU machine)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise FvgError(f"unknown device '{device}': {' '.join(str(exc).split())}") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise FvgError(f"device '{device}' is not available: this torch build sees no CUDA GPU")
+        if parsed.index is not None and parsed.index >= count:
+            raise FvgError(f"device '{device}' is not available: {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise FvgError(f"device '{device}' is not available on this machine")
+    elif parsed.type not in {"cpu", "cuda", "mps"}:
+        raise FvgError(f"device '{device}' is not supported (use cpu, cuda, cuda:N or mps)")
+    return device
+
+
+def validate_call(seed: int, num_candidates: int, selected: int, steps: int | None,
+                  guidance_scale: float | None) -> None:
+    """The per-video settings, checked before any model runs (the CLI calls it before loading them)."""
+    if not isinstance(num_candidates, int) or not 1 <= num_candidates <= 64:
+        raise FvgError(f"the number of anchor candidates must be from 1 to 64, got {num_candidates}")
+    if not isinstance(selected, int) or not 0 <= selected < num_candidates:
+        raise FvgError(f"--select must be from 0 to {num_candidates - 1} (of {num_candidates} candidates), "
+                       f"got {selected}")
+    validate_seed(seed)
+    validate_seed(seed + num_candidates - 1, f"seed + candidates - 1 (candidate {num_candidates - 1}'s seed)")
+    if steps is not None and steps < 1:
+        raise FvgError(f"steps must be at least 1, got {steps}")
+    if steps is not None and steps > 10_000:
+        raise FvgError(f"steps must be at most 10000, got {steps}")
+    if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise FvgError(f"guidance must be a finite number >= 0, got {guidance_scale}")
+
+
+def _load_loras_explained(pipe, lora: str | None, lora_2: str | None, model: str) -> None:
+    """`load_expert_loras` with diffusers' multi-line "size mismatch" log silenced and its error
+    turned into one line naming the first mismatching weight."""
+    import logging
+
+    from fvg.animate.lora import explain_shape_mismatch
+
+    diffusers_logger = logging.getLogger("diffusers.loaders.peft")  # logs the whole error before raising it
+    level = diffusers_logger.level
+    diffusers_logger.setLevel(logging.CRITICAL)
+    try:
+        load_expert_loras(pipe, lora, lora_2)
+    except FvgError as exc:
+        cause = exc.__cause__ or exc.__context__
+        for path in dict.fromkeys(filter(None, (lora, lora_2))):
+            explained = explain_shape_mismatch(path, model, str(cause)) if cause is not None else None
+            if explained is not None:
+                raise FvgError(explained) from None
+        raise
+    finally:
+        diffusers_logger.setLevel(level)
 
 
 class FactorizedPipeline:
-    """The three stages of Factorized Video Generation, loaded from a preset."""
+    """The three stages of Factorized Video Generation, loaded from a preset.
+
+    Models load on the host when first needed; each stage's models go to the device only while
+    that stage runs (`fvg.residency`), in the memory mode `memory` (auto, gpu, model-offload,
+    group-offload, sequential). `cpu_offload=True` is the older spelling of `memory="model-offload"`.
+    """
 
     def __init__(self, preset: Preset, device: str | None = None, dtype: str | torch.dtype | None = None,
-                 cpu_offload: bool = False, vae_tiling: bool = False, planner_options: dict | None = None):
+                 cpu_offload: bool = False, vae_tiling: bool | None = None, planner_options: dict | None = None,
+                 memory: str = "auto"):
         self.preset = preset
-        self.device = device or default_device()
+        self.family = get_family(preset.family)
+        self.device = validate_device(device) if device else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
-        self.cpu_offload = cpu_offload
-        self.vae_tiling = vae_tiling
+        self.memory = "model-offload" if cpu_offload and memory == "auto" else memory
+        # Decoding 704p and larger videos in one piece needs tens of GiB: tile there unless told otherwise.
+        self.vae_tiling = preset.height * preset.width >= 704 * 1280 if vae_tiling is None else vae_tiling
         self.planner_options = dict(planner_options or {})
+        self.residency = StageResidency(self.device, self.memory)
         self._planner = None
         self._anchor_source = None
         self._video_pipe = None
 
+    @property
+    def cpu_offload(self) -> bool:
+        return self.memory == "model-offload"
+
     @classmethod
     def from_preset(cls, name: str = DEFAULT_PRESET, *, device: str | None = None, dtype: str | torch.dtype | None = None,
-                    cpu_offload: bool = False, vae_tiling: bool = False, planner_options: dict | None = None,
-                    **overrides) -> "FactorizedPipeline":
+                    cpu_offload: bool = False, vae_tiling: bool | None = None, planner_options: dict | None = None,
+                    memory: str = "auto", **overrides) -> "FactorizedPipeline":
         """`overrides` are preset fields (video_model, lora, height, num_frames, planner, ...)."""
+        from fvg.animate.lora import check_lora_file
+
         preset = get_preset(name, **overrides)
-        validate_video_shape(preset.height, preset.width, preset.num_frames)
-        return cls(preset, device, dtype, cpu_offload, vae_tiling, planner_options)
+        get_family(preset.family).check_shape(preset.height, preset.width, preset.num_frames)
+        if not 1 <= preset.fps <= 240:
+            raise FvgError(f"fps must be from 1 to 240, got {preset.fps}")
+        experts = count_experts(preset.video_model)  # the LoRA choice fails here, before any model loads
+        if experts is not None:
+            preset = replace(preset, lora_2=resolve_lora_2(preset.lora, preset.lora_2, experts == 2))
+        for lora in dict.fromkeys(filter(None, (preset.lora, preset.lora_2))):
+            check_lora_file(lora)
+        return cls(preset, device, dtype, cpu_offload, vae_tiling, planner_options, memory)
 
     # -- stages, each usable alone -------------------------------------------------------------
 
@@ -154,33 +267,30 @@ class FactorizedPipeline:
             if p.anchor_model == "builtin:tiny-qwen-image":
                 from fvg.tiny import tiny_qwen_image_pipeline
 
-                pipe = tiny_qwen_image_pipeline().to(self.device)
+                pipe = tiny_qwen_image_pipeline()
                 self._anchor_source = DiffusersAnchorSource(pipe, model_id=p.anchor_model, **kwargs)
-            else:
+            else:  # loaded on the host: `make_anchor` places it for the anchor stage only
                 self._anchor_source = DiffusersAnchorSource.from_pretrained(
-                    p.anchor_model, dtype=self.dtype, device=self.device, **kwargs)
+                    p.anchor_model, dtype=self.dtype, device="cpu", **kwargs)
         return self._anchor_source
 
     @property
     def video_pipe(self):
         if self._video_pipe is None:
             p = self.preset
-            if p.family == "wan":
-                pipe = load_wan_pipeline(p.video_model, self.dtype, p.flow_shift)
-            elif p.family == "cogvideox":
-                pipe = load_cogvideox_pipeline(p.video_model, self.dtype)
-            else:
-                raise FvgError(f"video model family '{p.family}' is not implemented")
-            if p.lora:
-                load_anchor_lora(pipe, p.lora, "transformer")
-                if getattr(pipe, "transformer_2", None) is not None:
-                    load_anchor_lora(pipe, p.lora_2 or p.lora, "transformer_2")
+            pipe = self.family.load_pipeline(p.video_model, self.dtype, p.flow_shift)
+            two_experts = getattr(pipe, "transformer_2", None) is not None
+            self.preset = p = replace(p, lora_2=resolve_lora_2(p.lora, p.lora_2, two_experts))
+            _load_loras_explained(pipe, p.lora, p.lora_2, p.video_model)
             pipe.set_progress_bar_config(disable=True)
-            self._video_pipe = apply_memory_options(pipe, self.device, self.cpu_offload, self.vae_tiling)
+            if self.vae_tiling:
+                pipe.vae.enable_tiling()
+            self._video_pipe = pipe  # on the host until the animate stage places it
         return self._video_pipe
 
     def load(self, mode: str = "factorized", anchor_model: bool = True) -> "FactorizedPipeline":
-        """Load what `mode` needs now, so a missing checkpoint fails before any compute is spent."""
+        """Load what `mode` needs now, on the host, so a missing checkpoint fails before any compute
+        is spent; nothing is placed on the device until its stage runs."""
         validate_mode(mode)
         if mode != "t2v":
             self.planner
@@ -190,19 +300,25 @@ class FactorizedPipeline:
         return self
 
     def plan(self, prompt: str) -> Plan:
-        return self.planner.plan(prompt)
+        planner = self.planner
+        if hasattr(planner, "loaded_model") and not planner.cached(prompt):  # a local LLM computes
+            self.residency.enter("plan", planner)
+        return planner.plan(prompt)
 
     def make_anchor(self, caption: str, seed: int = 0, num_candidates: int = 1, selected: int = 0,
                     progress: ProgressFn | None = None) -> AnchorResult:
         p = self.preset
         report = (lambda i, n: progress("anchor", i, n)) if progress else None
-        return self.anchor_source(caption, p.height, p.width, num_candidates, seed, selected, progress=report)
+        source = self.anchor_source
+        self.residency.enter("anchor", source.pipe)
+        return source(caption, p.height, p.width, num_candidates, seed, selected, progress=report)
 
     def anchor_from_image(self, image: str | Path | Image.Image) -> AnchorResult:
         if isinstance(image, Image.Image):
             from fvg.anchor import AnchorCandidate
 
-            fitted = fit_to_resolution(image, self.preset.height, self.preset.width)
+            check_image_size(image.width, image.height)
+            fitted = fit_to_resolution(to_rgb(image), self.preset.height, self.preset.width)
             return AnchorResult([AnchorCandidate(fitted, None)], source="file", model="<image>")
         return FileAnchorSource()(image, self.preset.height, self.preset.width)
 
@@ -210,22 +326,15 @@ class FactorizedPipeline:
                 guidance_scale: float | None = None, progress: ProgressFn | None = None) -> np.ndarray:
         p = self.preset
         pipe = self.video_pipe
+        self.residency.enter("animate", pipe)
         callback = None
         if progress is not None:
             def callback(_pipe, i, _t, kwargs):
                 progress("animate", i + 1, steps)
                 return {}
-        if p.lora:
-            # The anchor LoRA serves the anchored mode; the baselines are the plain base model, as in the paper.
-            pipe.enable_lora() if anchor is not None else pipe.disable_lora()
-        kwargs = {}
-        if p.family == "cogvideox":
-            if anchor is not None and pipe.patch_size_t == 2 and (p.num_frames - 1) % 8:
-                raise FvgError(f"anchored CogVideoX1.5 needs 8n+1 frames (e.g. 81, 49, 17), got {p.num_frames}: "
-                               "the anchor fills the first temporal patch (docs/cogvideox.md)")
-            kwargs["max_sequence_length"] = pipe.transformer.config.max_text_seq_length
-        elif pipe.config.boundary_ratio is not None:  # Wan2.2-A14B's low-noise expert
-            kwargs["guidance_scale_2"] = p.guidance_scale_2
+        # The anchor LoRA serves the anchored mode; the baselines are the plain base model, as in the paper.
+        set_anchor_lora(pipe, anchor is not None)
+        kwargs = self.family.call_arguments(pipe, p, anchored=anchor is not None)
         result = pipe(
             prompt=prompt, negative_prompt=p.negative_prompt or None, anchor=anchor,
             height=p.height, width=p.width, num_frames=p.num_frames, num_inference_steps=steps,
@@ -247,9 +356,8 @@ class FactorizedPipeline:
         prompt = prompt.strip()
         if anchor_image is not None and mode != "factorized":
             raise FvgError(f"an anchor image only applies to mode 'factorized', not '{mode}'")
+        validate_call(seed, num_candidates, selected, steps, guidance_scale)
         steps = self.preset.steps_for(mode) if steps is None else steps
-        if steps < 1:
-            raise FvgError(f"steps must be at least 1, got {steps}")
         timings: dict[str, float] = {}
         warnings: list[str] = []
 
@@ -288,7 +396,7 @@ class FactorizedPipeline:
             "preset": self.preset.name, **asdict(self.preset),
             "guidance_scale": self.preset.guidance_scale if guidance_scale is None else guidance_scale,
             "device": self.device, "dtype": str(self.dtype).removeprefix("torch."),
-            "cpu_offload": self.cpu_offload, "vae_tiling": self.vae_tiling,
+            "memory": self.memory, "memory_modes": dict(self.residency.modes), "vae_tiling": self.vae_tiling,
         }
         return FactorizedOutput(frames, mode, prompt, video_prompt, seed, steps, self.preset.fps, plan, anchor,
                                 timings, settings, warnings)

@@ -20,7 +20,7 @@ MODES = ("t2v", "upsampled", "factorized")
 class Preset:
     name: str
     description: str
-    family: str  # "wan" or "cogvideox": which animate backend samples it
+    family: str  # a `fvg.families` name: which family loads and samples the video model
     video_model: str
     anchor_model: str | None
     height: int
@@ -31,7 +31,9 @@ class Preset:
     flow_shift: float | None = None
     guidance_scale_2: float | None = None  # Wan2.2-A14B's low-noise expert
     lora: str | None = None  # the anchor LoRA (high-noise expert for A14B)
-    lora_2: str | None = None  # A14B low-noise expert; defaults to `lora`
+    # A14B low-noise expert: a file, "same" (`lora` in both experts) or "none" (no LoRA). Unset with `lora`
+    # set: the `anchor_lora_2*` file next to it, else an error (fvg.animate.loading.resolve_lora_2).
+    lora_2: str | None = None
     needs_lora: bool = False  # T2V checkpoints respect an anchor only once the anchor LoRA is loaded
     steps_factorized: int = 15  # the paper: anchored sampling holds up at 15 steps
     steps_baseline: int = 50
@@ -41,7 +43,6 @@ class Preset:
     anchor_area: int | None = None  # generate anchors at the video's aspect ratio with this many pixels
     planner: str = "rules"
     planner_model: str | None = None
-    implemented: bool = True
     output_is_noise: bool = False
 
     def steps_for(self, mode: str) -> int:
@@ -123,18 +124,7 @@ PRESETS: dict[str, Preset] = {
 def get_preset(name: str, **overrides) -> Preset:
     if name not in PRESETS:
         raise FvgError(f"unknown preset '{name}' (choose from: {', '.join(PRESETS)})")
-    preset = PRESETS[name].replace(**overrides)
-    if not preset.implemented:
-        raise FvgError(f"preset '{name}' is listed but not implemented yet: {preset.description}")
-    return preset
-
-
-def validate_video_shape(height: int, width: int, num_frames: int) -> None:
-    """Wan's VAE needs 4n+1 frames and the transformer 16-pixel multiples: say so before loading anything."""
-    if num_frames < 1 or (num_frames - 1) % 4:
-        raise FvgError(f"frames must be 4n+1 (e.g. 17, 49, 81), got {num_frames}")
-    if height % 16 or width % 16 or height <= 0 or width <= 0:
-        raise FvgError(f"height and width must be positive multiples of 16, got {height}x{width}")
+    return PRESETS[name].replace(**overrides)
 
 
 def validate_mode(mode: str) -> None:

@@ -5,6 +5,15 @@ as in the paper, FLUX, SDXL, SD3 through `AutoPipelineForText2Image`, or a one-f
 model such as MiniWorld's) and keeps every candidate with its seed. `FileAnchorSource`
 takes the user's own image. Either way the anchor is fitted to the video resolution
 (scaled to cover, then centre-cropped) so that it encodes to exactly one latent frame.
+
+Each text-to-image family takes its guidance differently (`anchor_call_style`): Qwen-Image
+runs true classifier-free guidance (`true_cfg_scale` with the negative prompt " ", as its
+reference code); FLUX.1 takes `guidance_scale` as the distilled guidance embedding and runs
+one pass per step (its `true_cfg_scale` stays off: true CFG would double the cost and leave
+the distribution the model was distilled on); SD3 and SDXL run CFG through `guidance_scale`
+with their own empty negative prompt. Families are told apart by pipeline class, never by
+call parameters (FLUX's `__call__` also has `true_cfg_scale`). Any other class gets
+`guidance_scale` if its `__call__` takes one, else its own defaults.
 """
 
 from __future__ import annotations
@@ -89,6 +98,37 @@ def _is_video_pipeline_dir(model_id: str) -> bool:
     return name not in {cls.__name__ for cls in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.values()}
 
 
+@dataclass(frozen=True)
+class AnchorCallStyle:
+    """How one text-to-image family takes the anchor's guidance scale."""
+
+    family: str  # recorded in the anchor settings of every run
+    guidance_arg: str | None  # the `__call__` argument that gets the scale; None: the pipeline's default
+    negative_prompt: bool = False  # true CFG that needs a negative prompt (Qwen-Image)
+
+
+QWEN_IMAGE_STYLE = AnchorCallStyle("qwen-image", "true_cfg_scale", negative_prompt=True)
+FLUX_STYLE = AnchorCallStyle("flux", "guidance_scale")  # distilled guidance, one pass per step
+SD3_STYLE = AnchorCallStyle("sd3", "guidance_scale")
+SDXL_STYLE = AnchorCallStyle("sdxl", "guidance_scale")
+VIDEO_STYLE = AnchorCallStyle("one-frame-video", "guidance_scale")  # e.g. MiniWorld's one-frame Wan model
+
+
+def anchor_call_style(pipe) -> AnchorCallStyle:
+    """The call style of `pipe`'s family, by class (subclasses included); see the module docstring."""
+    from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
+
+    for cls, style in ((QwenImagePipeline, QWEN_IMAGE_STYLE), (FluxPipeline, FLUX_STYLE),
+                       (StableDiffusion3Pipeline, SD3_STYLE), (StableDiffusionXLPipeline, SDXL_STYLE)):
+        if isinstance(pipe, cls):
+            return style
+    params = inspect.signature(type(pipe).__call__).parameters
+    if "num_frames" in params:
+        return VIDEO_STYLE
+    guidance = "guidance_scale" if "guidance_scale" in params else None
+    return AnchorCallStyle(f"other:{type(pipe).__name__}", guidance)
+
+
 class DiffusersAnchorSource:
     """Any diffusers text-to-image pipeline, called with the first-frame caption."""
 
@@ -102,9 +142,8 @@ class DiffusersAnchorSource:
         self.guidance_scale = guidance_scale
         self.native_area = native_area
         self.negative_prompt = negative_prompt
-        self._call_params = set(inspect.signature(type(pipe).__call__).parameters)
+        self.style = anchor_call_style(pipe)
         pipe.set_progress_bar_config(disable=True)
-        self._is_video_model = "num_frames" in self._call_params  # e.g. a one-frame Wan model
 
     @classmethod
     def from_pretrained(cls, model_id: str, dtype: torch.dtype | None = torch.bfloat16, device: str = "cpu",
@@ -121,16 +160,13 @@ class DiffusersAnchorSource:
         generator = torch.Generator("cpu").manual_seed(seed)
         kwargs = dict(prompt=caption, height=height, width=width, num_inference_steps=self.steps,
                       generator=generator)
-        if self._is_video_model:
-            kwargs.update(num_frames=1, guidance_scale=self.guidance_scale, output_type="np")
-            frame = self.pipe(**kwargs).frames[0][0]
+        if self.style.guidance_arg is not None:
+            kwargs[self.style.guidance_arg] = self.guidance_scale
+        if self.style.negative_prompt and self.guidance_scale > 1:  # true CFG runs only with a negative prompt
+            kwargs.update(negative_prompt=self.negative_prompt)
+        if self.style is VIDEO_STYLE:
+            frame = self.pipe(**kwargs, num_frames=1, output_type="np").frames[0][0]
             return Image.fromarray((np.clip(frame, 0, 1) * 255 + 0.5).astype(np.uint8))
-        if "true_cfg_scale" in self._call_params:  # Qwen-Image: real CFG needs a negative prompt
-            kwargs.update(true_cfg_scale=self.guidance_scale)
-            if self.guidance_scale > 1:
-                kwargs.update(negative_prompt=self.negative_prompt)
-        else:
-            kwargs.update(guidance_scale=self.guidance_scale)
         return self.pipe(**kwargs, output_type="pil").images[0]
 
     def __call__(self, caption: str, height: int, width: int, num_candidates: int = 1, seed: int = 0,
@@ -146,5 +182,6 @@ class DiffusersAnchorSource:
             candidates.append(AnchorCandidate(fit_to_resolution(image, height, width), seed + i))
             if progress is not None:
                 progress(i + 1, num_candidates)
-        settings = {"steps": self.steps, "guidance_scale": self.guidance_scale, "generation_size": [gen_h, gen_w]}
+        settings = {"steps": self.steps, "guidance_scale": self.guidance_scale, "generation_size": [gen_h, gen_w],
+                    "call_style": self.style.family, "guidance_arg": self.style.guidance_arg}
         return AnchorResult(candidates, selected, "diffusers", self.model_id, caption, settings)

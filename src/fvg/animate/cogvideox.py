@@ -23,7 +23,7 @@ timestep 0 in every denoising step. CogVideoX needs two things diffusers does no
    padding frame is dropped as usual, so the decoded video starts with exactly the anchor
    latent. This needs an odd number of latent frames (`num_frames = 8n + 1`, e.g. 81, 49,
    17, 9); otherwise the first patch would hold a frame that must be generated. Training
-   (`fvg.train.cogvideox`) lays out clips the same way. CogVideoX 1.0 (`patch_size_t=None`)
+   (`fvg.families.cogvideox`) lays out clips the same way. CogVideoX 1.0 (`patch_size_t=None`)
    pins latent frame 0 only.
 
 The anchor latent is the VAE posterior mode of the anchor encoded as a one-frame video,
@@ -37,6 +37,7 @@ Without an anchor, `AnchoredCogVideoXPipeline.__call__` is `CogVideoXPipeline.__
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -138,12 +139,37 @@ def _swap(module: torch.nn.Module) -> None:
     raise TypeError(f"cannot add per-frame timesteps to {type(module).__name__}: not the diffusers class")
 
 
+def register_block_for_caches() -> None:
+    """Give `FrameCogVideoXBlock` the block metadata diffusers keeps for `CogVideoXBlock`.
+
+    diffusers' FirstBlockCache, MagCache and layer skipping look every block's class up, by exact
+    class, in `TransformerBlockRegistry` (which output is the hidden states, which the text
+    states); an unregistered subclass makes `enable_cache` refuse the whole transformer. The
+    subclass has the stock block's signature and outputs, so it gets a copy of the stock entry.
+
+    Decision: register the subclass rather than swap classes only while anchored. The hooks
+    bind each block's forward when the cache is enabled, so a class swapped per call would run
+    under hooks bound to the other class (silently wrong), and `torch.compile` guards on the
+    class; one class for the model's life keeps both working, and the 1-D path is the stock code.
+    Idempotent.
+    """
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    if FrameCogVideoXBlock in TransformerBlockRegistry._registry:
+        return
+    stock = TransformerBlockRegistry.get(CogVideoXBlock)
+    TransformerBlockRegistry.register(FrameCogVideoXBlock, dataclasses.replace(
+        stock, _cls=None, _cached_parameter_indices=None))
+
+
 def use_frame_timesteps(transformer) -> None:
     """Let a `CogVideoXTransformer3DModel` take per-frame timesteps [B, 1 + T] (see the module docstring).
 
     Swaps the class of `time_proj`, every block, its `norm1`/`norm2` and `norm_out` in place; the
-    weights, state dict keys, LoRA adapters and 1-D behaviour are unchanged. Idempotent.
+    weights, state dict keys, LoRA adapters and 1-D behaviour are unchanged, and diffusers' cache
+    hooks accept the swapped blocks (`register_block_for_caches`). Idempotent.
     """
+    register_block_for_caches()
     if getattr(transformer, "_fvg_frame_timesteps", False):
         return
     _swap(transformer.time_proj)
@@ -191,8 +217,6 @@ def anchor_layout(latent_frames: int, patch_size_t: int | None) -> tuple[int, in
 class AnchoredCogVideoXPipeline(CogVideoXPipeline):
     """`CogVideoXPipeline` whose first temporal patch can be pinned to an anchor image at timestep 0."""
 
-    fvg_family = "cogvideox"
-
     def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler):
         super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                          scheduler=scheduler)
@@ -210,6 +234,15 @@ class AnchoredCogVideoXPipeline(CogVideoXPipeline):
         device = get_module_execution_device(vae)
         latent = retrieve_latents(vae.encode(pixels.to(device, vae.dtype)), sample_mode="argmax")
         return latent.float().permute(0, 2, 1, 3, 4) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """`CogVideoXPipeline.decode_latents` on latents cast to the VAE's device and dtype first.
+
+        The VAE stays in float32 while the transformer samples in bf16/fp16 (`load_cogvideox_pipeline`):
+        the stock method hands the sampler's dtype to the VAE's convolutions, which refuse it.
+        """
+        return super().decode_latents(latents.to(get_module_execution_device(self.vae), self.vae.dtype))
 
     @torch.no_grad()
     def encode_anchor(self, image: Image.Image | torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""Loading the video model for a preset: checkpoints, scheduler shift, anchor LoRA, memory knobs."""
+"""Loading helpers shared by every family: dtype and device, the anchor LoRA, memory knobs.
+
+Each family loads its own checkpoints (`ModelFamily.load_pipeline`, `fvg.families`)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from fvg.io import FvgError, load_or_explain
+from fvg.io import DTYPE_NAMES, FvgError
 
 ANCHOR_ADAPTER = "anchor"
+log = logging.getLogger("fvg.animate")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
@@ -17,66 +20,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         return dtype
     if dtype is None:
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
+    if dtype not in DTYPE_NAMES:
         raise FvgError(f"unknown dtype '{dtype}' (choose from: float32, bfloat16, float16)")
-    return names[dtype]
+    return getattr(torch, DTYPE_NAMES[dtype])
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_wan_pipeline(model_id: str, dtype: torch.dtype, flow_shift: float | None = None):
-    """An `AnchoredWanPipeline` from a diffusers Wan checkpoint (T2V, TI2V or the A14B pair).
-
-    The VAE stays in float32 as Wan's reference code keeps it: bf16 decoding shows banding.
-    """
-    from diffusers import AutoencoderKLWan
-
-    from fvg.animate.wan import AnchoredWanPipeline
-
-    if model_id == "builtin:tiny-wan":
-        from fvg.tiny import tiny_wan_components
-
-        pipe = AnchoredWanPipeline(**tiny_wan_components())  # built in float32
-        if dtype != torch.float32:
-            for module in (pipe.transformer, pipe.text_encoder):
-                module.to(dtype)
-    else:
-        vae = load_or_explain(AutoencoderKLWan.from_pretrained, model_id, subfolder="vae", dtype=torch.float32)
-        pipe = load_or_explain(AnchoredWanPipeline.from_pretrained, model_id, vae=vae, dtype=dtype)
-    if flow_shift is not None and "flow_shift" in pipe.scheduler.config:
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=flow_shift)
-    elif flow_shift is not None and "shift" in pipe.scheduler.config:
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=flow_shift)
-    return pipe
-
-
-def load_cogvideox_pipeline(model_id: str, dtype: torch.dtype, vae_tiling: bool | None = None):
-    """An `AnchoredCogVideoXPipeline` from a diffusers CogVideoX text-to-video checkpoint (e.g. THUDM/CogVideoX1.5-5B).
-
-    The VAE stays in float32, as for Wan. Real checkpoints get VAE tiling by default (diffusers'
-    CogVideoX1.5 recipe: a 81 x 768 x 1360 decode does not fit otherwise); `vae_tiling=False` turns it off.
-    """
-    from diffusers import AutoencoderKLCogVideoX
-
-    from fvg.animate.cogvideox import AnchoredCogVideoXPipeline
-
-    if model_id == "builtin:tiny-cogvideox":
-        from fvg.tiny import tiny_cogvideox_components
-
-        pipe = AnchoredCogVideoXPipeline(**tiny_cogvideox_components())  # built in float32
-        if dtype != torch.float32:
-            for module in (pipe.transformer, pipe.text_encoder):
-                module.to(dtype)
-        return pipe
-    vae = load_or_explain(AutoencoderKLCogVideoX.from_pretrained, model_id, subfolder="vae", dtype=torch.float32)
-    pipe = load_or_explain(AnchoredCogVideoXPipeline.from_pretrained, model_id, vae=vae, dtype=dtype)
-    if vae_tiling is not False:
-        pipe.vae.enable_tiling()
-    return pipe
 
 
 def load_anchor_lora(pipe, path: str, expert: str = "transformer", adapter_name: str = ANCHOR_ADAPTER) -> None:
@@ -106,17 +56,106 @@ def load_anchor_lora(pipe, path: str, expert: str = "transformer", adapter_name:
         raise FvgError(f"LoRA {path} matched no weights of the {expert}: wrong model or key format")
 
 
+# `lora_2` values that are not files: the first LoRA again, or the low-noise expert left plain.
+SAME_LORA, NO_LORA = "same", "none"
+
+
+def count_experts(model_id: str) -> int | None:
+    """1 or 2 (Wan2.2-A14B's pair): the transformers a checkpoint holds, read from its model_index.json
+    without loading anything. None when the index cannot be read here (a hub id not in the local cache)."""
+    import json
+
+    if model_id.startswith("builtin:"):
+        return 1
+    index = Path(model_id) / "model_index.json"
+    if not index.is_file() and _looks_like_hub_id(model_id):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model_id, "model_index.json")
+        index = Path(cached) if isinstance(cached, str) else index
+    try:
+        components = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    second = components.get("transformer_2")
+    return 2 if isinstance(second, list) and second[0] is not None else 1
+
+
+def _sibling_lora_2(lora: str) -> Path | None:
+    """An `anchor_lora_2*.safetensors` written by `fvg train` next to the high-noise expert's LoRA.
+
+    The same key format first (`anchor_lora_wan.safetensors` -> `anchor_lora_2_wan.safetensors`), then
+    the diffusers file `anchor_lora_2.safetensors`, then the only candidate; several others: an error.
+    """
+    first = Path(lora)
+    candidates = sorted(p for p in first.parent.glob("anchor_lora_2*.safetensors") if p != first)
+    if not first.is_file() or not candidates:
+        return None
+    preferred = [first.parent / "anchor_lora_2.safetensors"]
+    if first.name.startswith("anchor_lora"):
+        preferred.insert(0, first.parent / ("anchor_lora_2" + first.name.removeprefix("anchor_lora")))
+    for path in preferred:
+        if path in candidates:
+            return path
+    if len(candidates) == 1:
+        return candidates[0]
+    raise FvgError(f"several low-noise expert LoRAs next to {lora} ({', '.join(p.name for p in candidates)}): "
+                   "choose one with --lora-2 FILE")
+
+
+def resolve_lora_2(lora: str | None, lora_2: str | None, two_experts: bool) -> str | None:
+    """What the low-noise expert (`transformer_2`) of a two-expert Wan2.2-A14B loads.
+
+    Returns a LoRA path, `NO_LORA` (the expert runs without one, asked for by `lora_2="none"`), or
+    None (a one-expert model, or no LoRA at all). `lora_2="same"` loads `lora` into both experts.
+    With `lora` alone, an `anchor_lora_2*` file next to it is taken (and logged).
+
+    Decision: a two-expert model given one LoRA and no second is an error, not a warning. The
+    experts are separate networks trained on separate noise ranges; loading the high-noise LoRA
+    into the low-noise expert (what fvg did silently before) or leaving that expert plain are
+    both choices the user must make (`--lora-2 same`, `--lora-2 none`), and a warning would
+    scroll past while the wrong video renders for minutes.
+    """
+    if not two_experts:
+        if lora_2 is not None:
+            raise FvgError("--lora-2 is for two-expert models (Wan2.2-A14B's low-noise expert): this model has one "
+                           "transformer, pass its LoRA with --lora")
+        return None
+    if lora_2 == SAME_LORA:
+        if lora is None:
+            raise FvgError("--lora-2 same loads the --lora file into both experts: pass --lora FILE too")
+        return lora
+    if lora_2 is not None:
+        return lora_2
+    if lora is None:
+        return None
+    sibling = None if _looks_like_hub_id(lora) else _sibling_lora_2(lora)
+    if sibling is None:
+        raise FvgError(f"this model has two experts and --lora {lora} is the high-noise expert's: pass the low-noise "
+                       "expert's with --lora-2 FILE (fvg train writes anchor_lora_2.safetensors), or --lora-2 same "
+                       "(this LoRA in both) or --lora-2 none (low-noise expert without a LoRA)")
+    log.info("low-noise expert LoRA: %s (found next to %s; --lora-2 chooses another)", sibling, lora)
+    return str(sibling)
+
+
+def load_expert_loras(pipe, lora: str | None, lora_2: str | None) -> None:
+    """Load the anchor LoRA into `transformer` and `lora_2` (from `resolve_lora_2`) into `transformer_2`."""
+    if lora:
+        load_anchor_lora(pipe, lora, "transformer")
+    if lora_2 not in (None, NO_LORA):
+        load_anchor_lora(pipe, lora_2, "transformer_2")
+
+
+def set_anchor_lora(pipe, enabled: bool) -> None:
+    """Switch the anchor LoRA on or off in each expert that has one (a no-op without any).
+
+    Per expert because `pipe.enable_lora()` / `disable_lora()` raise on an expert without adapters,
+    which is the case for A14B run with `--lora-2 none`."""
+    for name in ("transformer", "transformer_2"):
+        model = getattr(pipe, name, None)
+        if model is not None and getattr(model, "_hf_peft_config_loaded", False):
+            model.enable_lora() if enabled else model.disable_lora()
+
+
 def _looks_like_hub_id(path: str) -> bool:
     return path.count("/") == 1 and not path.endswith(".safetensors")
-
-
-def apply_memory_options(pipe, device: str, cpu_offload: bool = False, vae_tiling: bool = False):
-    if vae_tiling:
-        pipe.vae.enable_tiling()
-    if cpu_offload:
-        if not device.startswith("cuda"):
-            raise FvgError("--cpu-offload needs a CUDA device (it moves models between CPU and GPU)")
-        pipe.enable_model_cpu_offload(device=device)  # each process offloads to its own GPU
-    else:
-        pipe.to(device)
-    return pipe

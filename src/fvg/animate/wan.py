@@ -11,22 +11,193 @@ It equals diffusers' `WanImageToVideoPipeline(expand_timesteps=True)` (Wan2.2-TI
 native mode, which diffusers also runs on 16-channel T2V transformers) for patch
 (1, 2, 2), and unlike that pipeline it works for any spatial patch size and keeps the
 two-expert switch of Wan2.2-A14B.
+
+**Per-frame modulation.** Stock diffusers runs an anchored Wan forward with a per-token
+timestep `[B, seq]`, so it builds a `[B, seq, 6, dim]` modulation tensor and, in every block,
+fp32 copies of it (for Wan2.2-A14B at 720x1280x81: about 3x the plain forward's activations).
+Yet only one timestep per latent frame exists. The pipeline therefore passes a per-frame
+timestep `[B, F]` (F latent frames after the temporal patch) and runs the transformer(s) as
+`FrameWanTransformer3DModel`, a subclass that changes only how modulation is broadcast: each
+frame's `[6, dim]` shift/scale/gate row is applied to that frame's tokens through a
+`[B, F, tokens, dim]` view, never materialised per token. Weights, state dict and outputs are
+the stock model's (equal to the per-token path within fp32 rounding; bit for bit with a 1-D
+timestep). Decisions:
+
+- The swap happens once, when the pipeline is built, so that hooks added later (diffusers'
+  caches and group offloading, accelerate's CPU offload) wrap the subclass's `forward`.
+  Build the pipeline first, then enable caches or offloading.
+- The block subclass is registered in diffusers' `TransformerBlockRegistry` with
+  `WanTransformerBlock`'s metadata and listed in `_repeated_blocks`, so FirstBlockCache,
+  MagCache, layer skipping and regional compilation accept it.
+- `modulation="token"` keeps diffusers' per-token path (it is what the bitwise-equality test
+  against `WanImageToVideoPipeline(expand_timesteps=True)` checks).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import dataclasses
+
 import torch
-from diffusers import WanPipeline
+from diffusers import WanPipeline, WanTransformer3DModel
+from diffusers.hooks._helpers import TransformerBlockRegistry
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
+from diffusers.utils import apply_lora_scale
 from diffusers.utils.torch_utils import get_module_execution_device
 from PIL import Image
+
+# -- per-frame modulation: subclasses swapped into an existing transformer -------------------------
+
+
+def _per_frame(temb: torch.Tensor, hidden_states: torch.Tensor) -> bool:
+    """A modulation with one row per latent frame (F rows for F x tokens_per_frame tokens)."""
+    return temb.shape[1] != hidden_states.shape[1]
+
+
+class FrameWanTransformerBlock(WanTransformerBlock):
+    """`WanTransformerBlock` that also takes `temb` [B, F, 6, dim] (one row per latent frame).
+
+    Stock code for [B, 6, dim] and per-token [B, seq, 6, dim]. Changes from diffusers' forward
+    are marked `# fvg:`; the arithmetic (fp32 modulation, dtype casts) is the stock one, only
+    broadcast over a [B, F, tokens, dim] view instead of a materialised per-token tensor.
+    """
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
+        if temb.ndim != 4 or not _per_frame(temb, hidden_states):
+            return super().forward(hidden_states, encoder_hidden_states, temb, rotary_emb)
+        frames = temb.shape[1]
+
+        def by_frame(x: torch.Tensor) -> torch.Tensor:  # fvg: [B, seq, dim] -> [B, F, tokens, dim] view
+            return x.unflatten(1, (frames, -1))
+
+        # fvg: [B, F, 1, dim] rows, fp32 as in diffusers (the table is kept in fp32)
+        shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (
+            self.scale_shift_table.unsqueeze(0) + temb.float()
+        ).unsqueeze(2).unbind(dim=3)
+
+        # 1. Self-attention
+        norm_hidden_states = (by_frame(self.norm1(hidden_states.float())) * (1 + scale_msa) + shift_msa
+                              ).flatten(1, 2).type_as(hidden_states)
+        attn_output = self.attn1(norm_hidden_states, None, None, rotary_emb)
+        hidden_states = (by_frame(hidden_states.float()) + by_frame(attn_output) * gate_msa
+                         ).flatten(1, 2).type_as(hidden_states)
+
+        # 2. Cross-attention (no modulation)
+        norm_hidden_states = self.norm2(hidden_states.float()).type_as(hidden_states)
+        attn_output = self.attn2(norm_hidden_states, encoder_hidden_states, None, None)
+        hidden_states = hidden_states + attn_output
+
+        # 3. Feed-forward
+        norm_hidden_states = (by_frame(self.norm3(hidden_states.float())) * (1 + c_scale_msa) + c_shift_msa
+                              ).flatten(1, 2).type_as(hidden_states)
+        ff_output = self.ffn(norm_hidden_states)
+        hidden_states = (by_frame(hidden_states.float()) + by_frame(ff_output.float()) * c_gate_msa
+                         ).flatten(1, 2).type_as(hidden_states)
+        return hidden_states
+
+
+class FrameWanTransformer3DModel(WanTransformer3DModel):
+    """`WanTransformer3DModel` whose `timestep` may also be [B, F]: one timestep per latent frame.
+
+    Only the output modulation differs from diffusers' forward (marked `# fvg:`); the blocks are
+    `FrameWanTransformerBlock`s. A [B, seq] timestep still runs diffusers' per-token path.
+    """
+
+    _repeated_blocks = ["WanTransformerBlock", "FrameWanTransformerBlock"]
+
+    def to_json_string(self) -> str:
+        # fvg: the subclass changes no weight or setting: saved configs name the stock class.
+        return super().to_json_string().replace(f'"_class_name": "{type(self).__name__}"',
+                                                f'"_class_name": "{WanTransformer3DModel.__name__}"')
+
+    @apply_lora_scale("attention_kwargs")
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
+                return_dict: bool = True, attention_kwargs: dict[str, Any] | None = None):
+        batch_size, _, num_frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        post_patch_num_frames, post_patch_height, post_patch_width = num_frames // p_t, height // p_h, width // p_w
+        tokens = post_patch_num_frames * post_patch_height * post_patch_width
+        if timestep.ndim == 2 and timestep.shape[1] not in (post_patch_num_frames, tokens):
+            raise ValueError(f"timestep {tuple(timestep.shape)} is neither per frame ({post_patch_num_frames}) "
+                             f"nor per token ({tokens})")
+        if timestep.ndim != 2 or timestep.shape[1] == tokens:
+            # the undecorated stock forward: this one's decorator already applied the LoRA scale
+            return WanTransformer3DModel.forward.__wrapped__(
+                self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
+                return_dict=return_dict, attention_kwargs=attention_kwargs)
+
+        rotary_emb = self.rope(hidden_states)
+        hidden_states = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+
+        # fvg: [B, F] -> temb [B, F, dim], timestep_proj [B, F, 6, dim]: one row per latent frame
+        temb, timestep_proj, encoder_hidden_states, encoder_hidden_states_image = self.condition_embedder(
+            timestep.flatten(), encoder_hidden_states, encoder_hidden_states_image,
+            timestep_seq_len=timestep.shape[1])
+        timestep_proj = timestep_proj.unflatten(2, (6, -1))
+        if encoder_hidden_states_image is not None:
+            encoder_hidden_states = torch.concat([encoder_hidden_states_image, encoder_hidden_states], dim=1)
+
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            for block in self.blocks:
+                hidden_states = self._gradient_checkpointing_func(
+                    block, hidden_states, encoder_hidden_states, timestep_proj, rotary_emb)
+        else:
+            for block in self.blocks:
+                hidden_states = block(hidden_states, encoder_hidden_states, timestep_proj, rotary_emb)
+
+        # fvg: output modulation per frame: shift, scale [B, F, 1, dim] over a [B, F, tokens, dim] view
+        shift, scale = (self.scale_shift_table.unsqueeze(0).to(temb.device) + temb.unsqueeze(2)).chunk(2, dim=2)
+        shift, scale = shift.to(hidden_states.device), scale.to(hidden_states.device)
+        normed = self.norm_out(hidden_states.float()).unflatten(1, (post_patch_num_frames, -1))
+        hidden_states = (normed * (1 + scale) + shift).flatten(1, 2).type_as(hidden_states)
+        hidden_states = self.proj_out(hidden_states)
+
+        hidden_states = hidden_states.reshape(
+            batch_size, post_patch_num_frames, post_patch_height, post_patch_width, p_t, p_h, p_w, -1)
+        hidden_states = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        output = hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
+
+
+# Caches and layer skipping look blocks up by class: the subclass returns what the stock block does.
+TransformerBlockRegistry.register(
+    FrameWanTransformerBlock, dataclasses.replace(TransformerBlockRegistry.get(WanTransformerBlock), _cls=None,
+                                             _cached_parameter_indices=None))
+
+
+def use_frame_modulation(transformer: WanTransformer3DModel | None) -> None:
+    """Swap `transformer` (and its blocks) to the per-frame-capable subclasses, in place.
+
+    No new weights, the same state dict; safe to call twice. Call it before adding hooks. Other
+    classes (a user's own subclass) are left alone: the pipeline then uses per-token timesteps."""
+    if type(transformer) is not WanTransformer3DModel:
+        return
+    transformer.__class__ = FrameWanTransformer3DModel
+    for block in transformer.blocks:
+        if type(block) is WanTransformerBlock:
+            block.__class__ = FrameWanTransformerBlock
 
 
 class AnchoredWanPipeline(WanPipeline):
     """`WanPipeline` whose first latent frame can be pinned to an anchor image at timestep 0."""
+
+    def __init__(self, tokenizer, text_encoder, vae, scheduler, transformer=None, transformer_2=None,
+                 boundary_ratio: float | None = None, expand_timesteps: bool = False):
+        super().__init__(tokenizer, text_encoder, vae, scheduler, transformer, transformer_2, boundary_ratio,
+                         expand_timesteps)
+        use_frame_modulation(self.transformer)
+        use_frame_modulation(self.transformer_2)
+
+    @property
+    def supports_frame_modulation(self) -> bool:
+        models = [m for m in (self.transformer, self.transformer_2) if m is not None]
+        return all(isinstance(m, FrameWanTransformer3DModel) for m in models)
 
     def _latent_stats(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         z_dim = self.vae.config.z_dim
@@ -56,15 +227,19 @@ class AnchoredWanPipeline(WanPipeline):
         video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0]
         return self.video_processor.postprocess_video(video, output_type=output_type)
 
-    def token_timesteps(self, t: torch.Tensor, latents: torch.Tensor, anchored: bool) -> torch.Tensor:
-        """Per-token timesteps [B, seq]: t everywhere, 0 on latent frame 0's tokens when anchored."""
-        p_t, p_h, p_w = self.transformer_config.patch_size
-        _, _, frames, height, width = latents.shape
-        frame_mask = torch.ones(frames // p_t, device=latents.device, dtype=torch.float32)
+    def frame_timesteps(self, t: torch.Tensor, latents: torch.Tensor, anchored: bool) -> torch.Tensor:
+        """Per-frame timesteps [B, F]: t on every latent frame, 0 on frame 0 when anchored."""
+        p_t = self.transformer_config.patch_size[0]
+        frame_mask = torch.ones(latents.shape[2] // p_t, device=latents.device, dtype=torch.float32)
         if anchored:
             frame_mask[0] = 0.0
-        token_mask = frame_mask.repeat_interleave((height // p_h) * (width // p_w))
-        return (token_mask * t).unsqueeze(0).expand(latents.shape[0], -1)
+        return (frame_mask * t).unsqueeze(0).expand(latents.shape[0], -1)
+
+    def token_timesteps(self, t: torch.Tensor, latents: torch.Tensor, anchored: bool) -> torch.Tensor:
+        """Per-token timesteps [B, seq] (diffusers' layout): each frame's timestep on all its tokens."""
+        _, p_h, p_w = self.transformer_config.patch_size
+        tokens_per_frame = (latents.shape[3] // p_h) * (latents.shape[4] // p_w)
+        return self.frame_timesteps(t, latents, anchored).repeat_interleave(tokens_per_frame, dim=1)
 
     @property
     def transformer_config(self):
@@ -94,9 +269,13 @@ class AnchoredWanPipeline(WanPipeline):
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
+        modulation: str = "frame",
     ):
         """Generate a video; with `anchor` (an image) or `anchor_latents` (from `encode_anchor`),
-        latent frame 0 is pinned to it at timestep 0 throughout sampling."""
+        latent frame 0 is pinned to it at timestep 0 throughout sampling. `modulation`: "frame"
+        (one timestep row per latent frame, the default) or "token" (diffusers' per-token layout)."""
+        if modulation not in ("frame", "token"):
+            raise ValueError(f"modulation must be 'frame' or 'token', got {modulation!r}")
         self.check_inputs(prompt, negative_prompt, height, width, prompt_embeds, negative_prompt_embeds,
                           callback_on_step_end_tensor_inputs, guidance_scale_2)
         if num_frames % self.vae_scale_factor_temporal != 1:
@@ -146,8 +325,9 @@ class AnchoredWanPipeline(WanPipeline):
             anchor_latents = anchor_latents.to(device, torch.float32).expand(latents.shape[0], -1, -1, -1, -1)
             if anchor_latents.shape[2:] != (1, *latents.shape[3:]) or anchor_latents.shape[1] != latents.shape[1]:
                 raise ValueError(f"anchor latent {tuple(anchor_latents.shape)} does not fit latents {tuple(latents.shape)}")
-        # Per-token timesteps only where needed: a 2-D timestep costs a [B, seq, 6, dim] modulation tensor.
-        per_token = anchored or self.config.expand_timesteps
+        # 2-D timesteps only where needed; per frame where the model allows it (no [B, seq, 6, dim] tensor).
+        two_d = anchored or self.config.expand_timesteps
+        expand = self.frame_timesteps if modulation == "frame" and self.supports_frame_modulation else self.token_timesteps
 
         self._num_timesteps = len(timesteps)
         self.scheduler.set_begin_index(0)
@@ -168,7 +348,7 @@ class AnchoredWanPipeline(WanPipeline):
                     # The method: frame 0 is the clean anchor at every step, never noise.
                     latents = torch.cat([anchor_latents, latents[:, :, 1:]], dim=2)
                 model_input = latents.to(transformer_dtype)
-                timestep = self.token_timesteps(t, latents, anchored) if per_token else t.expand(latents.shape[0])
+                timestep = expand(t, latents, anchored) if two_d else t.expand(latents.shape[0])
                 cache_kwargs = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]),
                                 "num_inference_steps": self._num_timesteps}
                 with model.cache_context("cond", **cache_kwargs):

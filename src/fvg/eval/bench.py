@@ -142,7 +142,7 @@ def compute_targets(results: dict[str, ConfigResult], categories: list[str]) -> 
 
 
 def _setup(preset: str, seeds: list[int], limit: int | None, threads: int) -> dict:
-    from fvg.pipeline import package_versions
+    from fvg.provenance import package_versions
 
     return {"preset": preset, "suite": "minicompbench", "seeds": seeds, "limit_per_category": limit,
             "torch_threads": threads, "cpu_cores": os.cpu_count(), "load_average_1min_start": os.getloadavg()[0],

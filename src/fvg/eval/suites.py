@@ -3,8 +3,10 @@
 Two layouts exist:
 
 - "compbench" (T2V-CompBench, MiniCompBench, plain prompt files): one video per prompt and
-  seed, `<mode>/seed<S>/<category>/0001.mp4 ...`, 4 digits, 1-based, in prompt-file order
-  (T2V-CompBench's scripts parse `int(name[0:4]) - 1` as the prompt's line). The category
+  seed, `<mode>/seed<S>/<category>/0001.mp4 ...`, 4 digits, 1-based, in prompt-file order.
+  T2V-CompBench's scripts do not read the number: they sort the folder and pair the i-th file
+  with the i-th prompt of their meta_data JSON, so the numbers must run 0001..N without a gap
+  and nothing else may be in the folder (`fvg eval check` verifies both). The category
   folder is the prompt file's stem without its `N_` prefix (`3_spatial_relationship.txt` ->
   `spatial_relationship/`), the same rule as `fvg.miniworld.suite`.
 - "vbench" (VBench 2.0): `<mode>/<Dimension>/<prompt[:180]>-<i>.mp4`, i = 0.. n-1 with n = 3
@@ -18,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from fvg.io import FvgError
+from fvg.io import FvgError, read_prompt_lines
 
 SUITES = ("t2v-compbench", "vbench2", "minicompbench")  # or a path to a .txt prompt list
 VBENCH_NAME_CHARS = 180  # VBench's sampling script names videos by prompt[:180]
@@ -112,17 +114,8 @@ def load_suite(suite: str, suite_dir: str | Path | None = None, samples: int | N
 
 
 def _read_lines(path: Path) -> list[str]:
-    """Prompt lines of a file, refusing blank lines in the middle: video numbers are line numbers."""
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    except UnicodeDecodeError:
-        raise FvgError(f"{path} is not UTF-8 text") from None
-    while lines and not lines[-1]:
-        lines.pop()
-    for number, line in enumerate(lines, start=1):
-        if not line:
-            raise FvgError(f"{path}:{number} is empty: videos are numbered by line, remove the blank line")
-    return lines
+    """Prompt lines of a file, read as `fvg generate --prompts` reads them (fvg.io.read_prompt_lines)."""
+    return read_prompt_lines(path, allow_empty=True)
 
 
 def load_t2v_compbench(suite_dir: str | Path) -> Suite:

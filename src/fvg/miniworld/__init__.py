@@ -1,4 +1,4 @@
-"""MiniWorld v1 (/work/shared/miniworld/SPEC.md): prompts, renderer, evaluator, benchmark suite, dataset."""
+"""MiniWorld v1 (docs/miniworld-spec.md): prompts, renderer, evaluator, benchmark suite, dataset."""
 
 from .dataset import clip_seed, sample_clip, write_dataset
 from .grammar import (

@@ -7,12 +7,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from fvg.console import setup_logging
 from fvg.io import FvgError
 
 miniworld_app = typer.Typer(help="MiniWorld: training data and the `mini` preset's models.", no_args_is_help=True,
@@ -21,20 +21,6 @@ miniworld_app = typer.Typer(help="MiniWorld: training data and the `mini` preset
 
 def register(app: typer.Typer) -> None:
     app.add_typer(miniworld_app, name="miniworld")
-
-
-def _setup_logging() -> None:
-    for name in ("fvg.miniworld", "fvg.train"):
-        logger = logging.getLogger(name)
-        if not logger.handlers:
-            from rich.console import Console
-            from rich.logging import RichHandler
-
-            handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=True)
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            logger.addHandler(handler)
-            logger.setLevel(logging.INFO)
-            logger.propagate = False
 
 
 @miniworld_app.command()
@@ -74,7 +60,7 @@ def train(
 
     if profile is not None and profile not in PROFILES:
         raise FvgError(f"unknown profile '{profile}' (choose from: {', '.join(PROFILES)})")
-    _setup_logging()
+    setup_logging("fvg.miniworld", "fvg.train")
     if threads is not None:
         import torch
 

@@ -1,4 +1,4 @@
-"""MiniWorld v1 constants, copied from /work/shared/miniworld/SPEC.md.
+"""MiniWorld v1 constants, copied from the MiniWorld v1 spec (docs/miniworld-spec.md).
 
 Other tools read the same videos, so nothing here may drift from the spec. Values that
 the spec leaves to the implementation (placement margins beyond the spec's minimums)

@@ -186,7 +186,7 @@ def _mark_done(path: Path, info: dict) -> None:
 
 
 def _generator(seed: int, *counters: int) -> torch.Generator:
-    from fvg.train.objective import step_generator
+    from fvg.train.seeds import step_generator
 
     return step_generator(seed, *counters)
 
@@ -534,7 +534,7 @@ class _SinkProcessor:
 
 
 def _train_transformer(out: Path, s: RunSettings, name: str, resume: bool, time_limit: float | None) -> None:
-    from fvg.train.objective import SigmaSampler, draw_batch, masked_flow_loss
+    from fvg.families.flow_matching import SigmaSampler, draw_batch, masked_flow_loss
 
     stage = out / name
     if _skip_if_done(out, name):

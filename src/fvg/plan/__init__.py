@@ -10,12 +10,13 @@ OpenAI-compatible chat endpoint). LLM backends cache their plans on disk and fal
 the rules, recording why in `Plan.warnings`, when the model gives no valid answer.
 """
 
-from fvg.plan.base import BACKENDS, DEFAULT_MODEL, Plan, Planner, make_planner, validate_prompt
+from fvg.plan.base import BACKENDS, DEFAULT_MODEL, Plan, Planner, validate_prompt
 from fvg.plan.cache import PlanCache, cache_key, default_cache_dir
 from fvg.plan.llm import (
     FEW_SHOT, SYSTEM_PROMPT, TEMPLATE_VERSION, OpenAIPlanner, TransformersPlanner, build_messages, parse_reply,
 )
 from fvg.plan.rules import RULES_VERSION, RulesPlanner, free_text_caption
+from fvg.plan.factory import make_planner
 
 __all__ = [
     "BACKENDS", "DEFAULT_MODEL", "FEW_SHOT", "RULES_VERSION", "SYSTEM_PROMPT", "TEMPLATE_VERSION", "OpenAIPlanner",

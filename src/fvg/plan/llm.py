@@ -20,7 +20,7 @@ import re
 import time
 from typing import Any
 
-from fvg.io import FvgError, load_or_explain
+from fvg.io import DTYPE_NAMES, FvgError, load_or_explain
 from fvg.plan.base import Plan, normalize_space, validate_prompt
 from fvg.plan.cache import PlanCache
 from fvg.plan.rules import RulesPlanner
@@ -157,6 +157,62 @@ def parse_reply(text: str) -> tuple[str, str]:
     return out[0], out[1]
 
 
+# --- credentials never leave the process ------------------------------------------------------
+
+_SECRET_PARAMS = ("key", "api_key", "apikey", "api-key", "access_token", "token", "auth", "authorization",
+                  "password", "passwd", "secret", "client_secret", "sig", "signature", "code", "session")
+_SECRET_PARAM_RE = re.compile(
+    r"(?P<name>\b(?:[\w-]*(?:key|token|secret|password|passwd|auth|sig|signature|session)[\w-]*))"
+    r"(?P<sep>\s*[=:]\s*\"?)(?P<value>[^&\s\"',;}]+)", re.IGNORECASE)
+_USERINFO_RE = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+_BEARER_RE = re.compile(r"\b(?P<kind>Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+_TOKEN_LIKE_RE = re.compile(r"\b(?:sk|pk|rk|hf|ghp|gho|xox[abp])[-_][A-Za-z0-9_-]{12,}")
+REDACTED = "***"
+
+
+def secrets_of_url(url: str | None) -> list[str]:
+    """The credentials inside a URL: the userinfo's password (and user), secret-looking query values."""
+    if not url:
+        return []
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    found = [v for v in (parts.password, parts.username) if v]
+    found += [v for k, v in urllib.parse.parse_qsl(parts.query) if v and _SECRET_PARAM_RE.match(f"{k}=x")]
+    forms = {form for v in found for form in (v, urllib.parse.unquote(v), urllib.parse.quote(v, safe=""))}
+    return sorted(form for form in forms if len(form) >= 3)
+
+
+def redact(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
+    """`text` with credentials replaced by ***: known secret values wherever they appear (an error
+    body echoing the Authorization header, say), URL userinfo, key=/token= parameters, bearer
+    tokens and provider-style keys (sk-..., hf_...). Applied to every message that names the
+    endpoint or quotes a server's answer, before it reaches a plan, a record, a log or the terminal."""
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    text = _USERINFO_RE.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
+    text = _BEARER_RE.sub(lambda m: f"{m.group('kind')} {REDACTED}", text)
+    text = _SECRET_PARAM_RE.sub(lambda m: f"{m.group('name')}{m.group('sep')}{REDACTED}", text)
+    return _TOKEN_LIKE_RE.sub(REDACTED, text)
+
+
+class _RedactingFilter(logging.Filter):
+    """Redacts log records of the HTTP client (it logs each request's full URL at INFO)."""
+
+    def __init__(self):
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage(), tuple(self.secrets)), ()
+        return True
+
+
+_HTTP_LOG_FILTER = _RedactingFilter()
+for _name in ("httpx", "httpcore"):
+    logging.getLogger(_name).addFilter(_HTTP_LOG_FILTER)
+
+
 class TransientError(RuntimeError):
     """A failure worth retrying after a pause: connection, timeout, 5xx, 429, unreadable body."""
 
@@ -179,10 +235,20 @@ class _LLMPlanner:
     def _complete(self, messages: list[dict[str, str]], attempt: int) -> str:
         raise NotImplementedError
 
+    endpoint: str | None = None  # where plans come from, beyond the model name (part of the cache key)
+
+    def _redact(self, text: str) -> str:
+        return text
+
+    def cached(self, prompt: str) -> bool:
+        """Whether `plan(prompt)` would answer from the cache (no model needed)."""
+        return self.cache is not None and self.cache.get(self.name, self.model, TEMPLATE_VERSION, prompt,
+                                                         endpoint=self.endpoint) is not None
+
     def plan(self, prompt: str) -> Plan:
         prompt = validate_prompt(prompt)
         if self.cache is not None:
-            hit = self.cache.get(self.name, self.model, TEMPLATE_VERSION, prompt)
+            hit = self.cache.get(self.name, self.model, TEMPLATE_VERSION, prompt, endpoint=self.endpoint)
             if hit is not None:
                 return hit
         reminder, error = None, "no attempt"
@@ -192,16 +258,16 @@ class _LLMPlanner:
             except ReplyError as exc:
                 error, reminder = f"invalid reply: {exc}", REMINDER.format(error=exc)
             except TransientError as exc:
-                error = str(exc)
+                error = self._redact(str(exc))
                 if attempt < self.max_retries:
                     time.sleep(min(self.backoff * 2**attempt, 30.0))
             except FatalError as exc:
-                error = str(exc)
+                error = self._redact(str(exc))
                 break
             else:
                 plan = Plan(prompt, caption, upsampled, self.name, self.model, TEMPLATE_VERSION)
                 if self.cache is not None:
-                    self.cache.put(plan)
+                    self.cache.put(plan, endpoint=self.endpoint)
                 return plan
             log.info("%s planner, attempt %d/%d failed: %s", self.name, attempt + 1, self.max_retries + 1, error)
         message = (f"{self.name}: {self.model}: no valid plan after {attempt + 1} attempt(s) ({error}); "
@@ -210,10 +276,6 @@ class _LLMPlanner:
         plan = RulesPlanner().plan(prompt)
         plan.warnings.append(message)
         return plan
-
-
-_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 class TransformersPlanner(_LLMPlanner):
@@ -237,8 +299,8 @@ class TransformersPlanner(_LLMPlanner):
         retry_temperature: float = 0.7,
     ):
         super().__init__(model, max_retries=max_retries, cache=cache, backoff=0.0)
-        if dtype is not None and dtype != "auto" and dtype not in _DTYPES:
-            raise FvgError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(_DTYPES))}")
+        if dtype is not None and dtype != "auto" and dtype not in DTYPE_NAMES:
+            raise FvgError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(DTYPE_NAMES))}")
         self.device, self.dtype = device, dtype
         self.max_new_tokens, self.retry_temperature = max_new_tokens, retry_temperature
         self._tokenizer: Any = None
@@ -255,12 +317,24 @@ class TransformersPlanner(_LLMPlanner):
         if self.dtype in (None, "auto"):
             dtype = "auto" if self.dtype == "auto" or device != "cpu" else torch.float32
         else:
-            dtype = getattr(torch, _DTYPES[self.dtype])
+            dtype = getattr(torch, DTYPE_NAMES[self.dtype])
         tokenizer = load_or_explain(AutoTokenizer.from_pretrained, self.model)
         model = load_or_explain(AutoModelForCausalLM.from_pretrained, self.model, dtype=dtype)
         if not getattr(tokenizer, "chat_template", None):
             raise FvgError(f"planner model {self.model!r} has no chat template; use an instruct/chat model")
         self._tokenizer, self._model = tokenizer, model.to(device).eval()
+
+    @property
+    def loaded_model(self):
+        """The causal LM once loaded (None before the first uncached prompt)."""
+        return self._model
+
+    def to(self, device: str) -> "TransformersPlanner":
+        """Where the LLM runs from now on; `FactorizedPipeline` moves it off the accelerator after planning."""
+        self.device = device
+        if self._model is not None and not hasattr(self._model, "_hf_hook"):
+            self._model.to(device)
+        return self
 
     def _complete(self, messages: list[dict[str, str]], attempt: int) -> str:
         import torch
@@ -310,6 +384,17 @@ class OpenAIPlanner(_LLMPlanner):
         super().__init__(model, max_retries=max_retries, cache=cache, backoff=backoff)
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
         self.api_key_env, self.timeout = api_key_env, timeout
+        # The cache key holds the endpoint without its credentials: two servers never share plans,
+        # a rotated key keeps them, and no secret is hashed into a file name.
+        self.endpoint = redact(self.base_url, secrets_of_url(self.base_url))
+        _HTTP_LOG_FILTER.secrets.update(self._secrets())
+
+    def _secrets(self) -> list[str]:
+        key = os.environ.get(self.api_key_env) or ""
+        return secrets_of_url(self.base_url) + ([key] if len(key) >= 3 else [])
+
+    def _redact(self, text: str) -> str:
+        return redact(text, self._secrets())
 
     def _complete(self, messages: list[dict[str, str]], attempt: int) -> str:
         import httpx
@@ -320,21 +405,22 @@ class OpenAIPlanner(_LLMPlanner):
             headers["Authorization"] = f"Bearer {key}"
         body = {"model": self.model, "messages": messages, "temperature": 0}
         url = f"{self.base_url}/chat/completions"
+        shown = self._redact(url)  # every message below goes through _redact again in plan()
         try:
             response = httpx.post(url, json=body, headers=headers, timeout=self.timeout)
         except httpx.TimeoutException as exc:
-            raise TransientError(f"timeout after {self.timeout:g} s from {url}: {exc}") from None
+            raise TransientError(f"timeout after {self.timeout:g} s from {shown}: {exc}") from None
         except httpx.HTTPError as exc:
-            raise TransientError(f"cannot reach {url}: {type(exc).__name__}: {exc}") from None
+            raise TransientError(f"cannot reach {shown}: {type(exc).__name__}: {exc}") from None
         if response.status_code != 200:
-            detail = f"HTTP {response.status_code} from {url}: {response.text[:200]}"
+            detail = f"HTTP {response.status_code} from {shown}: {response.text[:200]}"
             if response.status_code == 429 or response.status_code >= 500:
                 raise TransientError(detail)
             raise FatalError(detail)
         try:
             content = response.json()["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
-            raise TransientError(f"unreadable response from {url}: {response.text[:200]!r}") from None
+            raise TransientError(f"unreadable response from {shown}: {response.text[:200]!r}") from None
         if not isinstance(content, str):
-            raise TransientError(f"response from {url} has no message content")
+            raise TransientError(f"response from {shown} has no message content")
         return content

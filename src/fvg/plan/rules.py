@@ -12,8 +12,10 @@ verbatim. It is a fallback, not a parser: the LLM backends handle open-ended pro
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Callable
 
+from fvg.miniworld.grammar import first_frame_caption, parse_prompt
 from fvg.plan.base import Plan, normalize_space, validate_prompt
 
 RULES_VERSION = "fvg-rules-v1"
@@ -23,6 +25,32 @@ UPSAMPLE_DETAIL = (
     "every subject keeps its appearance, colours and count, and all motion is smooth and "
     "continuous from the first frame to the last."
 )
+
+
+
+def _alternation(words: list[str]) -> str:
+    """A regex for any of `words`, written as a trie ("run(?:ning|s)?"), longer forms first.
+
+    It matches what `"|".join(sorted(words, key=len, reverse=True))` matches, but Python's `re`
+    tries a flat alternation one word at a time at every position: with some 500 verb forms that
+    made the planner ten times slower.
+    """
+    trie: dict = {}
+    for word in words:
+        node = trie
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}
+
+    def pattern(node: dict) -> str:
+        branches = [re.escape(char) + pattern(child) for char, child in sorted(node.items()) if char]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
+        return f"(?:{body})?" if "" in node else body
+
+    return pattern(trie)
+
 
 # --- word tables -------------------------------------------------------------------------
 
@@ -36,7 +64,7 @@ _PREPOSITIONS = set(
 )
 _OBJECT_PRONOUNS = {"it", "them", "him", "her", "us", "me"}
 _SIZES = {"small", "large", "big", "tiny", "huge", "little", "giant", "tall", "short"}
-_ADVERBS = (
+_ADVERB_WORDS = (
     r"slowly and steadily|slowly|quickly|rapidly|fast|gradually|steadily|smoothly|gently|swiftly|"
     r"suddenly|continuously|constantly|briskly|gracefully|happily|calmly|softly|quietly|silently|"
     r"carefully|playfully|lazily|patiently|elegantly|effortlessly|spontaneously|completely|instantly|"
@@ -44,6 +72,7 @@ _ADVERBS = (
     r"excitedly|energetically|freely|peacefully|majestically|hard|initially|at first|over time|"
     r"all the way|in size|little by little|guadually"
 )
+_ADVERBS = _alternation(_ADVERB_WORDS.split("|"))
 _SETTING = (  # prepositions that start a setting phrase after a change ("melts in the sun")
     r"in front of|next to|on top of|in|on|at|under|near|beside|behind|inside|outside|above|below|"
     r"among|against|during|over|while|as|when|until"
@@ -136,21 +165,43 @@ for _base in (*_MOTION, *_CHANGE):
         _VERBS.setdefault(_form, (_base, _kind))
 _VERB_RE = re.compile(
     r"\b(?P<aux>(?:is|are|gets?|starts?|begins?|keeps?|continues?)\s+(?:to\s+)?|being\s+)?"
-    rf"(?:(?:{_ADVERBS})\s+)?(?P<verb>{'|'.join(sorted(map(re.escape, _VERBS), key=len, reverse=True))})\b",
+    rf"(?:(?:{_ADVERBS})\s+)?(?P<verb>{_alternation(list(_VERBS))})\b",
     re.IGNORECASE,
 )
 
 # --- text helpers ------------------------------------------------------------------------
 
 
+_ADVERB_RE = re.compile(rf"\b(?:{_ADVERBS})\b", re.IGNORECASE)
+_SPACE_BEFORE_COMMA = re.compile(r"\s+([,;])")
+_SPACES = re.compile(r"\s+")
+_LEADING_JOINERS = re.compile(r"(?:[,;]\s*|and\s+)*", re.IGNORECASE)
+# Trailing ", and" runs are matched at the start of the reversed text: a `(...)+$` pattern restarts
+# at every position and so takes quadratic time on a long run of commas.
+_TRAILING_JOINERS_REVERSED = re.compile(r"(?:[,;]\s*|dna\s+)*", re.IGNORECASE)
+
+
 def _clean(text: str) -> str:
-    text = normalize_space(re.sub(rf"\b(?:{_ADVERBS})\b", " ", text, flags=re.IGNORECASE))
-    text = re.sub(r"\s+([,;])", r"\1", text)
-    return re.sub(r"^(?:[,;]\s*|and\s+)+|(?:\s*[,;]|\s+and)+$", "", text, flags=re.IGNORECASE).strip()
+    text = _SPACES.sub(" ", _ADVERB_RE.sub(" ", text)).strip()
+    text = _SPACE_BEFORE_COMMA.sub(r"\1", text)
+    text = text[_LEADING_JOINERS.match(text).end() :]
+    tail = _TRAILING_JOINERS_REVERSED.match(text[::-1]).end()
+    return text[: len(text) - tail].strip()
 
 
 def _words(text: str) -> list[str]:
     return text.lower().split()
+
+
+def _last_word(text: str, end: int) -> str:
+    """The last word of `text[:end]`, lower case, found without copying the prefix (linear time
+    for the caller's loop). Only its last 64 characters are read: longer words match no table."""
+    while end and text[end - 1].isspace():
+        end -= 1
+    start = end
+    while start and end - start < 64 and not text[start - 1].isspace():
+        start -= 1
+    return text[start:end].lower()
 
 
 def _strip_det(text: str) -> str:
@@ -191,6 +242,20 @@ def _insert_adjective(subject: str, adjective: str, first_only: bool) -> str:
     return "".join(parts)
 
 
+def _count(word: str) -> int | None:
+    """The value of a numeral in any script ("3", "٣", "３"), capped at 10; None for other words.
+
+    `str.isdigit` is also true of "²" and "①", which `int` rejects, and `int` refuses numerals
+    over 4300 digits: the value is built digit by digit instead, and only "0", "1" or more matter.
+    """
+    if not word.isdecimal():
+        return None
+    value = 0
+    for char in word:
+        value = min(value * 10 + unicodedata.decimal(char), 10)
+    return value
+
+
 def _number(subject: str) -> str | None:
     """"s" (singular), "p" (plural) or None (unknown) from the subject's first word."""
     words = _words(subject)
@@ -198,19 +263,27 @@ def _number(subject: str) -> str | None:
         return None
     if words[0] in _SINGULAR and not any(w.endswith("'s") for w in words):  # "a cat's eyes turn"
         return "s"
-    if words[0] in _NUMBERS or (words[0].isdigit() and int(words[0]) > 1):
+    if words[0] in _NUMBERS or (_count(words[0]) or 0) > 1:
         return "p"
     return None
+
+
+def _verb(form: str) -> tuple[str, str] | None:
+    """(base, kind) of a matched verb form. IGNORECASE matches "ſ" to "s" and "K" (Kelvin) to "k";
+    casefold maps them back to the table's spelling. None if the form still is not in the table."""
+    return _VERBS.get(form.lower()) or _VERBS.get(form.casefold())
 
 
 def _find_verb(text: str) -> re.Match | None:
     """The first table verb that can be the clause's main verb."""
     for m in _VERB_RE.finditer(text):
-        words = _words(text[: m.start()])
-        before = words[-1] if words else ""
+        entry = _verb(m.group("verb"))
+        if entry is None:
+            continue
+        before = _last_word(text, m.start())
         if before in _DETERMINERS or before in _PREPOSITIONS:
             continue  # "a running dog", "an open door", "around blooming flowers": a modifier
-        kind, number = _VERBS[m.group("verb").lower()][1], _number(text[: m.start()])
+        kind, number = entry[1], _number(text[: m.start()])
         if kind == "base" and (number == "s" or before.endswith("ing") or before in _OBJECT_PRONOUNS):
             continue  # "a bread roll moves", "acquiring rust", "causing it to crack", "watch them grow"
         if kind == "s" and number == "p":
@@ -348,23 +421,49 @@ def _motion(subject: str, base: str, kind: str, rest: str) -> str:
     return _join(f"{subject} {pose}", positions, leftover)
 
 
-_UNKNOWN_MOTION = re.compile(  # "a bird swoops rightwards", "a moon waxing from new to full"
-    rf"(?P<subject>.*?\w.*?)\s+(?:(?:is|are|being)\s+)?(?P<verb>\w{{2,}}(?:s|ing|ed))(?:\s+(?:{_ADVERBS}))*\s+"
-    r"(?P<rest>(?:from\s+\S.*?\s+(?:to|into)\s|(?:to|towards?)\s+the\s+(?:left|right|top|bottom)\b|"
-    r"(?:left|right)(?:wards?)?\b|(?:up|down)wards?\b).*)",
+# An unknown verb followed by a direction: "a bird swoops rightwards", "a moon waxing from new to full".
+# The subject before it must hold a word character; "from X" must be followed by " to " or " into "
+# somewhere later. Both are checked outside the regex (see _unknown_motion): written as lazy
+# `.*?` groups inside it they made matching quadratic in the clause's length.
+_UNKNOWN_MOTION_AT = re.compile(
+    rf"\s+(?:(?:is|are|being)\s+)?(?P<verb>\w{{2,}}(?:s|ing|ed))(?:\s+(?:{_ADVERBS}))*\s+"
+    r"(?P<rest>from\s+\S|(?:to|towards?)\s+the\s+(?:left|right|top|bottom)\b|(?:left|right)(?:wards?)?\b|"
+    r"(?:up|down)wards?\b)",
     re.IGNORECASE,
 )
+_TO_OR_INTO = re.compile(r"(?=\s(?:to|into)\s)", re.IGNORECASE)
+
+
+def _unknown_motion(clause: str) -> tuple[str, str, str] | None:
+    """(subject, verb, rest) of the first unknown verb followed by a direction, or None. Linear time."""
+    first_word = re.search(r"\w", clause)
+    if first_word is None:
+        return None
+    last_to = max((m.start() for m in _TO_OR_INTO.finditer(clause)), default=-1)
+    pos = first_word.end()
+    while m := _UNKNOWN_MOTION_AT.search(clause, pos):
+        if not m.group("rest").lower().startswith("from") or last_to >= m.end("rest"):
+            return clause[: m.start()], m.group("verb"), clause[m.start("rest") :]
+        pos = m.start() + 1
+    return None
+
+
+# Clauses longer than this are kept as they are. Real clauses are far shorter (whole T2V-CompBench
+# prompts stay under 300 characters), and some patterns (a lazy "from X to Y" span, say) cost time
+# quadratic in the clause's length: the cap keeps the planner linear in the prompt's length.
+MAX_CLAUSE_CHARS = 600
 
 
 def _clause_state(clause: str) -> str | None:
     """A clause rewritten to its start state; None when it has no subject of its own."""
-    m = _find_verb(clause)
+    analysable = len(clause) <= MAX_CLAUSE_CHARS
+    m = _find_verb(clause) if analysable else None
     if m is not None:
         subject, rest = clause[: m.start()], clause[m.end() :]
-        base, kind = _VERBS[m.group("verb").lower()]
-    elif m := _UNKNOWN_MOTION.match(clause):
-        subject, rest = m.group("subject"), m.group("rest")
-        base, kind = "move", "s" if m.group("verb").lower().endswith("s") else "ing"
+        base, kind = _verb(m.group("verb"))
+    elif analysable and (unknown := _unknown_motion(clause)):
+        subject, verb, rest = unknown
+        base, kind = "move", "s" if verb.lower().endswith("s") else "ing"
     else:  # no verb we know: keep the clause, with any left-to-right motion as a start position
         clause = re.sub(_SIDE_TO_SIDE, lambda m: _SIDE[m.group("a").lower()], clause, flags=re.IGNORECASE)
         return _clean(re.sub(_TO_SIDE, lambda m: _START[_TOWARD[m.group("s").lower()]], clause, flags=re.I))
@@ -388,9 +487,9 @@ _FRAMING = re.compile(
 
 
 def _is_clause(piece: str) -> bool:
-    return bool(
+    return len(piece) <= MAX_CLAUSE_CHARS and bool(
         _find_verb(piece)
-        or _UNKNOWN_MOTION.match(piece)
+        or _unknown_motion(piece)
         or (_words(piece)[:1] and _words(piece)[0] in _DETERMINERS and re.search(r"\b(?:is|are)\b", piece))
     )
 
@@ -400,15 +499,15 @@ def _clauses(text: str) -> list[str]:
     clauses: list[str] = []
     for chunk in _MAIN_SPLIT.split(text):
         pieces = re.split(r"(,\s*and\s+|\s+and\s+|,\s*)", chunk)
-        current, has_verb = pieces[0], _is_clause(pieces[0])
+        current, has_verb = [pieces[0]], _is_clause(pieces[0])
         for sep, piece in zip(pieces[1::2], pieces[2::2]):
             if has_verb and _is_clause(piece):
-                clauses.append(current)
-                current = piece
+                clauses.append("".join(current))
+                current = [piece]
             else:
-                current += sep + piece
+                current += [sep, piece]
                 has_verb = has_verb or _is_clause(piece)
-        clauses.append(current)
+        clauses.append("".join(current))
     return [c.strip() for c in clauses if c.strip()]
 
 
@@ -420,7 +519,8 @@ def free_text_caption(prompt: str) -> str:
     main, *subordinates = _SUB_SPLIT.split(text)
     clauses = _clauses(main)
     for sub in subordinates:  # "as a horse gallops outside" is kept; "as autumn progresses" is not
-        if _words(sub)[:1] and _words(sub)[0] in {"a", "an", *_NUMBERS} and _find_verb(sub):
+        if len(sub) <= MAX_CLAUSE_CHARS and _words(sub)[:1] and _words(sub)[0] in {"a", "an", *_NUMBERS} \
+                and _find_verb(sub):
             clauses += _clauses(sub)
     states = [s for s in map(_clause_state, clauses) if s]
     if not states:
@@ -437,12 +537,6 @@ def free_text_caption(prompt: str) -> str:
 
 def miniworld_caption(prompt: str) -> str | None:
     """The MiniWorld v1 grammar's first-frame caption, or None if `prompt` is not MiniWorld."""
-    try:
-        from fvg.miniworld.grammar import first_frame_caption, parse_prompt
-    except ModuleNotFoundError as exc:  # a build without MiniWorld; any other import error is a bug
-        if not (exc.name or "").startswith("fvg.miniworld"):
-            raise
-        return None
     try:
         parsed = parse_prompt(prompt)
     except ValueError:

@@ -4,9 +4,14 @@ Per-tab drafts (the plan and the anchor candidates) live in `gr.State`; all even
 a pipeline share one queue slot (`concurrency_id="pipeline"`), so runs never interleave.
 """
 
+import atexit
+import contextlib
 import functools
 import logging
 import os
+import shutil
+import tempfile
+import threading
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local app: no calls home
@@ -20,7 +25,55 @@ from fvg.studio.session import (HISTORY_COLUMNS, MAX_CANDIDATES, StudioSession, 
 
 log = logging.getLogger("fvg.studio")
 HEAVY = dict(concurrency_id="pipeline", concurrency_limit=1)
-MAX_UPLOAD = "50mb"
+MAX_UPLOAD = "50mb"  # per file; Gradio answers HTTP 413 beyond it
+MAX_TEMP_FILES = 200  # uploads and rendered media kept in the studio's temp folder, oldest dropped first
+MAX_TEMP_BYTES = 2 * 2**30
+MAX_QUEUE = 32  # requests waiting for the pipeline; more are refused ("queue full") instead of piling up
+
+
+class TempFolder:
+    """The studio's own Gradio temp folder (uploads, gallery images, videos sent to the browser).
+
+    Gradio's default folder is shared and never emptied: ten anonymous 40 MB uploads stayed after
+    shutdown. This one is trimmed to MAX_TEMP_FILES / MAX_TEMP_BYTES while serving (anonymous
+    uploads that no callback used count too) and removed when the studio stops or Python exits.
+    """
+
+    def __init__(self, every_s: float = 10.0):
+        self.path = Path(tempfile.mkdtemp(prefix="fvg-studio-"))
+        self._stop = threading.Event()
+        atexit.register(self.remove)
+        threading.Thread(target=self._trim_loop, args=(every_s,), daemon=True, name="fvg-studio-temp").start()
+
+    def _trim_loop(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            self.trim()
+
+    def trim(self) -> int:
+        """Delete the oldest files beyond the caps; returns how many went."""
+        files = []
+        for path in self.path.rglob("*"):
+            with contextlib.suppress(OSError):
+                if path.is_file():
+                    stat = path.stat()
+                    files.append((stat.st_mtime, stat.st_size, path))
+        files.sort()
+        count, size, removed = len(files), sum(f[1] for f in files), 0
+        for _, nbytes, path in files:
+            if count <= MAX_TEMP_FILES and size <= MAX_TEMP_BYTES:
+                break
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
+            count, size = count - 1, size - nbytes
+        return removed
+
+    def holds(self, path: str | Path) -> bool:
+        return Path(path).resolve().is_relative_to(self.path.resolve())
+
+    def remove(self) -> None:
+        self._stop.set()
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _friendly(fn):
@@ -51,7 +104,7 @@ def _warnings(items) -> str:
     return "".join(f"\n- warning: {w}" for w in dict.fromkeys(items))
 
 
-def build_app(session: StudioSession) -> gr.Blocks:
+def build_app(session: StudioSession, temp: TempFolder | None = None) -> gr.Blocks:
     @_friendly
     def on_plan(prompt, preset):
         plan = session.plan(prompt, preset)
@@ -76,7 +129,11 @@ def build_app(session: StudioSession) -> gr.Blocks:
 
     @_friendly
     def on_upload(path, preset):
-        anchor = session.upload(path, preset)
+        try:
+            anchor = session.upload(path, preset)
+        finally:  # the image is in memory now (or refused): its upload copy is not needed any more
+            if path and temp is not None and temp.holds(path):
+                Path(path).unlink(missing_ok=True)
         return _gallery(anchor), 0, anchor.image, anchor, f"Using your image `{Path(path).name}` as the anchor."
 
     @_friendly
@@ -183,16 +240,42 @@ def build_app(session: StudioSession) -> gr.Blocks:
     return demo
 
 
-def serve(session: StudioSession, host: str = "127.0.0.1", port: int = 7860) -> gr.Blocks:
-    """Build the app, queue it (one pipeline job at a time) and start the server in a background
-    thread; `demo.block_thread()` waits for Ctrl+C, `demo.close()` stops it."""
-    demo = build_app(session)
-    demo.queue(default_concurrency_limit=1)
-    session.out_root.mkdir(parents=True, exist_ok=True)
+def serve(session: StudioSession, host: str = "127.0.0.1", port: int = 7860,
+          auth: tuple[str, str] | None = None) -> gr.Blocks:
+    """Build the app, queue it (one pipeline job at a time, at most MAX_QUEUE waiting) and start the
+    server in a background thread; `demo.block_thread()` waits for Ctrl+C, `demo.close()` stops it
+    and removes the studio's temp folder. `auth` = (user, password) puts a login page in front."""
+    temp = TempFolder()
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    # Read by every component, the upload route and its checks, while serving: set until close().
+    os.environ["GRADIO_TEMP_DIR"] = str(temp.path)
+
+    def restore_environment():
+        if previous is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = previous
+
     try:
+        demo = build_app(session, temp)
+        demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUE)
+        session.out_root.mkdir(parents=True, exist_ok=True)
         demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True, show_error=True,
-                    allowed_paths=[str(session.out_root.resolve())], max_file_size=MAX_UPLOAD, ssr_mode=False)
+                    allowed_paths=[str(session.out_root.resolve())], max_file_size=MAX_UPLOAD, ssr_mode=False,
+                    auth=auth)
     except OSError as exc:
+        temp.remove()
+        restore_environment()
         reason = str(exc).split(". ")[0]
         raise FvgError(f"cannot start the studio on {host}:{port}: {reason} (choose another --port)") from None
+    close = demo.close
+
+    def close_and_clean(*args, **kwargs):
+        try:
+            return close(*args, **kwargs)
+        finally:
+            temp.remove()
+            restore_environment()
+
+    demo.close, demo.fvg_temp = close_and_clean, temp
     return demo

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -19,13 +18,16 @@ from pathlib import Path
 from typing import Callable
 
 from fvg.anchor import AnchorResult
-from fvg.io import FvgError
-from fvg.pipeline import FactorizedOutput, FactorizedPipeline, ProgressFn
+from fvg.io import FvgError, run_name
+from fvg.pipeline import FactorizedOutput, FactorizedPipeline, ProgressFn, validate_seed
 from fvg.plan import Plan
 from fvg.presets import DEFAULT_PRESET, PRESETS, get_preset, validate_mode
 
 DEFAULT_OUT = Path("outputs") / "studio"
 MAX_CANDIDATES = 8
+# Every request's work is bounded, so one visitor cannot hold the shared pipeline for long:
+MAX_PROMPT_CHARS = 2000  # prompts and captions (real ones are under 300)
+MAX_STEPS = 200  # denoising steps per video
 HISTORY_COLUMNS = ["time", "prompt", "mode", "preset", "seed", "steps", "seconds", "folder"]
 
 
@@ -34,7 +36,7 @@ def default_preset() -> str:
 
 
 def studio_presets() -> list[str]:
-    return [name for name, preset in PRESETS.items() if preset.implemented]
+    return list(PRESETS)
 
 
 def sampling_defaults(preset: str, mode: str) -> tuple[int, float]:
@@ -43,14 +45,16 @@ def sampling_defaults(preset: str, mode: str) -> tuple[int, float]:
     return p.steps_for(mode), p.guidance_scale
 
 
-def slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "run"
-
-
-def _prompt(prompt: str | None) -> str:
+def _prompt(prompt: str | None, what: str = "prompt") -> str:
     if not isinstance(prompt, str) or not prompt.strip():
         raise FvgError("type a prompt first")
-    return prompt.strip()
+    return _bounded(prompt.strip(), what)
+
+
+def _bounded(text: str, what: str) -> str:
+    if len(text) > MAX_PROMPT_CHARS:
+        raise FvgError(f"the {what} is {len(text)} characters long: the studio takes at most {MAX_PROMPT_CHARS}")
+    return text
 
 
 @dataclass
@@ -89,7 +93,7 @@ class StudioSession:
                  pipeline_factory: Callable[[str], FactorizedPipeline] = FactorizedPipeline.from_preset):
         self.out_root = Path(out_root)
         self.default_preset = preset or default_preset()
-        get_preset(self.default_preset)  # FvgError for an unknown or unimplemented preset
+        get_preset(self.default_preset)  # FvgError for an unknown preset
         self._factory = pipeline_factory
         self._pipelines: dict[str, FactorizedPipeline] = {}
         self._lock = threading.RLock()  # the models are not thread-safe: one stage at a time
@@ -123,6 +127,9 @@ class StudioSession:
             raise FvgError("the first-frame caption is empty: plan the prompt or write a caption")
         if not 1 <= int(num_candidates) <= MAX_CANDIDATES:
             raise FvgError(f"render between 1 and {MAX_CANDIDATES} candidates, not {num_candidates}")
+        _bounded(caption.strip(), "first-frame caption")
+        validate_seed(int(seed) + int(num_candidates) - 1, "anchor seed + candidates - 1")
+        validate_seed(int(seed), "anchor seed")
         with self._lock:
             return self.pipeline(preset).make_anchor(caption.strip(), int(seed), int(num_candidates), 0, progress)
 
@@ -158,6 +165,10 @@ class StudioSession:
         preset = preset or self.default_preset
         validate_mode(mode)
         steps = None if steps is None else int(steps)
+        if steps is not None and steps > MAX_STEPS:
+            raise FvgError(f"the studio runs at most {MAX_STEPS} steps, not {steps}")
+        for text, what in ((caption, "first-frame caption"), (upsampled, "upsampled prompt")):
+            _bounded((text or "").strip(), what)
         guidance = None if guidance is None else float(guidance)
         seed = int(seed)
         with self._lock:
@@ -200,7 +211,7 @@ class StudioSession:
         return [run.row() for run in reversed(self.history)]
 
     def _new_run_dir(self, prompt: str) -> Path:
-        base = f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{slug(prompt)}"
+        base = run_name(prompt)
         self.out_root.mkdir(parents=True, exist_ok=True)
         for n in range(1, 1000):
             path = self.out_root / (base if n == 1 else f"{base}-{n}")

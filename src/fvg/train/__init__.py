@@ -4,10 +4,10 @@
     result = train(load_config("configs/train/tiny.toml"))
 
 Modules: `config` (TrainConfig, TOML + overrides), `data` (clips, decoding, latent cache),
-`objective` (flow matching with the clean frame-0 anchor), `cogvideox` (the v-prediction
-objective for CogVideoX), `trainer` (the accelerate loop,
-checkpoints, resume), `validation`, `export` (diffusers and original Wan key formats),
-`synthetic` (a tiny test data set), `cli`.
+`seeds` (every random draw from (seed, step, rank)), `trainer` (the accelerate loop, checkpoints,
+resume), `validation`, `export` (diffusers keys and the family's other key formats),
+`synthetic` (a tiny test data set), `cli`. What differs per model family (loading, encoding,
+the objective: Wan's flow matching, CogVideoX's v-prediction) comes from `fvg.families`.
 """
 
 from fvg.train.config import TrainConfig, load_config

@@ -10,12 +10,14 @@ directory, like every other fvg path.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fvg.io import FvgError
+from fvg.families import check_video_shape, family_names
+from fvg.io import FvgError, cache_dir
 
 try:
     import tomllib
@@ -24,19 +26,19 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as the `tomli` packa
 
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 EXPERTS = ("transformer", "transformer_2", "both")
-FAMILIES = ("auto", "wan", "cogvideox")
+FAMILIES = ("auto", *family_names())
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("FVG_TRAIN_CACHE") or str(Path.home() / ".cache" / "fvg" / "train-latents")
+    return str(cache_dir("train-latents", override_env="FVG_TRAIN_CACHE"))
 
 
 @dataclass
 class TrainConfig:
     # model and data
     model: str = "builtin:tiny-wan"  # diffusers Wan checkpoint (hub id in the HF cache, or a local dir)
-    family: str = "auto"  # "wan", "cogvideox" (docs/cogvideox.md), or "auto": from the model id / model_index.json
+    family: str = "auto"  # a `fvg.families` name, or "auto": from the model id / model_index.json (`family_of`)
     data: str = ""  # folder of clips + .txt captions, or a folder/file with metadata.csv / metadata.jsonl
     video_column: str = "video"
     caption_column: str = "caption"
@@ -89,11 +91,12 @@ class TrainConfig:
             if not cond:
                 raise FvgError(msg)
 
+        for name, value in dataclasses.asdict(self).items():  # inf/nan parse as floats from TOML, YAML, --set
+            need(not isinstance(value, float) or math.isfinite(value),
+                 f"training setting '{name}' must be a finite number, got {value}")
         need(bool(self.data), "no training data: set `data` in the config or pass --data")
-        need(self.num_frames >= 5 and (self.num_frames - 1) % 4 == 0,
-             f"num_frames must be 4n+1 with n >= 1 (e.g. 17, 49, 81), got {self.num_frames}")
-        need(self.height > 0 and self.width > 0 and self.height % 16 == 0 and self.width % 16 == 0,
-             f"height and width must be positive multiples of 16, got {self.height}x{self.width}")
+        need(self.num_frames >= 5, f"num_frames must be 4n+1 with n >= 1 (e.g. 17, 49, 81), got {self.num_frames}")
+        check_video_shape(self.height, self.width, self.num_frames)  # the family's own rule: at training start
         need(self.fps > 0, f"fps must be positive, got {self.fps}")
         need(self.family in FAMILIES, f"family must be one of {', '.join(FAMILIES)}, got '{self.family}'")
         need(self.rank > 0 and self.alpha > 0, "rank and alpha must be positive")
@@ -181,23 +184,6 @@ def _flatten(table: dict[str, Any], path: str) -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
-
-
-def resolve_family(model: str, family: str = "auto") -> str:
-    """The video model family of a training run: `family` unless "auto", else guessed from the model:
-    a local diffusers folder's model_index.json, else the id ("cogvideox" in it means CogVideoX)."""
-    if family != "auto":
-        return family
-    index = Path(model) / "model_index.json"
-    if index.is_file():
-        import json
-
-        try:
-            name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-        except (OSError, ValueError):
-            name = ""
-        return "cogvideox" if "cogvideox" in name.lower() else "wan"
-    return "cogvideox" if "cogvideox" in model.lower() else "wan"
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -20,7 +20,6 @@ and each clip's path, size, mtime and caption). A second run with the same key r
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import hashlib
 import json
 import logging
@@ -31,7 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 from fvg.anchor import fit_to_resolution
+from fvg.families import ModelFamily, family_of
 from fvg.io import FvgError, atomic_path, write_json
+from fvg.provenance import utc_timestamp
 
 log = logging.getLogger("fvg.train")
 
@@ -166,61 +167,26 @@ def data_hash(clips: list[Clip]) -> str:
     return h.hexdigest()[:16]
 
 
-def pipe_family(pipe) -> str:
-    return getattr(pipe, "fvg_family", "wan")
-
-
-def cache_key(cfg, clips: list[Clip], family: str = "wan") -> str:
+def cache_key(cfg, clips: list[Clip], family: ModelFamily | None = None) -> str:
     # mixed_precision sets the text encoder's dtype (bf16 vs fp32 embeddings); the VAE always runs in fp32.
     parts = {"format": CACHE_FORMAT, "model": cfg.model, "precision": cfg.mixed_precision,
              "height": cfg.height, "width": cfg.width,
              "num_frames": cfg.num_frames, "fps": cfg.fps, "max_sequence_length": cfg.max_sequence_length,
-             "data": data_hash(clips)}
-    if family != "wan":  # Wan keys stay as they were, so existing Wan caches remain valid
-        parts["family"] = family
+             "data": data_hash(clips), **(family or family_of(cfg.model)).cache_key_parts()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
 def encode_clip(pipe, pixels: torch.Tensor) -> torch.Tensor:
-    """Normalised latent [C, F, h, w] at the posterior mode, exactly as `AnchoredWanPipeline.encode_anchor`
-    encodes the anchor (the mode is deterministic, so it can be cached; sampling would need the variance)."""
-    if pipe_family(pipe) == "cogvideox":
-        # scaled latents [F, C, h, w], as `AnchoredCogVideoXPipeline.encode_video` (fvg.train.cogvideox)
-        return pipe.encode_video(pixels)[0].cpu()
-    from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
-
-    vae = pipe.vae
-    latent = retrieve_latents(vae.encode(pixels.to(vae.device, vae.dtype)), sample_mode="argmax").float()
-    mean, inv_std = pipe._latent_stats(latent.device, torch.float32)
-    return ((latent - mean) * inv_std)[0].cpu()
+    """The clip's latent at the posterior mode as its family's pipeline sees latents (`ModelFamily.encode_clip`;
+    the mode is deterministic, so it can be cached; sampling would need the variance)."""
+    return family_of(pipe).encode_clip(pipe, pixels)
 
 
 @torch.no_grad()
 def encode_captions(pipe, captions: list[str], max_sequence_length: int, device) -> list[torch.Tensor]:
-    """The pipeline's own `encode_prompt` embeddings, trimmed to each caption's tokens.
-
-    WanPipeline zero-pads the embeddings to `max_sequence_length`; storing only the real tokens
-    and padding again on load (`pad_text`) is exact and saves most of the space.
-    CogVideoX attends to all `max_sequence_length` T5 outputs (its padding tokens are not zero):
-    they are stored whole.
-    """
-    if pipe_family(pipe) == "cogvideox":
-        embeds, _ = pipe.encode_prompt(prompt=captions, do_classifier_free_guidance=False,
-                                       max_sequence_length=max_sequence_length, device=device)
-        return [emb.clone() for emb in embeds.cpu()]
-    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-
-    embeds, _ = pipe.encode_prompt(prompt=captions, do_classifier_free_guidance=False,
-                                   max_sequence_length=max_sequence_length, device=device)
-    mask = pipe.tokenizer([prompt_clean(c) for c in captions], padding="max_length", max_length=max_sequence_length,
-                          truncation=True, add_special_tokens=True, return_attention_mask=True,
-                          return_tensors="pt").attention_mask
-    out = []
-    for emb, n in zip(embeds.cpu(), mask.sum(dim=1).tolist()):
-        n = n if not emb[n:].any() else emb.shape[0]  # keep everything should padding ever be non-zero
-        out.append(emb[:n].clone())
-    return out
+    """The pipeline's own `encode_prompt` embeddings, as its family stores them (`ModelFamily.encode_captions`)."""
+    return family_of(pipe).encode_captions(pipe, captions, max_sequence_length, device)
 
 
 def pad_text(text: torch.Tensor, length: int) -> torch.Tensor:
@@ -235,7 +201,7 @@ def build_cache(cfg, clips: list[Clip], pipe, accelerator) -> dict:
     """
     from safetensors.torch import save_file
 
-    family = pipe_family(pipe)
+    family = family_of(pipe)
     key = cache_key(cfg, clips, family)
     root = Path(cfg.cache_dir) / key
     index_path = root / "index.json"
@@ -249,14 +215,14 @@ def build_cache(cfg, clips: list[Clip], pipe, accelerator) -> dict:
     device = accelerator.device
     pipe.vae.to(device)
     pipe.text_encoder.to(device)
-    entries, skipped, shard, shard_no = [], [], {}, 0
+    entries, skipped, shard, shard_clips, shard_no = [], [], {}, 0, 0
 
     def flush():
-        nonlocal shard, shard_no
+        nonlocal shard, shard_clips, shard_no
         if shard:
             with atomic_path(root / f"shard-r{rank:03d}-{shard_no:05d}.safetensors") as tmp:
                 save_file(shard, str(tmp))
-            shard, shard_no = {}, shard_no + 1
+            shard, shard_clips, shard_no = {}, 0, shard_no + 1
 
     mine = list(range(rank, len(clips), world))
     for start in range(0, len(mine), 8):
@@ -268,8 +234,7 @@ def build_cache(cfg, clips: list[Clip], pipe, accelerator) -> dict:
                 skipped.append((str(clips[i].path), str(exc)))
                 continue
             pixels = to_pixels(frames)
-            # CogVideoX: also the first frame encoded alone, the anchor as inference encodes it
-            anchor = pipe.encode_video(pixels[:, :, :1])[0, 0].cpu() if family == "cogvideox" else None
+            anchor = family.encode_clip_anchor(pipe, pixels)  # None unless the family caches it apart
             batch.append((i, encode_clip(pipe, pixels), anchor))
         if not batch:
             continue
@@ -280,7 +245,8 @@ def build_cache(cfg, clips: list[Clip], pipe, accelerator) -> dict:
             if anchor is not None:
                 shard[f"{i}.anchor"] = anchor.contiguous()
             entries.append({"index": i, "video": str(clips[i].path), "caption": clips[i].caption, "shard": name})
-            if len(shard) >= (3 if family == "cogvideox" else 2) * SHARD_SIZE:
+            shard_clips += 1
+            if shard_clips >= SHARD_SIZE:
                 flush()
     flush()
     write_json(root / f"part-r{rank:03d}.json", {"entries": entries, "skipped": skipped})
@@ -288,8 +254,7 @@ def build_cache(cfg, clips: list[Clip], pipe, accelerator) -> dict:
     if accelerator.is_main_process:
         parts = [json.loads((root / f"part-r{r:03d}.json").read_text()) for r in range(world)]
         index = {
-            "format": CACHE_FORMAT, "key": key, "model": cfg.model, "created": _dt.datetime.now(
-                _dt.timezone.utc).isoformat(timespec="seconds"),
+            "format": CACHE_FORMAT, "key": key, "model": cfg.model, "created": utc_timestamp(),
             "shape": {"height": cfg.height, "width": cfg.width, "num_frames": cfg.num_frames, "fps": cfg.fps},
             "max_sequence_length": cfg.max_sequence_length, "data_hash": data_hash(clips),
             "entries": sorted((e for p in parts for e in p["entries"]), key=lambda e: e["index"]),
@@ -330,7 +295,7 @@ class CachedClips(torch.utils.data.Dataset):
         f = self._file(entry["shard"])
         text = f.get_tensor(f"{entry['index']}.text")
         item = {"latent": f.get_tensor(f"{entry['index']}.latent"), "text": pad_text(text, self.max_sequence_length)}
-        if f"{entry['index']}.anchor" in f.keys():  # CogVideoX caches the separately encoded first frame
+        if f"{entry['index']}.anchor" in f.keys():  # `ModelFamily.encode_clip_anchor` (CogVideoX)
             item["anchor"] = f.get_tensor(f"{entry['index']}.anchor")
         return item
 

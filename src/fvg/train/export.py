@@ -1,14 +1,12 @@
-"""Writing the trained anchor LoRA: diffusers keys and original Wan / ComfyUI keys.
+"""Writing the trained anchor LoRA: diffusers keys, plus the key layouts its family adds.
 
 * `anchor_lora.safetensors`: diffusers/PEFT keys with a `transformer.` prefix, the layout of
   `WanLoraLoaderMixin.save_lora_weights`, including its `lora_adapter_metadata` header
   (the LoraConfig, prefixed `transformer.`). diffusers builds the adapter from that header, so
   `lora_alpha` is honoured; without it diffusers would assume alpha = rank.
-* `anchor_lora_wan.safetensors`: `diffusion_model.blocks.N.self_attn.q.lora_A.weight` ... with one
-  `.alpha` per layer (`fvg.animate.lora.to_original_wan`), for ComfyUI and other Wan tools.
-
-CogVideoX runs (`family = "cogvideox"`) write `anchor_lora.safetensors` only: CogVideoX's LoRA loader
-(`CogVideoXLoraLoaderMixin`) reads diffusers keys and converts no other layout.
+* `anchor_lora_<format>.safetensors` for each of the family's `lora_converters` (`fvg.families`):
+  Wan's `anchor_lora_wan.safetensors` has `diffusion_model.blocks.N.self_attn.q.lora_A.weight` ...
+  with one `.alpha` per layer, for ComfyUI and other Wan tools; CogVideoX has no other layout.
 
 The low-noise expert of Wan2.2-A14B gets `anchor_lora_2*.safetensors`; its keys are also
 `transformer.`-prefixed, as `load_lora_weights(..., load_into_transformer_2=True)` expects.
@@ -23,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from fvg.animate.lora import to_diffusers, to_original_wan
+from fvg.animate.lora import to_diffusers
+from fvg.families import DEFAULT_FAMILY, LoraConverter, get_family
 from fvg.io import FvgError, atomic_path
 
 log = logging.getLogger("fvg.train")
@@ -50,24 +49,25 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
 
 
 def write_lora(state_dict: dict[str, torch.Tensor], directory: str | Path, expert: str, lora_config: dict,
-               info: dict, formats: tuple[str, ...] = ("diffusers", "wan")) -> dict[str, Path]:
-    """Write a PEFT state dict (`blocks.0.attn1.to_q.lora_A.weight` ...) in the requested formats."""
+               info: dict, converters: dict[str, LoraConverter] | None = None) -> dict[str, Path]:
+    """Write a PEFT state dict (`blocks.0.attn1.to_q.lora_A.weight` ...) with diffusers keys, and with each
+    of `converters`' key layouts (a family's `lora_converters`); returns the paths by format name."""
     directory, stem = Path(directory), lora_stem(expert)
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise FvgError(f"refusing to write the {expert} LoRA: {key} holds NaN or inf (the training diverged)")
     header = {"format": "pt", "fvg": json.dumps(info, sort_keys=True, default=str),
               **{k: str(info[k]) for k in ("rank", "alpha", "base_model", "steps", "data_hash") if k in info}}
-    paths = {}
-    if "diffusers" in formats:
-        paths["diffusers"] = directory / f"{stem}.safetensors"
-        _save(to_diffusers(state_dict), paths["diffusers"],
-              {**header, LORA_ADAPTER_METADATA_KEY: adapter_metadata(lora_config)})
-    if "wan" in formats:
+    paths = {"diffusers": directory / f"{stem}.safetensors"}
+    _save(to_diffusers(state_dict), paths["diffusers"], {**header, LORA_ADAPTER_METADATA_KEY: adapter_metadata(lora_config)})
+    for name, convert in (converters or {}).items():
         try:
-            original = to_original_wan(state_dict, alpha=float(lora_config["lora_alpha"]))
-        except ValueError as exc:  # a target module outside the Wan blocks has no original name
-            log.warning("no original Wan/ComfyUI export: %s", exc)
+            converted = convert(state_dict, float(lora_config["lora_alpha"]))
+        except ValueError as exc:  # e.g. a target module outside the Wan blocks has no original name
+            log.warning("no '%s' key-format export: %s", name, exc)
         else:
-            paths["wan"] = directory / f"{stem}_wan.safetensors"
-            _save(original, paths["wan"], header)
+            paths[name] = directory / f"{stem}_{name}.safetensors"
+            _save(converted, paths[name], header)
     return paths
 
 
@@ -84,20 +84,19 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict[str, Path]:
-    """Export the LoRA(s) of a training checkpoint (`checkpoints/step_XXXXXX`) in both key formats."""
+    """Export the LoRA(s) of a training checkpoint (`checkpoints/step_XXXXXX`) in its family's key formats."""
     checkpoint = Path(checkpoint)
     state_file = checkpoint / "trainer_state.json"
     if not state_file.is_file():
         raise FvgError(f"{checkpoint} is not a training checkpoint (no trainer_state.json)")
     state = json.loads(state_file.read_text(encoding="utf-8"))
+    family = get_family(state.get("family", DEFAULT_FAMILY))
     paths = {}
     for expert in state["experts"]:
         source = checkpoint / f"{lora_stem(expert)}.safetensors"
         if not source.is_file():
             raise FvgError(f"checkpoint {checkpoint} has no {source.name}")
         tensors, config, info = read_lora(source)
-        # CogVideoX LoRAs have one key format: diffusers has no converter for another one
-        formats = ("diffusers",) if state.get("family", "wan") == "cogvideox" else ("diffusers", "wan")
-        for fmt, path in write_lora(tensors, out_dir, expert, config, info, formats).items():
+        for fmt, path in write_lora(tensors, out_dir, expert, config, info, family.lora_converters).items():
             paths[f"{expert}.{fmt}"] = path
     return paths

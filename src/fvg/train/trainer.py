@@ -1,7 +1,7 @@
-"""The anchor-LoRA training loop: peft LoRA on Wan's transformer(s), driven by accelerate.
+"""The anchor-LoRA training loop: peft LoRA on a video model's transformer(s), driven by accelerate.
 
-CogVideoX models (`family = "cogvideox"`, docs/cogvideox.md) train through the same loop with the
-v-prediction objective of `fvg.train.cogvideox` instead of flow matching.
+The model's family (`fvg.families`) supplies loading, the caption and clip encoding, the objective
+(Wan: flow matching, CogVideoX: v-prediction) and the LoRA key formats; the loop is the same for all.
 
 accelerate provides everything multi-process (DDP by default; FSDP or DeepSpeed through an
 accelerate config), mixed precision, gradient accumulation and checkpoint state. The data
@@ -20,7 +20,6 @@ Layout of `output_dir`:
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import logging
@@ -33,11 +32,13 @@ from typing import Iterator
 
 import torch
 
-from fvg.io import FvgError, write_json
-from fvg.train.config import TrainConfig, resolve_family
+from fvg.io import FvgError, sweep_stale_temps, write_json
+from fvg.provenance import package_versions, utc_timestamp
+from fvg.families import TrainingObjective, family_of, resolve_family
+from fvg.train.config import TrainConfig
 from fvg.train.data import CachedClips, build_cache, collate, find_clips
 from fvg.train.export import lora_stem, read_lora, write_lora
-from fvg.train.objective import SigmaSampler, draw_batch, masked_flow_loss, step_generator, step_seed
+from fvg.train.seeds import step_generator, step_seed
 from fvg.train import validation
 
 log = logging.getLogger("fvg.train")
@@ -56,6 +57,33 @@ class TrainResult:
     step: int
     losses: list[float] = field(default_factory=list)  # per optimiser step of this run, mean over processes
     record: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunData:
+    """The data stage's results: what was found, cached, trained on and held out for validation."""
+
+    clips: list
+    skipped: list[tuple[str, str]]  # (path, reason)
+    index: dict  # the latent cache's index (`build_cache`)
+    train_entries: list[dict]
+    held_out: list[dict]
+    dataset: CachedClips
+
+
+@dataclass
+class Optimisation:
+    params: list  # the trained LoRA parameters
+    optimizer: object
+    lr_scheduler: object
+
+
+def check_finite_loss(loss: float, step: int, lr: float) -> None:
+    """Stop a diverged run with one line: a NaN or inf loss means NaN LoRA weights from here on, and
+    exporting them would make black videos. Every process sees the same reduced loss, so all stop."""
+    if not torch.isfinite(torch.tensor(loss)):
+        raise FvgError(f"training diverged at step {step}: the loss is {loss} (learning rate {lr:g}); "
+                       "no LoRA exported, earlier checkpoints are kept: lower learning_rate or check the data")
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -130,76 +158,23 @@ class Trainer:
 
     def _load_pipeline(self, weight_dtype):
         if self.pipe is not None:
-            self.family = getattr(self.pipe, "fvg_family", "wan")
+            self.family = family_of(self.pipe)
             return self.pipe
         self.family = resolve_family(self.cfg.model, self.cfg.family)
-        if self.family == "cogvideox":
-            from fvg.animate.loading import load_cogvideox_pipeline
+        return self.family.load_pipeline(self.cfg.model, weight_dtype, self.cfg.flow_shift)
 
-            return load_cogvideox_pipeline(self.cfg.model, weight_dtype)
-        from fvg.animate.loading import load_wan_pipeline
-
-        return load_wan_pipeline(self.cfg.model, weight_dtype, self.cfg.flow_shift)
-
-    def _cogvideox_setup(self, pipe):
-        """CogVideoX: text length and LoRA targets in CogVideoX's terms, the v-prediction step function."""
-        from fvg.train import cogvideox as cog
-
-        cfg = self.cfg
-        changes = {}
-        text_len = min(cfg.max_sequence_length, pipe.transformer.config.max_text_seq_length)
-        if text_len != cfg.max_sequence_length:
-            changes["max_sequence_length"] = text_len  # CogVideoX was trained on 226 T5 tokens
-        targets = [t.replace("ffn.net.", "ff.net.") if t.startswith("ffn.net.") else t for t in cfg.target_modules]
-        if targets != list(cfg.target_modules):
-            changes["target_modules"] = targets  # CogVideoX's feed-forward is `ff`, Wan's `ffn`
+    def _objective(self, pipe, weight_dtype) -> TrainingObjective:
+        """The family's objective, after the settings it changes into its own terms (text length, LoRA modules)."""
+        self.family.check_shape(self.cfg.height, self.cfg.width, self.cfg.num_frames)
+        changes = self.family.adapt_train_config(self.cfg, pipe)
         if changes:
-            log.info("CogVideoX: %s", ", ".join(f"{k} = {v}" for k, v in changes.items()))
-            self.cfg = cfg = cfg.replace(**changes)
-        self.shift = None
-        scheduler = pipe.scheduler
-        if scheduler.config.get("prediction_type") != "v_prediction":
-            raise FvgError(f"CogVideoX training expects a v-prediction scheduler, got "
-                           f"{scheduler.config.get('prediction_type')}")
-        sampler = cog.TimestepSampler(scheduler.config.num_train_timesteps)
-        patch_t = pipe.transformer.config.patch_size_t
-        latent_frames = (cfg.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
-        if cfg.p_anchor > 0:
-            try:
-                cog.anchor_layout(latent_frames, patch_t)
-            except ValueError as exc:
-                raise FvgError(f"num_frames = {cfg.num_frames}: {exc}") from None
-        rotary = None
-        if pipe.transformer.config.use_rotary_positional_embeddings:
-            rotary = pipe._prepare_rotary_positional_embeddings(
-                cfg.height, cfg.width, cog.padded_frames(latent_frames, patch_t), self.accelerator.device)
-
-        def step_loss(model, batch, generator, weight_dtype):
-            acc = self.accelerator
-            nb = cog.draw_batch(scheduler, batch["latent"].to(acc.device), batch["anchor"].to(acc.device), sampler,
-                                cfg.p_anchor, generator, patch_t)
-            with acc.autocast():
-                pred = model(hidden_states=nb.model_input.to(weight_dtype), timestep=nb.timestep,
-                             encoder_hidden_states=batch["text"].to(acc.device, weight_dtype),
-                             image_rotary_emb=rotary, return_dict=False)[0]
-            return cog.masked_v_loss(pred, nb.target, nb.frame_weight)
-
-        return sampler, step_loss
-
-    def _samplers(self, pipe, experts: list[str]) -> list[SigmaSampler]:
-        cfg = self.cfg
-        sched = pipe.scheduler.config
-        shift = cfg.flow_shift or sched.get("flow_shift") or sched.get("shift") or 1.0
-        self.shift = float(shift)
-        base = SigmaSampler(self.shift, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std)
-        if getattr(pipe, "transformer_2", None) is None:
-            return [base]
-        if pipe.config.boundary_ratio not in (None, cfg.boundary_ratio):
-            log.warning("model's boundary_ratio %s overridden by the config's %s", pipe.config.boundary_ratio,
-                        cfg.boundary_ratio)
-        pipe.register_to_config(boundary_ratio=cfg.boundary_ratio)  # validation switches experts there too
-        ranges = {"transformer": (cfg.boundary_ratio, 1.0), "transformer_2": (0.0, cfg.boundary_ratio)}
-        return [base.restrict(*ranges[name]) for name in experts]
+            log.info("%s: %s", self.family.label, ", ".join(f"{k} = {v}" for k, v in changes.items()))
+            self.cfg = self.cfg.replace(**changes)
+        acc = self.accelerator
+        objective = self.family.training_objective(pipe, self.cfg, self.experts, acc.device, acc.autocast,
+                                                   weight_dtype)
+        self.shift = objective.flow_shift
+        return objective
 
     def _add_lora(self, model) -> None:
         from diffusers.training_utils import cast_training_params
@@ -228,19 +203,9 @@ class Trainer:
 
     def _lora_info(self, step: int) -> dict:
         cfg = self.cfg
-        info = {"rank": cfg.rank, "alpha": cfg.alpha, "base_model": cfg.model, "steps": step,
-                "data_hash": self.data_hash, "p_anchor": cfg.p_anchor, "flow_shift": self.shift,
-                "target_modules": list(cfg.target_modules),
-                "method": "anchor LoRA: clean latent frame 0 at timestep 0 (Factorized Video Generation)"}
-        if self.family == "cogvideox":
-            info["family"] = "cogvideox"
-            info["method"] = ("anchor LoRA: clean first temporal patch (anchor latent twice) at timestep 0, "
-                              "v-prediction (Factorized Video Generation)")
-        return info
-
-    @property
-    def lora_formats(self) -> tuple[str, ...]:
-        return ("diffusers",) if self.family == "cogvideox" else ("diffusers", "wan")
+        return self.family.lora_info({
+            "rank": cfg.rank, "alpha": cfg.alpha, "base_model": cfg.model, "steps": step, "data_hash": self.data_hash,
+            "p_anchor": cfg.p_anchor, "flow_shift": self.shift, "target_modules": list(cfg.target_modules)})
 
     def _register_hooks(self) -> None:
         from peft import set_peft_model_state_dict
@@ -268,17 +233,19 @@ class Trainer:
     def _save_checkpoint(self, step: int, position: tuple[int, int]) -> Path:
         acc = self.accelerator
         path = self.output / CHECKPOINTS / f"step_{step:06d}"
+        if acc.is_main_process:
+            sweep_stale_temps(self.output / CHECKPOINTS, recursive=True)  # what killed runs left
         acc.save_state(str(path))
         states = self._lora_states()
         if acc.is_main_process:
             for expert, state in zip(self.experts, states):
-                write_lora(state, path, expert, self.lora_config, self._lora_info(step), formats=("diffusers",))
+                write_lora(state, path, expert, self.lora_config, self._lora_info(step))
             write_json(path / STATE_FILE, {
                 "step": step, "epoch": position[0], "epoch_offset": position[1],
                 "num_processes": acc.num_processes, "batch_size": self.cfg.batch_size,
                 "gradient_accumulation_steps": self.cfg.gradient_accumulation_steps, "train_clips": self.num_train,
                 "experts": self.experts, "data_hash": self.data_hash, "config": self.cfg.to_dict(),
-                "family": self.family,
+                "family": self.family.name,
             })
             for old in checkpoint_dirs(self.output)[:-self.cfg.checkpoints_keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -335,33 +302,55 @@ class Trainer:
     # -- the run -------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        from accelerate.utils import DistributedType, set_seed
-        from diffusers.optimization import get_scheduler
+        from accelerate.utils import set_seed
 
-        cfg, started = self.cfg, time.perf_counter()
-        created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        started, created = time.perf_counter(), utc_timestamp()
         acc = self.accelerator = self._accelerator()
-        set_seed(cfg.seed)  # identical LoRA initialisation on every process
-        weight_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+        set_seed(self.cfg.seed)  # identical LoRA initialisation on every process
+        weight_dtype = torch.bfloat16 if self.cfg.mixed_precision == "bf16" else torch.float32
+        pipe, objective = self._setup_model(weight_dtype)
+        data = self._setup_data(pipe)
+        self._setup_validation(pipe, data.held_out)
+        optim = self._setup_lora(pipe)
+        step, position, resumed_from = self._resume()
+        if acc.is_main_process:
+            log.info("training %s: %d LoRA parameters, %d clips (%d held out), %d process(es)",
+                     "+".join(self.experts), sum(p.numel() for p in optim.params), self.num_train,
+                     len(data.held_out), acc.num_processes)
+        acc.init_trackers("fvg-train", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                for k, v in self.cfg.to_dict().items()})
+        start_step = step
+        losses, step = self._train(objective, data.dataset, optim, step, position)
+        lora_files = self._export(step)
+        digests = self._rank_digests()
+        self.timings["total"] = time.perf_counter() - started
+        record = {}
+        if acc.is_main_process:
+            record = self._record(created, resumed_from, start_step, step, losses, data, lora_files, digests)
+            write_json(self.output / "run.json", record)
+            log.info("done: step %d, LoRA in %s", step, self.output / "lora")
+        acc.end_training()
+        return TrainResult(self.output, lora_files, step, losses, record)
+
+    def _setup_model(self, weight_dtype) -> tuple[object, TrainingObjective]:
+        """The pipeline, the experts to train and the family's objective."""
+        from accelerate.utils import DistributedType
 
         tick = time.perf_counter()
-        pipe = self._load_pipeline(weight_dtype)
+        pipe = self.pipe = self._load_pipeline(weight_dtype)
         pipe.set_progress_bar_config(disable=True)
-        self.experts = experts_to_train(pipe, cfg.expert)
-        if len(self.experts) > 1 and acc.distributed_type == DistributedType.DEEPSPEED:
+        self.experts = experts_to_train(pipe, self.cfg.expert)
+        if len(self.experts) > 1 and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise FvgError("DeepSpeed trains one model per run: train expert = 'transformer' and 'transformer_2' "
                            "in two runs, or use FSDP for expert = 'both'")
-        cog_step = None
-        if self.family == "cogvideox":
-            cog_sampler, cog_step = self._cogvideox_setup(pipe)
-            cfg = self.cfg
-            samplers = [cog_sampler]
-        else:
-            samplers = self._samplers(pipe, self.experts)
+        objective = self._objective(pipe, weight_dtype)
         self.pipe_boundary = pipe.config.boundary_ratio if getattr(pipe, "transformer_2", None) is not None else None
         self.timings["load_model"] = time.perf_counter() - tick
+        return pipe, objective
 
-        # Data: find clips, encode them once (or reuse the cache), hold some out for validation.
+    def _setup_data(self, pipe) -> RunData:
+        """Find clips, encode them once (or reuse the cache), hold some out for validation."""
+        cfg, acc = self.cfg, self.accelerator
         tick = time.perf_counter()
         clips, dropped = find_clips(cfg.data, cfg.video_column, cfg.caption_column)
         index = build_cache(cfg, clips, pipe, acc)
@@ -379,35 +368,43 @@ class Trainer:
                            f"({cfg.batch_size} x {acc.num_processes}); {len(skipped)} skipped")
         dataset = CachedClips(index, train_entries, cfg.max_sequence_length)
         self.timings["data_cache"] = time.perf_counter() - tick
+        return RunData(clips, skipped, index, train_entries, entries[-holdout:] if use_holdout else [], dataset)
 
-        # Validation inputs are encoded now, so the text encoder can be dropped for training.
-        items: list[validation.ValidationItem] = []
-        negative = None
+    def _setup_validation(self, pipe, held_out: list[dict]) -> None:
+        """Encode the validation inputs now, so the text encoder can be dropped for training."""
+        cfg, acc = self.cfg, self.accelerator
+        self.validation_items: list[validation.ValidationItem] = []
+        self.validation_negative = None
         if cfg.validation_every > 0:
             if cfg.validation_prompts:
                 anchors = [validation.anchor_from_file(a, cfg) for a in cfg.validation_anchors]
                 if not anchors:
                     raise FvgError("validation_prompts need validation_anchors (an image or video each)")
-                items = [validation.ValidationItem(p, a, s) for p, a, s in
-                         zip(cfg.validation_prompts, anchors, cfg.validation_anchors)]
-            elif use_holdout:
-                items = validation.held_out_items(entries[-holdout:], cfg)
+                self.validation_items = [validation.ValidationItem(p, a, s) for p, a, s in
+                                         zip(cfg.validation_prompts, anchors, cfg.validation_anchors)]
+            elif held_out:
+                self.validation_items = validation.held_out_items(held_out, cfg)
             pipe.vae.to(acc.device)
             pipe.text_encoder.to(acc.device)
-            negative = validation.prepare(pipe, items, cfg, acc.device)
+            self.validation_negative = validation.prepare(pipe, self.validation_items, cfg, acc.device)
         pipe.text_encoder = None  # frozen, and its outputs are cached: free its memory (UMT5-XXL is 11 GB)
-        if not items:
+        if not self.validation_items:
             pipe.vae.to("cpu")  # only validation decodes
 
-        # LoRA on the trained expert(s); an untrained second expert waits on the CPU until validation.
+    def _setup_lora(self, pipe) -> Optimisation:
+        """LoRA on the trained expert(s), the optimiser and LR schedule, all prepared by accelerate;
+        an untrained second expert waits on the CPU until validation."""
+        from diffusers.optimization import get_scheduler
+
+        cfg, acc = self.cfg, self.accelerator
         self.models = [getattr(pipe, name) for name in self.experts]
         self.expert_of = {id(m): name for m, name in zip(self.models, self.experts)}
         for model in self.models:
             self._add_lora(model)
         self.lora_config = self.models[0].peft_config["default"].to_dict()
-        frozen = [getattr(pipe, n) for n in ("transformer", "transformer_2")
-                  if getattr(pipe, n, None) is not None and n not in self.experts]
-        for model in frozen:
+        self.frozen = [getattr(pipe, n) for n in ("transformer", "transformer_2")
+                       if getattr(pipe, n, None) is not None and n not in self.experts]
+        for model in self.frozen:
             model.requires_grad_(False).to("cpu")
         params = [p for m in self.models for p in m.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -417,88 +414,58 @@ class Trainer:
         *self.models, optimizer = acc.prepare(*self.models, optimizer)
         acc.register_for_checkpointing(lr_scheduler)
         self._register_hooks()
-        step, position, resumed_from = self._resume()
+        return Optimisation(params, optimizer, lr_scheduler)
 
-        if acc.is_main_process:
-            trainable = sum(p.numel() for p in params)
-            log.info("training %s: %d LoRA parameters, %d clips (%d held out), %d process(es)",
-                     "+".join(self.experts), trainable, self.num_train, holdout if use_holdout else 0,
-                     acc.num_processes)
-        acc.init_trackers("fvg-train", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                for k, v in cfg.to_dict().items()})
+    def _validate(self, at_step: int) -> None:
+        if not self.validation_items:
+            return
+        acc, tick = self.accelerator, time.perf_counter()
+        for model in self.frozen:
+            model.to(acc.device)
+        for model in self.models:
+            model.eval()
+        out = validation.run_validation(self.pipe, self.validation_items, self.validation_negative, self.cfg,
+                                        at_step, acc)
+        for model in self.models:
+            model.train()
+        for model in self.frozen:
+            model.to("cpu")
+        self.timings["validation"] = self.timings.get("validation", 0.0) + time.perf_counter() - tick
+        if out is not None:
+            log.info("validation samples: %s", out)
 
-        def validate(at_step: int) -> None:
-            if not items:
-                return
-            tick = time.perf_counter()
-            for model in frozen:
-                model.to(acc.device)
-            for model in self.models:
-                model.eval()
-            out = validation.run_validation(pipe, items, negative, cfg, at_step, acc)
-            for model in self.models:
-                model.train()
-            for model in frozen:
-                model.to("cpu")
-            self.timings["validation"] = self.timings.get("validation", 0.0) + time.perf_counter() - tick
-            if out is not None:
-                log.info("validation samples: %s", out)
+    # -- the loop ------------------------------------------------------------------------------
 
-        # The loop.
+    def _train(self, objective: TrainingObjective, dataset, optim: Optimisation, step: int,
+               position: tuple[int, int]) -> tuple[list[float], int]:
+        """Optimiser steps up to max_steps, with checkpoints and validation; the loss of each step."""
+        cfg, acc = self.cfg, self.accelerator
         losses: list[float] = []
         start_step, last_ckpt, last_val = step, step, step
         batches = self._batches(dataset, position)
         micro = step * cfg.gradient_accumulation_steps
-        p_high = samplers[0].mass() / (samplers[0].mass() + samplers[1].mass()) if len(samplers) == 2 else 1.0
-        patch = acc.unwrap_model(self.models[0]).config.patch_size if cog_step is None else None
         train_time, tick = 0.0, time.perf_counter()
         with _progress(acc.is_main_process) as progress:
             task = progress.add_task("train", total=cfg.max_steps, completed=step, loss="-", rate="-")
             while step < cfg.max_steps:
-                # Two experts trained together: one expert per optimiser step, chosen with the same
-                # draw on every process and in proportion to its share of the sigma distribution.
-                e = 0 if len(self.models) == 1 or torch.rand(1, generator=step_generator(
-                    cfg.seed, 0xE7, step)).item() < p_high else 1
-                model, sampler = self.models[e], samplers[e]
-                step_losses = []
-                for _ in range(cfg.gradient_accumulation_steps):
-                    batch, position = next(batches)
-                    torch.manual_seed(step_seed(cfg.seed, 0xD0, micro, acc.process_index))  # LoRA dropout
-                    with acc.accumulate(*self.models):
-                        if cog_step is not None:  # CogVideoX: v-prediction (fvg.train.cogvideox)
-                            loss = cog_step(model, batch, step_generator(cfg.seed, micro, acc.process_index),
-                                            weight_dtype)
-                        else:
-                            nb = draw_batch(batch["latent"].to(acc.device), sampler, cfg.p_anchor,
-                                            step_generator(cfg.seed, micro, acc.process_index), patch)
-                            with acc.autocast():
-                                pred = model(hidden_states=nb.model_input.to(weight_dtype), timestep=nb.timestep,
-                                             encoder_hidden_states=batch["text"].to(acc.device, weight_dtype),
-                                             return_dict=False)[0]
-                            loss = masked_flow_loss(pred, nb.target, nb.frame_weight)
-                        acc.backward(loss)
-                        if acc.sync_gradients and cfg.max_grad_norm > 0:
-                            acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    step_losses.append(loss.detach())
-                    micro += 1
-                lr_scheduler.step()
+                e = self._pick_expert(objective.samplers, step)
+                mean_loss, position = self._optimiser_step(objective, e, batches, optim, micro)
+                micro += cfg.gradient_accumulation_steps
                 step += 1
-                mean_loss = acc.reduce(torch.stack(step_losses).mean(), reduction="mean").item()
+                check_finite_loss(mean_loss, step, optim.lr_scheduler.get_last_lr()[0])
                 losses.append(mean_loss)
                 train_time += time.perf_counter() - tick
                 if step == start_step + 1:
                     self.timings["first_step"] = train_time  # lazy initialisation: kept out of the throughput
                 rate = (step - start_step) / train_time
                 progress.update(task, completed=step, loss=f"{mean_loss:.4f}", rate=f"{rate:.2f}")
-                acc.log({"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": position[0],
+                acc.log({"loss": mean_loss, "lr": optim.lr_scheduler.get_last_lr()[0], "epoch": position[0],
                          "expert": e}, step=step)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     self._save_checkpoint(step, position)
                     last_ckpt = step
                 if cfg.validation_every and step % cfg.validation_every == 0:
-                    validate(step)
+                    self._validate(step)
                     last_val = step
                 tick = time.perf_counter()
         batches.close()
@@ -506,28 +473,52 @@ class Trainer:
         if last_ckpt != step:
             self._save_checkpoint(step, position)
         if cfg.validation_every and last_val != step:
-            validate(step)
+            self._validate(step)
+        return losses, step
 
-        # Export, a consistency check across processes, and the run record.
+    def _pick_expert(self, samplers: list, step: int) -> int:
+        """Two experts trained together: one expert per optimiser step, chosen with the same draw on
+        every process and in proportion to its share of the sigma distribution."""
+        if len(self.models) == 1:
+            return 0
+        p_high = samplers[0].mass() / (samplers[0].mass() + samplers[1].mass())
+        return 0 if torch.rand(1, generator=step_generator(self.cfg.seed, 0xE7, step)).item() < p_high else 1
+
+    def _optimiser_step(self, objective: TrainingObjective, e: int, batches, optim: Optimisation,
+                        micro: int) -> tuple[float, tuple[int, int]]:
+        """One optimiser step of expert `e` over gradient_accumulation_steps micro-batches (micro-batch
+        counter `micro` on): the loss averaged over micro-batches and processes, and the data position."""
+        cfg, acc = self.cfg, self.accelerator
+        model, sampler = self.models[e], objective.samplers[e]
+        step_losses = []
+        for m in range(micro, micro + cfg.gradient_accumulation_steps):
+            batch, position = next(batches)
+            torch.manual_seed(step_seed(cfg.seed, 0xD0, m, acc.process_index))  # LoRA dropout
+            with acc.accumulate(*self.models):
+                loss = objective.step_loss(model, sampler, batch, step_generator(cfg.seed, m, acc.process_index))
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(optim.params, cfg.max_grad_norm)
+                optim.optimizer.step()
+                optim.optimizer.zero_grad(set_to_none=True)
+            step_losses.append(loss.detach())
+        optim.lr_scheduler.step()
+        return acc.reduce(torch.stack(step_losses).mean(), reduction="mean").item(), position
+
+    # -- export and the run record -------------------------------------------------------------
+
+    def _export(self, step: int) -> dict[str, Path]:
+        """The final LoRA(s) in the family's key formats (a collective call; the main process writes)."""
         tick = time.perf_counter()
         states = self._lora_states()
         lora_files: dict[str, Path] = {}
-        if acc.is_main_process:
+        if self.accelerator.is_main_process:
             for expert, state in zip(self.experts, states):
                 for fmt, path in write_lora(state, self.output / "lora", expert, self.lora_config,
-                                            self._lora_info(step), formats=self.lora_formats).items():
+                                            self._lora_info(step), self.family.lora_converters).items():
                     lora_files[f"{expert}.{fmt}"] = path
         self.timings["export"] = time.perf_counter() - tick
-        digests = self._rank_digests()
-        self.timings["total"] = time.perf_counter() - started
-        record = {}
-        if acc.is_main_process:
-            record = self._record(created, resumed_from, start_step, step, losses, index, clips, skipped,
-                                  train_entries, lora_files, digests)
-            write_json(self.output / "run.json", record)
-            log.info("done: step %d, LoRA in %s", step, self.output / "lora")
-        acc.end_training()
-        return TrainResult(self.output, lora_files, step, losses, record)
+        return lora_files
 
     def _rank_digests(self) -> list[str] | None:
         """With replicated weights (DDP), every process must end with the same LoRA: check it."""
@@ -541,11 +532,9 @@ class Trainer:
             log.error("LoRA weights differ between processes: %s", digests)
         return digests
 
-    def _record(self, created, resumed_from, start_step, step, losses, index, clips, skipped, train_entries,
-                lora_files, digests) -> dict:
-        from fvg.pipeline import package_versions
-
-        cfg, acc = self.cfg, self.accelerator
+    def _record(self, created: str, resumed_from: str | None, start_step: int, step: int, losses: list[float],
+                data: RunData, lora_files: dict[str, Path], digests: list[str] | None) -> dict:
+        cfg, acc, index = self.cfg, self.accelerator, data.index
         per_step = cfg.batch_size * cfg.gradient_accumulation_steps * acc.num_processes
         steps, loop = step - start_step, self.timings.get("train_loop", 0.0)
         steady = steps > 1  # steady state: without the first step's warm-up
@@ -554,14 +543,14 @@ class Trainer:
         return {
             "fvg_train_run": 1, "created": created, "command": sys.argv,
             "config": cfg.to_dict(),
-            "resolved": {"family": self.family, "flow_shift": self.shift, "experts": self.experts,
+            "resolved": {"family": self.family.name, "flow_shift": self.shift, "experts": self.experts,
                          "boundary_ratio": self.pipe_boundary,
                          "lora_config": json.loads(json.dumps(self.lora_config, default=str))},
             "distributed": {"type": str(acc.distributed_type), "num_processes": acc.num_processes,
                             "mixed_precision": cfg.mixed_precision, "device": str(acc.device)},
-            "data": {"clips_found": len(clips), "clips_cached": len(index["entries"]),
-                     "clips_trained": len(train_entries),
-                     "skipped": [{"path": p, "reason": r} for p, r in skipped], "data_hash": self.data_hash,
+            "data": {"clips_found": len(data.clips), "clips_cached": len(index["entries"]),
+                     "clips_trained": len(data.train_entries),
+                     "skipped": [{"path": p, "reason": r} for p, r in data.skipped], "data_hash": self.data_hash,
                      "cache": {"key": index["key"], "dir": index["root"], "hit": index["hit"]}},
             "steps": {"resumed_from": resumed_from, "start": start_step, "end": step},
             "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,

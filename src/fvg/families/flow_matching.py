@@ -1,4 +1,4 @@
-"""The anchor-LoRA objective: Wan's flow matching with latent frame 0 pinned clean at timestep 0.
+"""The anchor-LoRA objective of flow-matching families (Wan): flow matching with latent frame 0 pinned clean at timestep 0.
 
 Flow matching as diffusers samples Wan (FlowMatch / UniPC with flow sigmas):
     x_t = (1 - sigma) * x0 + sigma * noise,  target = noise - x0,  timestep = 1000 * sigma.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 
@@ -72,18 +71,6 @@ class SigmaSampler:
         v = a + (b - a) * torch.rand(n, generator=generator, dtype=torch.float64)
         sigma = shift_sigma(self._quantile(v), self.shift)
         return sigma.clamp(self.lo, self.hi).float()
-
-
-def step_seed(seed: int, *counters: int) -> int:
-    """A 63-bit seed mixed from (seed, counters...): all randomness of a step derives from
-    (seed, step, rank), never from a running RNG state, so a resumed run draws exactly what an
-    uninterrupted one would."""
-    state = np.random.SeedSequence([seed, *counters]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 32 | int(state[1])) >> 1
-
-
-def step_generator(seed: int, *counters: int) -> torch.Generator:
-    return torch.Generator().manual_seed(step_seed(seed, *counters))
 
 
 @dataclass

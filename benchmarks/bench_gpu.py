@@ -1,0 +1,368 @@
+"""Real-scale check: every stage of every preset, at full size and full resolution, in each memory mode.
+
+Builds each preset's models from their published configs (`src/fvg/model_configs/`, no download)
+with random weights (bf16; VAEs in fp32 as fvg loads them), and runs each stage once per memory mode
+with few steps, through the same pipelines `fvg generate` uses (`AnchoredWanPipeline`,
+`AnchoredCogVideoXPipeline`, diffusers' `QwenImagePipeline`) and the same placement code
+(`fvg.residency.apply_mode`). Text goes in as embeddings of the encoders' real widths (no tokenizer
+files offline); each text encoder still runs one forward on random token ids inside its stage, so
+its memory counts. Every (stage, mode) runs in its own process: peaks cannot hide each other and
+offload hooks never leak between modes.
+
+Recorded per job: peak device memory of the stage (`torch.cuda.max_memory_allocated`), seconds
+per denoising step (from the 2nd step on), the text encoder's and the VAE decode's seconds, and
+the card. Results go to `--out` as JSON lines (appended as each job ends, so a cut-off run keeps
+what it measured) and a markdown table.
+
+    python benchmarks/bench_gpu.py --out runs/bench-gpu                 # on a CUDA machine
+    python benchmarks/bench_gpu.py --toy --out runs/bench-gpu-toy       # CPU: same code, tiny models
+
+`--toy` swaps the full-size builders for fvg's tiny random models at toy resolution on the CPU,
+where only the `gpu` mode exists (it is what tests/test_bench_gpu.py runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+GIB = 2**30
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "fvg" / "model_configs"
+QWEN_IMAGE, PLANNER = "Qwen--Qwen-Image", "Qwen--Qwen2.5-7B-Instruct"
+VIDEO = {"wan2.1-1.3b": "Wan-AI--Wan2.1-T2V-1.3B-Diffusers", "wan2.2-5b": "Wan-AI--Wan2.2-TI2V-5B-Diffusers",
+         "wan2.2-a14b": "Wan-AI--Wan2.2-T2V-A14B-Diffusers", "cogvideox1.5-5b": "THUDM--CogVideoX1.5-5B"}
+MODES = ("gpu", "model-offload", "group-offload", "sequential")
+# (stage, preset, modes) in the order they run: the cheap and the essential first, under a time budget.
+DEFAULT_JOBS = [
+    ("animate", "wan2.1-1.3b", ("gpu",)),
+    ("animate", "wan2.2-5b", ("gpu",)),
+    ("anchor", "wan2.2-5b", ("gpu",)),
+    ("animate", "wan2.2-a14b", ("gpu",)),
+    ("animate", "wan2.2-5b", ("group-offload",)),
+    ("animate", "wan2.2-a14b", ("group-offload",)),
+    ("animate", "wan2.1-1.3b", ("model-offload", "group-offload", "sequential")),
+    ("anchor", "wan2.2-5b", ("model-offload", "group-offload")),
+    ("plan", "wan2.2-5b", ("gpu",)),
+    ("animate", "cogvideox1.5-5b", ("gpu", "group-offload")),
+    ("animate", "wan2.2-5b", ("model-offload",)),
+    ("animate", "wan2.2-a14b", ("model-offload",)),
+]
+
+
+# -- building models ------------------------------------------------------------------------------
+
+def _config(*parts: str) -> dict:
+    return json.loads((CONFIGS.joinpath(*parts, "config.json")).read_text())
+
+
+def build_full(parts: tuple[str, ...], dtype, device: str):
+    """A model from its shipped config, initialised directly on `device` in `dtype` (random weights),
+    with the modules its class keeps in fp32 cast back, as `from_pretrained(dtype=...)` does."""
+    import diffusers
+    import torch
+    import transformers
+
+    config = _config(*parts)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            if "_class_name" in config:
+                model = getattr(diffusers, config["_class_name"]).from_config(config)
+            else:
+                model = getattr(transformers, config["architectures"][0])(transformers.AutoConfig.for_model(**config))
+    finally:
+        torch.set_default_dtype(previous)
+    model.to(dtype)  # transformers 5 builds in its own default (fp32), whatever torch's default is
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, param in model.named_parameters():
+        if any(part in keep for part in name.split(".")):
+            param.data = param.data.float()
+    return model.eval().requires_grad_(False)
+
+
+def video_components(preset: str, device: str) -> dict:
+    import torch
+    from diffusers import CogVideoXDPMScheduler, UniPCMultistepScheduler
+
+    repo = VIDEO[preset]
+    parts = {name: (repo, name) for name in ("transformer", "text_encoder")}
+    components = {name: build_full(p, torch.bfloat16, device) for name, p in parts.items()}
+    components["vae"] = build_full((repo, "vae"), torch.float32, device)
+    components["tokenizer"] = None
+    if preset.startswith("cogvideox"):
+        components["scheduler"] = CogVideoXDPMScheduler.from_config(
+            json.loads((CONFIGS / repo / "scheduler" / "scheduler_config.json").read_text()))
+    else:
+        components["scheduler"] = UniPCMultistepScheduler.from_config(
+            json.loads((CONFIGS / repo / "scheduler" / "scheduler_config.json").read_text()))
+    if preset == "wan2.2-a14b":
+        components["transformer_2"] = build_full((repo, "transformer_2"), torch.bfloat16, device)
+        components["boundary_ratio"] = 0.875
+    return components
+
+
+def anchor_components(device: str) -> dict:
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return {"transformer": build_full((QWEN_IMAGE, "transformer"), torch.bfloat16, device),
+            "text_encoder": build_full((QWEN_IMAGE, "text_encoder"), torch.bfloat16, device),
+            "vae": build_full((QWEN_IMAGE, "vae"), torch.float32, device), "tokenizer": None,
+            "scheduler": FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                         max_shift=0.9, base_image_seq_len=256,
+                                                         max_image_seq_len=8192, shift_terminal=0.02)}
+
+
+# -- one job: one stage in one mode, in its own process ------------------------------------------------
+
+class StepClock:
+    """Seconds per denoising step from the 2nd step on (the 1st pays lazy initialisation)."""
+
+    def __init__(self, sync):
+        self.sync, self.stamps = sync, []
+
+    def __call__(self, _pipe, _i, _t, _kwargs):
+        self.sync()
+        self.stamps.append(time.perf_counter())
+        return {}
+
+    def per_step(self) -> float | None:
+        if len(self.stamps) < 2:
+            return None
+        return (self.stamps[-1] - self.stamps[0]) / (len(self.stamps) - 1)
+
+
+def run_job(stage: str, preset_name: str, mode: str, steps: int, toy: bool) -> dict:
+    import torch
+
+    from fvg.presets import get_preset
+    from fvg.residency import apply_mode
+
+    device = "cpu" if toy else "cuda"
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    preset = get_preset("tiny-cogvideox" if toy and preset_name.startswith("cogvideox") else
+                        "tiny" if toy else preset_name)
+    build_device = device  # random init is fast on the device; offload modes then move weights to the host
+    start = time.perf_counter()
+    record: dict = {"stage": stage, "preset": preset_name, "mode": mode, "steps": steps}
+
+    if stage == "plan":
+        model = _toy_llm() if toy else build_full((PLANNER,), torch.bfloat16, build_device)
+        record["build_s"] = round(time.perf_counter() - start, 1)
+        if mode == "gpu":
+            model.to(device)
+        else:
+            from accelerate import cpu_offload
+
+            model.to("cpu")
+
+            cpu_offload(model, execution_device=torch.device(device))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        ids = torch.randint(0, model.config.vocab_size, (1, 512), device=device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
+                           do_sample=False, pad_token_id=0)
+        sync()
+        record["generate_32_tokens_s"] = round(time.perf_counter() - t0, 3)
+    else:
+        pipe, call = (_anchor_pipeline(preset, toy, build_device) if stage == "anchor"
+                      else _video_pipeline(preset, preset_name, toy, build_device))
+        record["build_s"] = round(time.perf_counter() - start, 1)
+        record["weights_gib"] = round(sum(
+            sum(t.numel() * t.element_size() for t in m.parameters()) for m in pipe.components.values()
+            if isinstance(m, torch.nn.Module)) / GIB, 2)
+        if mode == "gpu":
+            pipe.to(device)
+        else:
+            pipe.to("cpu")  # as fvg loads weights: on the host, placed by the memory mode
+            if cuda:
+                torch.cuda.empty_cache()
+            apply_mode(pipe, mode, device)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            _run_text_encoder(pipe, stage, device, toy)
+            sync()
+            record["text_encoder_s"] = round(time.perf_counter() - t0, 3)
+        except RuntimeError as exc:  # the denoiser and VAE are still worth measuring; say what failed
+            traceback.print_exc()
+            record["text_encoder_error"] = str(exc).splitlines()[0][:200]
+        clock = StepClock(sync)
+        t0 = time.perf_counter()
+        out = call(pipe, steps, clock, decode=mode == "gpu")
+        sync()
+        record["denoise_and_decode_s"] = round(time.perf_counter() - t0, 3)
+        record["s_per_step"] = None if clock.per_step() is None else round(clock.per_step(), 3)
+        record["output_shape"] = list(out.shape)
+        record["decoded"] = mode == "gpu"
+    record["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2) if cuda else None
+    record["device"] = torch.cuda.get_device_name() if cuda else "cpu"
+    record["wall_s"] = round(time.perf_counter() - start, 1)
+    return record
+
+
+def _toy_llm():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+def _run_text_encoder(pipe, stage: str, device: str, toy: bool) -> None:
+    """One forward of the stage's text encoder on random ids (its weights and activations count)."""
+    import torch
+
+    encoder = pipe.text_encoder
+    tokens = 128 if stage == "anchor" else (226 if "CogVideoX" in type(pipe).__name__ else 512)
+    ids = torch.randint(0, min(encoder.config.vocab_size, 1000), (1, tokens), device=device)
+    with torch.inference_mode():
+        if stage == "anchor" and not toy:
+            encoder(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+        else:
+            encoder(input_ids=ids)
+
+
+def _anchor_pipeline(preset, toy: bool, device: str):
+    import torch
+    from diffusers import QwenImagePipeline
+
+    from fvg.anchor import generation_size
+
+    if toy:
+        from fvg.tiny import tiny_qwen_image_pipeline
+
+        pipe = tiny_qwen_image_pipeline()
+    else:
+        pipe = QwenImagePipeline(**anchor_components(device))
+    width = pipe.text_encoder.config.get_text_config().hidden_size if not toy else \
+        pipe.transformer.config.joint_attention_dim
+    height, gen_w = generation_size(preset.height, preset.width, preset.anchor_area)
+
+    def call(pipe, steps, clock, decode):
+        embeds = torch.randn(1, 128, width, generator=torch.Generator().manual_seed(0)).to(
+            pipe._execution_device, pipe.transformer.dtype)
+        mask = torch.ones(1, 128, dtype=torch.long, device=pipe._execution_device)
+        return pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=embeds,
+                    negative_prompt_embeds_mask=mask, true_cfg_scale=4.0, height=height, width=gen_w,
+                    num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                    output_type="pt" if decode else "latent", callback_on_step_end=clock).images
+    return pipe, call
+
+
+def _video_pipeline(preset, preset_name: str, toy: bool, device: str):
+    import torch
+    from PIL import Image
+
+    cogvideox = preset_name.startswith("cogvideox")
+    if cogvideox:
+        from fvg.animate.cogvideox import AnchoredCogVideoXPipeline as Pipeline
+    else:
+        from fvg.animate.wan import AnchoredWanPipeline as Pipeline
+    if toy:
+        from fvg.tiny import tiny_cogvideox_components, tiny_wan_components
+
+        components = tiny_cogvideox_components() if cogvideox else tiny_wan_components()
+    else:
+        components = video_components(preset_name, device)
+        if cogvideox:
+            components.pop("transformer_2", None)
+    if cogvideox:
+        pipe = Pipeline(**components)
+        text_tokens, width = 226, pipe.text_encoder.config.d_model
+    else:
+        pipe = Pipeline(**components)
+        text_tokens, width = 512, pipe.text_encoder.config.d_model
+    # fvg's rule (FactorizedPipeline): tile the VAE decode at 704p and above
+    if preset.height * preset.width >= 704 * 1280:
+        pipe.vae.enable_tiling()
+    anchor = Image.new("RGB", (preset.width, preset.height), (90, 140, 60))
+
+    def call(pipe, steps, clock, decode):
+        embeds = torch.randn(1, text_tokens, width, generator=torch.Generator().manual_seed(0)).to(
+            pipe._execution_device, pipe.transformer.dtype)
+        kwargs = dict(prompt_embeds=embeds, negative_prompt_embeds=embeds, anchor=anchor, height=preset.height,
+                      width=preset.width, num_frames=preset.num_frames, num_inference_steps=steps,
+                      guidance_scale=preset.guidance_scale, generator=torch.Generator().manual_seed(0),
+                      output_type="pt" if decode else "latent", callback_on_step_end=clock)
+        if cogvideox:
+            kwargs["max_sequence_length"] = text_tokens
+        return pipe(**kwargs).frames
+    return pipe, call
+
+
+# -- the driver ---------------------------------------------------------------------------------------
+
+def table(records: list[dict]) -> str:
+    lines = ["| stage | preset | memory mode | peak GiB | s/step | text enc. s | stage s | weights GiB | device |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['stage']} | {r['preset']} | {r['mode']} | failed: {r['error'][:80]} | | | | | |")
+            continue
+        stage_s = r.get("denoise_and_decode_s", r.get("generate_32_tokens_s"))
+        lines.append(f"| {r['stage']} | {r['preset']} | {r['mode']} | {r['peak_gib']} | {r.get('s_per_step')} | "
+                     f"{r.get('text_encoder_s', '')} | {stage_s} | {r.get('weights_gib', '')} | {r['device']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--toy", action="store_true", help="tiny models on the CPU (the test's scale)")
+    parser.add_argument("--budget-s", type=float, default=540, help="start no job after this many seconds")
+    parser.add_argument("--only", help="comma-separated stage:preset:mode jobs instead of the default list")
+    parser.add_argument("--job", help=argparse.SUPPRESS)  # child process: stage:preset:mode
+    args = parser.parse_args()
+
+    if args.job:
+        stage, preset, mode = args.job.split(":")
+        print("RESULT " + json.dumps(run_job(stage, preset, mode, args.steps, args.toy)), flush=True)
+        return
+
+    if args.only:
+        jobs = [tuple(j.split(":")) for j in args.only.split(",")]
+    else:
+        jobs = [(s, p, m) for s, p, modes in DEFAULT_JOBS for m in modes]
+    if args.toy:
+        jobs = [j for j in jobs if j[2] == "gpu"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "bench_gpu.jsonl"
+    records, start = [], time.perf_counter()
+    for n, (stage, preset, mode) in enumerate(jobs, 1):
+        if time.perf_counter() - start > args.budget_s:
+            print(f"[{n}/{len(jobs)}] budget spent: skipping {stage}:{preset}:{mode} and the rest", flush=True)
+            break
+        cmd = [sys.executable, __file__, "--job", f"{stage}:{preset}:{mode}", "--steps", str(args.steps),
+               "--out", str(args.out)] + (["--toy"] if args.toy else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        with (args.out / "children.log").open("a") as log:
+            log.write(f"===== {stage}:{preset}:{mode} (exit {proc.returncode})\n{proc.stderr[-20000:]}\n")
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode == 0 and lines:
+            record = json.loads(lines[-1][len("RESULT "):])
+        else:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            record = {"stage": stage, "preset": preset, "mode": mode, "error": tail}
+        records.append(record)
+        with results_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"[{n}/{len(jobs)}] {json.dumps(record)}", flush=True)
+    (args.out / "bench_gpu.md").write_text(table(records) + "\n")
+    print(table(records))
+
+
+if __name__ == "__main__":
+    main()

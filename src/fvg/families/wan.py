@@ -1,0 +1,166 @@
+"""The Wan family (Wan2.1 T2V, Wan2.2 TI2V and the two-expert A14B): `AnchoredWanPipeline`
+(`fvg.animate.wan`), trained with flow matching (`fvg.families.flow_matching`).
+
+Wan is fvg's first family: model ids and checkpoints that name no family are Wan, its latent
+caches carry no family in their key, and its LoRAs are also written in the original
+Wan / ComfyUI key layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+
+from fvg.families.base import ModelFamily, TrainingObjective
+from fvg.families.flow_matching import SigmaSampler, draw_batch, masked_flow_loss
+from fvg.io import load_or_explain
+
+log = logging.getLogger("fvg.train")
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+def load_wan_pipeline(model_id: str, dtype: torch.dtype, flow_shift: float | None = None):
+    """An `AnchoredWanPipeline` from a diffusers Wan checkpoint (T2V, TI2V or the A14B pair).
+
+    The VAE stays in float32 as Wan's reference code keeps it: bf16 decoding shows banding.
+    """
+    from diffusers import AutoencoderKLWan
+
+    from fvg.animate.wan import AnchoredWanPipeline
+
+    if model_id == WanFamily.tiny_model_id:
+        from fvg.tiny import tiny_wan_components
+
+        pipe = AnchoredWanPipeline(**tiny_wan_components())  # built in float32
+        if dtype != torch.float32:
+            for module in (pipe.transformer, pipe.text_encoder):
+                module.to(dtype)
+    else:
+        vae = load_or_explain(AutoencoderKLWan.from_pretrained, model_id, subfolder="vae", dtype=torch.float32)
+        pipe = load_or_explain(AnchoredWanPipeline.from_pretrained, model_id, vae=vae, dtype=dtype)
+    if flow_shift is not None and "flow_shift" in pipe.scheduler.config:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=flow_shift)
+    elif flow_shift is not None and "shift" in pipe.scheduler.config:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=flow_shift)
+    return pipe
+
+
+# -- LoRA key layout -------------------------------------------------------------------------------
+# diffusers' loader reads both layouts; writing the original one (the inverse of diffusers'
+# `_convert_non_diffusers_wan_lora_to_diffusers`) lets hobbyist tools use our LoRAs. Original-format
+# files carry one `.alpha` scalar per layer, as those tools expect.
+
+# diffusers module path inside a Wan block -> original Wan module path
+_WAN_MODULES = {
+    "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k", "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+    "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
+}
+_KEY = re.compile(r"^(?:transformer\.)?blocks\.(\d+)\.(.+)\.(lora_[AB])\.weight$")
+
+
+def to_original_wan(state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """diffusers/PEFT Wan LoRA keys -> `diffusion_model.blocks.N.self_attn.q.lora_A.weight` etc."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        match = _KEY.match(key)
+        if not match or match.group(2) not in _WAN_MODULES:
+            raise ValueError(f"LoRA key {key} has no original Wan equivalent")
+        block, module, part = match.groups()
+        prefix = f"diffusion_model.blocks.{block}.{_WAN_MODULES[module]}"
+        out[f"{prefix}.{part}.weight"] = value
+        out[f"{prefix}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+# -- training --------------------------------------------------------------------------------------
+
+def flow_samplers(pipe, cfg, experts: list[str]) -> tuple[list[SigmaSampler], float]:
+    """One sigma sampler per trained expert, and the flow shift they use.
+
+    Wan2.2-A14B: each expert's sampler is restricted to its side of `cfg.boundary_ratio`, which is
+    also written into the pipeline's config so that validation switches experts there too."""
+    sched = pipe.scheduler.config
+    shift = float(cfg.flow_shift or sched.get("flow_shift") or sched.get("shift") or 1.0)
+    base = SigmaSampler(shift, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std)
+    if getattr(pipe, "transformer_2", None) is None:
+        return [base], shift
+    if pipe.config.boundary_ratio not in (None, cfg.boundary_ratio):
+        log.warning("model's boundary_ratio %s overridden by the config's %s", pipe.config.boundary_ratio,
+                    cfg.boundary_ratio)
+    pipe.register_to_config(boundary_ratio=cfg.boundary_ratio)
+    ranges = {"transformer": (cfg.boundary_ratio, 1.0), "transformer_2": (0.0, cfg.boundary_ratio)}
+    return [base.restrict(*ranges[name]) for name in experts], shift
+
+
+class WanFamily(ModelFamily):
+    name = "wan"
+    label = "Wan"
+    keywords = ("wan",)
+    tiny_model_id = "builtin:tiny-wan"
+    lora_converters = {"wan": to_original_wan}
+
+    def load_pipeline(self, model_id: str, dtype, flow_shift: float | None = None):
+        return load_wan_pipeline(model_id, dtype, flow_shift)
+
+    def tiny_components(self, seed: int = 0) -> dict:
+        from fvg.tiny import tiny_wan_components
+
+        return tiny_wan_components(seed)
+
+    def call_arguments(self, pipe, preset, anchored: bool) -> dict:
+        if pipe.config.boundary_ratio is not None:  # Wan2.2-A14B's low-noise expert
+            return {"guidance_scale_2": preset.guidance_scale_2}
+        return {}
+
+    @torch.no_grad()
+    def encode_clip(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised latent [C, F, h, w] at the posterior mode, exactly as `AnchoredWanPipeline.encode_anchor`
+        encodes the anchor (the mode is deterministic, so it can be cached; sampling would need the variance)."""
+        from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
+
+        vae = pipe.vae
+        latent = retrieve_latents(vae.encode(pixels.to(vae.device, vae.dtype)), sample_mode="argmax").float()
+        mean, inv_std = pipe._latent_stats(latent.device, torch.float32)
+        return ((latent - mean) * inv_std)[0].cpu()
+
+    @torch.no_grad()
+    def encode_captions(self, pipe, captions: list[str], max_sequence_length: int, device) -> list[torch.Tensor]:
+        """WanPipeline zero-pads the embeddings to `max_sequence_length`; storing only the real tokens
+        and padding again on load (`fvg.train.data.pad_text`) is exact and saves most of the space."""
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        embeds, _ = pipe.encode_prompt(prompt=captions, do_classifier_free_guidance=False,
+                                       max_sequence_length=max_sequence_length, device=device)
+        mask = pipe.tokenizer([prompt_clean(c) for c in captions], padding="max_length",
+                              max_length=max_sequence_length, truncation=True, add_special_tokens=True,
+                              return_attention_mask=True, return_tensors="pt").attention_mask
+        out = []
+        for emb, n in zip(embeds.cpu(), mask.sum(dim=1).tolist()):
+            n = n if not emb[n:].any() else emb.shape[0]  # keep everything should padding ever be non-zero
+            out.append(emb[:n].clone())
+        return out
+
+    def cache_key_parts(self) -> dict:
+        return {}  # Wan keys stay as they were before families existed, so existing Wan caches remain valid
+
+    def training_objective(self, pipe, cfg, experts: list[str], device, autocast, weight_dtype) -> TrainingObjective:
+        samplers, shift = flow_samplers(pipe, cfg, experts)
+        patch = getattr(pipe, experts[0]).config.patch_size
+
+        def step_loss(model, sampler, batch, generator):
+            nb = draw_batch(batch["latent"].to(device), sampler, cfg.p_anchor, generator, patch)
+            with autocast():
+                pred = model(hidden_states=nb.model_input.to(weight_dtype), timestep=nb.timestep,
+                             encoder_hidden_states=batch["text"].to(device, weight_dtype), return_dict=False)[0]
+            return masked_flow_loss(pred, nb.target, nb.frame_weight)
+
+        return TrainingObjective(samplers, step_loss, shift)
+
+
+FAMILY = WanFamily()

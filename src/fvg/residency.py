@@ -1,0 +1,186 @@
+"""Where each stage's models live: one stage on the accelerator at a time, in one memory mode.
+
+The three stages never need their models at the same moment: the planner LLM is done before
+the anchor is rendered, and the text-to-image model before the video model runs. Real presets
+do not fit one card otherwise (Qwen-Image alone is 38 GiB in bf16, Wan2.2-A14B 53 GiB). So
+`StageResidency` places a stage's pipeline on the device when the stage starts and evicts the
+other stages' models first (back to the host, where batches keep them loaded), then empties the
+device cache.
+
+Memory modes, one for every stage (`--memory`):
+
+| mode | what sits on the device during a stage | cost |
+|---|---|---|
+| `gpu` | every component of the stage | fastest |
+| `model-offload` | one component at a time (diffusers' `enable_model_cpu_offload`) | a host->device copy per component per call |
+| `group-offload` | one transformer block at a time, prefetched on a CUDA stream (diffusers' group offloading) | about the weights' size in transfers per step, overlapped |
+| `sequential` | one leaf module at a time (`enable_sequential_cpu_offload`) | slowest; the least memory |
+
+`auto` picks the first of these whose estimate fits the free device memory (`fvg.memory`).
+On a CPU device every mode is `gpu`: there is nothing to offload to.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from fvg.io import FvgError
+
+MEMORY_MODES = ("auto", "gpu", "model-offload", "group-offload", "sequential")
+OFFLOAD_MODES = ("model-offload", "group-offload", "sequential")
+STAGES = ("plan", "anchor", "animate")
+
+log = logging.getLogger("fvg")
+
+
+def validate_memory_mode(mode: str, device: str) -> None:
+    if mode not in MEMORY_MODES:
+        raise FvgError(f"unknown memory mode '{mode}' (choose from: {', '.join(MEMORY_MODES)})")
+    if mode in OFFLOAD_MODES and not device.startswith("cuda"):
+        raise FvgError(f"--memory {mode} needs a CUDA device (it moves weights between the host and the GPU)")
+
+
+def empty_device_cache(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, wherever they are."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def pipeline_modules(pipe) -> dict[str, torch.nn.Module]:
+    return {name: c for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+
+
+def device_of(module: torch.nn.Module) -> torch.device | None:
+    for tensor in module.parameters():
+        return tensor.device
+    return None
+
+
+def apply_mode(pipe, mode: str, device: str) -> None:
+    """Install a diffusers pipeline's offload hooks for `mode` (an offload mode), once."""
+    if mode == "model-offload":
+        pipe.enable_model_cpu_offload(device=device)
+    elif mode == "group-offload":
+        apply_group_offload(pipe, device)
+    elif mode == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        raise FvgError(f"unknown memory mode '{mode}'")
+
+
+def choose_mode(component_bytes: dict[str, int], free_bytes: int, activation_bytes: int) -> str:
+    """The fastest mode whose resident weights plus `activation_bytes` fit in `free_bytes`.
+
+    Resident weights per mode: `gpu` all components; `model-offload` the largest one; `group-offload`
+    the largest one's non-block part plus two blocks in flight, taken as a tenth of it (blocks
+    hold over 90% of every diffusion transformer's and text encoder's weights here); else
+    `sequential`. `fvg memory` prints the same decision with exact block sizes."""
+    largest = max(component_bytes.values(), default=0)
+    if sum(component_bytes.values()) + activation_bytes <= free_bytes:
+        return "gpu"
+    if largest + activation_bytes <= free_bytes:
+        return "model-offload"
+    if largest // 10 + activation_bytes <= free_bytes:
+        return "group-offload"
+    return "sequential"
+
+
+def apply_group_offload(pipe, device: str) -> None:
+    """Group offloading for every component, prefetched on a side stream while the previous group computes.
+
+    diffusers models go block by block (one transformer block per group). transformers text encoders
+    go layer by layer (leaf level): block-level offloading finds no top-level block list in them
+    (UMT5's blocks sit under `encoder.block`) and onloads the whole encoder at once, which on an
+    H100 made the 10.6 GiB UMT5-XXL the stage's peak (BENCHMARKS.md)."""
+    from diffusers.hooks import apply_group_offloading
+    from diffusers.models.modeling_utils import ModelMixin
+
+    onload = torch.device(device)
+    common = dict(onload_device=onload, offload_device=torch.device("cpu"), use_stream=onload.type == "cuda")
+    for component in pipeline_modules(pipe).values():
+        if isinstance(component, ModelMixin):
+            component.enable_group_offload(offload_type="block_level", num_blocks_per_group=1, **common)
+        else:
+            apply_group_offloading(component, offload_type="leaf_level", **common)
+
+
+@dataclass
+class StageResidency:
+    """Moves stage pipelines on and off the device so that only the running stage's models are there.
+
+    `memory` is the mode for every stage; `auto` resolves per stage when the stage first runs,
+    from the exact bytes of its loaded (host) components and the free device memory. Offload
+    modes keep weights on the host and move them per call (their hooks are installed once);
+    `gpu`-mode stages are moved here. With `keep_resident` (every stage fits at once) nothing is
+    evicted, so batches pay no transfers.
+    """
+
+    device: str
+    memory: str = "auto"
+    activation_bytes: dict[str, int] = field(default_factory=dict)  # stage -> estimate, for `auto`
+    keep_resident: bool = False
+    modes: dict[str, str] = field(default_factory=dict)  # stage -> resolved mode
+    _placed: dict[str, object] = field(default_factory=dict)  # stage -> what sits on the device
+    _hooked: set[int] = field(default_factory=set)  # ids of pipelines whose offload hooks are installed
+
+    def __post_init__(self):
+        validate_memory_mode(self.memory, self.device)
+        if self.device == "cpu":
+            self.keep_resident = True
+
+    def mode_for(self, stage: str, pipe) -> str:
+        if stage not in self.modes:
+            mode = self.memory
+            if not self.device.startswith("cuda"):
+                mode = "gpu"  # the compute device holds everything; there is nowhere to offload to
+            elif mode == "auto":
+                free, _total = torch.cuda.mem_get_info(torch.device(self.device))
+                sizes = {n: module_bytes(m) for n, m in pipeline_modules(pipe).items()} if hasattr(
+                    pipe, "components") else {"model": module_bytes(pipe.loaded_model)}
+                mode = choose_mode(sizes, free, self.activation_bytes.get(stage, 0))
+                log.info("memory mode for the %s stage: %s (%.1f GiB of weights, %.1f GiB free)", stage, mode,
+                         sum(sizes.values()) / 2**30, free / 2**30)
+            self.modes[stage] = mode
+        return self.modes[stage]
+
+    def enter(self, stage: str, pipe) -> None:
+        """Make `stage` the one on the device: evict the others' models, then place this one's."""
+        if not self.keep_resident:
+            for other in [s for s in self._placed if s != stage]:
+                self.evict(other)
+        if not hasattr(pipe, "components"):  # the planner LLM: weights must be on the host to be counted
+            pipe.load()
+        mode = self.mode_for(stage, pipe)
+        if mode == "gpu" or (mode == "model-offload" and not hasattr(pipe, "components")):
+            pipe.to(self.device)  # one model: offloading it whole is moving it in and out per stage
+        elif id(pipe) not in self._hooked:
+            if hasattr(pipe, "components"):
+                apply_mode(pipe, mode, self.device)
+            else:  # accelerate's hooks stream the LLM's layers in from the host
+                from accelerate import cpu_offload
+
+                cpu_offload(pipe.loaded_model, execution_device=torch.device(self.device))
+            self._hooked.add(id(pipe))
+        self._placed[stage] = pipe
+
+    def evict(self, stage: str) -> None:
+        """Take `stage`'s models off the device (kept on the host), then empty the device cache."""
+        pipe = self._placed.pop(stage, None)
+        if pipe is None or self.device == "cpu":
+            return
+        if self.modes.get(stage) == "gpu" or not hasattr(pipe, "components"):
+            pipe.to("cpu")
+        empty_device_cache(self.device)
+        log.debug("released the %s stage's models from %s", stage, self.device)
+
+    def placed(self) -> list[str]:
+        return list(self._placed)

@@ -1,0 +1,120 @@
+"""One stage on the accelerator at a time, in one memory mode (fvg.residency)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fvg.animate.wan import AnchoredWanPipeline
+from fvg.io import FvgError
+from fvg.pipeline import FactorizedPipeline
+from fvg.residency import StageResidency, apply_mode, choose_mode
+from fvg.tiny import tiny_wan_components
+
+GIB = 2**30
+
+
+def _sample(pipe, anchor=None):
+    return pipe(prompt="a red circle moves right", num_frames=9, height=32, width=32, num_inference_steps=2,
+                output_type="latent", anchor=anchor, generator=torch.Generator().manual_seed(0)).frames
+
+
+@pytest.mark.parametrize("mode", ["model-offload", "group-offload"])
+def test_offload_modes_give_the_same_video_as_plain_placement(mode):
+    anchor = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8))
+    plain = AnchoredWanPipeline(**tiny_wan_components())
+    offloaded = AnchoredWanPipeline(**tiny_wan_components())
+    apply_mode(offloaded, mode, "cpu")  # on CPU the hooks run with the CPU as "device": same arithmetic
+    assert torch.equal(_sample(plain), _sample(offloaded))
+    assert torch.equal(_sample(plain, anchor), _sample(offloaded, anchor))
+
+
+class FakePipe:
+    """Records what the residency does to a pipeline (no CUDA here)."""
+
+    def __init__(self):
+        self.components = {"transformer": torch.nn.Linear(1, 1)}
+        self.calls: list[str] = []
+
+    def to(self, device):
+        self.calls.append(f"to:{device}")
+        return self
+
+    def enable_model_cpu_offload(self, device=None):
+        self.calls.append(f"model-offload:{device}")
+
+
+class FakePlanner:
+    def __init__(self):
+        self.calls, self.loaded_model = [], torch.nn.Linear(1, 1)
+
+    def load(self):
+        self.calls.append("load")
+
+    def to(self, device):
+        self.calls.append(f"to:{device}")
+        return self
+
+
+def test_gpu_mode_keeps_only_the_running_stage_on_the_device():
+    residency = StageResidency("cuda:0", "gpu")
+    planner, anchor, video = FakePlanner(), FakePipe(), FakePipe()
+    residency.enter("plan", planner)
+    assert residency.placed() == ["plan"] and planner.calls == ["load", "to:cuda:0"]
+    residency.enter("anchor", anchor)
+    assert residency.placed() == ["anchor"] and planner.calls[-1] == "to:cpu" and anchor.calls == ["to:cuda:0"]
+    residency.enter("animate", video)
+    assert residency.placed() == ["animate"] and anchor.calls[-1] == "to:cpu" and video.calls == ["to:cuda:0"]
+    residency.enter("anchor", anchor)  # the next video of a batch: the host copy goes back
+    assert video.calls[-1] == "to:cpu" and anchor.calls[-1] == "to:cuda:0"
+    assert residency.modes == {"plan": "gpu", "anchor": "gpu", "animate": "gpu"}
+
+
+def test_offload_hooks_are_installed_once_and_pipelines_never_moved_whole():
+    residency = StageResidency("cuda:0", "model-offload")
+    anchor, video = FakePipe(), FakePipe()
+    for _ in range(3):
+        residency.enter("anchor", anchor)
+        residency.enter("animate", video)
+    assert anchor.calls == ["model-offload:cuda:0"] and video.calls == ["model-offload:cuda:0"]
+
+
+def test_keep_resident_evicts_nothing():
+    residency = StageResidency("cuda:0", "gpu", keep_resident=True)
+    anchor, video = FakePipe(), FakePipe()
+    residency.enter("anchor", anchor)
+    residency.enter("animate", video)
+    assert residency.placed() == ["anchor", "animate"] and anchor.calls == ["to:cuda:0"]
+
+
+def test_auto_picks_the_fastest_mode_that_fits():
+    sizes = {"transformer": 10 * GIB, "text_encoder": 6 * GIB, "vae": 1 * GIB}
+    assert choose_mode(sizes, 24 * GIB, 2 * GIB) == "gpu"
+    assert choose_mode(sizes, 14 * GIB, 2 * GIB) == "model-offload"
+    assert choose_mode(sizes, 8 * GIB, 2 * GIB) == "group-offload"
+    assert choose_mode(sizes, 2 * GIB, 2 * GIB) == "sequential"
+
+
+def test_cpu_runs_everything_in_place_and_records_it():
+    pipe = FactorizedPipeline.from_preset("tiny", device="cpu")
+    out = pipe("a red circle moves right", mode="factorized", seed=0, steps=2)
+    assert pipe.residency.modes == {"anchor": "gpu", "animate": "gpu"}
+    assert out.settings["memory"] == "auto" and out.settings["memory_modes"] == pipe.residency.modes
+
+
+@pytest.mark.parametrize("memory", ["model-offload", "group-offload", "sequential"])
+def test_offload_modes_need_an_accelerator(memory):
+    with pytest.raises(FvgError, match=f"--memory {memory} needs a CUDA device"):
+        FactorizedPipeline.from_preset("tiny", device="cpu", memory=memory)
+
+
+def test_unknown_memory_mode_is_one_line():
+    with pytest.raises(FvgError, match="unknown memory mode 'lots'"):
+        FactorizedPipeline.from_preset("tiny", device="cpu", memory="lots")
+
+
+def test_load_places_nothing_and_vae_tiling_defaults_on_at_704p():
+    pipe = FactorizedPipeline.from_preset("tiny", device="cpu").load("factorized")
+    assert pipe.residency.placed() == []
+    assert FactorizedPipeline.from_preset("tiny", height=704, width=1280).vae_tiling
+    assert not FactorizedPipeline.from_preset("tiny").vae_tiling
