@@ -59,11 +59,11 @@ def _bytes(module: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tiny_weights_equal_the_built_models(dtype):
-    from fvg.animate.loading import load_wan_pipeline
+    from fvg.families import get_family
     from fvg.tiny import tiny_qwen_image_pipeline
 
     est = estimate(get_preset("tiny"), dtype)
-    video = load_wan_pipeline("builtin:tiny-wan", dtype)
+    video = get_family("wan").load_pipeline("builtin:tiny-wan", dtype)
     animate = est.stages[1]
     for name in ("transformer", "text_encoder", "vae"):
         assert animate.model(name).bytes == _bytes(getattr(video, name)), name
@@ -124,6 +124,18 @@ def test_variants_beside_the_weights_are_not_counted_twice(tmp_path):
     assert [f.name for f in checkpoint_files(sharded)] == ["model-00001-of-00002.safetensors",
                                                            "model-00002-of-00002.safetensors"]
     assert checkpoint_numels(sharded) == {"a": 3, "b": 5}
+
+
+def test_text_encoders_group_offload_leaf_by_leaf():
+    """fvg.residency offloads transformers models at leaf level: the two biggest leaves in flight."""
+    est = estimate(get_preset("wan2.2-5b"))
+    umt5 = est.stages[1].model("text_encoder")
+    embedding = 256384 * 4096 * 2  # UMT5-XXL's shared token embedding, bf16: the biggest leaf
+    assert umt5.leaf_level_groups and umt5.largest_leaf_bytes == embedding
+    assert umt5.resident_bytes("group-offload") == embedding + umt5.second_leaf_bytes < 1.1 * embedding
+    wan = est.stages[1].model("transformer")
+    assert not wan.leaf_level_groups
+    assert wan.resident_bytes("group-offload") == wan.non_block_bytes + 2 * wan.largest_block_bytes
 
 
 def test_a_file_that_is_not_safetensors_is_refused(tmp_path):

@@ -352,12 +352,13 @@ def memory(
     """Per-stage resident weights and activations of PRESET for each memory mode, without loading weights."""
     from fvg.animate.loading import resolve_dtype
     from fvg.memory import GIB, MODES, device_budget_bytes, estimate
-    from fvg.presets import get_preset, validate_video_shape
+    from fvg.families import get_family
+    from fvg.presets import get_preset
 
     if memory_mode != "auto" and memory_mode not in MODES:
         raise FvgError(f"unknown memory mode '{memory_mode}' (choose from: auto, {', '.join(MODES)})")
     p = get_preset(preset, height=height, width=width, num_frames=frames)
-    validate_video_shape(p.height, p.width, p.num_frames)
+    get_family(p.family).check_shape(p.height, p.width, p.num_frames)
     budget = device_budget_bytes(gpu_gib)
     est = estimate(p, resolve_dtype(dtype, "cuda"), fp8=fp8, vae_tiling=vae_tiling, planner=planner)
     modes = MODES if memory_mode == "auto" else (memory_mode,)

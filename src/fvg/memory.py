@@ -24,9 +24,10 @@ Memory modes and what each keeps resident while a phase runs:
 
 - `gpu`: every model of the stage's pipeline.
 - `model-offload`: the model that runs (diffusers' `enable_model_cpu_offload`: one model at a time).
-- `group-offload`: the running model's non-block parameters plus two of its blocks (block-level
-  groups of one block, the next group prefetched on a side stream); a model without a repeated
-  block list (a VAE) counts whole.
+- `group-offload` (as `fvg.residency` applies it): a diffusers model's non-block parameters plus
+  two of its blocks (block-level groups of one block, the next prefetched on a side stream; a VAE,
+  without a top-level block list, is onloaded whole); a transformers model (text encoder, LLM)
+  two leaf modules (leaf-level groups, one prefetched).
 - `sequential`: the running model's largest leaf module (accelerate's per-module hooks).
 - `fp8` (with any mode): transformer weights stored at 1 byte (layerwise casting), plus the
   largest leaf upcast to the compute dtype.
@@ -76,30 +77,41 @@ class ModelSize:
     source: str  # "safetensors", "config", "built"
     is_transformer: bool = False  # the denoiser: what fp8 layerwise casting stores at 1 byte
     largest_leaf_numel: int = 0
+    leaf_level_groups: bool = False  # transformers models: fvg group-offloads them leaf by leaf
+    second_leaf_bytes: int = 0  # the second-biggest leaf: with the biggest, the worst pair in flight
+
+    def _group_offload_bytes(self) -> int:
+        """Block-level groups of one block (diffusers models): the non-block part plus two blocks in
+        flight; leaf-level (transformers text encoders and LLMs, fvg.residency): two leaves in flight
+        (the two biggest, an upper bound);
+        a diffusers model without a top-level block list (a VAE) is onloaded whole."""
+        if self.leaf_level_groups:
+            return self.largest_leaf_bytes + self.second_leaf_bytes
+        if not self.largest_block_bytes:
+            return self.bytes
+        return self.non_block_bytes + 2 * self.largest_block_bytes
 
     def resident_bytes(self, mode: str, fp8: bool = False) -> int:
         if fp8 and self.is_transformer:  # 1 byte a weight, one leaf upcast at a time
             upcast = self.largest_leaf_bytes
             if mode == "sequential":
                 return upcast
-            if mode == "group-offload" and self.largest_block_bytes:
-                share = (self.non_block_bytes + 2 * self.largest_block_bytes) / self.bytes
-                return int(self.numel * share) + upcast
+            if mode == "group-offload":
+                return int(self.numel * self._group_offload_bytes() / self.bytes) + upcast
             if mode in MODES:
                 return self.numel + upcast
         if mode in ("gpu", "model-offload"):
             return self.bytes
         if mode == "group-offload":
-            if not self.largest_block_bytes:
-                return self.bytes
-            return self.non_block_bytes + 2 * self.largest_block_bytes
+            return self._group_offload_bytes()
         if mode == "sequential":
             return self.largest_leaf_bytes
         raise FvgError(f"unknown memory mode '{mode}' (choose from: auto, {', '.join(MODES)})")
 
 
 def size_from_numels(name: str, numels: dict[str, int], bytes_per_element: int, source: str,
-                     is_transformer: bool = False, keep_fp32: tuple[str, ...] = ()) -> ModelSize:
+                     is_transformer: bool = False, keep_fp32: tuple[str, ...] = (),
+                     leaf_level_groups: bool = False) -> ModelSize:
     """Group tensor names into leaf modules and repeated blocks and add up their bytes.
 
     Tensors under a module named in `keep_fp32` (the class's `_keep_in_fp32_modules`, matched on a
@@ -119,7 +131,8 @@ def size_from_numels(name: str, numels: dict[str, int], bytes_per_element: int, 
             key = f"{match.group(1)}.{match.group(2)}"
             blocks[key] = blocks.get(key, 0) + nbytes
     return ModelSize(name, sum(numels.values()), total, max(leaves.values(), default=0), max(blocks.values(), default=0),
-                     total - sum(blocks.values()), source, is_transformer, max(leaf_numel.values(), default=0))
+                     total - sum(blocks.values()), source, is_transformer, max(leaf_numel.values(), default=0),
+                     leaf_level_groups, (sorted(leaves.values())[-2:-1] or [0])[0])
 
 
 def kept_in_fp32(class_name: str, dtype: torch.dtype) -> tuple[str, ...]:
@@ -272,7 +285,8 @@ def size_model(source: ModelSource, name: str, dtype: torch.dtype, is_transforme
     keep = kept_in_fp32(class_name, dtype)
     numels = checkpoint_numels(source.weights) if source.weights is not None else meta_numels(source.config)
     kind = "safetensors" if source.weights is not None else "config"
-    return size_from_numels(name, numels, DTYPE_BYTES[dtype], kind, is_transformer, keep)
+    return size_from_numels(name, numels, DTYPE_BYTES[dtype], kind, is_transformer, keep,
+                            leaf_level_groups="_class_name" not in source.config)
 
 
 def pipeline_components(model_id: str) -> list[str]:
@@ -636,8 +650,11 @@ def _models(model_id: str, dtype_of: dict[str, torch.dtype], built: dict | None 
     sizes, configs = [], {}
     if built is not None:  # builtin: tiny pipelines built in code
         for name, module in built.items():
+            from diffusers.models.modeling_utils import ModelMixin
+
             sizes.append(size_from_numels(name, module_numels(module), DTYPE_BYTES[dtype_of[name]], "built",
-                                          is_transformer=name.startswith("transformer")))
+                                          is_transformer=name.startswith("transformer"),
+                                          leaf_level_groups=not isinstance(module, ModelMixin)))
             configs[name] = dict(module.config) if hasattr(module.config, "keys") else module.config.to_dict()
             configs[name].setdefault("_class_name", type(module).__name__)
         return sizes, configs
@@ -648,10 +665,10 @@ def _models(model_id: str, dtype_of: dict[str, torch.dtype], built: dict | None 
     return sizes, configs
 
 
-def _builtin_video(model_id: str) -> dict:
-    from fvg import tiny
+def _builtin_video(family: str) -> dict:
+    from fvg.families import get_family
 
-    parts = (tiny.tiny_wan_components() if model_id == "builtin:tiny-wan" else tiny.tiny_cogvideox_components())
+    parts = get_family(family).tiny_components()
     return {k: parts[k] for k in ("transformer", "text_encoder", "vae")}
 
 
@@ -719,7 +736,7 @@ def estimate(preset: Preset, dtype: torch.dtype = torch.bfloat16, fp8: bool = Fa
 
     video_dtypes = {"transformer": dtype, "transformer_2": dtype, "text_encoder": dtype, "vae": torch.float32}
     builtin = preset.video_model.startswith("builtin:")
-    sizes, configs = _models(preset.video_model, video_dtypes, _builtin_video(preset.video_model) if builtin else None)
+    sizes, configs = _models(preset.video_model, video_dtypes, _builtin_video(preset.family) if builtin else None)
     lora = _lora_numel(preset.lora)
     if lora:  # the anchor LoRA is added to the transformer (and to transformer_2 for A14B)
         lora_2 = _lora_numel(preset.lora_2) or lora
