@@ -212,13 +212,17 @@ class AnchoredWanPipeline(WanPipeline):
         Encoded as a one-frame video (Wan's causal VAE maps the first frame to latent frame 0
         on its own) and taken at the posterior mode, as `WanImageToVideoPipeline` does.
         """
-        device = self._execution_device
-        pixels = self.video_processor.preprocess(image, height=height, width=width).to(device, dtype=torch.float32)
+        pixels = self.video_processor.preprocess(image, height=height, width=width)
+        return self.encode_video(pixels.unsqueeze(2)).to(self._execution_device)
+
+    @torch.no_grad()
+    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised fp32 latents [B, C, f, h, w] of pixels [B, 3, F, H, W] in [-1, 1], at the posterior
+        mode (deterministic: training caches it). The anchor is this for a one-frame video."""
         vae_device = get_module_execution_device(self.vae)
-        pixels = pixels.unsqueeze(2).to(vae_device, self.vae.dtype)
-        latent = retrieve_latents(self.vae.encode(pixels), sample_mode="argmax").to(device, torch.float32)
-        mean, inv_std = self._latent_stats(device, torch.float32)
-        return (latent - mean) * inv_std
+        latent = retrieve_latents(self.vae.encode(pixels.to(vae_device, self.vae.dtype)), sample_mode="argmax")
+        mean, inv_std = self._latent_stats(latent.device, torch.float32)
+        return (latent.float() - mean) * inv_std
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, output_type: str = "np"):
