@@ -278,6 +278,7 @@ class AnchoredWanPipeline(WanPipeline):
         """Generate a video; with `anchor` (an image) or `anchor_latents` (from `encode_anchor`),
         latent frame 0 is pinned to it at timestep 0 throughout sampling. `modulation`: "frame"
         (one timestep row per latent frame, the default) or "token" (diffusers' per-token layout)."""
+        # Mirrors WanPipeline.__call__ step by step; the differences are marked "anchor:".
         if modulation not in ("frame", "token"):
             raise ValueError(f"modulation must be 'frame' or 'token', got {modulation!r}")
         self.check_inputs(prompt, negative_prompt, height, width, prompt_embeds, negative_prompt_embeds,
@@ -288,7 +289,7 @@ class AnchoredWanPipeline(WanPipeline):
         multiple = self.vae_scale_factor_spatial * patch[1]
         if height % multiple or width % multiple:
             raise ValueError(f"height and width must be multiples of {multiple} for this model, got {height}x{width}")
-        anchored = anchor is not None or anchor_latents is not None
+        anchored = anchor is not None or anchor_latents is not None  # anchor: the method's input
         if anchored and patch[0] != 1:
             raise ValueError("anchoring needs a temporal patch size of 1 (one latent frame per token row)")
         if self.config.boundary_ratio is not None and guidance_scale_2 is None:
@@ -323,7 +324,7 @@ class AnchoredWanPipeline(WanPipeline):
             batch_size * num_videos_per_prompt, self.transformer_config.in_channels, height, width, num_frames,
             torch.float32, device, generator, latents,
         )
-        if anchored:
+        if anchored:  # anchor: the clean, normalised anchor latent, one per video
             if anchor_latents is None:
                 anchor_latents = self.encode_anchor(anchor, height, width)
             anchor_latents = anchor_latents.to(device, torch.float32).expand(latents.shape[0], -1, -1, -1, -1)
@@ -349,9 +350,10 @@ class AnchoredWanPipeline(WanPipeline):
                 else:
                     model, scale = self.transformer_2, guidance_scale_2
                 if anchored:
-                    # The method: frame 0 is the clean anchor at every step, never noise.
+                    # anchor: frame 0 is the clean anchor at every step, never noise (the method)
                     latents = torch.cat([anchor_latents, latents[:, :, 1:]], dim=2)
                 model_input = latents.to(transformer_dtype)
+                # anchor: timestep 0 on latent frame 0, t on the other frames (per frame or per token)
                 timestep = expand(t, latents, anchored) if two_d else t.expand(latents.shape[0])
                 cache_kwargs = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]),
                                 "num_inference_steps": self._num_timesteps}
@@ -378,7 +380,7 @@ class AnchoredWanPipeline(WanPipeline):
                 progress_bar.update()
 
         self._current_timestep = None
-        if anchored:
+        if anchored:  # anchor: frame 0 is exactly the clean latent in the output
             latents = torch.cat([anchor_latents, latents[:, :, 1:]], dim=2)
         video = latents if output_type == "latent" else self.decode_latents(latents, output_type)
         self.maybe_free_model_hooks()
