@@ -35,10 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from fvg.io import FvgError, write_text
+from fvg.io import FvgError, parse_json, read_jsonl, read_text_file, write_text
 from fvg.presets import MODES
-
-from fvg.io import parse_json, read_jsonl, read_text_file
 
 
 def _consistent(s: float) -> float:

@@ -120,14 +120,8 @@ class WanFamily(ModelFamily):
 
     @torch.no_grad()
     def encode_clip(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised latent [C, F, h, w] at the posterior mode, exactly as `AnchoredWanPipeline.encode_anchor`
-        encodes the anchor (the mode is deterministic, so it can be cached; sampling would need the variance)."""
-        from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
-
-        vae = pipe.vae
-        latent = retrieve_latents(vae.encode(pixels.to(vae.device, vae.dtype)), sample_mode="argmax").float()
-        mean, inv_std = pipe._latent_stats(latent.device, torch.float32)
-        return ((latent - mean) * inv_std)[0].cpu()
+        """Normalised latent [C, F, h, w]: `AnchoredWanPipeline.encode_video`, as the anchor is encoded."""
+        return pipe.encode_video(pixels)[0].cpu()
 
     @torch.no_grad()
     def encode_captions(self, pipe, captions: list[str], max_sequence_length: int, device) -> list[torch.Tensor]:
