@@ -14,7 +14,7 @@ and let FSDP2 prepare that once, rather than training the experts one after the 
   sigma distribution (`Trainer._pick_expert`), one optimiser and one LR schedule cover both, and a
   checkpoint holds both: sequential training would change what `expert = "both"` learns and need a
   second resume position;
-* each expert is its own FSDP unit (its class is added to the wrap policy, `wrap_experts_separately`),
+* each expert is its own FSDP unit (its class is added to the wrap policy, `resolve_wrap_classes`),
   so only the expert that runs is gathered, and validation can call `pipe.transformer` and
   `pipe.transformer_2` directly, as the pipeline does.
 
@@ -69,15 +69,31 @@ def needs_expert_pair(distributed_type, fsdp_version: int | None, num_experts: i
     return num_experts > 1 and distributed_type == DistributedType.FSDP and fsdp_version == 2
 
 
-def wrap_experts_separately(fsdp_plugin, experts: list[torch.nn.Module]) -> list[str]:
-    """Add the experts' class to the FSDP plugin's transformer wrap list, so each expert becomes its own
-    FSDP unit inside the pair (bottom-up: blocks, then each expert, then the pair). Returns the list."""
-    names = list(fsdp_plugin.transformer_cls_names_to_wrap or [])
-    if not names:  # accelerate would fall back to the model's _no_split_modules: keep them
-        names = [n for e in experts for n in (getattr(e, "_no_split_modules", None) or [])]
-    for expert in experts:
-        if type(expert).__name__ not in names:
-            names.append(type(expert).__name__)
+def resolve_wrap_classes(fsdp_plugin, experts: list[torch.nn.Module], separately: bool) -> list[str]:
+    """Set the FSDP plugin's transformer wrap list to the class names present in `experts`; returns it.
+
+    accelerate matches wrap classes by exact class name, but fvg's anchored pipelines run subclasses of
+    diffusers' blocks (`FrameWanTransformerBlock` for `WanTransformerBlock`, `fvg.animate.wan`): a
+    configured name therefore stands for every module with a class of that name in its MRO. With
+    `separately` (two experts in one `ExpertPair`) the experts' own classes are added, so each expert
+    becomes its own FSDP unit (bottom-up: blocks, then each expert, then the pair)."""
+    wanted = list(fsdp_plugin.transformer_cls_names_to_wrap or [])
+    if not wanted:  # accelerate would fall back to the model's _no_split_modules
+        wanted = [n for e in experts for n in (getattr(e, "_no_split_modules", None) or [])]
+    names: list[str] = []
+    found: set[str] = set()
+    for module in (m for e in experts for m in e.modules()):
+        lineage = {c.__name__ for c in type(module).__mro__} & set(wanted)
+        if lineage:
+            found |= lineage
+            if type(module).__name__ not in names:
+                names.append(type(module).__name__)
+    missing = [w for w in wanted if w not in found]
+    if missing:
+        raise FvgError(f"FSDP wrap class(es) {', '.join(missing)} not found in the model "
+                       f"({type(experts[0]).__name__}): fix fsdp_transformer_layer_cls_to_wrap in the accelerate config")
+    if separately:
+        names += [n for n in dict.fromkeys(type(e).__name__ for e in experts) if n not in names]
     fsdp_plugin.transformer_cls_names_to_wrap = names
     return names
 

@@ -39,7 +39,7 @@ from fvg.train.config import TrainConfig
 from fvg.train.data import CachedClips, build_cache, collate, find_clips
 from fvg.train.export import lora_stem, read_lora, write_lora
 from fvg.train.distributed import (ExpertCall, ExpertPair, deepspeed_plugin_from_env, keep_on_host, lora_state_dict,
-                                   needs_expert_pair, wrap_experts_separately)
+                                   needs_expert_pair, resolve_wrap_classes)
 from fvg.train.seeds import step_generator, step_seed
 from fvg.train import validation
 
@@ -402,6 +402,7 @@ class Trainer:
         Two experts under FSDP2 are prepared as one `ExpertPair` (accelerate's FSDP2 takes one model;
         `fvg.train.distributed` says why a pair rather than one expert after the other). An untrained
         second expert stays on the host for good: validation streams it block by block (`keep_on_host`)."""
+        from accelerate.utils import DistributedType
         from diffusers.optimization import get_scheduler
 
         cfg, acc = self.cfg, self.accelerator
@@ -421,8 +422,10 @@ class Trainer:
         lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                      num_training_steps=cfg.max_steps)
         fsdp_plugin = getattr(acc.state, "fsdp_plugin", None)
-        if needs_expert_pair(acc.distributed_type, getattr(fsdp_plugin, "fsdp_version", None), len(self.experts)):
-            wrap_experts_separately(acc.state.fsdp_plugin, self.experts_unwrapped)
+        pair = needs_expert_pair(acc.distributed_type, getattr(fsdp_plugin, "fsdp_version", None), len(self.experts))
+        if fsdp_plugin is not None and acc.distributed_type == DistributedType.FSDP:
+            resolve_wrap_classes(fsdp_plugin, self.experts_unwrapped, separately=pair)
+        if pair:
             pair, optimizer = acc.prepare(ExpertPair(self.experts_unwrapped), optimizer)
             self.prepared = [pair]
             self.callers = [ExpertCall(pair, i) for i in range(len(self.experts))]
