@@ -164,7 +164,22 @@ class Trainer:
             self.family = family_of(self.pipe)
             return self.pipe
         self.family = resolve_family(self.cfg.model, self.cfg.family)
-        return self.family.load_pipeline(self.cfg.model, weight_dtype, self.cfg.flow_shift)
+        return self.family.load_pipeline(self.cfg.model, weight_dtype, self.cfg.flow_shift,
+                                         devices=self._load_devices())
+
+    def _load_devices(self) -> dict[str, torch.device]:
+        """Where to load components straight to: with replicated weights (one process, DDP) the trained
+        expert(s) and the text encoder go from their files onto this process's device, in the run's dtype,
+        with no host copy (N processes would otherwise hold N host copies). A frozen second expert and the
+        VAE load on the host. Under FSDP and DeepSpeed everything loads on the host: they shard from there,
+        and only each process's shard reaches its device."""
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        if acc.device.type == "cpu" or acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return {}
+        experts = ["transformer", "transformer_2"] if self.cfg.expert == "both" else [self.cfg.expert]
+        return {name: acc.device for name in (*experts, "text_encoder")}
 
     def _objective(self, pipe, weight_dtype) -> TrainingObjective:
         """The family's objective, after the settings it changes into its own terms (text length, LoRA modules)."""
