@@ -447,6 +447,9 @@ class Trainer:
         else:
             *self.prepared, optimizer = acc.prepare(*self.experts_unwrapped, optimizer)
             self.callers = list(self.prepared)
+        # FSDP2 replaced the parameters by sharded ones (and switched the optimiser to them): clipping must
+        # see those, or it would clip the dropped originals, whose gradients stay None.
+        params = [p for m in self.prepared for p in m.parameters() if p.requires_grad]
         acc.register_for_checkpointing(lr_scheduler)
         self._register_hooks()
         return Optimisation(params, optimizer, lr_scheduler)
