@@ -1,4 +1,5 @@
-"""The studio's Gradio UI: layout and wiring only, every callback is one `StudioSession` call.
+"""The studio's Gradio UI: layout (`StudioPage`), callbacks (`Handlers`, each one `StudioSession`
+call) and the events joining them (`_wire`); `build_app` assembles them, `serve` starts the server.
 
 Per-tab drafts (the plan and the anchor candidates) live in `gr.State`; all events that touch
 a pipeline share one queue slot (`concurrency_id="pipeline"`), so runs never interleave.
