@@ -592,6 +592,26 @@ class MemoryEstimate:
         return next((m for m in MODES if self.peak_bytes(m) <= budget_bytes), None)
 
 
+# FactorizedPipeline's stages and the estimate's stages they run (the video stage decodes too)
+PIPELINE_STAGES = {"plan": ("plan",), "anchor": ("anchor",), "animate": ("animate", "decode")}
+
+
+def stage_modes(est: MemoryEstimate, free_bytes: int) -> tuple[dict[str, str], bool]:
+    """`--memory auto`: per pipeline stage, the fastest mode whose estimated peak fits `free_bytes`
+    (`sequential` when none does), and whether every stage fits on the device at once in `gpu` mode
+    (then nothing is evicted between stages or videos)."""
+    by_name = {s.name: s for s in est.stages}
+    modes = {}
+    for stage, parts in PIPELINE_STAGES.items():
+        present = [by_name[p] for p in parts if p in by_name]
+        if present:
+            modes[stage] = next((m for m in MODES if all(s.peak_bytes(m, est.fp8) <= free_bytes for s in present)),
+                                "sequential")
+    all_weights = sum(m.resident_bytes("gpu", est.fp8) for s in est.stages if s.name != "decode" for m in s.models)
+    activations = max((s.activation_bytes() for s in est.stages), default=0)
+    return modes, all_weights + activations <= free_bytes
+
+
 def _run_bytes(dtype: torch.dtype) -> int:
     return DTYPE_BYTES[dtype]
 
