@@ -368,8 +368,8 @@ def variability(rows_by: dict[str, list[dict]], t2v: str | None, factorized: str
     if factorized and rows_by.get(factorized):
         variance[f"{factorized} across seeds (the anchor follows the seed)"] = mean_variance(rows_by[factorized])
     fixed = mean_variance(rows_by.get(FIXED_ANCHOR, []))
-    variance[f"factorized across video seeds, anchor fixed"] = fixed
-    variance[f"factorized across anchors, video seed fixed"] = mean_variance(rows_by.get(FIXED_SEED, []))
+    variance["factorized across video seeds, anchor fixed"] = fixed
+    variance["factorized across anchors, video seed fixed"] = mean_variance(rows_by.get(FIXED_SEED, []))
     t2v_var = variance.get(f"{t2v} across seeds")
     ratio = t2v_var / fixed if t2v_var is not None and fixed else None
     n = len(rows_by.get(FIXED_ANCHOR, [])) // max(1, len({(r["category"], r["index"]) for r in rows_by.get(FIXED_ANCHOR, [])}))
