@@ -12,6 +12,14 @@ with the exact MiniCompBench evaluator, and writes
     OUT/bench.png    per-category bars per configuration, and seconds per video
     OUT/report.*     `fvg eval report`'s tables and paired comparisons (bootstrap CIs)
 
+Beside the configurations, the quality ladder (OUT/ladder/, resumable): the suite's scenes rendered
+exactly (the evaluator itself), the same clips through the VAE and back (the latent space's
+ceiling), the factorized run's anchors as stills scored on the frame-0 checks (the text-to-image
+stage), the true first frame animated with the method's steps (the video stage alone, the paper's
+"I2V+text"); then the method and the baseline. Each rung is compared with the one above (paired
+bootstrap in report.md), with pass rates per kind of check, and the variability: score variance
+across video seeds with the anchor fixed against across anchors with the seed fixed.
+
 All configurations share one loaded pipeline, so per-video times are warm: end to end, all
 stages (planning, the anchor and decoding included for factorized), from the run records.
 The cold start (building the pipeline and loading every model) is measured once beside them.
@@ -37,7 +45,7 @@ from fvg.presets import validate_mode
 METRIC = "minicompbench"
 FRAME0_METRIC = "minicompbench_frame0"  # the frame-0 checks alone (the ladder's anchor rung)
 DEFAULT_CONFIGS = "t2v@50,upsampled@50,factorized@50,factorized@15,t2v@15"
-# The issue's targets (benchmarks, reported met or not, never asserted in tests).
+# Targets (benchmarks, reported met or not, never asserted in tests).
 MIN_CATEGORY_WINS = 5
 MAX_STEP_GAP = 0.02
 MIN_SPEEDUP = 2.5
@@ -443,8 +451,7 @@ def run_bench(out: str | Path, preset: str = "mini", configs: list[BenchConfig] 
 
     from fvg.pipeline import FactorizedPipeline
 
-    from .generate import MANIFEST, GenerateSettings, check_config, distributed_state, read_jsonl, run_generation
-    from .metrics import score_run
+    from .generate import GenerateSettings, check_config
     from .report import build_report, write_report
     from .suites import load_suite
 
@@ -470,24 +477,7 @@ def run_bench(out: str | Path, preset: str = "mini", configs: list[BenchConfig] 
     # would otherwise land on whichever configuration runs first.
     pipe(suite.prompts[0].prompt, mode="factorized", seed=0, steps=2)
 
-    state = distributed_state("cpu")
-    rows, runs = [], []  # score rows (mode = the configuration's label); per configuration: timings, counts
-    for config in configs:
-        s = settings[config.label]
-        if on_config:
-            on_config(config, len(suite.prompts) * len(seeds))
-        tick = time.perf_counter()
-        summary = run_generation(s, on_video=(lambda job, status: on_video(config.label)) if on_video else None,
-                                 state=state, pipe=pipe)
-        wall = time.perf_counter() - tick
-        if summary.failed:
-            raise FvgError(f"{config.label}: {summary.failed} video(s) failed, e.g. {summary.errors[0]}")
-        score_run(s.out, s.out / "scores.jsonl", [METRIC])
-        scored = [r for r in read_jsonl(s.out / "scores.jsonl") if r.get("mode") == config.mode]
-        rows += [{**r, "mode": config.label} for r in scored]
-        entries = [e for e in read_jsonl(s.out / MANIFEST) if e.get("mode") == config.mode]
-        runs.append((config, len(scored), *_mean_timings(entries), wall, summary.generated))
-
+    rows, runs = _run_configs(pipe, configs, settings, len(suite.prompts) * len(seeds), on_config, on_video)
     method = _first_label(configs, "factorized")  # the first-frame rung animates with the method's steps
     steps = next(c.steps for c in configs if c.label == method) if method else pipe.preset.steps_for("factorized")
     rungs, lad_rows, var_rows = [], {}, {}
@@ -523,6 +513,33 @@ def run_bench(out: str | Path, preset: str = "mini", configs: list[BenchConfig] 
     write_json(out / "bench.json", to_json(result))
     plot(result, out / "bench.png")
     return result
+
+
+def _run_configs(pipe, configs: list[BenchConfig], settings: dict, videos: int, on_config, on_video
+                 ) -> tuple[list[dict], list[tuple]]:
+    """Generate (resuming) and score each configuration: score rows (mode = the configuration's label)
+    and, per configuration, (config, videos, seconds per video, stage seconds, wall, generated)."""
+    from .generate import MANIFEST, distributed_state, read_jsonl, run_generation
+    from .metrics import score_run
+
+    state = distributed_state("cpu")
+    rows, runs = [], []
+    for config in configs:
+        s = settings[config.label]
+        if on_config:
+            on_config(config, videos)
+        tick = time.perf_counter()
+        summary = run_generation(s, on_video=(lambda job, status: on_video(config.label)) if on_video else None,
+                                 state=state, pipe=pipe)
+        wall = time.perf_counter() - tick
+        if summary.failed:
+            raise FvgError(f"{config.label}: {summary.failed} video(s) failed, e.g. {summary.errors[0]}")
+        score_run(s.out, s.out / "scores.jsonl", [METRIC])
+        scored = [r for r in read_jsonl(s.out / "scores.jsonl") if r.get("mode") == config.mode]
+        rows += [{**r, "mode": config.label} for r in scored]
+        entries = [e for e in read_jsonl(s.out / MANIFEST) if e.get("mode") == config.mode]
+        runs.append((config, len(scored), *_mean_timings(entries), wall, summary.generated))
+    return rows, runs
 
 
 def _first_label(configs: list[BenchConfig], mode: str) -> str | None:
