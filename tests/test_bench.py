@@ -127,6 +127,10 @@ def _check_ladder(out, result, md, data):
         assert len(list((out / "ladder" / kind).rglob("*.mp4"))) == len(CATEGORIES)
     assert all(v is None or v >= 0 for v in result.variability.variance.values())
     assert "Quality ladder" in md and "| anchor-stills |" in md and "Variability" in md
+    sheet = np.asarray(Image.open(out / "ladder.png"))  # per category a row; per rung but vae and stills, 5 frames
+    assert sheet.shape == (64 * len(CATEGORIES), 3 * 5 * 64 + 2 * 6, 3)
+    first = read_mp4(out / "ladder" / "rendered" / "seed0" / item.category / f"{item.index:04d}.mp4")[0]
+    assert np.array_equal(sheet[:64, :64], first)
     assert [r["label"] for r in data["ladder"]] == rungs and data["variability"]["videos_per_prompt"] == 2
 
 

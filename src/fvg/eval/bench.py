@@ -430,6 +430,35 @@ def summarise_ladder(rungs: list[Rung], rows_by: dict[str, list[dict]], categori
     return results
 
 
+SHEET_FRAMES = (0, 4, 8, 12, 16)
+
+
+def contact_sheet(out: Path, suite, labels: list[str], configs: list[BenchConfig], path: Path, seed: int = 0) -> Path:
+    """A PNG with one row per category (its first prompt, `seed`) and, per rung in `labels`, frames
+    0, 4, 8, 12 and 16 side by side (a grey bar between rungs): what the ladder's numbers look like."""
+    from PIL import Image
+
+    from fvg.io import read_mp4
+
+    from .suites import video_relpath
+
+    by_label = {c.label: c for c in configs}
+    rows = []
+    for category in suite.categories:
+        item = next(p for p in suite.prompts if p.category == category)
+        tiles = []
+        for label in labels:
+            c = by_label.get(label)
+            video = (out / label / video_relpath(suite, item, c.mode, seed, 0)) if c else _rung_video(out, label, item, seed)
+            frames = read_mp4(video)
+            tiles += [np.concatenate([frames[min(t, len(frames) - 1)] for t in SHEET_FRAMES], 1),
+                      np.full((frames.shape[1], 6, 3), 128, np.uint8)]
+        rows.append(np.concatenate(tiles[:-1], 1))
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.concatenate(rows, 0)).save(tmp, format="PNG")
+    return path
+
+
 def _setup(preset: str, seeds: list[int], limit: int | None, threads: int) -> dict:
     from fvg.pipeline import package_versions
 
@@ -509,6 +538,9 @@ def run_bench(out: str | Path, preset: str = "mini", configs: list[BenchConfig] 
                          summarise_ladder(rungs, lad_rows, suite.categories),
                          variability({**lad_rows, **var_rows}, t2v, factorized) if var_rows else None)
     write_report(report, out, plots=True)
+    if rungs:
+        sheet = [r.label for r in rungs if r.label not in (VAE_ROUND_TRIP, ANCHOR_STILLS)]
+        contact_sheet(out, suite, sheet, configs, out / "ladder.png", seeds[0])
     write_text(out / "bench.md", to_markdown(result))
     write_json(out / "bench.json", to_json(result))
     plot(result, out / "bench.png")
