@@ -138,17 +138,18 @@ def vae_preview(
 
 @miniworld_app.command()
 def diagnose(
-    what: str = typer.Option("text,padding", "--what", help="Comma-separated: text (word order through the "
-                                                            "text encoder), padding (the 512-token padding's cost)."),
+    what: str = typer.Option("text,padding", "--what", help="Comma-separated: text (word order through the text "
+                                                            "encoder), padding (the 512-token padding's cost), "
+                                                            "patch (a patch-1 video model's step time)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Weights root (default: the shipped mini)."),
 ):
     """Measurements behind the mini recipe (docs/miniworld.md, v2 diagnosis)."""
     from . import diagnose as d
 
     parts = [w.strip() for w in what.split(",") if w.strip()]
-    unknown = sorted(set(parts) - {"text", "padding"})
+    unknown = sorted(set(parts) - {"text", "padding", "patch"})
     if unknown or not parts:
-        raise FvgError(f"unknown measurement(s) {', '.join(unknown) or '(none)'}: choose from text, padding")
+        raise FvgError(f"unknown measurement(s) {', '.join(unknown) or '(none)'}: choose from text, padding, patch")
     if "text" in parts:
         for r in d.text_order(d.default_encoders(weights), _tokenizer()):
             typer.echo(f"text {r.encoder}: roles swapped {r.swapped:.3f}, one word changed {r.one_word:.3f} "
@@ -157,6 +158,11 @@ def diagnose(
         for name, t in d.padding_cost(weights).items():
             typer.echo(f"padding {name}: one CFG step {t[512] * 1000:.1f} ms with 512 text tokens, "
                        f"{t[32] * 1000:.1f} ms with 32 ({t[32] / t[512]:.2f}x)")
+    if "patch" in parts:
+        times = d.patch_cost()
+        for name, seconds in times.items():
+            base = times[name.split(",")[0] + ", patch 2, 512 text tokens"]
+            typer.echo(f"patch: {name}: one CFG step {seconds * 1000:.1f} ms ({seconds / base:.2f}x)")
 
 
 def _tokenizer():

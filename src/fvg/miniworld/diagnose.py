@@ -114,3 +114,29 @@ def padding_cost(weights: Path | None = None, reps: int = 9) -> dict[str, dict[i
                     times[tokens].append(time.perf_counter() - tick)
         out[name] = {k: float(np.median(v)) for k, v in times.items()}
     return out
+
+
+def patch_cost(reps: int = 7) -> dict[str, float]:
+    """Median seconds of one CFG step (batch 2) of the transformers' architecture (random weights) on
+    the video (5 latent frames of 16x16) and on the anchor (1 frame), at patch 2 and at patch 1, with
+    512 and with 32 text tokens (interleaved): what patch 1 costs at sampling time."""
+    import dataclasses
+
+    cfg = models.MiniConfig()
+    built = {p: models.build_transformer(dataclasses.replace(cfg.t2v, patch_size=[1, p, p]), cfg.vae.z_dim,
+                                         cfg.text.d_model).eval() for p in (2, 1)}
+    t = torch.tensor([500.0, 500.0])
+    times: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for _ in range(reps):
+            for name, frames in (("video", 5), ("anchor", 1)):
+                x = torch.randn(2, cfg.vae.z_dim, frames, 16, 16)
+                for p, model in built.items():
+                    for tokens in (512, 32):
+                        text = torch.zeros(2, tokens, cfg.text.d_model)
+                        text[:, :12] = torch.randn(12, cfg.text.d_model)
+                        tick = time.perf_counter()
+                        model(hidden_states=x, timestep=t, encoder_hidden_states=text)
+                        times.setdefault(f"{name}, patch {p}, {tokens} text tokens", []).append(
+                            time.perf_counter() - tick)
+    return {k: float(np.median(v)) for k, v in times.items()}
