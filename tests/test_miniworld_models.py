@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fvg.io import FvgError
-from fvg.miniworld import VOCABULARY, first_frame_caption, load_suite
+from fvg.miniworld import CATEGORIES, VOCABULARY, first_frame_caption, load_suite
 from fvg.miniworld import models
 from fvg.miniworld import curves, loop, settings, sink, stages
 from fvg.miniworld import train as mt
@@ -269,3 +269,22 @@ def test_diagnose_set_distance_ignores_order_and_cli_rejects_unknown():
         assert sorted(prompt.split()) == sorted(swapped.split()) and prompt != swapped
         assert sum(x != y for x, y in zip(prompt.split(), one_word.split())) == 1
     assert main(["miniworld", "diagnose", "--what", "bogus"]) == 2
+
+
+def test_anchor_score_reads_final_weights_or_the_latest_checkpoint(tiny_run, tmp_path):
+    import shutil
+
+    out, _ = tiny_run
+    final = curves.anchor_stills_score(out, limit=1, seeds=(0,), steps=2)
+    assert final["step"] == settings.tiny_settings().anchor_steps
+    assert set(final["per_category"]) == set(CATEGORIES) and 0.0 <= final["mean"] <= 1.0
+    assert final["kinds"]["background"] >= 0.0 and set(final["kinds"]) <= {"present", "size", "count", "relation",
+                                                                          "background"}
+    # Mid-training: no final/, the checkpoint's EMA weights (here the same step, so the same anchors).
+    mid = tmp_path / "run"
+    shutil.copytree(out, mid)
+    shutil.rmtree(mid / "anchor" / "final")
+    assert curves.anchor_stills_score(mid, limit=1, seeds=(0,), steps=2) == final
+    (mid / "anchor" / "ckpt.pt").unlink()
+    with pytest.raises(FvgError, match="no anchor model"):
+        curves.anchor_stills_score(mid, limit=1, seeds=(0,), steps=2)

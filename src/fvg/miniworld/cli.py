@@ -169,3 +169,23 @@ def _tokenizer():
     from .models import build_tokenizer
 
     return build_tokenizer()
+
+
+@miniworld_app.command("anchor-score")
+def anchor_score(
+    out: Path = typer.Option(Path("runs/mini"), "--out", "-o"),
+    limit: int = typer.Option(3, "--limit", help="The first N MiniCompBench prompts of each category."),
+    seeds: str = typer.Option("0", "--seeds", help="Comma-separated anchor seeds."),
+):
+    """Score a run's anchor model (final, else its latest checkpoint) on the frame-0 checks, while it trains."""
+    import json
+
+    from .curves import anchor_stills_score
+
+    if limit < 1:
+        raise FvgError(f"--limit must be at least 1, got {limit}")
+    try:
+        seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
+    except ValueError:
+        raise FvgError(f"bad --seeds '{seeds}': write e.g. 0,1,2") from None
+    typer.echo(json.dumps(anchor_stills_score(out, limit, seed_list or (0,))))

@@ -116,3 +116,57 @@ def vae_preview(out: str | Path, png: str | Path, clips: int = 4) -> dict:
                            for a, b in zip(frames[:clips], recon)], 0)
     Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(str(png))
     return {"step": step, **quality}
+
+
+@torch.no_grad()
+def anchor_stills_score(out: str | Path, limit: int = 3, seeds: tuple[int, ...] = (0,), steps: int = 15,
+                        guidance: float = 4.0) -> dict:
+    """Quality of a run's anchor model while it trains: its final weights, else the latest checkpoint's
+    EMA weights, sampled as the `mini` preset samples anchors (DiffusersAnchorSource, one-frame
+    WanPipeline) for the first-frame captions of MiniCompBench's first `limit` prompts per category,
+    scored on the frame-0 checks like the ladder's anchor-stills rung (from the arrays, without MP4)."""
+    from diffusers import AutoencoderKLWan
+
+    from fvg.anchor import DiffusersAnchorSource
+
+    from .grammar import first_frame_caption
+    from .score import check_kind, score_first_frame
+    from .stages import text_parts
+    from .suite import load_suite
+
+    out = Path(out)
+    if not (out / "latents" / "DONE.json").is_file():
+        raise FvgError(f"{out}: the latents stage is not complete (the anchor model needs its text encoder and VAE)")
+    s = load_settings(out)
+    tokenizer, encoder = text_parts(out, s)
+    vae = AutoencoderKLWan.from_pretrained(str(out / "latents" / "vae"))
+    transformer, step = _anchor_transformer(out, s, vae.config.z_dim, encoder.config.d_model)
+    source = DiffusersAnchorSource(models.assemble_pipeline(tokenizer, encoder, vae, transformer, s.model.flow_shift),
+                                   steps=steps, guidance_scale=guidance)
+    scores: dict[str, list[float]] = {}
+    kinds: dict[str, list[bool]] = {}
+    for item in (p for p in load_suite() if p.index <= limit):
+        for seed in seeds:
+            image = source(first_frame_caption(item.prompt), 64, 64, seed=seed).image
+            result = score_first_frame(item.prompt, np.asarray(image))
+            scores.setdefault(item.category, []).append(result.score)
+            for c in result.checks:
+                kinds.setdefault(check_kind(c.name), []).append(c.passed)
+    per_category = {c: round(float(np.mean(v)), 4) for c, v in scores.items()}
+    return {"step": step, "mean": round(float(np.mean(list(per_category.values()))), 4),
+            "per_category": per_category, "kinds": {k: round(float(np.mean(v)), 3) for k, v in sorted(kinds.items())}}
+
+
+def _anchor_transformer(out: Path, s, in_channels: int, text_dim: int):
+    from diffusers import WanTransformer3DModel
+
+    final = out / "anchor" / "final"
+    if (final / "config.json").is_file():
+        return WanTransformer3DModel.from_pretrained(str(final)).eval(), s.anchor_steps
+    ckpt = out / "anchor" / "ckpt.pt"
+    if not ckpt.is_file():
+        raise FvgError(f"no anchor model in {out / 'anchor'} yet")
+    state = torch.load(str(ckpt), map_location="cpu", weights_only=True)
+    model = models.build_transformer(s.model.anchor, in_channels, text_dim)
+    model.load_state_dict(state["ema"])
+    return model.eval(), state["step"]

@@ -147,7 +147,7 @@ def vae_quality(vae, clips: np.ndarray) -> dict:
             "object_pixel_agreement": round(float(np.mean(got[objects] == want[objects])), 5)}
 
 
-def _text_parts(out: Path, s: RunSettings):
+def text_parts(out: Path, s: RunSettings):
     lat = out / "latents"
     tok_dir, te_dir = lat / "tokenizer", lat / "text_encoder"
     if (te_dir / "config.json").is_file():
@@ -196,7 +196,7 @@ def stage_latents(out: Path, s: RunSettings, **_) -> None:
                                     "shape": list(raw.shape)})
 
     # Text: the pipeline's own encode_prompt embeddings (trimmed; padded to 512 with zeros on use).
-    tokenizer, encoder = _text_parts(out, s)
+    tokenizer, encoder = text_parts(out, s)
     pipe = models.assemble_pipeline(tokenizer, encoder, vae, None, s.model.flow_shift)
     texts = [""] + sorted({r["caption"] for r in rows} | {r["first_frame_caption"] for r in rows})
     index = {t: i for i, t in enumerate(texts)}
@@ -305,7 +305,7 @@ def assemble(out: Path, name: str) -> Path:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     s = load_settings(out)
-    tokenizer, encoder = _text_parts(out, s)
+    tokenizer, encoder = text_parts(out, s)
     vae = AutoencoderKLWan.from_pretrained(str(out / "latents" / "vae"))
     transformer = WanTransformer3DModel.from_pretrained(str(out / name / "final"))
     pipe = models.assemble_pipeline(tokenizer, encoder, vae, transformer, s.model.flow_shift)
