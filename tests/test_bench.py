@@ -2,7 +2,9 @@
 
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from fvg.eval.bench import BenchConfig, ConfigResult, compute_targets, parse_configs, run_bench, to_markdown
 from fvg.io import FvgError
@@ -39,6 +41,9 @@ def test_targets_count_category_wins_and_ratios():
     assert targets["factorized@50 - factorized@15, mean score"].met
     assert targets["seconds per video, t2v@50 / factorized@15"].value == pytest.approx(3.0)
     assert targets["seconds per factorized@15 video, all stages, warm"].met
+    gain = targets["factorized@15 - t2v@50, mean score"]
+    assert gain.value == pytest.approx((5 * 0.29 - 0.1) / 7) and gain.met  # >= 0.10, no interval given
+    assert targets["categories where factorized@15 beats t2v@50"].value == 5
     slow = _result("factorized@15", dict.fromkeys(cats, 0.1), 2.5)
     targets = {t.name: t for t in compute_targets({"t2v@50": t2v, "factorized@50": fac, "factorized@15": slow}, cats)}
     assert not targets["factorized@50 - factorized@15, mean score"].met
@@ -77,10 +82,56 @@ def test_bench_run_on_tiny_writes_scored_tables(tmp_path):
     md = (out / "bench.md").read_text()
     assert "| factorized@2 |" in md and "Cold start" in md
     assert (out / "report.md").is_file() and (out / "plots" / "minicompbench.png").is_file()
+    _check_ladder(out, result, md, data)
     # Resume: nothing is generated again, the numbers are the same.
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "ladder").rglob("*.mp4")}
     again = run_bench(out, "tiny", configs, seeds=[0, 1], limit=1, threads=1, overrides=sizes)
     assert all(c.generated == 0 for c in again.configs)
     assert [c.scores for c in again.configs] == [c.scores for c in result.configs]
+    assert {p: p.stat().st_mtime_ns for p in (out / "ladder").rglob("*.mp4")} == stamps
+    assert [r.mean for r in again.ladder] == [r.mean for r in result.ladder]
+
+
+def _check_ladder(out, result, md, data):
+    from fvg.eval.bench import rendered_clip
+    from fvg.eval.suites import load_minicompbench
+    from fvg.io import read_mp4
+
+    # The method rung is the factorized configuration with the fewest steps; the true first frame is
+    # animated with the same steps.
+    rungs = [r.label for r in result.ladder]
+    assert rungs == ["rendered", "vae", "anchor-stills", "first-frame@1", "factorized@1"]
+    by = {r.label: r for r in result.ladder}
+    assert by["rendered"].mean == 1.0 and by["rendered"].met  # the exact evaluator on exact renders
+    assert all(v == 1.0 for v in by["rendered"].kinds.values())
+    assert by["vae"].diff_vs_above == pytest.approx(by["vae"].mean - 1.0)
+    assert by["anchor-stills"].diff_metric == "minicompbench_frame0"  # stills are compared on frame-0 checks
+    assert set(by["anchor-stills"].kinds) <= {"present", "size", "count", "relation", "background"}
+    assert by["factorized@1"].scores == result.by_label()["factorized@1"].scores  # the same evaluator, same videos
+    assert all(r.videos == len(CATEGORIES) * 2 for r in result.ladder)
+    item = load_minicompbench().select(None, 1).prompts[0]
+    rendered = read_mp4(out / "ladder" / "rendered" / "seed1" / item.category / f"{item.index:04d}.mp4")
+    assert np.abs(rendered.astype(int) - rendered_clip(item, 1)).mean() < 3  # H.264 of the exact render
+    still = read_mp4(out / "ladder" / "anchor-stills" / "seed0" / item.category / f"{item.index:04d}.mp4")
+    anchor = np.asarray(Image.open(out / "factorized@1" / "records" / "factorized" / "seed0" / item.category /
+                                   f"{item.index:04d}" / "anchor.png").convert("RGB"))
+    # The tiny anchor model paints noise, which H.264 keeps only roughly: correlation, not equality.
+    assert np.corrcoef(still[0].ravel(), anchor.ravel())[0, 1] > 0.9
+    assert np.abs(still[0].astype(int) - still[-1]).mean() < 2  # a still
+    # Each rung against the one above: paired bootstrap comparisons in the report.
+    report = (out / "report.md").read_text()
+    assert "vae - rendered" in report and "factorized@1 - first-frame@1" in report
+    # Variability: seeds 1 with the anchor of seed 0, and the anchor of seed 1 with video seed 0.
+    assert result.variability is not None and result.variability.videos_per_prompt == 2
+    for kind in ("anchor-fixed", "seed-fixed"):
+        assert len(list((out / "ladder" / kind).rglob("*.mp4"))) == len(CATEGORIES)
+    assert all(v is None or v >= 0 for v in result.variability.variance.values())
+    assert "Quality ladder" in md and "| anchor-stills |" in md and "Variability" in md
+    sheet = np.asarray(Image.open(out / "ladder.png"))  # per category a row; per rung but vae and stills, 5 frames
+    assert sheet.shape == (64 * len(CATEGORIES), 3 * 5 * 64 + 2 * 6, 3)
+    first = read_mp4(out / "ladder" / "rendered" / "seed0" / item.category / f"{item.index:04d}.mp4")[0]
+    assert np.array_equal(sheet[:64, :64], first)
+    assert [r["label"] for r in data["ladder"]] == rungs and data["variability"]["videos_per_prompt"] == 2
 
 
 def test_bench_cli_rejects_bad_input(tmp_path):
@@ -90,3 +141,16 @@ def test_bench_cli_rejects_bad_input(tmp_path):
     assert main(["bench", "mini", "--out", str(tmp_path / "b"), "--seeds", "x"]) == 2
     assert main(["bench", "mini", "--out", str(tmp_path / "b"), "--limit", "0"]) == 2
     assert not (tmp_path / "b").exists()
+
+
+def test_gain_target_needs_the_bootstrap_interval_above_zero():
+    from fvg.eval.report import Comparison
+
+    cats = ["a", "b"]
+    t2v, f15 = _result("t2v@50", dict.fromkeys(cats, 0.3), 3.0), _result("factorized@15", dict.fromkeys(cats, 0.45), 1.0)
+    wide = [Comparison("minicompbench", "factorized@15", "t2v@50", "all", 0.15, -0.01, 0.3, 10)]
+    tight = [Comparison("minicompbench", "factorized@15", "t2v@50", "all", 0.15, 0.05, 0.25, 10)]
+    for comparisons, met in ((wide, False), (tight, True)):
+        targets = compute_targets({"t2v@50": t2v, "factorized@15": f15}, cats, comparisons)
+        gain = next(t for t in targets if t.name.startswith("factorized@15 - t2v@50"))
+        assert gain.met is met and "95% CI" in gain.name

@@ -84,3 +84,21 @@ def test_readme_main_command_runs_offline_on_mini(tmp_path, monkeypatch):
     assert frames.shape == (preset.num_frames, preset.height, preset.width, 3)
     run = json.loads((out / "run.json").read_text())
     assert run["settings"]["preset"] == "mini" and run["mode"] == "factorized"
+
+
+def test_shipped_weights_are_the_v1_recipe():
+    """The `v1` profile is the shipped weights' recipe: the same settings, and its frozen text
+    encoder is bit for bit the shipped one (so `--profile v1` rebuilds what ships today)."""
+    import torch
+    from transformers import UMT5EncoderModel
+
+    from fvg.miniworld.settings import RunSettings, v1_settings
+
+    manifest = json.loads((models.WEIGHTS_DIR / "manifest.json").read_text())
+    shipped = RunSettings.from_dict(manifest["settings"]).to_dict()
+    want = v1_settings().to_dict()
+    assert {k: v for k, v in shipped.items() if k != "profile"} == {k: v for k, v in want.items() if k != "profile"}
+    encoder = UMT5EncoderModel.from_pretrained(str(models.video_dir() / "text_encoder"))
+    rebuilt = models.build_text_encoder(models.v1_config().text, encoder.config.vocab_size)
+    for (name, a), b in zip(encoder.state_dict().items(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b), name

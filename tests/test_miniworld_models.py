@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from fvg.io import FvgError
-from fvg.miniworld import VOCABULARY, first_frame_caption, load_suite
+from fvg.miniworld import CATEGORIES, VOCABULARY, first_frame_caption, load_suite
 from fvg.miniworld import models
+from fvg.miniworld import curves, loop, settings, sink, stages
 from fvg.miniworld import train as mt
 
 
@@ -74,6 +75,28 @@ def test_frozen_text_encoder_separates_prompts():
     assert not any(p.requires_grad for p in enc.parameters())
 
 
+def _pooled(enc, tok, text):
+    with torch.no_grad():
+        return enc(**tok(text, return_tensors="pt")).last_hidden_state[0].mean(0)
+
+
+def test_v2_text_encoder_tells_swapped_roles_apart():
+    """The DiT's cross-attention has no positions over text tokens, so "A left of B" and "B left of A"
+    (the same words) differ only through the encoder's context. v1's encoder (UMT5's own bias scale)
+    put them 10x closer than a one-word change; v2's scaled relative biases make them about as far."""
+    tok = models.build_tokenizer()
+    a = "a red circle is to the left of a blue square"
+    swapped, one_word = "a blue square is to the left of a red circle", "a green circle is to the left of a blue square"
+    ratios = {}
+    for name, cfg in (("v1", models.v1_config().text), ("v2", models.TextConfig())):
+        enc = models.build_text_encoder(cfg, len(tok))
+        base = _pooled(enc, tok, a)
+        ratios[name] = float((base - _pooled(enc, tok, swapped)).norm() / (base - _pooled(enc, tok, one_word)).norm())
+    assert ratios["v1"] < 0.25 and ratios["v2"] > 0.5, ratios
+    # v1's encoder is exactly the one the shipped weights were built with: the scale 1.0 changes nothing.
+    assert models.v1_config().text.relative_bias_scale == 1.0
+
+
 # -- model shapes ------------------------------------------------------------------------------------
 
 def test_full_config_compresses_a_clip_to_5x16x16():
@@ -90,13 +113,13 @@ def test_full_config_compresses_a_clip_to_5x16x16():
 
 
 def test_settings_overrides_persist_and_reject_unknown_keys(tmp_path):
-    s = mt.load_settings(tmp_path, "tiny", {"t2v_steps": 7, "model.flow_shift": 3})
+    s = settings.load_settings(tmp_path, "tiny", {"t2v_steps": 7, "model.flow_shift": 3})
     assert s.t2v_steps == 7 and s.model.flow_shift == 3.0
-    assert mt.load_settings(tmp_path).t2v_steps == 7  # saved with the run
+    assert settings.load_settings(tmp_path).t2v_steps == 7  # saved with the run
     with pytest.raises(FvgError, match="unknown"):
-        mt.load_settings(tmp_path, None, {"t2v_stpes": 1})
+        settings.load_settings(tmp_path, None, {"t2v_stpes": 1})
     with pytest.raises(FvgError, match="profile"):
-        mt.load_settings(tmp_path, "full")
+        settings.load_settings(tmp_path, "full")
 
 
 # -- the recipe end to end ----------------------------------------------------------------------------
@@ -107,13 +130,13 @@ def test_all_stages_complete_and_write_curves(tiny_run):
         assert (out / name / "DONE.json").is_file(), name
     assert "stage anchor:" in (out / "anchor.stage.log").read_text()  # the anchor stage ran beside t2v
     for name in ("vae", "anchor", "t2v"):
-        rows = mt.read_log(out / name / "log.jsonl")
+        rows = loop.read_log(out / name / "log.jsonl")
         assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and all(np.isfinite(r["loss"]) for r in rows)
     stats = json.loads((out / "latents" / "stats.json").read_text())
     assert stats["shape"][1:] == [4, 5, 16, 16]  # tiny VAE: z 4, 17 -> 5 frames, 64 -> 16 px
     assert len(json.loads((out / "data" / "metadata.jsonl").read_text().splitlines()[0])) >= 5
     lora_rows = (out / "data" / "lora_metadata.jsonl").read_text().splitlines()
-    assert len(lora_rows) == mt.tiny_settings().lora_clips
+    assert len(lora_rows) == settings.tiny_settings().lora_clips
 
 
 def test_latents_are_normalised_with_the_vae_config(tiny_run):
@@ -124,7 +147,7 @@ def test_latents_are_normalised_with_the_vae_config(tiny_run):
     stats = json.loads((out / "latents" / "stats.json").read_text())
     assert vae.config.latents_mean == stats["latents_mean"] and vae.config.latents_std == stats["latents_std"]
     assert vae.config.latents_std != [1.0] * 4
-    data = mt.LatentSet(out)
+    data = stages.LatentSet(out)
     assert abs(float(data.latents.mean())) < 0.2 and abs(float(data.latents.std()) - 1) < 0.2
 
 
@@ -171,15 +194,15 @@ def test_stage_time_limit_and_resume(tmp_path, tiny_run):
     run = tmp_path / "run"
     run.mkdir()
     (run / "data").symlink_to(out / "data")
-    mt.load_settings(run, "tiny", {"vae_steps": 4, "checkpoint_every": 100})
+    settings.load_settings(run, "tiny", {"vae_steps": 4, "checkpoint_every": 100})
     mt.run(run, stage="vae", time_limit=0.0)  # checkpoints after its first step and stops
     assert (run / "vae" / "ckpt.pt").is_file() and not (run / "vae" / "DONE.json").exists()
-    assert [r["step"] for r in mt.read_log(run / "vae" / "log.jsonl")] == [1]
+    assert [r["step"] for r in loop.read_log(run / "vae" / "log.jsonl")] == [1]
     with pytest.raises(FvgError, match="--resume"):
         mt.run(run, stage="vae")
     mt.run(run, stage="vae", resume=True)
     assert (run / "vae" / "DONE.json").is_file()
-    assert [r["step"] for r in mt.read_log(run / "vae" / "log.jsonl")] == [1, 2, 3, 4]
+    assert [r["step"] for r in loop.read_log(run / "vae" / "log.jsonl")] == [1, 2, 3, 4]
     mt.run(run, stage="vae")  # complete: skipped
 
 
@@ -209,8 +232,8 @@ def test_padding_sink_matches_full_padding():
     x, t = torch.randn(3, 4, 2, 8, 8), torch.tensor([100.0, 500.0, 900.0])
     with torch.no_grad():
         want = model(hidden_states=x, timestep=t, encoder_hidden_states=full, return_dict=False)[0]
-        sink = mt.PaddingSink(model, models.MAX_SEQUENCE_LENGTH)
-        packed = sink.pack(embeds, 16)
+        padding = sink.PaddingSink(model, models.MAX_SEQUENCE_LENGTH)
+        packed = padding.pack(embeds, 16)
         got = model(hidden_states=x, timestep=t, encoder_hidden_states=packed, return_dict=False)[0]
     assert packed.shape[1] == 10
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
@@ -218,18 +241,50 @@ def test_padding_sink_matches_full_padding():
 
 def test_vae_preview_and_curves(tiny_run, tmp_path):
     out, _ = tiny_run
-    info = mt.vae_preview(out, tmp_path / "p.png", clips=2)
+    info = curves.vae_preview(out, tmp_path / "p.png", clips=2)
     assert (tmp_path / "p.png").is_file() and 0 <= info["object_pixel_agreement"] <= 1
-    summary = mt.write_curves(out)
-    assert set(summary) == {"vae", "anchor", "t2v", "lora"} and summary["t2v"]["steps"] == mt.tiny_settings().t2v_steps
+    summary = curves.write_curves(out)
+    assert set(summary) == {"vae", "anchor", "t2v", "lora"} and summary["t2v"]["steps"] == settings.tiny_settings().t2v_steps
 
 
 def test_plateau_fits_the_tail_not_one_slice():
     rng = np.random.default_rng(0)
     flat = [{"step": i, "loss": 0.3 + 0.01 * rng.standard_normal()} for i in range(2000)]
     falling = [{"step": i, "loss": 1.0 - i / 1000 + 0.02 * rng.standard_normal()} for i in range(600)]
-    assert mt.plateau(flat)["plateau"] and abs(mt.plateau(flat)["relative_drop"]) < 0.02
-    info = mt.plateau(falling)
+    assert curves.plateau(flat)["plateau"] and abs(curves.plateau(flat)["relative_drop"]) < 0.02
+    info = curves.plateau(falling)
     assert not info["plateau"] and info["relative_drop"] == pytest.approx(0.12 / 0.46, abs=0.05)
     assert info["tail_halves"][0] > info["tail_halves"][1]
-    assert mt.plateau(flat[:10])["plateau"] is None
+    assert curves.plateau(flat[:10])["plateau"] is None
+
+
+def test_diagnose_set_distance_ignores_order_and_cli_rejects_unknown():
+    from fvg.cli import main
+    from fvg.miniworld.diagnose import prompt_triples, set_distance
+
+    a = np.random.default_rng(0).normal(size=(6, 8))
+    assert set_distance(a, a[::-1]) == pytest.approx(0.0)  # a set: the order of tokens does not count
+    assert set_distance(a, a + 1.0) > 0.1
+    for prompt, swapped, one_word in prompt_triples(6):
+        assert sorted(prompt.split()) == sorted(swapped.split()) and prompt != swapped
+        assert sum(x != y for x, y in zip(prompt.split(), one_word.split())) == 1
+    assert main(["miniworld", "diagnose", "--what", "bogus"]) == 2
+
+
+def test_anchor_score_reads_final_weights_or_the_latest_checkpoint(tiny_run, tmp_path):
+    import shutil
+
+    out, _ = tiny_run
+    final = curves.anchor_stills_score(out, limit=1, seeds=(0,), steps=2)
+    assert final["step"] == settings.tiny_settings().anchor_steps
+    assert set(final["per_category"]) == set(CATEGORIES) and 0.0 <= final["mean"] <= 1.0
+    assert final["kinds"]["background"] >= 0.0 and set(final["kinds"]) <= {"present", "size", "count", "relation",
+                                                                          "background"}
+    # Mid-training: no final/, the checkpoint's EMA weights (here the same step, so the same anchors).
+    mid = tmp_path / "run"
+    shutil.copytree(out, mid)
+    shutil.rmtree(mid / "anchor" / "final")
+    assert curves.anchor_stills_score(mid, limit=1, seeds=(0,), steps=2) == final
+    (mid / "anchor" / "ckpt.pt").unlink()
+    with pytest.raises(FvgError, match="no anchor model"):
+        curves.anchor_stills_score(mid, limit=1, seeds=(0,), steps=2)

@@ -123,3 +123,34 @@ def test_bad_input():
 def test_float_frames_are_accepted():
     frames = video_of("a red circle moves left while a blue square moves up")
     assert score_video("a red circle moves left while a blue square moves up", frames / 255.0).score == 1
+
+
+def test_first_frame_score_keeps_only_frame0_checks(tmp_path):
+    from fvg.miniworld.score import check_kind, score_first_frame
+
+    prompt = "a red circle moves left while a blue square moves up"
+    frames = video_of(prompt)
+    path = mp4_round_trip(tmp_path, np.repeat(frames[:1], 17, axis=0))  # the first frame as a still video
+    still = score_first_frame(prompt, path)
+    assert still.score == 1.0
+    assert sorted(check_kind(c.name) for c in still.checks) == ["background", "present", "present"]
+    assert all(c.name.endswith("(frame 0)") or c.name.startswith("background") for c in still.checks)
+    # The full evaluator fails the still on motion (and the frame-16 presence is fine): frame-0 checks are a subset.
+    full = score_video(prompt, path)
+    assert {check_kind(c.name) for c in full.failed} == {"moves"}
+    assert score_first_frame(prompt, frames[0]).score == 1.0  # one frame works too
+    blank = np.full((64, 64, 3), 16, np.uint8)
+    assert [check_kind(c.name) for c in score_first_frame(prompt, blank).failed] == ["present", "present"]
+    with pytest.raises(FvgError, match="64x64"):
+        score_first_frame(prompt, np.zeros((32, 32, 3), np.uint8))
+
+
+def test_check_kinds():
+    from fvg.miniworld.score import check_kind
+
+    assert check_kind("present: red circle (frame 0)") == "present"
+    assert check_kind("size small: red circle (frame 16)") == "size"
+    assert check_kind("move left: three red circles") == "moves"
+    assert check_kind("stays still: blue square") == "stays still"
+    assert check_kind("relation: red circle above blue square (frame 0)") == "relation"
+    assert check_kind("background white") == "background"

@@ -56,7 +56,8 @@ def train(
     """Train the `mini` preset from scratch in resumable stages (docs/miniworld.md)."""
     from fvg.train.config import parse_set
 
-    from .train import PROFILES, run
+    from .settings import PROFILES
+    from .train import run
 
     if profile is not None and profile not in PROFILES:
         raise FvgError(f"unknown profile '{profile}' (choose from: {', '.join(PROFILES)})")
@@ -74,7 +75,8 @@ def status(out: Path = typer.Option(Path("runs/mini"), "--out", "-o")):
     """Which stages of a run are complete, and where the unfinished one stands."""
     import json
 
-    from .train import STAGES, read_log
+    from .loop import read_log
+    from .train import STAGES
 
     for name in STAGES:
         done = out / name / "DONE.json"
@@ -97,7 +99,7 @@ def curves(
     """Loss curves of a run: steps, seconds per step, smoothed loss and whether it plateaued."""
     import json
 
-    from .train import write_curves
+    from .curves import write_curves
 
     summary = write_curves(out, png)
     for name, info in summary.items():
@@ -115,6 +117,61 @@ def vae_preview(
     png: Path = typer.Option(Path("vae_preview.png"), "--png", help="Originals over reconstructions."),
 ):
     """Reconstruction quality of a run's VAE (final or latest checkpoint): PSNR, palette agreement, a PNG."""
-    from .train import vae_preview as preview
+    from .curves import vae_preview as preview
 
     typer.echo(preview(out, png))
+
+
+@miniworld_app.command()
+def diagnose(
+    what: str = typer.Option("text,padding", "--what", help="Comma-separated: text (word order through the text "
+                                                            "encoder), padding (the 512-token padding's cost), "
+                                                            "patch (a patch-1 video model's step time)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Weights root (default: the shipped mini)."),
+):
+    """Measurements behind the mini recipe (docs/miniworld.md, v2 diagnosis)."""
+    from . import diagnose as d
+
+    parts = [w.strip() for w in what.split(",") if w.strip()]
+    unknown = sorted(set(parts) - {"text", "padding", "patch"})
+    if unknown or not parts:
+        raise FvgError(f"unknown measurement(s) {', '.join(unknown) or '(none)'}: choose from text, padding, patch")
+    if "text" in parts:
+        for r in d.text_order(d.default_encoders(weights), _tokenizer()):
+            typer.echo(f"text {r.encoder}: roles swapped {r.swapped:.3f}, one word changed {r.one_word:.3f} "
+                       f"(ratio {r.ratio:.2f})")
+    if "padding" in parts:
+        for name, t in d.padding_cost(weights).items():
+            typer.echo(f"padding {name}: one CFG step {t[512] * 1000:.1f} ms with 512 text tokens, "
+                       f"{t[32] * 1000:.1f} ms with 32 ({t[32] / t[512]:.2f}x)")
+    if "patch" in parts:
+        times = d.patch_cost()
+        for name, seconds in times.items():
+            base = times[name.split(",")[0] + ", patch 2, 512 text tokens"]
+            typer.echo(f"patch: {name}: one CFG step {seconds * 1000:.1f} ms ({seconds / base:.2f}x)")
+
+
+def _tokenizer():
+    from .models import build_tokenizer
+
+    return build_tokenizer()
+
+
+@miniworld_app.command("anchor-score")
+def anchor_score(
+    out: Path = typer.Option(Path("runs/mini"), "--out", "-o"),
+    limit: int = typer.Option(3, "--limit", help="The first N MiniCompBench prompts of each category."),
+    seeds: str = typer.Option("0", "--seeds", help="Comma-separated anchor seeds."),
+):
+    """Score a run's anchor model (final, else its latest checkpoint) on the frame-0 checks, while it trains."""
+    import json
+
+    from .curves import anchor_stills_score
+
+    if limit < 1:
+        raise FvgError(f"--limit must be at least 1, got {limit}")
+    try:
+        seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
+    except ValueError:
+        raise FvgError(f"bad --seeds '{seeds}': write e.g. 0,1,2") from None
+    typer.echo(json.dumps(anchor_stills_score(out, limit, seed_list or (0,))))

@@ -66,6 +66,11 @@ class TextConfig:
     num_layers: int = 2
     num_heads: int = 4
     relative_attention_num_buckets: int = 16
+    # v2: the random relative-position biases, scaled up. At UMT5's own init scale attention is nearly
+    # uniform, so each output token is mostly its own word: "A left of B" and "B left of A" came out 7x
+    # closer (as the sets of tokens that the DiT's position-free cross-attention sees) than prompts that
+    # differ in one colour; scaled by 10 they differ as much as that (docs/miniworld.md, v2 diagnosis).
+    relative_bias_scale: float = 10.0
 
 
 @dataclass
@@ -83,7 +88,9 @@ class MiniConfig:
     vae: VaeConfig = field(default_factory=VaeConfig)
     text: TextConfig = field(default_factory=TextConfig)
     t2v: TransformerConfig = field(default_factory=TransformerConfig)
-    anchor: TransformerConfig = field(default_factory=TransformerConfig)
+    # v2: the anchor model reads 16x16 tokens of 4x4 pixels (patch 1) instead of 8x8 tokens of 8x8: its
+    # shapes were blobs at patch 2 (docs/miniworld.md, v2 diagnosis).
+    anchor: TransformerConfig = field(default_factory=lambda: TransformerConfig(patch_size=[1, 1, 1]))
     flow_shift: float = 2.0
 
     def to_dict(self) -> dict:
@@ -91,7 +98,8 @@ class MiniConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MiniConfig":
-        return cls(vae=VaeConfig(**d["vae"]), text=TextConfig(**d["text"]), t2v=TransformerConfig(**d["t2v"]),
+        text = {"relative_bias_scale": 1.0, **d["text"]}  # runs made before v2 recorded no scale: UMT5's own
+        return cls(vae=VaeConfig(**d["vae"]), text=TextConfig(**text), t2v=TransformerConfig(**d["t2v"]),
                    anchor=TransformerConfig(**d["anchor"]), flow_shift=d["flow_shift"])
 
 
@@ -100,7 +108,12 @@ def tiny_config() -> MiniConfig:
     small = TransformerConfig(num_attention_heads=2, attention_head_dim=8, ffn_dim=32, num_layers=1, freq_dim=32)
     return MiniConfig(vae=VaeConfig(base_dim=4, z_dim=4), text=TextConfig(d_model=16, d_kv=8, d_ff=32, num_layers=1,
                                                                            num_heads=2),
-                      t2v=small, anchor=dataclasses.replace(small))
+                      t2v=small, anchor=dataclasses.replace(small, patch_size=[1, 1, 1]))
+
+
+def v1_config() -> MiniConfig:
+    """The models of the shipped v1 weights: UMT5's own bias scale, the anchor model at patch 2."""
+    return MiniConfig(text=TextConfig(relative_bias_scale=1.0), anchor=TransformerConfig())
 
 
 # -- tokenizer and text encoder -------------------------------------------------------------------
@@ -135,6 +148,11 @@ def build_text_encoder(cfg: TextConfig, vocab_size: int, seed: int = TEXT_SEED):
         num_heads=cfg.num_heads, relative_attention_num_buckets=cfg.relative_attention_num_buckets,
         feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     ))
+    with torch.no_grad():  # saved scaled: loading the encoder needs nothing of this
+        for module in model.modules():
+            bias = getattr(module, "relative_attention_bias", None)
+            if isinstance(bias, torch.nn.Embedding):
+                bias.weight.mul_(cfg.relative_bias_scale)
     return model.eval().requires_grad_(False)
 
 

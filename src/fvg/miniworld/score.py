@@ -38,6 +38,7 @@ PALETTE_NAMES = (*BACKGROUNDS, *COLORS)
 _PALETTE = np.array([*BACKGROUNDS.values(), *COLORS.values()], float)
 MIN_IOU = 0.5  # ours: below this a region is no shape at all
 SMALL_BELOW = (SIZES["small"] + SIZES["large"]) / 2  # 13 px
+FRAME0_SUFFIX = "(frame 0)"  # how the names of frame-0 checks end
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,29 @@ def score_video(prompt: str | MiniPrompt, video: str | os.PathLike | np.ndarray)
     checks = _checks(p, first, last)
     checks.append(_background_check(p.background, frames[0], frames[LAST]))
     return PromptScore(str(p), p.category, sum(c.passed for c in checks) / len(checks), checks)
+
+
+def score_first_frame(prompt: str | MiniPrompt, video: str | os.PathLike | np.ndarray) -> PromptScore:
+    """Only the checks of frame 0 (presence, named size, count, relation, background): how an anchor
+    image is judged on its own. A still video would fail every change check by construction, so
+    the text-to-image stage is scored on the checks it is responsible for. `video`: an MP4, frames
+    [T, 64, 64, 3], or one frame [64, 64, 3]."""
+    p = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    frames = read_mp4(video) if isinstance(video, (str, os.PathLike)) else to_uint8(np.asarray(video))
+    frame = frames if frames.ndim == 3 else frames[0]
+    if frame.shape != (SIZE, SIZE, 3):
+        raise FvgError(f"a MiniWorld frame is {SIZE}x{SIZE} RGB, got {frame.shape}")
+    regions = find_regions(frame)
+    checks = [c for c in _checks(p, regions, regions) if c.name.endswith(FRAME0_SUFFIX)]
+    checks.append(_background_check(p.background, frame))
+    return PromptScore(str(p), p.category, sum(c.passed for c in checks) / len(checks), checks)
+
+
+def check_kind(name: str) -> str:
+    """What a check tests, from its name: present, size, count, relation, moves, stays still, grows,
+    shrinks, turns, pushes or background (for tables of pass rates per kind)."""
+    head = name.split(":", 1)[0].split(" ")[0]
+    return {"move": "moves", "stays": "stays still"}.get(head, head)
 
 
 def _background_check(background: str, *frames: np.ndarray) -> Check:

@@ -1,0 +1,132 @@
+"""Every setting of a `mini` training run (RUN/settings.json): the `full` and `tiny` profiles, `--set`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from fvg.io import FvgError, write_json
+
+from . import models
+from .models import MiniConfig
+
+
+@dataclass
+class RunSettings:
+    """Every setting of a `mini` training run. `profile` picks the defaults; `--set` overrides."""
+
+    profile: str = "full"
+    seed: int = 0
+    # data
+    num_clips: int = 8000
+    lora_clips: int = 1000  # the LoRA stage's subset (fvg.train re-encodes these from the MP4s)
+    # vae
+    vae_clips: int = 1500  # clips held in memory as training material
+    vae_steps: int = 8000
+    vae_batch: int = 4
+    vae_frames: int = 17  # all five chunks (1 + 4 x 4): every cache state the VAE meets at inference
+    vae_crop: int = 32
+    vae_lr: float = 1e-3
+    vae_kl: float = 1e-6
+    vae_object_weight: float = 9.0  # extra loss weight on pixels that differ from the background
+    vae_first_frame_weight: float = 3.0  # loss weight of a crop's first frame (the anchor's path)
+    # A trained AutoencoderKLWan directory to use instead of training one (its path is recorded in
+    # vae/DONE.json), e.g. src/fvg/weights/mini/video/vae: a recipe change after the VAE need not
+    # retrain it. Its architecture must be `model.vae`'s. Empty: train it.
+    vae_source: str = ""
+    # diffusion transformers (flow matching, fvg.families.flow_matching)
+    anchor_steps: int = 10000  # at 4000 its loss still fell 5% over the last fifth (and anchors were worse)
+    anchor_batch: int = 16  # v2: 16 frames of 256 tokens (patch 1); v1: 32 of 64
+    anchor_lr: float = 5e-4
+    # v2: 8000 x 16 clips x 320 tokens = 41M token-steps, the anchor model's 10000 x 16 x 256 (the
+    # baseline gets at least the anchor model's compute); v1: 6000.
+    t2v_steps: int = 8000
+    t2v_batch: int = 16
+    t2v_lr: float = 5e-4
+    warmup_steps: int = 200
+    caption_dropout: float = 0.1  # empty prompt, so classifier-free guidance works
+    # Text embeddings are zero-padded to this many tokens, as WanPipeline pads them at inference
+    # (its max_sequence_length, 512 unless the caller passes another): the padded keys act as an
+    # attention sink whose weight depends on their count, so training and sampling must agree.
+    text_tokens: int = models.MAX_SEQUENCE_LENGTH
+    ema_decay: float = 0.999
+    # lora (fvg.train)
+    lora_steps: int = 1000
+    lora_batch: int = 8
+    lora_rank: int = 16
+    lora_lr: float = 5e-4
+    p_anchor: float = 1.0  # fvg.train's default: every sample anchored, as in the paper
+    # bookkeeping
+    checkpoint_every: int = 250
+    log_every: int = 10
+    encode_batch: int = 16
+    model: MiniConfig = field(default_factory=MiniConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunSettings":
+        d = dict(d)
+        model = MiniConfig.from_dict(d.pop("model"))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise FvgError(f"unknown mini training setting(s): {', '.join(unknown)}")
+        return cls(model=model, **d)
+
+
+def tiny_settings() -> RunSettings:
+    """Seconds-long versions of every stage, for tests."""
+    return RunSettings(profile="tiny", num_clips=14, lora_clips=8, vae_clips=8, vae_steps=3, vae_batch=2,
+                       vae_crop=16, anchor_steps=3, anchor_batch=4, t2v_steps=3, t2v_batch=2, warmup_steps=1,
+                       lora_steps=2, lora_batch=2, lora_rank=4, checkpoint_every=2, log_every=1, encode_batch=4,
+                       model=models.tiny_config())
+
+
+def v1_settings() -> RunSettings:
+    """The recipe of the shipped v1 weights (their manifest.json holds the same settings)."""
+    return RunSettings(profile="v1", anchor_batch=32, t2v_steps=6000, model=models.v1_config())
+
+
+PROFILES: dict[str, Callable[[], RunSettings]] = {"full": RunSettings, "v1": v1_settings, "tiny": tiny_settings}
+
+
+def _apply(settings: RunSettings, overrides: dict) -> RunSettings:
+    d = settings.to_dict()
+    for key, value in overrides.items():
+        target, parts = d, key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(target.get(p), dict):
+                raise FvgError(f"unknown mini training setting '{key}'")
+            target = target[p]
+        if parts[-1] not in target:
+            raise FvgError(f"unknown mini training setting '{key}'")
+        old = target[parts[-1]]
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if old is not None and type(old) is not type(value):
+            raise FvgError(f"mini training setting '{key}' expects {type(old).__name__}, got {value!r}")
+        target[parts[-1]] = value
+    return RunSettings.from_dict(d)
+
+
+def load_settings(out: Path, profile: str | None = None, overrides: dict | None = None) -> RunSettings:
+    """The run's settings: RUN/settings.json if it exists (the profile it was made with wins), else the
+    profile's defaults; `overrides` (dotted keys, e.g. `t2v_steps` or `model.flow_shift`) are applied
+    and saved, so a resumed run keeps them."""
+    path = out / "settings.json"
+    if path.is_file():
+        settings = RunSettings.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        if profile is not None and profile != settings.profile:
+            raise FvgError(f"{out} was started with profile '{settings.profile}', not '{profile}'")
+    else:
+        settings = PROFILES[profile or "full"]()
+    if overrides:
+        settings = _apply(settings, overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, settings.to_dict())
+    return settings

@@ -1,0 +1,381 @@
+"""The stages of `fvg miniworld train`: data, vae, latents, anchor, t2v, lora, export (see train.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fvg.io import FvgError, atomic_path, write_json
+
+from . import models
+from .loop import done, fit, generator, mark_done, read_log, skip_if_done
+from .settings import RunSettings, load_settings
+from .sink import PaddingSink
+
+log = logging.getLogger("fvg.miniworld")
+
+NUM_FRAMES, SIZE, FPS = 17, 64, 8
+SHARD = 1000  # clips per latent shard
+TRAINED = ("vae", "latents", "anchor", "t2v", "lora")  # the stages whose summaries the export records
+
+
+def dataset_rows(out: Path) -> list[dict]:
+    meta = out / "data" / "metadata.jsonl"
+    return [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def render_clip(row: dict) -> np.ndarray:
+    """The exact frames [17, 64, 64, 3] uint8 of a dataset row, re-rendered from its seed."""
+    from .dataset import sample_clip
+    from .render import render_video
+
+    _, scene = sample_clip(row["category"], int(row["seed"]))
+    return render_video(scene)
+
+
+def to_pixels(frames: np.ndarray) -> torch.Tensor:
+    """uint8 [..., T, H, W, 3] -> float [..., 3, T, H, W] in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float().div(127.5).sub(1.0)
+    return x.movedim(-1, -4)
+
+
+
+def stage_data(out: Path, s: RunSettings, **_) -> None:
+    from .dataset import write_dataset
+
+    data = out / "data"
+    if skip_if_done(out, "data"):
+        return
+    tick = time.perf_counter()
+    write_dataset(data, s.num_clips, s.seed)
+    rows = dataset_rows(out)
+    (data / "lora_metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:s.lora_clips]),
+                                              encoding="utf-8")
+    mark_done(data, {"clips": len(rows), "seconds": round(time.perf_counter() - tick, 1)})
+
+
+def _vae_material(out: Path, s: RunSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Clips [N, 17, 64, 64, 3] uint8 and each clip's background colour [N, 3] (frame 0's median)."""
+    rows = dataset_rows(out)[: s.vae_clips]
+    clips = np.stack([render_clip(r) for r in rows])
+    return clips, np.median(clips[:, 0].reshape(len(clips), -1, 3), axis=1)
+
+
+def stage_vae(out: Path, s: RunSettings, resume: bool = False, time_limit: float | None = None, **_) -> None:
+    stage = out / "vae"
+    if skip_if_done(out, "vae"):
+        return
+    if s.vae_source:
+        _copy_vae(out, s)
+        return
+    clips, backgrounds = _vae_material(out, s)
+    torch.manual_seed(s.seed)
+    vae = models.build_vae(s.model.vae)
+    n, frames, crop = len(clips), s.vae_frames, s.vae_crop
+
+    def loss_fn(step: int) -> torch.Tensor:
+        g = generator(s.seed, 0xAE, step)
+        idx = torch.randint(0, n, (s.vae_batch,), generator=g).tolist()
+        t0 = torch.randint(0, NUM_FRAMES - frames + 1, (s.vae_batch,), generator=g).tolist()
+        ys = torch.randint(0, SIZE - crop + 1, (s.vae_batch,), generator=g).tolist()
+        xs = torch.randint(0, SIZE - crop + 1, (s.vae_batch,), generator=g).tolist()
+        batch = np.stack([clips[i, t:t + frames, y:y + crop, x:x + crop] for i, t, y, x in zip(idx, t0, ys, xs)])
+        x = to_pixels(batch)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        recon = vae.decode(z).sample
+        # Objects cover a few percent of the pixels: weight them up, or the flat background wins.
+        bg = to_pixels(backgrounds[idx][:, None, None, None, :])
+        w = 1 + s.vae_object_weight * ((x - bg).abs().amax(dim=1, keepdim=True) > 0.05).float()
+        w[:, :, 0] *= s.vae_first_frame_weight
+        err = recon - x
+        rec = ((err.pow(2) + err.abs()) * w).mean() / w.mean()
+        return rec + s.vae_kl * posterior.kl().mean()
+
+    model, finished = fit(stage, vae, loss_fn, s.vae_steps, s.vae_lr, s, resume, time_limit, ema=False)
+    if not finished:
+        return
+    model.save_pretrained(str(stage / "final"))
+    quality = vae_quality(model, clips[-min(16, n):])
+    mark_done(stage, {"steps": s.vae_steps, **quality})
+    log.info("vae: done, %s", quality)
+
+
+def _copy_vae(out: Path, s: RunSettings) -> None:
+    """The vae stage from an already trained VAE (`vae_source`), measured like a trained one."""
+    from diffusers import AutoencoderKLWan
+
+    source = Path(s.vae_source)
+    if not (source / "config.json").is_file():
+        raise FvgError(f"vae_source {source} is not a diffusers AutoencoderKLWan directory (no config.json)")
+    vae = AutoencoderKLWan.from_pretrained(str(source)).eval()
+    want = models.build_vae(s.model.vae).config
+    differ = [k for k in ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample")
+              if list(np.atleast_1d(vae.config[k])) != list(np.atleast_1d(want[k]))]
+    if differ:
+        raise FvgError(f"vae_source {source} differs from model.vae in {', '.join(differ)}")
+    vae.save_pretrained(str(out / "vae" / "final"))
+    quality = vae_quality(vae, np.stack([render_clip(r) for r in dataset_rows(out)[-16:]]))
+    mark_done(out / "vae", {"source": str(source.resolve()), **quality})
+    log.info("vae: copied from %s, %s", source, quality)
+
+
+@torch.no_grad()
+def vae_quality(vae, clips: np.ndarray) -> dict:
+    """PSNR of full 17-frame clips through encode (mode) + decode, and the share of pixels whose
+    nearest palette colour survives: what the MiniWorld evaluator reads."""
+    from .score import quantize
+
+    vae.eval()
+    x = to_pixels(clips)
+    recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    mse = (recon - x).pow(2).mean().item()
+    frames = ((recon + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).movedim(1, -1).numpy()
+    got = np.stack([quantize(f) for clip in frames for f in clip])
+    want = np.stack([quantize(f) for clip in clips for f in clip])
+    objects = want >= 2  # labels 0 and 1 are the two backgrounds
+    return {"psnr_db": round(10 * math.log10(4.0 / max(mse, 1e-12)), 2),
+            "palette_agreement": round(float(np.mean(got == want)), 5),
+            "object_pixel_agreement": round(float(np.mean(got[objects] == want[objects])), 5)}
+
+
+def text_parts(out: Path, s: RunSettings):
+    lat = out / "latents"
+    tok_dir, te_dir = lat / "tokenizer", lat / "text_encoder"
+    if (te_dir / "config.json").is_file():
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        return AutoTokenizer.from_pretrained(str(tok_dir)), UMT5EncoderModel.from_pretrained(str(te_dir)).eval()
+    tokenizer = models.build_tokenizer()
+    encoder = models.build_text_encoder(s.model.text, len(tokenizer))
+    tokenizer.save_pretrained(str(tok_dir))
+    encoder.save_pretrained(str(te_dir))
+    return tokenizer, encoder
+
+
+def stage_latents(out: Path, s: RunSettings, **_) -> None:
+    from diffusers import AutoencoderKLWan
+    from safetensors.torch import load_file, save_file
+
+    from fvg.train.data import encode_captions
+
+    lat = out / "latents"
+    if skip_if_done(out, "latents", needs=("vae",)):
+        return
+    lat.mkdir(parents=True, exist_ok=True)
+    vae = AutoencoderKLWan.from_pretrained(str(out / "vae" / "final")).eval()
+    rows = dataset_rows(out)
+    tick = time.perf_counter()
+    for shard_no, start in enumerate(range(0, len(rows), SHARD)):
+        path = lat / f"shard-{shard_no:04d}.safetensors"
+        if path.is_file():
+            continue  # shards are written atomically: an existing one is complete
+        chunk, parts = rows[start:start + SHARD], []
+        with torch.no_grad():
+            for b in range(0, len(chunk), s.encode_batch):
+                x = to_pixels(np.stack([render_clip(r) for r in chunk[b:b + s.encode_batch]]))
+                parts.append(vae.encode(x).latent_dist.mode())
+        with atomic_path(path) as tmp:
+            save_file({"latents": torch.cat(parts).contiguous()}, str(tmp))
+        log.info("latents: %d/%d clips (%.0f s)", min(start + SHARD, len(rows)), len(rows), time.perf_counter() - tick)
+    raw = torch.cat([load_file(str(p))["latents"] for p in sorted(lat.glob("shard-*.safetensors"))])
+    mean = raw.mean(dim=(0, 2, 3, 4))
+    std = raw.std(dim=(0, 2, 3, 4)).clamp_min(1e-4)
+    vae.register_to_config(latents_mean=[round(float(v), 6) for v in mean],
+                           latents_std=[round(float(v), 6) for v in std])
+    vae.save_pretrained(str(lat / "vae"))
+    write_json(lat / "stats.json", {"latents_mean": vae.config.latents_mean, "latents_std": vae.config.latents_std,
+                                    "shape": list(raw.shape)})
+
+    # Text: the pipeline's own encode_prompt embeddings (trimmed; padded to 512 with zeros on use).
+    tokenizer, encoder = text_parts(out, s)
+    pipe = models.assemble_pipeline(tokenizer, encoder, vae, None, s.model.flow_shift)
+    texts = [""] + sorted({r["caption"] for r in rows} | {r["first_frame_caption"] for r in rows})
+    index = {t: i for i, t in enumerate(texts)}
+    embeds = []
+    for b in range(0, len(texts), 64):
+        embeds += encode_captions(pipe, texts[b:b + 64], models.MAX_SEQUENCE_LENGTH, "cpu")
+    lengths = torch.tensor([e.shape[0] for e in embeds])
+    save_file({"embeds": torch.cat(embeds).contiguous(), "lengths": lengths,
+               "prompt": torch.tensor([index[r["caption"]] for r in rows]),
+               "caption": torch.tensor([index[r["first_frame_caption"]] for r in rows])}, str(lat / "text.safetensors"))
+    mark_done(lat, {"clips": len(rows), "texts": len(texts), "max_tokens": int(lengths.max()),
+                     "seconds": round(time.perf_counter() - tick, 1)})
+
+
+class LatentSet:
+    """Normalised latents [N, C, F, h, w] and text embeddings, held in memory for the transformer stages."""
+
+    def __init__(self, out: Path):
+        from safetensors.torch import load_file
+
+        lat = out / "latents"
+        if not done(lat):
+            raise FvgError("the latents stage is not complete")
+        stats = json.loads((lat / "stats.json").read_text(encoding="utf-8"))
+        raw = torch.cat([load_file(str(p))["latents"] for p in sorted(lat.glob("shard-*.safetensors"))])
+        mean = torch.tensor(stats["latents_mean"]).view(1, -1, 1, 1, 1)
+        std = torch.tensor(stats["latents_std"]).view(1, -1, 1, 1, 1)
+        self.latents = ((raw - mean) / std).float()
+        text = load_file(str(lat / "text.safetensors"))
+        lengths = text["lengths"].tolist()
+        offsets = np.cumsum([0] + lengths)
+        self.embeds = [text["embeds"][offsets[i]:offsets[i + 1]] for i in range(len(lengths))]
+        self.prompt, self.caption = text["prompt"], text["caption"]
+        self.text_dim = text["embeds"].shape[1]
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def text(self, ids: list[int], drop: torch.Tensor, length: int = models.MAX_SEQUENCE_LENGTH) -> torch.Tensor:
+        """Text embeddings [B, length, D], zero-padded as WanPipeline pads them; dropped rows get the empty prompt."""
+        out = torch.zeros(len(ids), length, self.text_dim)
+        for row, (i, d) in enumerate(zip(ids, drop.tolist())):
+            e = self.embeds[0 if d else i]
+            out[row, :e.shape[0]] = e
+        return out
+
+
+def _train_transformer(out: Path, s: RunSettings, name: str, resume: bool, time_limit: float | None) -> None:
+    from fvg.families.flow_matching import SigmaSampler, draw_batch, masked_flow_loss
+
+    stage = out / name
+    if skip_if_done(out, name):
+        return
+    data = LatentSet(out)
+    arch = s.model.anchor if name == "anchor" else s.model.t2v
+    steps, batch, lr = (s.anchor_steps, s.anchor_batch, s.anchor_lr) if name == "anchor" else (
+        s.t2v_steps, s.t2v_batch, s.t2v_lr)
+    torch.manual_seed(s.seed + (1 if name == "anchor" else 2))
+    model = models.build_transformer(arch, data.latents.shape[1], data.text_dim)
+    sink = PaddingSink(model, s.text_tokens)
+    sampler = SigmaSampler(shift=s.model.flow_shift)
+    text_ids = data.caption if name == "anchor" else data.prompt
+    patch = tuple(arch.patch_size)
+    salt = 0xA1 if name == "anchor" else 0x72
+
+    def loss_fn(step: int) -> torch.Tensor:
+        g = generator(s.seed, salt, step)
+        idx = torch.randint(0, len(data), (batch,), generator=g)
+        x0 = data.latents[idx]
+        if name == "anchor":
+            x0 = x0[:, :, :1]  # latent frame 0 is the first frame encoded alone (causal VAE)
+        drop = torch.rand(batch, generator=g) < s.caption_dropout
+        text = sink.pack([data.embeds[0 if d else i] for i, d in zip(text_ids[idx].tolist(), drop.tolist())],
+                         data.text_dim)
+        nb = draw_batch(x0, sampler, 0.0, g, patch)
+        pred = model(hidden_states=nb.model_input, timestep=nb.timestep, encoder_hidden_states=text,
+                     return_dict=False)[0]
+        return masked_flow_loss(pred, nb.target, nb.frame_weight)
+
+    final, finished = fit(stage, model, loss_fn, steps, lr, s, resume, time_limit, ema=True, weight_decay=0.01)
+    if not finished:
+        return
+    final.save_pretrained(str(stage / "final"))
+    rows = read_log(stage / "log.jsonl")
+    mark_done(stage, {"steps": steps, "batch": batch, "params": sum(p.numel() for p in final.parameters()),
+                       "tokens_per_sample": int(np.prod(x0_shape(data, name)[1:])) // math.prod(patch),
+                       "final_loss": _tail_mean(rows), "train_seconds": rows[-1]["elapsed_s"] if rows else None})
+    assemble(out, name)
+
+
+def x0_shape(data: LatentSet, name: str) -> tuple:
+    shape = tuple(data.latents.shape[1:])
+    return (shape[0], 1, *shape[2:]) if name == "anchor" else shape
+
+
+def _tail_mean(rows: list[dict], frac: float = 0.05) -> float | None:
+    if not rows:
+        return None
+    k = max(1, int(len(rows) * frac))
+    return round(sum(r["loss"] for r in rows[-k:]) / k, 5)
+
+
+def assemble(out: Path, name: str) -> Path:
+    """RUN/pipelines/{video,anchor}: a WanPipeline from the tokenizer, frozen encoder, VAE (with its
+    latent statistics) and the stage's final transformer."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    s = load_settings(out)
+    tokenizer, encoder = text_parts(out, s)
+    vae = AutoencoderKLWan.from_pretrained(str(out / "latents" / "vae"))
+    transformer = WanTransformer3DModel.from_pretrained(str(out / name / "final"))
+    pipe = models.assemble_pipeline(tokenizer, encoder, vae, transformer, s.model.flow_shift)
+    target = out / "pipelines" / ("video" if name == "t2v" else "anchor")
+    if target.exists():
+        shutil.rmtree(target)
+    pipe.save_pretrained(str(target))
+    return target
+
+
+def stage_anchor(out: Path, s: RunSettings, resume: bool = False, time_limit: float | None = None, **_) -> None:
+    _train_transformer(out, s, "anchor", resume, time_limit)
+
+
+def stage_t2v(out: Path, s: RunSettings, resume: bool = False, time_limit: float | None = None, **_) -> None:
+    _train_transformer(out, s, "t2v", resume, time_limit)
+
+
+def lora_config(out: Path, s: RunSettings):
+    from fvg.train.config import TrainConfig
+
+    return TrainConfig(
+        model=str((out / "pipelines" / "video").resolve()), data=str((out / "data" / "lora_metadata.jsonl").resolve()),
+        output_dir=str(out / "lora"), cache_dir=str(out / "lora" / "cache"), height=SIZE, width=SIZE,
+        num_frames=NUM_FRAMES, fps=FPS, max_sequence_length=s.text_tokens, num_workers=0,
+        rank=s.lora_rank, alpha=float(s.lora_rank), p_anchor=s.p_anchor, flow_shift=s.model.flow_shift,
+        learning_rate=s.lora_lr, weight_decay=1e-4, lr_scheduler="constant_with_warmup",
+        lr_warmup_steps=min(50, s.lora_steps), max_steps=s.lora_steps, batch_size=s.lora_batch,
+        mixed_precision="no", gradient_checkpointing=False, seed=s.seed,
+        checkpoint_every=max(1, min(s.checkpoint_every, s.lora_steps)), checkpoints_keep=2, validation_every=0,
+        log_with="none",
+    ).validate()
+
+
+def stage_lora(out: Path, s: RunSettings, resume: bool = False, **_) -> None:
+    from fvg.animate.wan import AnchoredWanPipeline
+    from fvg.train.trainer import train as run_training
+
+    stage = out / "lora"
+    if skip_if_done(out, "lora", needs=("t2v",)):
+        return
+    cfg = lora_config(out, s)
+    pipe = AnchoredWanPipeline.from_pretrained(cfg.model, dtype=torch.float32)
+    result = run_training(cfg, resume="latest" if resume else None, pipe=pipe)
+    losses = result.losses
+    mark_done(stage, {"steps": result.step, "lora": str(result.lora_files.get("transformer.diffusers")),
+                       "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 5) if losses else None})
+
+
+def stage_export(out: Path, s: RunSettings, weights_dir: str | Path | None = None, **_) -> Path:
+    """Copy the pipelines and the LoRA into `weights_dir` (default: the package's weights/mini)."""
+    for name in ("anchor", "t2v", "lora"):
+        if not done(out / name):
+            raise FvgError(f"export: the {name} stage is not complete")
+    target = Path(weights_dir or models.WEIGHTS_DIR)
+    staging = target.with_name(target.name + ".tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    shutil.copytree(out / "pipelines" / "video", staging / models.VIDEO_SUBDIR)
+    shutil.copytree(out / "pipelines" / "anchor", staging / models.ANCHOR_SUBDIR)
+    shutil.copy2(out / "lora" / "lora" / "anchor_lora.safetensors", staging / models.LORA_FILE)
+    stages = {n: json.loads((out / n / "DONE.json").read_text(encoding="utf-8")) for n in TRAINED}
+    write_json(staging / "manifest.json", {"settings": s.to_dict(), "stages": stages,
+                                           "bytes": models.shipped_size(staging)})
+    size = models.shipped_size(staging)
+    if size > models.MAX_SHIPPED_BYTES:
+        raise FvgError(f"export: the weights take {size / 2**20:.1f} MB, more than the 40 MB allowed "
+                       f"(left in {staging})")
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    log.info("export: %s (%.1f MB)", target, size / 2**20)
+    return target
