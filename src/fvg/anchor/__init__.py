@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -147,13 +147,21 @@ class DiffusersAnchorSource:
 
     @classmethod
     def from_pretrained(cls, model_id: str, dtype: torch.dtype | None = torch.bfloat16, device: str = "cpu",
-                        **kwargs) -> "DiffusersAnchorSource":
+                        storage=None, **kwargs) -> "DiffusersAnchorSource":
+        """`storage` (`fvg.weight_storage.WeightStorage`): `--quantize` quantizes the T2I transformer and
+        text encoder while loading, `--weights fp8` stores the transformer in fp8 (no GGUF here)."""
         from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+
+        from fvg.weight_storage import from_pretrained_arguments, store_denoisers_in_fp8
 
         # AutoPipelineForText2Image does not know video pipelines: a local one-frame Wan model
         # (MiniWorld's anchor model, a WanPipeline dir) loads as what its model_index.json names.
         loader = DiffusionPipeline if _is_video_pipeline_dir(model_id) else AutoPipelineForText2Image
-        pipe = load_or_explain(loader.from_pretrained, model_id, dtype=dtype)
+        quantize = None if storage is None else replace(storage, video_transformer=None, video_transformer_2=None)
+        pipe = load_or_explain(loader.from_pretrained, model_id, dtype=dtype,
+                               **from_pretrained_arguments(quantize, model_id, dtype))
+        if storage is not None and storage.weights == "fp8":
+            store_denoisers_in_fp8(pipe, dtype)
         return cls(pipe.to(device), model_id=model_id, **kwargs)
 
     def _generate_one(self, caption: str, height: int, width: int, seed: int) -> Image.Image:

@@ -88,8 +88,11 @@ class ModelFamily(ABC):
     # -- loading -------------------------------------------------------------------------------
 
     @abstractmethod
-    def load_pipeline(self, model_id: str, dtype, flow_shift: float | None = None):
-        """The family's anchored pipeline from a diffusers checkpoint, or `tiny_model_id`'s random one."""
+    def load_pipeline(self, model_id: str, dtype, flow_shift: float | None = None, storage=None):
+        """The family's anchored pipeline from a diffusers checkpoint, or `tiny_model_id`'s random one.
+
+        `storage` (`fvg.weight_storage.WeightStorage`, None: as stored) quantizes while loading or
+        takes transformers from GGUF files (`fvg.weight_storage.from_pretrained_arguments`)."""
 
     @abstractmethod
     def tiny_components(self, seed: int = 0) -> dict:

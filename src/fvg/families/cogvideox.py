@@ -122,17 +122,21 @@ def masked_v_loss(pred: torch.Tensor, target: torch.Tensor, frame_weight: torch.
 
 # -- loading ---------------------------------------------------------------------------------------
 
-def load_cogvideox_pipeline(model_id: str, dtype: torch.dtype, vae_tiling: bool | None = None):
+def load_cogvideox_pipeline(model_id: str, dtype: torch.dtype, vae_tiling: bool | None = None, storage=None):
     """An `AnchoredCogVideoXPipeline` from a diffusers CogVideoX text-to-video checkpoint (e.g. THUDM/CogVideoX1.5-5B).
 
     The VAE stays in float32, as for Wan. Real checkpoints get VAE tiling by default (diffusers'
     CogVideoX1.5 recipe: a 81 x 768 x 1360 decode does not fit otherwise); `vae_tiling=False` turns it off.
+    `storage` (`fvg.weight_storage.WeightStorage`) quantizes while loading; no GGUF for CogVideoX.
     """
     from diffusers import AutoencoderKLCogVideoX
 
     from fvg.animate.cogvideox import AnchoredCogVideoXPipeline
+    from fvg.weight_storage import from_pretrained_arguments
 
-    if model_id == CogVideoXFamily.tiny_model_id:
+    builtin = model_id == CogVideoXFamily.tiny_model_id
+    storage_kwargs = from_pretrained_arguments(storage, model_id, dtype, builtin=builtin)
+    if builtin:
         from fvg.tiny import tiny_cogvideox_components
 
         pipe = AnchoredCogVideoXPipeline(**tiny_cogvideox_components())  # built in float32
@@ -141,7 +145,8 @@ def load_cogvideox_pipeline(model_id: str, dtype: torch.dtype, vae_tiling: bool 
                 module.to(dtype)
         return pipe
     vae = load_or_explain(AutoencoderKLCogVideoX.from_pretrained, model_id, subfolder="vae", dtype=torch.float32)
-    pipe = load_or_explain(AnchoredCogVideoXPipeline.from_pretrained, model_id, vae=vae, dtype=dtype)
+    pipe = load_or_explain(AnchoredCogVideoXPipeline.from_pretrained, model_id, vae=vae, dtype=dtype,
+                           **storage_kwargs)
     if vae_tiling is not False:
         pipe.vae.enable_tiling()
     return pipe
@@ -157,8 +162,8 @@ class CogVideoXFamily(ModelFamily):
     lora_method = ("anchor LoRA: clean first temporal patch (anchor latent twice) at timestep 0, "
                    "v-prediction (Factorized Video Generation)")
 
-    def load_pipeline(self, model_id: str, dtype, flow_shift: float | None = None):
-        return load_cogvideox_pipeline(model_id, dtype)  # v-prediction: no flow shift
+    def load_pipeline(self, model_id: str, dtype, flow_shift: float | None = None, storage=None):
+        return load_cogvideox_pipeline(model_id, dtype, storage=storage)  # v-prediction: no flow shift
 
     def tiny_components(self, seed: int = 0) -> dict:
         from fvg.tiny import tiny_cogvideox_components
