@@ -16,8 +16,9 @@ from PIL import Image
 
 import fvg.families.wan
 from fvg.animate.cogvideox import AnchoredCogVideoXPipeline
+from fvg.anchor import DiffusersAnchorSource
 from fvg.animate.wan import AnchoredWanPipeline
-from fvg.cli import main
+from fvg.cli import _BatchItemSpec, main
 from fvg.families.wan import _WAN_MODULES, load_wan_pipeline
 from fvg.io import FvgError
 from fvg.pipeline import FactorizedPipeline
@@ -149,6 +150,34 @@ def test_factorized_pipeline_stores_both_stages_in_fp8_and_records_it(tmp_path):
                                                         "video_transformer": None, "video_transformer_2": None}
 
 
+@pytest.fixture(scope="module")
+def qwen_image_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-qwen-image")
+    tiny_qwen_image_pipeline().save_pretrained(path)
+    return path
+
+
+def anchor_image(source):
+    return np.asarray(source("a red circle", height=32, width=32, seed=0).image, dtype=np.float32)
+
+
+def test_anchor_from_pretrained_in_fp8(qwen_image_dir):
+    reference = DiffusersAnchorSource.from_pretrained(str(qwen_image_dir), dtype=torch.float32, steps=2)
+    source = DiffusersAnchorSource.from_pretrained(str(qwen_image_dir), dtype=torch.float32, steps=2,
+                                                   storage=WeightStorage(weights="fp8"))
+    assert cast_layers(source.pipe.transformer) and not cast_layers(source.pipe.text_encoder)
+    assert np.abs(anchor_image(reference) - anchor_image(source)).mean() < 4  # of 255
+
+
+def test_batch_reruns_redo_videos_made_with_other_weights(tmp_path):
+    native = FactorizedPipeline.from_preset("tiny", device="cpu")
+    fp8 = FactorizedPipeline.from_preset("tiny", device="cpu", storage=WeightStorage(weights="fp8"))
+    spec_native = _BatchItemSpec.of(native, "t2v", 0, 2, None, 1, 0)
+    spec_fp8 = _BatchItemSpec.of(fp8, "t2v", 0, 2, None, 1, 0)
+    assert "weights" not in spec_native.settings  # records written before weight options stay valid
+    assert spec_fp8.settings["weights"]["weights"] == "fp8"
+
+
 # -- quantization while loading -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -173,8 +202,22 @@ def test_torchao_int8_weight_only_runs_on_cpu(wan_dir):
     assert torch.isfinite(quantized).all() and rel_err(plain, quantized) < 0.05
 
 
+def test_torchao_quantizes_the_anchor_transformer_and_text_encoder(qwen_image_dir):
+    pytest.importorskip("torchao", reason="torchao is the optional quant extra: pip install 'fvg[quant]'")
+    from torchao.quantization import Int8Tensor
+
+    reference = DiffusersAnchorSource.from_pretrained(str(qwen_image_dir), dtype=torch.float32, steps=2)
+    source = DiffusersAnchorSource.from_pretrained(str(qwen_image_dir), dtype=torch.float32, steps=2,
+                                                   storage=WeightStorage(quantize="torchao-int8wo"))
+    assert isinstance(source.pipe.transformer.transformer_blocks[0].attn.to_q.weight, Int8Tensor)
+    assert any(isinstance(p, Int8Tensor) for p in source.pipe.text_encoder.parameters())
+    assert np.abs(anchor_image(reference) - anchor_image(source)).mean() < 4
+
+
 def test_bitsandbytes_configs_are_what_from_pretrained_receives(wan_dir, monkeypatch):
-    """bitsandbytes quantizes on CUDA only: check the per-component configs the loader is given."""
+    """bitsandbytes quantizes on CUDA only: check the per-component configs the loader is given (building
+    them reads the installed bitsandbytes version, so the package must be there; its CPU build is enough)."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is the optional quant extra: pip install 'fvg[quant]'")
     from diffusers import BitsAndBytesConfig as DiffusersBnb
     from transformers import BitsAndBytesConfig as TransformersBnb
 
@@ -313,6 +356,28 @@ def test_gguf_transformer_round_trip(wan_dir, tmp_path):
     assert isinstance(weight, GGUFParameter) and weight.dtype == torch.uint8  # still Q8_0 bytes in memory
     torch.testing.assert_close(pipe.transformer.blocks[0].attn1.to_q.weight,  # F32 tensors load exactly
                                reference.transformer.blocks[0].attn1.to_q.weight, rtol=0, atol=0)
+    plain, from_gguf = sample(reference), sample(pipe)
+    assert torch.isfinite(from_gguf).all() and rel_err(plain, from_gguf) < 0.02
+
+
+def test_gguf_files_for_both_a14b_experts(tmp_path):
+    pytest.importorskip("gguf", reason="gguf is the optional quant extra: pip install 'fvg[quant]'")
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    components = tiny_wan_components()
+    torch.manual_seed(5)
+    low_noise = WanTransformer3DModel(**components["transformer"].config).eval()
+    write_wan_gguf(components["transformer"], tmp_path / "high.gguf")
+    write_wan_gguf(low_noise, tmp_path / "low.gguf")
+    AnchoredWanPipeline(**components, transformer_2=low_noise, boundary_ratio=0.875).save_pretrained(tmp_path / "a14b")
+    reference = load_wan_pipeline(str(tmp_path / "a14b"), torch.float32)
+    storage = WeightStorage(video_transformer=str(tmp_path / "high.gguf"),
+                            video_transformer_2=str(tmp_path / "low.gguf")).validate("cpu")
+    pipe = load_wan_pipeline(str(tmp_path / "a14b"), torch.float32, storage=storage)
+    for name in ("transformer", "transformer_2"):
+        assert isinstance(getattr(pipe, name).blocks[0].ffn.net[2].weight, GGUFParameter)
+        torch.testing.assert_close(getattr(pipe, name).blocks[1].attn2.to_k.weight,
+                                   getattr(reference, name).blocks[1].attn2.to_k.weight, rtol=0, atol=0)
     plain, from_gguf = sample(reference), sample(pipe)
     assert torch.isfinite(from_gguf).all() and rel_err(plain, from_gguf) < 0.02
 

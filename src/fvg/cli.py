@@ -89,6 +89,8 @@ class _BatchItemSpec:
         settings = {k: preset[k] for k in ("video_model", "anchor_model", "lora", "lora_2", "height", "width",
                                            "num_frames", "fps", "planner", "planner_model", "negative_prompt")}
         settings["guidance_scale"] = pipe.preset.guidance_scale if guidance is None else guidance
+        if not pipe.storage.is_default:  # fp8/quantized/GGUF videos are not the native ones (older records lack it)
+            settings["weights"] = pipe.storage.record()
         return cls(mode, seed, pipe.preset.steps_for(mode) if steps is None else steps, settings,
                    (num_candidates, select) if mode == "factorized" else None)
 

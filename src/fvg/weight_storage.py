@@ -135,6 +135,8 @@ class WeightStorage:
                 raise FvgError(f"{flag} needs the 'gguf' package: pip install 'fvg[quant]'")
         if self.video_transformer_2 is not None and self.video_transformer is None:
             raise FvgError("--video-transformer-2 needs --video-transformer (the high-noise expert's file)")
+        if self.weights == "fp8" and device.startswith("mps"):
+            raise FvgError("--weights fp8 is not available on mps (torch has no float8 there)")
         if self.weights == "fp8" and self.video_transformer is not None:
             raise FvgError("--weights fp8 does not apply to a GGUF transformer: its weights are already quantized")
         return self
