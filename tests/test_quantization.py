@@ -26,6 +26,7 @@ from fvg.residency import apply_mode
 from fvg.tiny import tiny_cogvideox_components, tiny_qwen_image_pipeline, tiny_wan_components
 from fvg.weight_storage import (QUANTIZERS, WeightStorage, denoisers, pipeline_quantization, quantized_components,
                                 store_denoisers_in_fp8)
+from test_anchor import qwen_image_dir  # noqa: F401 (a fixture: a saved tiny Qwen-Image)
 from test_lora_experts import write_lora
 
 FP8 = torch.float8_e4m3fn
@@ -148,13 +149,6 @@ def test_factorized_pipeline_stores_both_stages_in_fp8_and_records_it(tmp_path):
     assert all(p.dtype == torch.float32 for n, p in pipe.video_pipe.transformer.named_parameters() if "lora_" in n)
     assert out.run_record()["settings"]["weights"] == {"weights": "fp8", "quantize": None,
                                                         "video_transformer": None, "video_transformer_2": None}
-
-
-@pytest.fixture(scope="module")
-def qwen_image_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-qwen-image")
-    tiny_qwen_image_pipeline().save_pretrained(path)
-    return path
 
 
 def anchor_image(source):
