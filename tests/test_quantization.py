@@ -271,10 +271,14 @@ def test_missing_quant_package_names_the_extra(monkeypatch):
     assert set(QUANTIZERS) == {"torchao-int8wo", "bnb-8bit", "bnb-4bit"}
 
 
-def test_builtin_models_cannot_be_quantized_or_replaced():
+def test_builtin_models_cannot_be_quantized_or_replaced(monkeypatch):
     with pytest.raises(FvgError, match="apply to checkpoints on disk, not builtin:tiny-wan"):
         fvg.families.wan.load_wan_pipeline("builtin:tiny-wan", torch.float32,
                                            storage=WeightStorage(quantize="torchao-int8wo"))
+    monkeypatch.setattr("fvg.weight_storage.package_available", lambda name: True)
+    pipe = FactorizedPipeline.from_preset("tiny", device="cpu", storage=WeightStorage(quantize="torchao-int8wo"))
+    with pytest.raises(FvgError, match="not builtin:tiny-qwen-image"):
+        pipe.anchor_source
 
 
 def test_cli_rejects_bad_weight_options_in_one_line(tmp_path, capsys):
@@ -376,13 +380,36 @@ def test_gguf_files_for_both_a14b_experts(tmp_path):
     assert torch.isfinite(from_gguf).all() and rel_err(plain, from_gguf) < 0.02
 
 
+@pytest.mark.parametrize("kind", ["gguf", "torchao-int8wo"])
+def test_anchor_lora_on_a_quantized_or_gguf_transformer(wan_dir, tmp_path, kind):
+    """The anchor LoRA loads onto quantized weights (PEFT wraps GGUF and torchao layers) and still acts."""
+    pytest.importorskip("gguf" if kind == "gguf" else "torchao", reason="the optional quant extra")
+    lora = write_lora(tmp_path / "anchor_lora.safetensors", seed=3)
+    if kind == "gguf":
+        write_wan_gguf(load_wan_pipeline(str(wan_dir), torch.float32).transformer, tmp_path / "t.gguf")
+        storage = WeightStorage(video_transformer=str(tmp_path / "t.gguf"))
+    else:
+        storage = WeightStorage(quantize=kind)
+
+    def video(storage, lora):
+        pipe = FactorizedPipeline.from_preset("tiny", device="cpu", dtype="float32", video_model=str(wan_dir),
+                                              lora=lora, storage=storage)
+        return torch.from_numpy(pipe.animate("a ball", ANCHOR, seed=0, steps=2).astype(np.float32)), pipe
+
+    with_lora, _ = video(None, str(lora))
+    without, _ = video(None, None)
+    stored, pipe = video(storage, str(lora))
+    assert any("lora_" in n for n, _ in pipe.video_pipe.transformer.named_parameters())
+    assert rel_err(with_lora, stored) < rel_err(with_lora, without) / 2
+
+
 def test_gguf_through_the_cli(wan_dir, tmp_path, capsys):
     pytest.importorskip("gguf", reason="gguf is the optional quant extra: pip install 'fvg[quant]'")
     write_wan_gguf(load_wan_pipeline(str(wan_dir), torch.float32).transformer, tmp_path / "t.gguf")
     out = tmp_path / "run"
-    code = main(["generate", "a ball", "--preset", "tiny", "--mode", "t2v", "--steps", "2", "--video-model",
-                 str(wan_dir), "--video-transformer", str(tmp_path / "t.gguf"), "--out", str(out)])
+    # factorized: the builtin anchor model is not refused for the video transformer's GGUF file
+    code = main(["generate", "a ball", "--preset", "tiny", "--steps", "2", "--video-model", str(wan_dir), "--video-transformer", str(tmp_path / "t.gguf"), "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     record = json.loads((out / "run.json").read_text())
     assert record["settings"]["weights"]["video_transformer"] == str(tmp_path / "t.gguf")
-    assert (out / "video.mp4").stat().st_size > 0
+    assert (out / "video.mp4").stat().st_size > 0 and (out / "anchor.png").is_file()

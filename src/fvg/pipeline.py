@@ -31,7 +31,7 @@ from fvg.plan import Plan, make_planner
 from fvg.provenance import package_versions, utc_timestamp
 from fvg.presets import DEFAULT_PRESET, Preset, get_preset, validate_mode
 from fvg.residency import StageResidency
-from fvg.weight_storage import WeightStorage, store_denoisers_in_fp8
+from fvg.weight_storage import WeightStorage, from_pretrained_arguments, store_denoisers_in_fp8
 
 # progress(stage, step, total): stage is "plan", "anchor", "animate" or "decode"
 ProgressFn = Callable[[str, int, int], None]
@@ -271,13 +271,14 @@ class FactorizedPipeline:
             if p.anchor_model == "builtin:tiny-qwen-image":
                 from fvg.tiny import tiny_qwen_image_pipeline
 
+                from_pretrained_arguments(self.storage.for_anchor(), p.anchor_model, self.dtype, builtin=True)  # no --quantize
                 pipe = tiny_qwen_image_pipeline()
                 if self.storage.weights == "fp8":
                     store_denoisers_in_fp8(pipe)
                 self._anchor_source = DiffusersAnchorSource(pipe, model_id=p.anchor_model, **kwargs)
             else:  # loaded on the host: `make_anchor` places it for the anchor stage only
                 self._anchor_source = DiffusersAnchorSource.from_pretrained(
-                    p.anchor_model, dtype=self.dtype, device="cpu", storage=self.storage, **kwargs)
+                    p.anchor_model, dtype=self.dtype, device="cpu", storage=self.storage.for_anchor(), **kwargs)
         return self._anchor_source
 
     @property

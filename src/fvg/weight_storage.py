@@ -141,6 +141,10 @@ class WeightStorage:
             raise FvgError("--weights fp8 does not apply to a GGUF transformer: its weights are already quantized")
         return self
 
+    def for_anchor(self) -> "WeightStorage":
+        """What applies to the text-to-image stage: fp8 and quantization (the GGUF files are video transformers)."""
+        return WeightStorage(self.weights, self.quantize)
+
     def record(self) -> dict:
         return asdict(self)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -157,9 +157,8 @@ class DiffusersAnchorSource:
         # AutoPipelineForText2Image does not know video pipelines: a local one-frame Wan model
         # (MiniWorld's anchor model, a WanPipeline dir) loads as what its model_index.json names.
         loader = DiffusionPipeline if _is_video_pipeline_dir(model_id) else AutoPipelineForText2Image
-        quantize = None if storage is None else replace(storage, video_transformer=None, video_transformer_2=None)
         pipe = load_or_explain(loader.from_pretrained, model_id, dtype=dtype,
-                               **from_pretrained_arguments(quantize, model_id, dtype))
+                               **from_pretrained_arguments(storage and storage.for_anchor(), model_id, dtype))
         if storage is not None and storage.weights == "fp8":
             store_denoisers_in_fp8(pipe, dtype)
         return cls(pipe.to(device), model_id=model_id, **kwargs)
