@@ -163,6 +163,14 @@ def test_anchor_from_pretrained_in_fp8(qwen_image_dir):
     assert np.abs(anchor_image(reference) - anchor_image(source)).mean() < 4  # of 255
 
 
+def test_anchor_command_in_fp8_records_it(tmp_path, capsys):
+    code = main(["anchor", "a red ball", "--caption", "--preset", "tiny", "-n", "1", "--weights", "fp8",
+                 "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "run.json").read_text())["weights"]["weights"] == "fp8"
+    assert Image.open(tmp_path / "anchor.png").size == (32, 32)
+
+
 def test_batch_reruns_redo_videos_made_with_other_weights(tmp_path):
     native = FactorizedPipeline.from_preset("tiny", device="cpu")
     fp8 = FactorizedPipeline.from_preset("tiny", device="cpu", storage=WeightStorage(weights="fp8"))

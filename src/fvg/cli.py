@@ -303,7 +303,8 @@ def anchor(
         "fvg_run": 1, "stage": "anchor", "prompt": prompt, "caption": text, "seed": seed,
         "anchor": {"model": result.model, "seeds": [c.seed for c in result.candidates], "selected": select,
                    "settings": result.settings},
-        "preset": pipe.preset.name, "timings_s": {"total": round(elapsed, 4)}, "versions": package_versions()})
+        "preset": pipe.preset.name, "weights": pipe.storage.for_anchor().record(),
+        "timings_s": {"total": round(elapsed, 4)}, "versions": package_versions()})
     console.print(f"wrote {len(result.candidates)} candidates and {escape(str(out_dir / 'anchor.png'))}",
                   highlight=False)
 
