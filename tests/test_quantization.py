@@ -366,6 +366,21 @@ def test_gguf_transformer_round_trip(wan_dir, tmp_path):
     assert torch.isfinite(from_gguf).all() and rel_err(plain, from_gguf) < 0.02
 
 
+def test_a_gguf_file_of_another_model_or_no_gguf_is_one_line(wan_dir, tmp_path):
+    pytest.importorskip("gguf", reason="gguf is the optional quant extra: pip install 'fvg[quant]'")
+    transformer = tiny_wan_components()["transformer"]
+    per_block = sum(key.startswith("blocks.0.") for key in transformer.state_dict())
+    deeper = WanTransformer3DModel(**{**transformer.config, "num_layers": transformer.config.num_layers + 1})
+    write_wan_gguf(deeper, tmp_path / "deeper.gguf")  # one block more than the checkpoint's config
+    (tmp_path / "text.gguf").write_text("not a GGUF file")
+    for name, message in (("deeper.gguf", f"does not match the video model's transformer config: {per_block} "
+                                          "tensors beyond the config, 0 missing"),
+                          ("text.gguf", "cannot load the GGUF transformer")):
+        with pytest.raises(FvgError, match=re.escape(message)) as info:
+            load_wan_pipeline(str(wan_dir), torch.float32, storage=WeightStorage(video_transformer=str(tmp_path / name)))
+        assert "\n" not in str(info.value)
+
+
 def test_gguf_files_for_both_a14b_experts(tmp_path):
     pytest.importorskip("gguf", reason="gguf is the optional quant extra: pip install 'fvg[quant]'")
     from diffusers.quantizers.gguf.utils import GGUFParameter

@@ -18,7 +18,7 @@ from fvg.console import (ApiKeyEnvOpt, PlanCacheOpt, PlannerModelOpt, PlannerOpt
 from fvg.io import (FvgError, check_output_dir, check_output_file, mp4_is_valid, read_prompt_lines, run_name,
                     save_image, sweep_stale_temps, write_json)
 from fvg.presets import DEFAULT_PRESET
-from fvg.weight_storage import WeightStorage
+from fvg.weight_storage import QUANTIZERS, WeightStorage
 
 app = typer.Typer(help="Factorized Video Generation: plan the first frame, anchor it, then animate.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -32,8 +32,8 @@ VaeTilingOpt = typer.Option(None, "--vae-tiling/--no-vae-tiling",
                             help="Tile the VAE decode (default: on at 704p and above).")
 WeightsOpt = typer.Option("native", "--weights", help="native or fp8: fp8 stores every denoiser's weights in "
                           "float8 and casts each layer to --dtype for its forward (half of bf16).")
-QuantizeOpt = typer.Option(None, "--quantize", help="Quantize the denoisers and text encoder while loading: "
-                           "torchao-int8wo (CPU/CUDA), bnb-8bit or bnb-4bit (CUDA). Needs pip install 'fvg[quant]'.")
+QuantizeOpt = typer.Option(None, "--quantize", help="Quantize the denoisers and text encoder while loading: " + "; ".join(
+    f"{q.name}: {q.summary}" for q in QUANTIZERS.values()) + ". Needs pip install 'fvg[quant]'.")
 VideoTransformerOpt = typer.Option(None, "--video-transformer", help="The video transformer from a GGUF file "
                                    "(Wan, original key layout), quantized in memory.")
 VideoTransformer2Opt = typer.Option(None, "--video-transformer-2", help="Wan2.2-A14B: the low-noise expert "

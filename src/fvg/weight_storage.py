@@ -223,11 +223,34 @@ def load_gguf_transformer(model_class, path: str, config_id: str, subfolder: str
     from diffusers import GGUFQuantizationConfig
 
     try:
-        return model_class.from_single_file(
+        model = model_class.from_single_file(
             path, config=config_id, subfolder=subfolder, torch_dtype=compute_dtype,
             quantization_config=GGUFQuantizationConfig(compute_dtype=compute_dtype))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise FvgError(f"cannot load the GGUF transformer {path}: {str(exc).splitlines()[0]}") from None
+    check_gguf_keys(path, model, model_class)
+    return model
+
+
+def check_gguf_keys(path: str, model, model_class) -> None:
+    """FvgError unless the file's tensors are exactly `model`'s weights.
+
+    diffusers drops tensors a single file has beyond the config (a 40-block file against a 30-block
+    config loads "fine" with its extra blocks ignored), so the names are compared here, after the
+    same key conversion diffusers applies (placeholder values: only the names are converted)."""
+    import torch
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+    from gguf import GGUFReader
+
+    names = [tensor.name for tensor in GGUFReader(path).tensors]
+    convert = SINGLE_FILE_LOADABLE_CLASSES[model_class.__name__]["checkpoint_mapping_fn"]
+    found = set(convert({name: torch.empty(0) for name in names}))
+    expected = set(model.state_dict())
+    extra, missing = sorted(found - expected), sorted(expected - found)
+    if extra or missing:
+        example = (extra or missing)[0]
+        raise FvgError(f"the GGUF transformer {path} does not match the video model's transformer config: "
+                       f"{len(extra)} tensors beyond the config, {len(missing)} missing (e.g. {example})")
 
 
 def from_pretrained_arguments(storage: WeightStorage | None, model_id: str, compute_dtype: torch.dtype,
