@@ -81,6 +81,21 @@ def test_fp8_stores_the_transformer_layers_in_a_quarter_or_half_the_bytes(dtype,
     assert all(p.dtype == FP8 for n, p in pipe.transformer.named_parameters() if n in cast)  # back in storage
 
 
+def test_fp8_halves_a_real_size_wan_transformer():
+    """Wan2.1-1.3B from its published config on the meta device (benchmarks/bench_fp8_bytes.py): the
+    skipped layers (embeddings, norms, proj_out) are under 2% of the weights, so fp8 is about half of bf16."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_fp8_bytes.py"
+    spec = importlib.util.spec_from_file_location("bench_fp8_bytes", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bf16, fp8 = bench.fp8_bytes(*bench.DENOISERS["Wan2.1-T2V-1.3B"])
+    assert 2.6 * 2**30 < bf16 < 2.7 * 2**30  # 1.42 B parameters
+    assert 0.5 < fp8 / bf16 < 0.51
+
+
 def test_fp8_reaches_both_a14b_experts_and_the_cogvideox_transformer():
     torch.manual_seed(5)
     low_noise = WanTransformer3DModel(**tiny_wan_components()["transformer"].config).eval()
