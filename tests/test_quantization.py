@@ -391,8 +391,9 @@ def test_a_gguf_file_of_another_model_or_no_gguf_is_one_line(wan_dir, tmp_path):
     for name, message in (("deeper.gguf", f"does not match the video model's transformer config: {per_block} "
                                           "tensors beyond the config, 0 missing"),
                           ("text.gguf", "cannot load the GGUF transformer")):
+        storage = WeightStorage(video_transformer=str(tmp_path / name))
         with pytest.raises(FvgError, match=re.escape(message)) as info:
-            load_wan_pipeline(str(wan_dir), torch.float32, storage=WeightStorage(video_transformer=str(tmp_path / name)))
+            load_wan_pipeline(str(wan_dir), torch.float32, storage=storage)
         assert "\n" not in str(info.value)
 
 
@@ -446,7 +447,8 @@ def test_gguf_through_the_cli(wan_dir, tmp_path, capsys):
     write_wan_gguf(load_wan_pipeline(str(wan_dir), torch.float32).transformer, tmp_path / "t.gguf")
     out = tmp_path / "run"
     # factorized: the builtin anchor model is not refused for the video transformer's GGUF file
-    code = main(["generate", "a ball", "--preset", "tiny", "--steps", "2", "--video-model", str(wan_dir), "--video-transformer", str(tmp_path / "t.gguf"), "--out", str(out)])
+    code = main(["generate", "a ball", "--preset", "tiny", "--steps", "2", "--video-model", str(wan_dir),
+                 "--video-transformer", str(tmp_path / "t.gguf"), "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     record = json.loads((out / "run.json").read_text())
     assert record["settings"]["weights"]["video_transformer"] == str(tmp_path / "t.gguf")

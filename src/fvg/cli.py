@@ -32,8 +32,9 @@ VaeTilingOpt = typer.Option(None, "--vae-tiling/--no-vae-tiling",
                             help="Tile the VAE decode (default: on at 704p and above).")
 WeightsOpt = typer.Option("native", "--weights", help="native or fp8: fp8 stores every denoiser's weights in "
                           "float8 and casts each layer to --dtype for its forward (half of bf16).")
-QuantizeOpt = typer.Option(None, "--quantize", help="Quantize the denoisers and text encoder while loading: " + "; ".join(
-    f"{q.name}: {q.summary}" for q in QUANTIZERS.values()) + ". Needs pip install 'fvg[quant]'.")
+QuantizeOpt = typer.Option(None, "--quantize", help="Quantize the denoisers and text encoder while loading: "
+                           + "; ".join(f"{q.name}: {q.summary}" for q in QUANTIZERS.values())
+                           + ". Needs pip install 'fvg[quant]'.")
 VideoTransformerOpt = typer.Option(None, "--video-transformer", help="The video transformer from a GGUF file "
                                    "(Wan, original key layout), quantized in memory.")
 VideoTransformer2Opt = typer.Option(None, "--video-transformer-2", help="Wan2.2-A14B: the low-noise expert "
@@ -56,8 +57,9 @@ def _load_pipeline(preset: str, *, lora: Optional[str] = None, lora_2: Optional[
 
     setup_logging("fvg.animate")  # says which LoRA each expert got when one was found on disk
     return FactorizedPipeline.from_preset(
-        preset, device=device, dtype=dtype, cpu_offload=cpu_offload, vae_tiling=vae_tiling, memory=memory, storage=storage,
-        planner_options=planner_options(api_key_env, planner_url, plan_cache), lora=lora, lora_2=lora_2,
+        preset, device=device, dtype=dtype, cpu_offload=cpu_offload, vae_tiling=vae_tiling, memory=memory,
+        storage=storage, planner_options=planner_options(api_key_env, planner_url, plan_cache), lora=lora,
+        lora_2=lora_2,
         video_model=video_model, anchor_model=anchor_model,
         planner=planner, planner_model=planner_model, height=height, width=width, num_frames=frames, fps=fps,
     )

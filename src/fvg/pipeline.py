@@ -31,7 +31,7 @@ from fvg.plan import Plan, make_planner
 from fvg.provenance import package_versions, utc_timestamp
 from fvg.presets import DEFAULT_PRESET, Preset, get_preset, validate_mode
 from fvg.residency import StageResidency
-from fvg.weight_storage import WeightStorage, from_pretrained_arguments, store_denoisers_in_fp8
+from fvg.weight_storage import WeightStorage, refuse_for_builtin, store_denoisers_in_fp8
 
 # progress(stage, step, total): stage is "plan", "anchor", "animate" or "decode"
 ProgressFn = Callable[[str, int, int], None]
@@ -271,7 +271,7 @@ class FactorizedPipeline:
             if p.anchor_model == "builtin:tiny-qwen-image":
                 from fvg.tiny import tiny_qwen_image_pipeline
 
-                from_pretrained_arguments(self.storage.for_anchor(), p.anchor_model, self.dtype, builtin=True)  # no --quantize
+                refuse_for_builtin(self.storage.for_anchor(), p.anchor_model)
                 pipe = tiny_qwen_image_pipeline()
                 if self.storage.weights == "fp8":
                     store_denoisers_in_fp8(pipe)

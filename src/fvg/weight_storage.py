@@ -169,7 +169,8 @@ def store_denoisers_in_fp8(pipe, compute_dtype: torch.dtype | None = None) -> li
     for name, model in denoisers(pipe).items():
         if _is_layerwise_cast(model):
             continue  # a stage's pipeline object shared between runs: casting it twice is refused by diffusers
-        model.enable_layerwise_casting(storage_dtype=getattr(torch, FP8_STORAGE), compute_dtype=compute_dtype or model.dtype)
+        model.enable_layerwise_casting(storage_dtype=getattr(torch, FP8_STORAGE),
+                                       compute_dtype=compute_dtype or model.dtype)
         cast.append(name)
     return cast
 
@@ -253,6 +254,12 @@ def check_gguf_keys(path: str, model, model_class) -> None:
                        f"{len(extra)} tensors beyond the config, {len(missing)} missing (e.g. {example})")
 
 
+def refuse_for_builtin(storage: WeightStorage, model_id: str) -> None:
+    """A tiny `builtin:` model is built in memory: nothing is loaded that could be quantized or replaced."""
+    if storage.quantize or storage.video_transformer:
+        raise FvgError(f"--quantize and GGUF transformers apply to checkpoints on disk, not {model_id}")
+
+
 def from_pretrained_arguments(storage: WeightStorage | None, model_id: str, compute_dtype: torch.dtype,
                               gguf_class=None, builtin: bool = False) -> dict:
     """The extra `from_pretrained` arguments of a pipeline for `storage`: its GGUF transformers as
@@ -262,9 +269,9 @@ def from_pretrained_arguments(storage: WeightStorage | None, model_id: str, comp
     `builtin` marks a tiny model built in memory, which loads nothing from disk to quantize."""
     if storage is None:
         return {}
+    if builtin:
+        refuse_for_builtin(storage, model_id)
     gguf = {"transformer": storage.video_transformer, "transformer_2": storage.video_transformer_2}
-    if builtin and (storage.quantize or storage.video_transformer):
-        raise FvgError(f"--quantize and GGUF transformers apply to checkpoints on disk, not {model_id}")
     kwargs = {}
     for name, path in gguf.items():
         if path is None:
