@@ -261,16 +261,14 @@ def refuse_for_builtin(storage: WeightStorage, model_id: str) -> None:
 
 
 def from_pretrained_arguments(storage: WeightStorage | None, model_id: str, compute_dtype: torch.dtype,
-                              gguf_class=None, builtin: bool = False) -> dict:
+                              gguf_class=None, skip: tuple[str, ...] = ()) -> dict:
     """The extra `from_pretrained` arguments of a pipeline for `storage`: its GGUF transformers as
     ready components, and the quantization config for the other big components.
 
-    `gguf_class` is the family's transformer class (None: the family has no GGUF loader);
-    `builtin` marks a tiny model built in memory, which loads nothing from disk to quantize."""
+    `gguf_class` is the family's transformer class (None: the family has no GGUF loader); `skip`
+    names components the caller loads itself (not quantized here)."""
     if storage is None:
         return {}
-    if builtin:
-        refuse_for_builtin(storage, model_id)
     gguf = {"transformer": storage.video_transformer, "transformer_2": storage.video_transformer_2}
     kwargs = {}
     for name, path in gguf.items():
@@ -280,7 +278,8 @@ def from_pretrained_arguments(storage: WeightStorage | None, model_id: str, comp
             raise FvgError(f"GGUF transformers load for the Wan family only (diffusers has no single-file "
                            f"converter for {model_id})")
         kwargs[name] = load_gguf_transformer(gguf_class, path, model_id, name, compute_dtype)
-    config = pipeline_quantization(storage.quantize, compute_dtype, quantized_components(model_id, skip=tuple(kwargs)))
+    config = pipeline_quantization(storage.quantize, compute_dtype,
+                                   quantized_components(model_id, skip=(*skip, *kwargs)))
     if config is not None:
         kwargs["quantization_config"] = config
     return kwargs
