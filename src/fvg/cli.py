@@ -18,6 +18,7 @@ from fvg.console import (ApiKeyEnvOpt, PlanCacheOpt, PlannerModelOpt, PlannerOpt
 from fvg.io import (FvgError, check_output_dir, check_output_file, mp4_is_valid, read_prompt_lines, run_name,
                     save_image, sweep_stale_temps, write_json)
 from fvg.presets import DEFAULT_PRESET
+from fvg.weight_storage import QUANTIZERS, WeightStorage
 
 app = typer.Typer(help="Factorized Video Generation: plan the first frame, anchor it, then animate.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -29,6 +30,15 @@ MemoryOpt = typer.Option(
     "use the device (one stage on it at a time; auto picks the fastest that fits).")
 VaeTilingOpt = typer.Option(None, "--vae-tiling/--no-vae-tiling",
                             help="Tile the VAE decode (default: on at 704p and above).")
+WeightsOpt = typer.Option("native", "--weights", help="native or fp8: fp8 stores every denoiser's weights in "
+                          "float8 and casts each layer to --dtype for its forward (half of bf16).")
+QuantizeOpt = typer.Option(None, "--quantize", help="Quantize the denoisers and text encoder while loading: "
+                           + "; ".join(f"{q.name}: {q.summary}" for q in QUANTIZERS.values())
+                           + ". Needs pip install 'fvg[quant]'.")
+VideoTransformerOpt = typer.Option(None, "--video-transformer", help="The video transformer from a GGUF file "
+                                   "(Wan, original key layout), quantized in memory.")
+VideoTransformer2Opt = typer.Option(None, "--video-transformer-2", help="Wan2.2-A14B: the low-noise expert "
+                                    "(transformer_2) from a GGUF file.")
 StepsOpt = typer.Option(None, "--steps", help="Denoising steps (default: the preset's, 15 factorized / 50 others).")
 Lora2Opt = typer.Option(None, "--lora-2", help="Two-expert models (Wan2.2-A14B): the low-noise expert's LoRA, 'same' "
                                                "(the --lora file in both) or 'none' (default: anchor_lora_2* next to "
@@ -41,13 +51,15 @@ def _load_pipeline(preset: str, *, lora: Optional[str] = None, lora_2: Optional[
                    api_key_env: str = "OPENAI_API_KEY", plan_cache: Optional[Path] = None,
                    height: Optional[int] = None, width: Optional[int] = None, frames: Optional[int] = None,
                    fps: Optional[int] = None, device: Optional[str] = None, dtype: Optional[str] = None,
-                   cpu_offload: bool = False, vae_tiling: Optional[bool] = None, memory: str = "auto"):
+                   cpu_offload: bool = False, vae_tiling: Optional[bool] = None, memory: str = "auto",
+                   storage=None):
     from fvg.pipeline import FactorizedPipeline
 
     setup_logging("fvg.animate")  # says which LoRA each expert got when one was found on disk
     return FactorizedPipeline.from_preset(
         preset, device=device, dtype=dtype, cpu_offload=cpu_offload, vae_tiling=vae_tiling, memory=memory,
-        planner_options=planner_options(api_key_env, planner_url, plan_cache), lora=lora, lora_2=lora_2,
+        storage=storage, planner_options=planner_options(api_key_env, planner_url, plan_cache), lora=lora,
+        lora_2=lora_2,
         video_model=video_model, anchor_model=anchor_model,
         planner=planner, planner_model=planner_model, height=height, width=width, num_frames=frames, fps=fps,
     )
@@ -79,6 +91,8 @@ class _BatchItemSpec:
         settings = {k: preset[k] for k in ("video_model", "anchor_model", "lora", "lora_2", "height", "width",
                                            "num_frames", "fps", "planner", "planner_model", "negative_prompt")}
         settings["guidance_scale"] = pipe.preset.guidance_scale if guidance is None else guidance
+        if not pipe.storage.is_default:  # fp8/quantized/GGUF videos are not the native ones (older records lack it)
+            settings["weights"] = pipe.storage.record()
         return cls(mode, seed, pipe.preset.steps_for(mode) if steps is None else steps, settings,
                    (num_candidates, select) if mode == "factorized" else None)
 
@@ -148,6 +162,10 @@ def generate(
     memory: str = MemoryOpt,
     cpu_offload: bool = typer.Option(False, "--cpu-offload", help="Same as --memory model-offload."),
     vae_tiling: Optional[bool] = VaeTilingOpt,
+    weights: str = WeightsOpt,
+    quantize: Optional[str] = QuantizeOpt,
+    video_transformer: Optional[str] = VideoTransformerOpt,
+    video_transformer_2: Optional[str] = VideoTransformer2Opt,
 ):
     """Generate a video (or a batch with --prompts) with the factorized method or a baseline."""
     from fvg.presets import validate_mode
@@ -172,7 +190,8 @@ def generate(
         preset, lora=lora, lora_2=lora_2, video_model=video_model, anchor_model=anchor_model, planner=planner,
         planner_model=planner_model, planner_url=planner_url, api_key_env=api_key_env, plan_cache=plan_cache,
         height=height, width=width, frames=frames, fps=fps, device=device, dtype=dtype, cpu_offload=cpu_offload,
-        vae_tiling=vae_tiling, memory=memory)
+        vae_tiling=vae_tiling, memory=memory,
+        storage=WeightStorage(weights, quantize, video_transformer, video_transformer_2))
     if anchor is not None:
         pipe.anchor_from_image(anchor)  # validate the image before any model loads
     if pipe.preset.output_is_noise:
@@ -255,6 +274,8 @@ def anchor(
     width: Optional[int] = typer.Option(None, "--width"),
     device: Optional[str] = typer.Option(None, "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype"),
+    weights: str = WeightsOpt,
+    quantize: Optional[str] = QuantizeOpt,
 ):
     """Stages 1-2 alone: plan (unless --caption) and render anchor candidates."""
     if not prompt.strip():
@@ -265,7 +286,7 @@ def anchor(
     out_dir = check_output_dir(out or _default_out(prompt))
     pipe = _load_pipeline(preset, anchor_model=anchor_model, planner=planner, planner_model=planner_model,
                           planner_url=planner_url, api_key_env=api_key_env, height=height, width=width,
-                          device=device, dtype=dtype)
+                          device=device, dtype=dtype, storage=WeightStorage(weights, quantize))
     start = time.perf_counter()
     the_plan = None if caption else pipe.plan(prompt)
     text = prompt.strip() if caption else the_plan.first_frame_caption
@@ -284,7 +305,8 @@ def anchor(
         "fvg_run": 1, "stage": "anchor", "prompt": prompt, "caption": text, "seed": seed,
         "anchor": {"model": result.model, "seeds": [c.seed for c in result.candidates], "selected": select,
                    "settings": result.settings},
-        "preset": pipe.preset.name, "timings_s": {"total": round(elapsed, 4)}, "versions": package_versions()})
+        "preset": pipe.preset.name, "weights": pipe.storage.for_anchor().record(),
+        "timings_s": {"total": round(elapsed, 4)}, "versions": package_versions()})
     console.print(f"wrote {len(result.candidates)} candidates and {escape(str(out_dir / 'anchor.png'))}",
                   highlight=False)
 
@@ -310,6 +332,10 @@ def animate(
     memory: str = MemoryOpt,
     cpu_offload: bool = typer.Option(False, "--cpu-offload", help="Same as --memory model-offload."),
     vae_tiling: Optional[bool] = VaeTilingOpt,
+    weights: str = WeightsOpt,
+    quantize: Optional[str] = QuantizeOpt,
+    video_transformer: Optional[str] = VideoTransformerOpt,
+    video_transformer_2: Optional[str] = VideoTransformer2Opt,
 ):
     """Stage 3 alone: animate PROMPT from your own anchor image."""
     generate(prompt=prompt, prompts=None, out=out, preset=preset, mode="factorized", steps=steps, seed=seed,
@@ -317,7 +343,8 @@ def animate(
              video_model=video_model,
              anchor_model=None, planner=None, planner_model=None, planner_url=None, api_key_env="OPENAI_API_KEY",
              plan_cache=None, height=height, width=width, frames=frames, fps=fps, device=device, dtype=dtype,
-             cpu_offload=cpu_offload, vae_tiling=vae_tiling, memory=memory)
+             cpu_offload=cpu_offload, vae_tiling=vae_tiling, memory=memory, weights=weights, quantize=quantize,
+             video_transformer=video_transformer, video_transformer_2=video_transformer_2)
 
 
 @app.command()

@@ -31,6 +31,7 @@ from fvg.plan import Plan, make_planner
 from fvg.provenance import package_versions, utc_timestamp
 from fvg.presets import DEFAULT_PRESET, Preset, get_preset, validate_mode
 from fvg.residency import StageResidency
+from fvg.weight_storage import WeightStorage, refuse_for_builtin, store_denoisers_in_fp8
 
 # progress(stage, step, total): stage is "plan", "anchor", "animate" or "decode"
 ProgressFn = Callable[[str, int, int], None]
@@ -208,16 +209,18 @@ class FactorizedPipeline:
     Models load on the host when first needed; each stage's models go to the device only while
     that stage runs (`fvg.residency`), in the memory mode `memory` (auto, gpu, model-offload,
     group-offload, sequential). `cpu_offload=True` is the older spelling of `memory="model-offload"`.
+    `storage` stores the denoisers in fp8, quantizes them or loads GGUF transformers (`fvg.weight_storage`).
     """
 
     def __init__(self, preset: Preset, device: str | None = None, dtype: str | torch.dtype | None = None,
                  cpu_offload: bool = False, vae_tiling: bool | None = None, planner_options: dict | None = None,
-                 memory: str = "auto"):
+                 memory: str = "auto", storage: WeightStorage | None = None):
         self.preset = preset
         self.family = get_family(preset.family)
         self.device = validate_device(device) if device else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
         self.memory = "model-offload" if cpu_offload and memory == "auto" else memory
+        self.storage = (storage or WeightStorage()).validate(self.device)
         # Decoding 704p and larger videos in one piece needs tens of GiB: tile there unless told otherwise.
         self.vae_tiling = preset.height * preset.width >= 704 * 1280 if vae_tiling is None else vae_tiling
         self.planner_options = dict(planner_options or {})
@@ -250,7 +253,8 @@ class FactorizedPipeline:
     @classmethod
     def from_preset(cls, name: str = DEFAULT_PRESET, *, device: str | None = None, dtype: str | torch.dtype | None = None,
                     cpu_offload: bool = False, vae_tiling: bool | None = None, planner_options: dict | None = None,
-                    memory: str = "auto", **overrides) -> "FactorizedPipeline":
+                    memory: str = "auto", storage: WeightStorage | None = None,
+                    **overrides) -> "FactorizedPipeline":
         """`overrides` are preset fields (video_model, lora, height, num_frames, planner, ...)."""
         from fvg.animate.lora import check_lora_file
 
@@ -263,7 +267,7 @@ class FactorizedPipeline:
             preset = replace(preset, lora_2=resolve_lora_2(preset.lora, preset.lora_2, experts == 2))
         for lora in dict.fromkeys(filter(None, (preset.lora, preset.lora_2))):
             check_lora_file(lora)
-        return cls(preset, device, dtype, cpu_offload, vae_tiling, planner_options, memory)
+        return cls(preset, device, dtype, cpu_offload, vae_tiling, planner_options, memory, storage)
 
     # -- stages, each usable alone -------------------------------------------------------------
 
@@ -284,21 +288,26 @@ class FactorizedPipeline:
             if p.anchor_model == "builtin:tiny-qwen-image":
                 from fvg.tiny import tiny_qwen_image_pipeline
 
+                refuse_for_builtin(self.storage.for_anchor(), p.anchor_model)
                 pipe = tiny_qwen_image_pipeline()
+                if self.storage.weights == "fp8":
+                    store_denoisers_in_fp8(pipe)
                 self._anchor_source = DiffusersAnchorSource(pipe, model_id=p.anchor_model, **kwargs)
             else:  # loaded on the host: `make_anchor` places it for the anchor stage only
                 self._anchor_source = DiffusersAnchorSource.from_pretrained(
-                    p.anchor_model, dtype=self.dtype, device="cpu", **kwargs)
+                    p.anchor_model, dtype=self.dtype, device="cpu", storage=self.storage.for_anchor(), **kwargs)
         return self._anchor_source
 
     @property
     def video_pipe(self):
         if self._video_pipe is None:
             p = self.preset
-            pipe = self.family.load_pipeline(p.video_model, self.dtype, p.flow_shift)
+            pipe = self.family.load_pipeline(p.video_model, self.dtype, p.flow_shift, storage=self.storage)
             two_experts = getattr(pipe, "transformer_2", None) is not None
             self.preset = p = replace(p, lora_2=resolve_lora_2(p.lora, p.lora_2, two_experts))
             _load_loras_explained(pipe, p.lora, p.lora_2, p.video_model)
+            if self.storage.weights == "fp8":  # after the LoRA (kept in the run dtype), before any offload hook
+                store_denoisers_in_fp8(pipe, self.dtype)
             pipe.set_progress_bar_config(disable=True)
             if self.vae_tiling:
                 pipe.vae.enable_tiling()
@@ -414,6 +423,7 @@ class FactorizedPipeline:
             "guidance_scale": self.preset.guidance_scale if guidance_scale is None else guidance_scale,
             "device": self.device, "dtype": str(self.dtype).removeprefix("torch."),
             "memory": self.memory, "memory_modes": dict(self.residency.modes), "vae_tiling": self.vae_tiling,
+            "weights": self.storage.record(),
         }
         return FactorizedOutput(frames, mode, prompt, video_prompt, seed, steps, self.preset.fps, plan, anchor,
                                 timings, settings, warnings)

@@ -147,13 +147,20 @@ class DiffusersAnchorSource:
 
     @classmethod
     def from_pretrained(cls, model_id: str, dtype: torch.dtype | None = torch.bfloat16, device: str = "cpu",
-                        **kwargs) -> "DiffusersAnchorSource":
+                        storage=None, **kwargs) -> "DiffusersAnchorSource":
+        """`storage` (`fvg.weight_storage.WeightStorage`): `--quantize` quantizes the T2I transformer and
+        text encoder while loading, `--weights fp8` stores the transformer in fp8 (no GGUF here)."""
         from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+
+        from fvg.weight_storage import from_pretrained_arguments, store_denoisers_in_fp8
 
         # AutoPipelineForText2Image does not know video pipelines: a local one-frame Wan model
         # (MiniWorld's anchor model, a WanPipeline dir) loads as what its model_index.json names.
         loader = DiffusionPipeline if _is_video_pipeline_dir(model_id) else AutoPipelineForText2Image
-        pipe = load_or_explain(loader.from_pretrained, model_id, dtype=dtype)
+        pipe = load_or_explain(loader.from_pretrained, model_id, dtype=dtype,
+                               **from_pretrained_arguments(storage and storage.for_anchor(), model_id, dtype))
+        if storage is not None and storage.weights == "fp8":
+            store_denoisers_in_fp8(pipe, dtype)
         return cls(pipe.to(device), model_id=model_id, **kwargs)
 
     def _generate_one(self, caption: str, height: int, width: int, seed: int) -> Image.Image:

@@ -126,10 +126,13 @@ class ModelFamily(ABC):
     # -- loading -------------------------------------------------------------------------------
 
     @abstractmethod
-    def load_pipeline(self, model_id: str, dtype, flow_shift: float | None = None, devices: dict | None = None):
+    def load_pipeline(self, model_id: str, dtype, flow_shift: float | None = None, devices: dict | None = None,
+                      storage=None):
         """The family's anchored pipeline from a diffusers checkpoint, or `tiny_model_id`'s random one.
         On the host, except the components named in `devices` (name -> device), which are loaded straight
-        onto their device (`load_components_onto`; training places what it trains this way)."""
+        onto their device (`load_components_onto`; training places what it trains this way).
+        `storage` (`fvg.weight_storage.WeightStorage`, None: as stored) quantizes while loading or
+        takes transformers from GGUF files (`fvg.weight_storage.from_pretrained_arguments`)."""
 
     @abstractmethod
     def tiny_components(self, seed: int = 0) -> dict:

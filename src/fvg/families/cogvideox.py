@@ -123,26 +123,33 @@ def masked_v_loss(pred: torch.Tensor, target: torch.Tensor, frame_weight: torch.
 # -- loading ---------------------------------------------------------------------------------------
 
 def load_cogvideox_pipeline(model_id: str, dtype: torch.dtype, vae_tiling: bool | None = None,
-                            devices: dict | None = None):
+                            devices: dict | None = None, storage=None):
     """An `AnchoredCogVideoXPipeline` from a diffusers CogVideoX text-to-video checkpoint (e.g. THUDM/CogVideoX1.5-5B).
 
     The VAE stays in float32, as for Wan. Real checkpoints get VAE tiling by default (diffusers'
     CogVideoX1.5 recipe: a 81 x 768 x 1360 decode does not fit otherwise); `vae_tiling=False` turns it off.
     Components named in `devices` are loaded straight onto their device (`load_components_onto`).
+    `storage` (`fvg.weight_storage.WeightStorage`) quantizes while loading; no GGUF for CogVideoX.
     """
     from diffusers import AutoencoderKLCogVideoX
 
     from fvg.animate.cogvideox import AnchoredCogVideoXPipeline
+    from fvg.weight_storage import from_pretrained_arguments, refuse_for_builtin
 
     if model_id == CogVideoXFamily.tiny_model_id:
         from fvg.tiny import tiny_cogvideox_components
+
+        if storage is not None:
+            refuse_for_builtin(storage, model_id)
 
         pipe = AnchoredCogVideoXPipeline(**tiny_cogvideox_components())  # built in float32
         place_built(pipe, dtype, devices)
         return pipe
     vae = load_or_explain(AutoencoderKLCogVideoX.from_pretrained, model_id, subfolder="vae", dtype=torch.float32)
     placed = load_components_onto(model_id, dtype, devices)
-    pipe = load_or_explain(AnchoredCogVideoXPipeline.from_pretrained, model_id, vae=vae, dtype=dtype, **placed)
+    storage_kwargs = from_pretrained_arguments(storage, model_id, dtype, skip=tuple(placed))
+    pipe = load_or_explain(AnchoredCogVideoXPipeline.from_pretrained, model_id, vae=vae, dtype=dtype, **placed,
+                           **storage_kwargs)
     if vae_tiling is not False:
         pipe.vae.enable_tiling()
     return pipe
@@ -158,8 +165,10 @@ class CogVideoXFamily(ModelFamily):
     lora_method = ("anchor LoRA: clean first temporal patch (anchor latent twice) at timestep 0, "
                    "v-prediction (Factorized Video Generation)")
 
-    def load_pipeline(self, model_id: str, dtype, flow_shift: float | None = None, devices: dict | None = None):
-        return load_cogvideox_pipeline(model_id, dtype, devices=devices)  # v-prediction: no flow shift
+    def load_pipeline(self, model_id: str, dtype, flow_shift: float | None = None, devices: dict | None = None,
+                      storage=None):
+        # v-prediction: no flow shift
+        return load_cogvideox_pipeline(model_id, dtype, devices=devices, storage=storage)
 
     def tiny_components(self, seed: int = 0) -> dict:
         from fvg.tiny import tiny_cogvideox_components

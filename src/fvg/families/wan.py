@@ -22,25 +22,34 @@ log = logging.getLogger("fvg.train")
 
 # -- loading ---------------------------------------------------------------------------------------
 
-def load_wan_pipeline(model_id: str, dtype: torch.dtype, flow_shift: float | None = None, devices: dict | None = None):
+def load_wan_pipeline(model_id: str, dtype: torch.dtype, flow_shift: float | None = None, devices: dict | None = None,
+                      storage=None):
     """An `AnchoredWanPipeline` from a diffusers Wan checkpoint (T2V, TI2V or the A14B pair).
 
     The VAE stays in float32 as Wan's reference code keeps it: bf16 decoding shows banding.
     Components named in `devices` are loaded straight onto their device (`load_components_onto`).
+    `storage` (a `fvg.weight_storage.WeightStorage`) quantizes while loading or takes the
+    transformer(s) from GGUF files; fp8 casting comes later, after the LoRA (`fvg.pipeline`).
     """
-    from diffusers import AutoencoderKLWan
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     from fvg.animate.wan import AnchoredWanPipeline
+    from fvg.weight_storage import from_pretrained_arguments, refuse_for_builtin
 
     if model_id == WanFamily.tiny_model_id:
         from fvg.tiny import tiny_wan_components
+
+        if storage is not None:
+            refuse_for_builtin(storage, model_id)
 
         pipe = AnchoredWanPipeline(**tiny_wan_components())  # built in float32
         place_built(pipe, dtype, devices)
     else:
         vae = load_or_explain(AutoencoderKLWan.from_pretrained, model_id, subfolder="vae", dtype=torch.float32)
         placed = load_components_onto(model_id, dtype, devices)
-        pipe = load_or_explain(AnchoredWanPipeline.from_pretrained, model_id, vae=vae, dtype=dtype, **placed)
+        storage_kwargs = from_pretrained_arguments(storage, model_id, dtype, WanTransformer3DModel, tuple(placed))
+        pipe = load_or_explain(AnchoredWanPipeline.from_pretrained, model_id, vae=vae, dtype=dtype, **placed,
+                               **storage_kwargs)
     if flow_shift is not None and "flow_shift" in pipe.scheduler.config:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=flow_shift)
     elif flow_shift is not None and "shift" in pipe.scheduler.config:
@@ -105,8 +114,9 @@ class WanFamily(ModelFamily):
     tiny_model_id = "builtin:tiny-wan"
     lora_converters = {"wan": to_original_wan}
 
-    def load_pipeline(self, model_id: str, dtype, flow_shift: float | None = None, devices: dict | None = None):
-        return load_wan_pipeline(model_id, dtype, flow_shift, devices)
+    def load_pipeline(self, model_id: str, dtype, flow_shift: float | None = None, devices: dict | None = None,
+                      storage=None):
+        return load_wan_pipeline(model_id, dtype, flow_shift, devices, storage)
 
     def tiny_components(self, seed: int = 0) -> dict:
         from fvg.tiny import tiny_wan_components
