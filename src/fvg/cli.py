@@ -13,7 +13,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fvg.console import (ApiKeyEnvOpt, PlanCacheOpt, PlannerModelOpt, PlannerOpt, PlannerUrlOpt, StageProgress, console,
+from fvg.console import (ApiKeyEnvOpt, AttentionBackendOpt, CacheOpt, CompileOpt, PlanCacheOpt, PlannerModelOpt,
+                         PlannerOpt, PlannerUrlOpt, StageProgress, console,
                          planner_options, progress_bar, run_app, setup_logging)
 from fvg.io import (FvgError, check_output_dir, check_output_file, mp4_is_valid, read_prompt_lines, run_name,
                     save_image, sweep_stale_temps, write_json)
@@ -41,13 +42,14 @@ def _load_pipeline(preset: str, *, lora: Optional[str] = None, lora_2: Optional[
                    api_key_env: str = "OPENAI_API_KEY", plan_cache: Optional[Path] = None,
                    height: Optional[int] = None, width: Optional[int] = None, frames: Optional[int] = None,
                    fps: Optional[int] = None, device: Optional[str] = None, dtype: Optional[str] = None,
-                   cpu_offload: bool = False, vae_tiling: Optional[bool] = None, memory: str = "auto"):
+                   cpu_offload: bool = False, vae_tiling: Optional[bool] = None, memory: str = "auto",
+                   attention_backend: Optional[str] = None, compile: bool = False, cache: str = "none"):
     from fvg.pipeline import FactorizedPipeline
 
     setup_logging("fvg.animate")  # says which LoRA each expert got when one was found on disk
     return FactorizedPipeline.from_preset(
         preset, device=device, dtype=dtype, cpu_offload=cpu_offload, vae_tiling=vae_tiling, memory=memory,
-        planner_options=planner_options(api_key_env, planner_url, plan_cache), lora=lora, lora_2=lora_2,
+        attention_backend=attention_backend, compile=compile, cache=cache, planner_options=planner_options(api_key_env, planner_url, plan_cache), lora=lora, lora_2=lora_2,
         video_model=video_model, anchor_model=anchor_model,
         planner=planner, planner_model=planner_model, height=height, width=width, num_frames=frames, fps=fps,
     )
@@ -148,6 +150,9 @@ def generate(
     memory: str = MemoryOpt,
     cpu_offload: bool = typer.Option(False, "--cpu-offload", help="Same as --memory model-offload."),
     vae_tiling: Optional[bool] = VaeTilingOpt,
+    attention_backend: Optional[str] = AttentionBackendOpt,
+    compile: bool = CompileOpt,
+    cache: str = CacheOpt,
 ):
     """Generate a video (or a batch with --prompts) with the factorized method or a baseline."""
     from fvg.presets import validate_mode
@@ -172,7 +177,7 @@ def generate(
         preset, lora=lora, lora_2=lora_2, video_model=video_model, anchor_model=anchor_model, planner=planner,
         planner_model=planner_model, planner_url=planner_url, api_key_env=api_key_env, plan_cache=plan_cache,
         height=height, width=width, frames=frames, fps=fps, device=device, dtype=dtype, cpu_offload=cpu_offload,
-        vae_tiling=vae_tiling, memory=memory)
+        vae_tiling=vae_tiling, memory=memory, attention_backend=attention_backend, compile=compile, cache=cache)
     if anchor is not None:
         pipe.anchor_from_image(anchor)  # validate the image before any model loads
     if pipe.preset.output_is_noise:
@@ -310,6 +315,9 @@ def animate(
     memory: str = MemoryOpt,
     cpu_offload: bool = typer.Option(False, "--cpu-offload", help="Same as --memory model-offload."),
     vae_tiling: Optional[bool] = VaeTilingOpt,
+    attention_backend: Optional[str] = AttentionBackendOpt,
+    compile: bool = CompileOpt,
+    cache: str = CacheOpt,
 ):
     """Stage 3 alone: animate PROMPT from your own anchor image."""
     generate(prompt=prompt, prompts=None, out=out, preset=preset, mode="factorized", steps=steps, seed=seed,
@@ -317,7 +325,8 @@ def animate(
              video_model=video_model,
              anchor_model=None, planner=None, planner_model=None, planner_url=None, api_key_env="OPENAI_API_KEY",
              plan_cache=None, height=height, width=width, frames=frames, fps=fps, device=device, dtype=dtype,
-             cpu_offload=cpu_offload, vae_tiling=vae_tiling, memory=memory)
+             cpu_offload=cpu_offload, vae_tiling=vae_tiling, memory=memory, attention_backend=attention_backend,
+             compile=compile, cache=cache)
 
 
 @app.command()
