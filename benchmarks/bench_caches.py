@@ -1,0 +1,120 @@
+"""Step caches on `mini`: seconds per video and MiniCompBench score, per cache and configuration.
+
+    python benchmarks/bench_caches.py --per-category 2 --threads 1 --out runs/bench-caches
+
+For each cache (none, fbc, taylorseer, magcache) one `FactorizedPipeline` of the `mini` preset is
+built with `cache=...`, and every configuration (t2v@50, factorized@15, factorized@8 by default)
+generates the first `--per-category` MiniCompBench prompts of each category for every seed.
+Each video is scored in memory with MiniWorld's exact evaluator (`fvg.miniworld.score_video`) and
+timed end to end from its run record (planning, the anchor, the video and its decode; warm).
+
+Before the timed videos, every configuration runs one unsaved video: it pays torch's one-off
+costs and, for MagCache, measures the ratios of that (mode, steps) key (that video runs uncached;
+`FVG_MAGCACHE_DIR` points at a fresh folder so the ratios are this run's own). Ends with the
+moonshot line: factorized@8 with a cache against t2v@50 without one (>= 5x faster, score within 0.02).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SPEEDUP_GOAL, SCORE_GAP = 5.0, 0.02
+
+
+@dataclass
+class Row:
+    cache: str
+    config: str
+    videos: int
+    score: float  # mean over the prompts and seeds (equal prompts per category: categories weigh equally)
+    seconds_per_video: float
+    animate_seconds: float  # the video stage alone (denoising and decode), mean per video
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--caches", default="none,fbc,taylorseer,magcache")
+    parser.add_argument("--configs", default="t2v@50,factorized@15,factorized@8")
+    parser.add_argument("--per-category", type=int, default=2, help="prompts per category (8 in the suite)")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None, help="folder for results.json (optional)")
+    return parser.parse_args(argv)
+
+
+def run_cache(cache: str, configs: list[tuple[str, int]], prompts, seeds: list[int]) -> list[Row]:
+    from fvg.miniworld import score_video
+    from fvg.pipeline import FactorizedPipeline
+
+    pipe = FactorizedPipeline.from_preset("mini", device="cpu", cache=cache)
+    pipe.load("factorized")
+    rows = []
+    for mode, steps in configs:
+        pipe(prompts[0].prompt, mode=mode, seed=seeds[0], steps=steps)  # warm-up (and MagCache's measurement)
+        scores, totals, animate = [], [], []
+        for item in prompts:
+            for seed in seeds:
+                out = pipe(item.prompt, mode=mode, seed=seed, steps=steps)
+                scores.append(score_video(item.prompt, out.frames).score)
+                totals.append(out.timings["total"])
+                animate.append(out.timings["animate"])
+        n = len(scores)
+        rows.append(Row(cache, f"{mode}@{steps}", n, sum(scores) / n, sum(totals) / n, sum(animate) / n))
+        print(f"{cache:>10} {mode}@{steps:<3} score {rows[-1].score:.3f}  {rows[-1].seconds_per_video:.3f} s/video",
+              flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from fvg.miniworld import load_suite
+
+    torch.set_num_threads(args.threads)
+    os.environ["FVG_MAGCACHE_DIR"] = tempfile.mkdtemp(prefix="fvg-magcache-")
+    configs = [(c.split("@")[0], int(c.split("@")[1])) for c in args.configs.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    suite = load_suite()
+    prompts = [p for p in suite if p.index <= args.per_category]
+    start = time.perf_counter()
+    rows = [row for cache in args.caches.split(",") for row in run_cache(cache, configs, prompts, seeds)]
+    wall = time.perf_counter() - start
+
+    base = {r.config: r for r in rows if r.cache == "none"}
+    print(f"\n{len(prompts)} prompts x {len(seeds)} seed(s), {args.threads} thread(s), {wall:.0f} s in all\n")
+    print("| cache | configuration | mean score | change vs no cache | s/video | speed-up vs no cache "
+          "| speed-up vs t2v@50 | animate s/video |")
+    print("|---|---|---|---|---|---|---|---|")
+    reference = base.get("t2v@50")
+    for r in rows:
+        same = base.get(r.config)
+        change = f"{r.score - same.score:+.3f}" if same else "n/a"
+        speedup = f"{same.seconds_per_video / r.seconds_per_video:.2f}x" if same else "n/a"
+        vs_t2v = f"{reference.seconds_per_video / r.seconds_per_video:.2f}x" if reference else "n/a"
+        print(f"| {r.cache} | {r.config} | {r.score:.3f} | {change} | {r.seconds_per_video:.3f} | {speedup} "
+              f"| {vs_t2v} | {r.animate_seconds:.3f} |")
+    if reference:
+        fast = [r for r in rows if r.config == "factorized@8" and r.cache != "none"]
+        for r in fast:
+            speedup, gap = reference.seconds_per_video / r.seconds_per_video, r.score - reference.score
+            met = speedup >= SPEEDUP_GOAL and gap >= -SCORE_GAP
+            print(f"moonshot factorized@8+{r.cache} vs t2v@50: {speedup:.2f}x faster (goal >= {SPEEDUP_GOAL}x), "
+                  f"score {gap:+.3f} (goal >= -{SCORE_GAP}): {'met' if met else 'not met'}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(
+            {"rows": [asdict(r) for r in rows], "prompts": len(prompts), "seeds": seeds, "threads": args.threads,
+             "wall_s": wall}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
