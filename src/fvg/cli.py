@@ -81,6 +81,7 @@ class _BatchItemSpec:
         settings = {k: preset[k] for k in ("video_model", "anchor_model", "lora", "lora_2", "height", "width",
                                            "num_frames", "fps", "planner", "planner_model", "negative_prompt")}
         settings["guidance_scale"] = pipe.preset.guidance_scale if guidance is None else guidance
+        settings["cache"] = pipe.speed.cache  # a step cache changes the video
         return cls(mode, seed, pipe.preset.steps_for(mode) if steps is None else steps, settings,
                    (num_candidates, select) if mode == "factorized" else None)
 
@@ -98,7 +99,8 @@ def _is_done(out: Path, stem: str, prompt: str, spec: _BatchItemSpec) -> bool:
     if (record.get("prompt"), record.get("mode"), record.get("seed"), record.get("steps")) != \
             (prompt, spec.mode, spec.seed, spec.steps):
         return False
-    if any(record["settings"].get(k) != v for k, v in spec.settings.items()):
+    recorded = {"cache": "none", **record["settings"]}  # records from before the cache option
+    if any(recorded.get(k) != v for k, v in spec.settings.items()):
         return False
     if spec.candidates is not None:
         anchor = record.get("anchor")

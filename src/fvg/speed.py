@@ -47,6 +47,7 @@ SELF_ATTENTION = r"(transformer_)?blocks\.\d+\.attn1"
 FBC_THRESHOLD = 0.05  # diffusers' default: relative change of the first block's residual
 MAG_THRESHOLD, MAG_MAX_SKIP, MAG_RETENTION = 0.06, 3, 0.2  # diffusers' defaults (MagCache's paper)
 TAYLOR_INTERVAL, TAYLOR_WARMUP = 2, 2  # refresh every other step after two full steps
+COMPILE_BACKEND = "inductor"  # torch.compile's default; the CPU tests trace with "eager" (inductor: minutes)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,17 @@ def compile_blocks(transformer, fullgraph: bool) -> None:
     """`compile_repeated_blocks` on `transformer`, naming its block classes where the model lists none."""
     if not getattr(transformer, "_repeated_blocks", None):
         transformer._repeated_blocks = sorted({type(block).__name__ for block in blocks(transformer)})
-    transformer.compile_repeated_blocks(fullgraph=fullgraph)
+    transformer.compile_repeated_blocks(fullgraph=fullgraph, backend=COMPILE_BACKEND)
+
+
+def set_attention_backend(transformer, backend: str) -> None:
+    """diffusers' `set_attention_backend`, refused in one line where no attention of the model goes through
+    diffusers' dispatcher (CogVideoX's processor calls torch's SDPA itself: the flag would do nothing)."""
+    processors = [m.processor for m in transformer.modules() if getattr(m, "processor", None) is not None]
+    if not any(hasattr(p, "_attention_backend") for p in processors):
+        raise FvgError(f"--attention-backend does not apply to {type(transformer).__name__}: its attention "
+                       f"processor ({type(processors[0]).__name__}) does not use diffusers' attention dispatcher")
+    transformer.set_attention_backend(backend)
 
 
 def step_cache_config(cache: str):
@@ -117,7 +128,7 @@ def apply_speed(pipe, options: SpeedOptions) -> "SpeedSession":
     models = transformers(pipe)
     for model in models.values():
         if options.attention_backend is not None:
-            model.set_attention_backend(options.attention_backend)
+            set_attention_backend(model, options.attention_backend)
         if options.cache in ("fbc", "taylorseer"):
             model.enable_cache(step_cache_config(options.cache))
         if options.compile:
