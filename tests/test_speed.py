@@ -17,6 +17,7 @@ from fvg.animate.wan import AnchoredWanPipeline
 from fvg.cli import main
 from fvg.speed import MagCacheKey, MagRatioStore, SpeedOptions, apply_speed, transformers
 from fvg.tiny import tiny_cogvideox_components, tiny_wan_components
+from test_caches import anchor_latent, pinned_frames as pinned  # the anchored frames of a result
 
 STEPS = 8
 CALL = dict(prompt="a red circle moves right", num_frames=9, height=32, width=32, num_inference_steps=STEPS,
@@ -43,18 +44,6 @@ def anchor_image():
 def run(pipe, anchor):
     extra = {"max_sequence_length": 16} if isinstance(pipe, AnchoredCogVideoXPipeline) else {}
     return pipe(**CALL, **extra, anchor=anchor, generator=torch.Generator().manual_seed(3)).frames
-
-
-def pinned(pipe, latents):
-    """The anchored latent frames as [B, F, C, h, w]."""
-    if isinstance(pipe, AnchoredWanPipeline):
-        return latents[:, :, :1].transpose(1, 2)
-    return latents[:, :2]  # CogVideoX1.5: the padding frame and frame 0 (one temporal patch)
-
-
-def anchor_latent(pipe, image):
-    latent = pipe.encode_anchor(image, 32, 32)
-    return latent.transpose(1, 2) if isinstance(pipe, AnchoredWanPipeline) else latent
 
 
 def count_calls(pipe):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ from pathlib import Path
 import torch
 
 from fvg.io import FvgError, cache_dir, write_json
+
+log = logging.getLogger(__name__)
 
 CACHES = ("none", "fbc", "magcache", "taylorseer")
 TRANSFORMERS = ("transformer", "transformer_2")
@@ -167,7 +170,11 @@ class MagRatioStore:
             return None  # missing or unreadable: measure again
 
     def put(self, key: MagCacheKey, ratios: dict[str, list[float]]) -> None:
-        write_json(self.path(key), {"key": key.__dict__, "ratios": ratios})
+        """Store atomically; a store that cannot be written is logged (the next video measures again)."""
+        try:
+            write_json(self.path(key), {"key": key.__dict__, "ratios": ratios})
+        except OSError as exc:
+            log.warning("cannot write MagCache ratios %s: %s", self.path(key), exc)
 
 
 class MagnitudeRecorder:
