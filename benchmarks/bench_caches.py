@@ -48,6 +48,8 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json (optional)")
+    parser.add_argument("--profile", action="store_true", help="only split one uncached video's CPU time per "
+                                                                 "configuration: video transformer vs the rest")
     return parser.parse_args(argv)
 
 
@@ -82,6 +84,25 @@ def run_all(caches: list[str], configs: list[tuple[str, int]], prompts, seeds: l
     return rows
 
 
+def profile(prompt: str, configs: list[tuple[str, int]]) -> None:
+    """Per configuration, one uncached video's CPU seconds: in all, and inside the video transformer's forward
+    (what a step cache can save at most); the rest is planning, the anchor, text encoding and the decode."""
+    from fvg.pipeline import FactorizedPipeline
+
+    pipe = FactorizedPipeline.from_preset("mini", device="cpu").load("factorized")
+    marks: list[float] = []
+    transformer = pipe.video_pipe.transformer
+    transformer.register_forward_pre_hook(lambda *_: marks.append(-time.process_time()))
+    transformer.register_forward_hook(lambda *_: marks.append(time.process_time()))
+    pipe(prompt, mode="factorized", seed=0, steps=2)  # warm-up
+    for mode, steps in configs:
+        marks.clear()
+        start = time.process_time()
+        pipe(prompt, mode=mode, seed=0, steps=steps)
+        total, video = time.process_time() - start, sum(marks)
+        print(f"profile {mode}@{steps}: {total:.3f} CPU s, video transformer {video:.3f}, rest {total - video:.3f}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -94,6 +115,9 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     suite = load_suite()
     prompts = [p for p in suite if p.index <= args.per_category]
+    if args.profile:
+        profile(prompts[0].prompt, configs)
+        return 0
     start = time.perf_counter()
     rows = run_all(args.caches.split(","), configs, prompts, seeds)
     wall = time.perf_counter() - start
