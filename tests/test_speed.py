@@ -178,7 +178,7 @@ def test_factorized_pipeline_records_the_flags_and_repeats_a_seed(preset, backen
     (["--attention-backend", "warp"], "error: unknown attention backend 'warp': use one of"),
     (["--attention-backend", "flash"], "error: attention backend 'flash' cannot run here:"),
 ])
-@pytest.mark.parametrize("command", ["generate", "eval"])
+@pytest.mark.parametrize("command", ["generate", "animate", "eval"])
 def test_bad_speed_flags_are_one_line_and_exit_2(command, args, message, tmp_path, capsys):
     if args[1] == "flash":
         try:
@@ -186,9 +186,24 @@ def test_bad_speed_flags_are_one_line_and_exit_2(command, args, message, tmp_pat
             pytest.skip("flash-attn is installed here")
         except ImportError:
             pass
-    base = (["generate", "a red ball", "--preset", "tiny", "--out", str(tmp_path / "out")] if command == "generate"
-            else ["eval", "generate", "--suite", "minicompbench", "--out", str(tmp_path / "out")])
+    Image.new("RGB", (32, 32)).save(tmp_path / "anchor.png")
+    base = {"generate": ["generate", "a red ball", "--preset", "tiny"],
+            "animate": ["animate", "a red ball", "--preset", "tiny", "--anchor", str(tmp_path / "anchor.png")],
+            "eval": ["eval", "generate", "--suite", "minicompbench"]}[command] + ["--out", str(tmp_path / "out")]
     code = main(base + args)
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith(message) and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_folders_do_not_mix_cached_and_uncached_videos(tmp_path):
+    from fvg.eval.generate import CONFIG, GenerateSettings, check_config
+    from fvg.eval.suites import load_suite
+    from fvg.io import FvgError, write_json
+
+    suite = load_suite("minicompbench", None, None).select(None, 1)
+    cached = GenerateSettings(suite, ["factorized"], [0], tmp_path, "tiny", cache="fbc")
+    write_json(tmp_path / CONFIG, check_config(cached))
+    with pytest.raises(FvgError, match=r"other settings \(cache: fbc\)"):
+        check_config(GenerateSettings(suite, ["factorized"], [0], tmp_path, "tiny"))
+    assert check_config(cached)["cache"] == "fbc"
