@@ -80,7 +80,10 @@ def build_full(parts: tuple[str, ...], dtype, device: str):
     finally:
         torch.set_default_dtype(previous)
     model.to(dtype)  # transformers 5 builds in its own default (fp32), whatever torch's default is
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    # Modules kept in fp32 as from_pretrained keeps them: diffusers always, transformers only under fp16
+    # (UMT5's `wo`); keeping them otherwise overstated the Wan runs' weights by 1.9 GiB (BENCHMARKS.md).
+    is_diffusers = type(model).__module__.startswith("diffusers")
+    keep = (getattr(model, "_keep_in_fp32_modules", None) or []) if is_diffusers or dtype == torch.float16 else []
     for name, param in model.named_parameters():
         if any(part in keep for part in name.split(".")):
             param.data = param.data.float()

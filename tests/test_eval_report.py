@@ -11,56 +11,60 @@ from fvg.eval.importers import import_t2v_compbench, import_vbench2
 from fvg.eval.report import bootstrap_ci, build_report, paired, to_csv, to_markdown
 from fvg.io import FvgError
 
-# Modelled on T2V-CompBench's per-category output: one row per video, the mean on a last `score:` line.
-T2V_CSV = """name,prompt,Score
-0001.mp4,"A blue car drives past a white picket fence, on a sunny day",0.75
-0002.mp4,A black dog sits beside a red vase on a table,0.5
-0003.mp4,Red toaster toasting bread beside a white refrigerator,1.0
-score: 0.75
-"""
-# Modelled on VBench's `<name>_eval_results.json`: {dimension: [aggregate, [per-video results]]}.
+# VBench 2.0's `results_<time>_eval_results.json`: {dimension: [score, [per-video results]]}.
 VBENCH = {
     "Mechanics": [0.5, [
-        {"video_path": "/data/out/factorized/Mechanics/A ball rolls down a ramp-0.mp4", "video_results": True},
-        {"video_path": "/data/out/factorized/Mechanics/A ball rolls down a ramp-1.mp4", "video_results": False},
+        {"video_path": "/data/out/factorized/Mechanics/A ball rolls down a ramp-0.mp4", "video_results": 1},
+        {"video_path": "/data/out/factorized/Mechanics/A ball rolls down a ramp-1.mp4", "video_results": 0},
     ]],
     "Human_Anatomy": [0.8125, [{"video_path": "/data/out/factorized/Human_Anatomy/A man waves-0.mp4",
                                 "video_results": {"hands": 0.9}}]],
 }
 
 
-def test_import_t2v_compbench_csv(tmp_path):
-    path = tmp_path / "factorized" / "seed2" / "consistent_attr_score.csv"
-    path.parent.mkdir(parents=True)
-    path.write_text(T2V_CSV)
-    rows = import_t2v_compbench(path)  # mode, seed, category from the path
+def _official_csv(path):
+    """eval_dynamic_attr.py's output: header, one row per video (bare ids), `score: ,X` last."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["name", "prompt", "1_answer1", "1_answer2", "_answer3", "2_answer1", "2_answer2",
+                         "2_answer3", "inter_answers", "Score"])
+        for i, score in ((1, 0.75), (2, 0.5), (3, 1.0)):
+            writer.writerow([f"{i:04d}", f"prompt {i}", "a", "b", "c", "d", "e", "f", "[]", score])
+        writer.writerow(["score: ", 0.75])
+    return path
+
+
+def test_import_t2v_compbench_mode_and_seed_from_folders(tmp_path):
+    path = _official_csv(tmp_path / "factorized" / "seed2" / "mymodel_dynamic_attr_score.csv")
+    rows = import_t2v_compbench(path)  # mode and seed from the folders, category from the script's file name
     per_video = [r for r in rows if not r.get("aggregate")]
-    assert [(r["index"], r["metrics"]["t2v_compbench"]) for r in per_video] == [(1, 0.75), (2, 0.5), (3, 1.0)]
-    assert {(r["mode"], r["seed"], r["category"]) for r in rows} == {("factorized", 2, "consistent_attr")}
+    assert [(r["index"], r["prompt"], r["metrics"]["t2v_compbench"]) for r in per_video] == [
+        (1, "prompt 1", 0.75), (2, "prompt 2", 0.5), (3, "prompt 3", 1.0)]
+    assert {(r["mode"], r["seed"], r["category"]) for r in rows} == {("factorized", 2, "dynamic_attr")}
     assert rows[-1]["aggregate"] and rows[-1]["metrics"]["t2v_compbench"] == 0.75
-    other = tmp_path / "results.csv"
-    other.write_text("0001,0.25\nscore: 0.25\n")  # no header, bare ids
-    rows = import_t2v_compbench(other, mode="t2v", seed=0, category="spatial_relationship")
-    assert rows[0]["index"] == 1 and rows[0]["metrics"]["t2v_compbench"] == 0.25
+    renamed = path.rename(tmp_path / "results.csv")
+    with pytest.raises(FvgError, match="not a file T2V-CompBench's scripts write"):
+        import_t2v_compbench(renamed)
     with pytest.raises(FvgError, match="--mode"):
-        import_t2v_compbench(other)
-    other.write_text("0001,0.25\n")
-    with pytest.raises(FvgError, match="score: X"):
-        import_t2v_compbench(other, mode="t2v", seed=0, category="numeracy")
+        import_t2v_compbench(renamed, category="dynamic_attr")
+    rows = import_t2v_compbench(renamed, mode="t2v", seed=0, category="dynamic_attr")
+    assert rows[0]["index"] == 1 and rows[0]["mode"] == "t2v"
 
 
 def test_import_vbench2_json(tmp_path):
-    path = tmp_path / "factorized_eval_results.json"
-    path.write_text(json.dumps(VBENCH))
+    path = tmp_path / "results_2025-03-27-19:00:45_eval_results.json"
+    path.write_text(json.dumps(VBENCH, indent=4))
     rows = import_vbench2(path)  # mode from the video paths
     per_video = [r for r in rows if not r.get("aggregate")]
     assert [(r["category"], r["prompt"], r["sample"], r["metrics"]["vbench2"]) for r in per_video] == [
         ("Mechanics", "A ball rolls down a ramp", 0, 1.0), ("Mechanics", "A ball rolls down a ramp", 1, 0.0)]
     aggregates = {r["category"]: r["metrics"]["vbench2"] for r in rows if r.get("aggregate")}
-    assert aggregates == {"Mechanics": 0.5, "Human_Anatomy": 0.8125}  # structured per-video results: aggregate only
+    assert aggregates == {"Mechanics": 0.5, "Human_Anatomy": 0.8125}  # structured per-video results: score only
     assert {r["mode"] for r in rows} == {"factorized"}
-    named = tmp_path / "upsampled_eval_results.json"  # VBench names results after the run's --name
-    named.write_text(json.dumps({"Mechanics": 0.4}))  # a bare aggregate
+    named = tmp_path / "upsampled" / "Mechanics" / "results_x_eval_results.json"  # mode from the output folder
+    named.parent.mkdir(parents=True)
+    named.write_text(json.dumps({"Mechanics": 0.4}))  # a bare score
     assert [(r["mode"], r["metrics"]["vbench2"]) for r in import_vbench2(named)] == [("upsampled", 0.4)]
     anonymous = tmp_path / "results.json"
     anonymous.write_text(json.dumps({"Mechanics": 0.4}))
@@ -70,8 +74,7 @@ def test_import_vbench2_json(tmp_path):
 
 
 def test_import_command_merges_rows(tmp_path):
-    csv_path = tmp_path / "consistent_attr.csv"
-    csv_path.write_text(T2V_CSV)
+    csv_path = _official_csv(tmp_path / "m_dynamic_attr_score.csv")
     to = tmp_path / "official.jsonl"
     argv = ["import", "t2v-compbench", str(csv_path), "--to", str(to), "--mode", "t2v", "--seed", "0"]
     assert main(argv) == 0 and main(argv) == 0  # importing twice replaces, never duplicates
@@ -108,7 +111,8 @@ def test_report_numbers_on_hand_made_scores():
     md = to_markdown(report)
     assert "| factorized | 0.6500 | 1.0000 | 0.8250 |" in md and "| t2v | 0.5000 | 1.0000 | 0.7500 |" in md
     table = list(csv.DictReader(to_csv(report).splitlines()))
-    assert {"metric": "m", "mode": "factorized", "category": "mean", "mean": "0.825", "n": "2"} in table
+    assert {"metric": "m", "mode": "factorized", "category": "mean", "mean": "0.825", "n": "2",
+            "source": "categories"} in table
     with pytest.raises(FvgError, match="no scores for mode upsampled"):
         build_report(rows, [("upsampled", "t2v")])
 
@@ -131,7 +135,7 @@ def test_report_command_writes_files(tmp_path):
     for name in ("report.md", "report.csv", "report.json", "paired.csv", "plots/m.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     data = json.loads((out / "report.json").read_text())
-    assert data["tables"]["m"]["factorized"]["x"] == {"mean": pytest.approx(0.4), "n": 2}
+    assert data["tables"]["m"]["factorized"]["x"] == {"mean": pytest.approx(0.4), "n": 2, "source": "videos"}
     pairs = {(c["treatment"], c["baseline"], c["category"]): c["mean_diff"] for c in data["comparisons"]}
     assert pairs[("factorized", "t2v", "all")] == pytest.approx(0.2)
     assert pairs[("upsampled", "t2v", "x")] == pytest.approx(0.1)

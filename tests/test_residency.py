@@ -118,3 +118,24 @@ def test_load_places_nothing_and_vae_tiling_defaults_on_at_704p():
     assert pipe.residency.placed() == []
     assert FactorizedPipeline.from_preset("tiny", height=704, width=1280).vae_tiling
     assert not FactorizedPipeline.from_preset("tiny").vae_tiling
+
+
+def test_auto_modes_from_the_estimate_follow_the_free_memory():
+    import torch
+
+    from fvg.memory import estimate, stage_modes
+    from fvg.presets import get_preset
+
+    est = estimate(get_preset("wan2.2-5b"), torch.bfloat16)
+    modes, together = stage_modes(est, 80 * GIB)
+    assert modes == {"anchor": "gpu", "animate": "gpu"} and not together  # 54 + 22 GiB of weights
+    modes, together = stage_modes(est, 24 * GIB)
+    assert modes["animate"] in ("model-offload", "group-offload") and modes["anchor"] == "group-offload"
+    assert not together
+    modes, _ = stage_modes(est, 1 * GIB)
+    assert set(modes.values()) == {"sequential"}
+    # the decode counts for the video stage: it must fit in the chosen mode too
+    by_name = {s.name: s for s in est.stages}
+    animate_mode = stage_modes(est, 30 * GIB)[0]["animate"]
+    assert by_name["decode"].peak_bytes(animate_mode) <= 30 * GIB
+    assert by_name["animate"].peak_bytes(animate_mode) <= 30 * GIB

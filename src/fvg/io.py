@@ -352,15 +352,55 @@ def _offline_message(model_id: str) -> str:
             f"(`hf download {model_id}`, then copy the cache or set HF_HOME), or pass a local directory instead")
 
 
+def read_text_file(path: Path, what: str = "file") -> str:
+    """A UTF-8 text file's contents; FvgError (one line) for a missing, unreadable or binary file."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise FvgError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise FvgError(f"{path} is a folder, not a {what}") from None
+    except OSError as exc:
+        raise FvgError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if b"\0" in data:
+        raise FvgError(f"{path} is a binary file, not a {what}")
+    try:
+        return data.decode("utf-8-sig")  # tolerate a BOM: editors on Windows add one
+    except UnicodeDecodeError:
+        raise FvgError(f"{path} is not UTF-8 text, not a {what}") from None
+
+
+def parse_json(text: str, where: str):
+    """JSON text as Python values; FvgError for anything `json` cannot turn into a value: syntax errors,
+    nesting deep enough to exhaust the recursion limit, integers too long to convert."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FvgError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise FvgError(f"{where} is not usable JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal longer than Python's conversion limit
+        raise FvgError(f"{where} is not usable JSON: {str(exc).splitlines()[0][:120]}") from None
+
+
+def read_json_object(path: Path, what: str = "JSON file") -> dict:
+    """A file holding one JSON object; FvgError naming the problem otherwise."""
+    data = parse_json(read_text_file(path, what), str(path))
+    if not isinstance(data, dict):
+        raise FvgError(f"{path} is not a {what}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    """The JSON object of each non-blank line; a bad line is an FvgError naming file and line."""
+    """The JSON objects of a JSONL file, one per line; FvgError naming the first bad line (or a binary,
+    non-UTF-8 or unreadable file). Lines are split on '\\n' only: JSON escapes every other line break."""
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text_file(path, "JSONL file").split("\n"), start=1):
         if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise FvgError(f"{path}:{number} is not valid JSON") from None
+            row = parse_json(line, f"{path}:{number}")
+            if not isinstance(row, dict):
+                raise FvgError(f"{path}:{number} is not a JSON object")
+            rows.append(row)
     return rows
 
 

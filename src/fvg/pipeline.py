@@ -226,10 +226,27 @@ class FactorizedPipeline:
         self.vae_tiling = preset.height * preset.width >= 704 * 1280 if vae_tiling is None else vae_tiling
         self.planner_options = dict(planner_options or {})
         self.residency = StageResidency(self.device, self.memory)
+        if self.memory == "auto" and self.device.startswith("cuda"):
+            self._plan_auto_modes()
         self._planner = None
         self._anchor_source = None
         self._video_pipe = None
         self._speed = None  # the speed options applied to the video pipeline (`fvg.speed.SpeedSession`)
+
+    def _plan_auto_modes(self) -> None:
+        """`auto` on a GPU: each stage's mode from `fvg memory`'s estimate (exact model sizes, activations
+        at this resolution) and the free device memory; without an estimate (a checkpoint with no config
+        fvg knows and none on disk yet) each stage decides when it first runs, from its loaded weights."""
+        from fvg.memory import estimate, stage_modes
+
+        try:
+            est = estimate(self.preset, self.dtype, vae_tiling=self.vae_tiling)
+        except FvgError:
+            return
+        free, _total = torch.cuda.mem_get_info(torch.device(self.device))
+        modes, together = stage_modes(est, free)
+        self.residency.modes.update(modes)
+        self.residency.keep_resident = together
 
     @property
     def cpu_offload(self) -> bool:

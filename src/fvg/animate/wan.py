@@ -212,13 +212,17 @@ class AnchoredWanPipeline(WanPipeline):
         Encoded as a one-frame video (Wan's causal VAE maps the first frame to latent frame 0
         on its own) and taken at the posterior mode, as `WanImageToVideoPipeline` does.
         """
-        device = self._execution_device
-        pixels = self.video_processor.preprocess(image, height=height, width=width).to(device, dtype=torch.float32)
+        pixels = self.video_processor.preprocess(image, height=height, width=width)
+        return self.encode_video(pixels.unsqueeze(2)).to(self._execution_device)
+
+    @torch.no_grad()
+    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised fp32 latents [B, C, f, h, w] of pixels [B, 3, F, H, W] in [-1, 1], at the posterior
+        mode (deterministic: training caches it). The anchor is this for a one-frame video."""
         vae_device = get_module_execution_device(self.vae)
-        pixels = pixels.unsqueeze(2).to(vae_device, self.vae.dtype)
-        latent = retrieve_latents(self.vae.encode(pixels), sample_mode="argmax").to(device, torch.float32)
-        mean, inv_std = self._latent_stats(device, torch.float32)
-        return (latent - mean) * inv_std
+        latent = retrieve_latents(self.vae.encode(pixels.to(vae_device, self.vae.dtype)), sample_mode="argmax")
+        mean, inv_std = self._latent_stats(latent.device, torch.float32)
+        return (latent.float() - mean) * inv_std
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, output_type: str = "np"):
@@ -274,6 +278,7 @@ class AnchoredWanPipeline(WanPipeline):
         """Generate a video; with `anchor` (an image) or `anchor_latents` (from `encode_anchor`),
         latent frame 0 is pinned to it at timestep 0 throughout sampling. `modulation`: "frame"
         (one timestep row per latent frame, the default) or "token" (diffusers' per-token layout)."""
+        # Mirrors WanPipeline.__call__ step by step; the differences are marked "anchor:".
         if modulation not in ("frame", "token"):
             raise ValueError(f"modulation must be 'frame' or 'token', got {modulation!r}")
         self.check_inputs(prompt, negative_prompt, height, width, prompt_embeds, negative_prompt_embeds,
@@ -284,7 +289,7 @@ class AnchoredWanPipeline(WanPipeline):
         multiple = self.vae_scale_factor_spatial * patch[1]
         if height % multiple or width % multiple:
             raise ValueError(f"height and width must be multiples of {multiple} for this model, got {height}x{width}")
-        anchored = anchor is not None or anchor_latents is not None
+        anchored = anchor is not None or anchor_latents is not None  # anchor: the method's input
         if anchored and patch[0] != 1:
             raise ValueError("anchoring needs a temporal patch size of 1 (one latent frame per token row)")
         if self.config.boundary_ratio is not None and guidance_scale_2 is None:
@@ -319,7 +324,7 @@ class AnchoredWanPipeline(WanPipeline):
             batch_size * num_videos_per_prompt, self.transformer_config.in_channels, height, width, num_frames,
             torch.float32, device, generator, latents,
         )
-        if anchored:
+        if anchored:  # anchor: the clean, normalised anchor latent, one per video
             if anchor_latents is None:
                 anchor_latents = self.encode_anchor(anchor, height, width)
             anchor_latents = anchor_latents.to(device, torch.float32).expand(latents.shape[0], -1, -1, -1, -1)
@@ -345,9 +350,10 @@ class AnchoredWanPipeline(WanPipeline):
                 else:
                     model, scale = self.transformer_2, guidance_scale_2
                 if anchored:
-                    # The method: frame 0 is the clean anchor at every step, never noise.
+                    # anchor: frame 0 is the clean anchor at every step, never noise (the method)
                     latents = torch.cat([anchor_latents, latents[:, :, 1:]], dim=2)
                 model_input = latents.to(transformer_dtype)
+                # anchor: timestep 0 on latent frame 0, t on the other frames (per frame or per token)
                 timestep = expand(t, latents, anchored) if two_d else t.expand(latents.shape[0])
                 cache_kwargs = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]),
                                 "num_inference_steps": self._num_timesteps}
@@ -374,7 +380,7 @@ class AnchoredWanPipeline(WanPipeline):
                 progress_bar.update()
 
         self._current_timestep = None
-        if anchored:
+        if anchored:  # anchor: frame 0 is exactly the clean latent in the output
             latents = torch.cat([anchor_latents, latents[:, :, 1:]], dim=2)
         video = latents if output_type == "latent" else self.decode_latents(latents, output_type)
         self.maybe_free_model_hooks()

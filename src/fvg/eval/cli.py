@@ -130,15 +130,13 @@ def score(
     rescore: bool = typer.Option(False, "--rescore", help="Recompute rows an earlier run already scored."),
 ):
     """Local metrics for every generated video: CLIP similarity, anchor fidelity, consistency, motion."""
-    from fvg.io import read_jsonl
-
-    from .generate import MANIFEST
+    from .generate import MANIFEST, read_manifest
     from .metrics import parse_metrics, score_run
 
     metric_list = parse_metrics(metrics, clip)
     if not (out / MANIFEST).is_file():
         raise FvgError(f"no {MANIFEST} in {out}: run `fvg eval generate --out {out}` first")
-    total = len(read_jsonl(out / MANIFEST))
+    total = len(read_manifest(out))
     with progress_bar() as progress:
         task = progress.add_task("scoring", total=total)
         summary = score_run(out, scores or out / "scores.jsonl", metric_list, clip, device, rescore,
@@ -148,34 +146,93 @@ def score(
     console.print(f"{summary.scored} scored, {summary.reused} unchanged, {summary.missing} missing -> {summary.path}")
 
 
+@eval_app.command()
+def check(
+    out: Path = typer.Argument(..., help="The folder `fvg eval generate` wrote."),
+    suite: Optional[str] = typer.Option(None, "--suite", help="t2v-compbench, vbench2, minicompbench or a .txt "
+                                                              "prompt file (default: the one in OUT/eval.json)."),
+    suite_dir: Optional[Path] = typer.Option(None, "--suite-dir", help="As for `generate` (default: from eval.json)."),
+    categories: Optional[str] = typer.Option(None, "--categories", help="Only these categories/dimensions."),
+    compbench_dir: Optional[Path] = typer.Option(None, "--compbench-dir", help="T2V-CompBench checkout, for its "
+                                                                              "meta_data/ (else $COMPBENCH)."),
+    tools_dir: Optional[Path] = typer.Option(None, "--tools-dir", help="Folder holding LLaVA/, Depth-Anything/, "
+                                                                       "Grounded-Segment-Anything/, dot/ (else "
+                                                                       "$TOOLS, else the current folder)."),
+    vbench_dir: Optional[Path] = typer.Option(None, "--vbench-dir", help="VBench-2.0 folder holding evaluate.py "
+                                                                         "(else $VBENCH2)."),
+    script: Optional[Path] = typer.Option(None, "--script", help="Write the commands to this file "
+                                                                 "(default: print them)."),
+):
+    """Refuse a folder the official evaluators would mis-pair; print their exact commands for it."""
+    from fvg.io import write_text
+
+    from .check import check_run
+    from fvg.io import read_json_object
+
+    from .generate import CONFIG
+    from .suites import load_suite
+
+    if suite is None:
+        if not (out / CONFIG).is_file():
+            raise FvgError(f"no {CONFIG} in {out}: pass --suite (and --suite-dir) as for `fvg eval generate`")
+        config = read_json_object(out / CONFIG, "fvg eval config")
+        suite = config.get("suite")
+        if not isinstance(suite, str) or not isinstance(config.get("source"), str):
+            raise FvgError(f"{out / CONFIG} names no suite: pass --suite")
+        if suite == "file":
+            suite = config["source"]
+        elif suite in ("t2v-compbench", "vbench2") and suite_dir is None:
+            suite_dir = Path(config["source"])
+    the_suite = load_suite(suite, suite_dir).select(_split(categories))
+    # Absolute: the script changes folder before it uses them.
+    folders = {name: str(path.resolve()) for name, path in (("compbench_dir", compbench_dir), ("tools_dir", tools_dir),
+                                                            ("vbench_dir", vbench_dir)) if path is not None}
+    report = check_run(out, the_suite, **folders)
+    for note in report.notes[:10]:
+        console.print(f"[yellow]note:[/] {note}", highlight=False, markup=True)
+    if len(report.notes) > 10:
+        console.print(f"[yellow]note:[/] and {len(report.notes) - 10} more", markup=True)
+    text = "\n".join(report.commands) + "\n" if report.commands else ""
+    if script is not None and text:
+        write_text(script, text)
+        script.chmod(0o755)
+    elif text:
+        typer.echo(text, nl=False)
+    console.print(f"ok: {report.videos} videos in {report.folders} folders are laid out as the official "
+                  f"evaluators pair them" + (f"; commands in {script}" if script is not None and text else ""),
+                  highlight=False)
+
+
 @eval_app.command("import")
 def import_(
     tool: str = typer.Argument(..., help="t2v-compbench or vbench2."),
-    files: List[Path] = typer.Argument(..., help="T2V-CompBench CSVs or VBench 2.0 *_eval_results.json files."),
+    files: List[Path] = typer.Argument(..., help="The official scripts' outputs: T2V-CompBench's final CSVs "
+                                                 "(intermediate ones are skipped), VBench 2.0's "
+                                                 "*_eval_results.json."),
     to: Path = typer.Option(..., "--to", help="Score JSONL to add the rows to (e.g. OUT/official.jsonl)."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="Mode of these results (default: from the path)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="T2V-CompBench: seed (default: seed<N> in the path)."),
-    category: Optional[str] = typer.Option(None, "--category", help="T2V-CompBench: category (default: file name)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="Mode of these results (default: from the "
+                                                            "--t2v-model name or the path)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="T2V-CompBench: seed (default: from the name or "
+                                                            "a seed<N> folder)."),
+    category: Optional[str] = typer.Option(None, "--category", help="T2V-CompBench: category of a renamed CSV "
+                                                                    "(default: from the script's file name)."),
 ):
     """Official evaluators' results as score rows, for `fvg eval report`."""
     from fvg.presets import validate_mode
 
-    from .importers import import_t2v_compbench, import_vbench2, merge_rows
+    from .importers import import_files, merge_rows
 
     if mode is not None:
         validate_mode(mode)
-    rows = []
-    for path in files:
-        if tool == "t2v-compbench":
-            rows += import_t2v_compbench(path, mode, seed, category)
-        elif tool == "vbench2":
-            if seed is not None or category is not None:
-                raise FvgError("--seed and --category apply to t2v-compbench; VBench names dimensions itself")
-            rows += import_vbench2(path, mode)
-        else:
-            raise FvgError(f"unknown tool '{tool}' (choose from: t2v-compbench, vbench2)")
-    merge_rows(to, rows)
-    console.print(f"imported {len(rows)} rows from {len(files)} file(s) into {to}")
+    rows, skipped = import_files(tool, files, mode, seed, category)
+    try:
+        merge_rows(to, rows)
+    except OSError as exc:
+        raise FvgError(f"cannot write {to}: {exc.strerror or exc}") from None
+    scores = sum(1 for r in rows if r.get("aggregate"))
+    console.print(f"imported {scores} official score(s) and {len(rows) - scores} per-video rows from "
+                  f"{len(files) - len(skipped)} file(s) into {to}"
+                  + (f"; skipped {len(skipped)} intermediate file(s)" if skipped else ""), highlight=False)
 
 
 @eval_app.command()
@@ -197,7 +254,10 @@ def report(
         except ImportError:
             console.print("[yellow]note:[/] matplotlib is not installed (pip install 'fvg[eval]'): no plots")
             plots = False
-    written = write_report(the_report, out, plots=plots)
+    try:
+        written = write_report(the_report, out, plots=plots)
+    except OSError as exc:
+        raise FvgError(f"cannot write the report into {out}: {exc.strerror or exc}") from None
     typer.echo(Path(out / "report.md").read_text(encoding="utf-8"))
     console.print(f"wrote {len(written)} files in {out}")
 

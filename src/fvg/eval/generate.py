@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from fvg.io import FvgError, mp4_is_valid, read_jsonl, save_image, write_json, write_text
+from fvg.io import (FvgError, mp4_is_valid, parse_json, read_json_object, read_jsonl, read_text_file, save_image,
+                    write_json, write_text)
 from fvg.presets import DEFAULT_PRESET, MODES, get_preset, validate_mode
 from fvg.provenance import utc_timestamp
 
@@ -114,11 +115,8 @@ def check_config(settings: GenerateSettings) -> dict:
     fingerprint = _fingerprint(settings)
     config = {"fvg_eval": 1, **fingerprint, "source": settings.suite.source, "modes": settings.modes,
               "seeds": settings.seeds}
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            raise FvgError(f"{path} is corrupt: delete it or use another --out") from None
+    if path.exists():
+        old = _read_config(path)
         old.setdefault("cache", "none")  # folders written before the cache option
         differ = [k for k in fingerprint if old.get(k) != fingerprint[k]]
         if differ:
@@ -126,29 +124,73 @@ def check_config(settings: GenerateSettings) -> dict:
                            f"{', '.join(str(old.get(k)) for k in differ)}): use another --out")
         config["modes"] = list(dict.fromkeys([*old.get("modes", []), *settings.modes]))
         config["seeds"] = list(dict.fromkeys([*old.get("seeds", []), *settings.seeds]))
+    if (settings.out / MANIFEST).exists():  # merged into at the end: refuse a damaged one now, not after the work
+        read_manifest(settings.out)
     return config
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_config(path: Path) -> dict:
+    """An existing eval.json, checked field by field: a damaged one is refused, never half-trusted."""
+    hint = "delete it (the videos stay) or use another --out"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        old = read_json_object(path, "fvg eval config")
+    except FvgError as exc:
+        raise FvgError(f"{exc}: {hint}") from None
+    modes, seeds = old.get("modes", []), old.get("seeds", [])
+    if not (isinstance(modes, list) and all(isinstance(m, str) for m in modes)
+            and isinstance(seeds, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise FvgError(f"{path} is corrupt (its 'modes' or 'seeds' are not lists of names and integers): {hint}")
+    return old
+
+
+def read_record(path: Path) -> dict | None:
+    """A record written by an earlier run, or None when it is missing or damaged in any way (binary,
+    truncated, not an object): a damaged record is redone, never trusted."""
+    try:
+        return read_json_object(path)
+    except FvgError:
         return None
 
 
 def _entry(job: VideoJob, out: Path, status: str, rank: int, error: str | None = None) -> dict:
     """A manifest line, filled from the job's records (present for generated and resumed videos)."""
     rec = out / job.record
-    run = _read_json(rec / "run.json") or {}
+    run = _job_record(job, out)
+    plan = _job_plan(job, out) if job.mode != "t2v" else None
+    timings = run.get("timings_s")
+    video_prompt = run.get("video_prompt")
     return {
-        "suite": run.get("eval", {}).get("suite"),  # set for every line when the parts are merged
+        "suite": None,  # set for every line when the parts are merged
         "category": job.item.category, "index": job.item.index, "sample": job.sample,
-        "prompt": job.item.prompt, "video_prompt": run.get("video_prompt"),
+        "prompt": job.item.prompt, "video_prompt": video_prompt if isinstance(video_prompt, str) else None,
         "mode": job.mode, "seed": job.seed, "video": job.video, "record": job.record,
-        "plan": _read_json(rec / "plan.json") if job.mode != "t2v" else None,
+        "plan": plan.to_dict() if plan is not None else None,
         "anchor": f"{job.record}/anchor.png" if (rec / "anchor.png").is_file() else None,
-        "timings": run.get("timings_s", {}), "status": status, "error": error, "rank": rank,
+        "timings": timings if isinstance(timings, dict) else {}, "status": status, "error": error, "rank": rank,
     }
+
+
+def _job_record(job: VideoJob, out: Path) -> dict:
+    """The job's run.json, or {} when it is missing, damaged or records another video (prompt, mode or
+    seed differ: left over from another run in this folder)."""
+    run = read_record(out / job.record / "run.json") or {}
+    same = (run.get("prompt") == job.item.prompt.strip() and run.get("mode") == job.mode
+            and run.get("seed") == job.seed)
+    return run if same else {}
+
+
+def _job_plan(job: VideoJob, out: Path):
+    """The job's saved plan, or None when it is missing, damaged or was made for another prompt."""
+    from fvg.plan import Plan
+
+    saved = read_record(out / job.record / "plan.json")
+    if saved is None:
+        return None
+    try:
+        plan = Plan.from_dict(saved)
+    except (FvgError, TypeError, ValueError):
+        return None
+    return plan if plan.prompt == job.item.prompt.strip() else None
 
 
 class _PlanStore:
@@ -158,15 +200,10 @@ class _PlanStore:
         self.pipe, self.out = pipe, out
 
     def get(self, jobs: list[VideoJob]) -> tuple[object, float | None]:
-        from fvg.plan import Plan
-
         for job in jobs:
-            saved = _read_json(self.out / job.record / "plan.json")
-            if saved is not None and job.mode != "t2v":
-                try:
-                    return Plan.from_dict(saved), None
-                except FvgError:
-                    pass  # a damaged record: plan again
+            plan = _job_plan(job, self.out) if job.mode != "t2v" else None
+            if plan is not None:  # a damaged or foreign record is not reused: plan again
+                return plan, None
         start = time.perf_counter()
         plan = self.pipe.plan(jobs[0].item.prompt)
         return plan, time.perf_counter() - start
@@ -287,6 +324,41 @@ def _write_part(out: Path, rank: int, entries: list[tuple[int, dict]]) -> None:
     write_text(out / f"manifest.part-{rank:03d}.jsonl", lines)
 
 
+def read_manifest(out: Path) -> list[dict]:
+    """OUT/manifest.jsonl, every line checked for the fields the eval commands use."""
+    path = out / MANIFEST
+    hint = f"delete it and rerun `fvg eval generate --out {out}` (finished videos are kept, the manifest is rebuilt)"
+    try:
+        entries = read_jsonl(path)
+    except FvgError as exc:
+        raise FvgError(f"{exc}: {hint}") from None
+    for number, entry in enumerate(entries, start=1):
+        problem = _manifest_problem(entry)
+        if problem:
+            raise FvgError(f"{path}: entry {number} {problem}: {hint}")
+    return entries
+
+
+def _inside(relpath) -> bool:
+    """A path relative to the output folder that stays inside it."""
+    return isinstance(relpath, str) and bool(relpath) and not Path(relpath).is_absolute() \
+        and ".." not in Path(relpath).parts
+
+
+def _manifest_problem(entry: dict) -> str | None:
+    if not _inside(entry.get("video")) or not entry["video"].endswith(".mp4"):
+        return "has no valid 'video' path"
+    if entry.get("anchor") is not None and not _inside(entry["anchor"]):
+        return "has an invalid 'anchor' path"
+    for key in ("prompt", "mode", "category"):
+        if not isinstance(entry.get(key), str):
+            return f"has no '{key}' text"
+    for key in ("index", "seed", "sample"):
+        if entry.get(key) is not None and (isinstance(entry[key], bool) or not isinstance(entry[key], int)):
+            return f"has a '{key}' that is not an integer"
+    return None
+
+
 def merge_manifest(out: Path, world: int, suite_name: str) -> Path:
     """Merge this run's parts (in job order) into manifest.jsonl, keeping earlier runs' other videos."""
     parts: list[dict] = []
@@ -300,7 +372,7 @@ def merge_manifest(out: Path, world: int, suite_name: str) -> Path:
         entry["suite"] = suite_name
     path = out / MANIFEST
     new = {e["video"] for e in parts}
-    kept = [e for e in read_jsonl(path) if e.get("video") not in new] if path.is_file() else []
+    kept = [e for e in read_manifest(out) if e["video"] not in new] if path.is_file() else []
     write_text(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in kept + parts))
     for part in out.glob(PART_GLOB):  # including stale ones from an interrupted run with more processes
         part.unlink()

@@ -260,13 +260,17 @@ def score_run(out: Path, scores_path: Path, metrics: list[str], clip: str | None
 
     from fvg.io import read_jsonl
 
-    from .generate import MANIFEST
+    from .generate import MANIFEST, read_manifest
 
     manifest_path = out / MANIFEST
     if not manifest_path.is_file():
         raise FvgError(f"no {MANIFEST} in {out}: run `fvg eval generate --out {out}` first")
-    entries = read_jsonl(manifest_path)
-    old = {} if rescore or not scores_path.is_file() else {r.get("video"): r for r in read_jsonl(scores_path)}
+    entries = read_manifest(out)
+    # Rows of an earlier scoring run are reused only when they are well formed (else rescored).
+    old = {} if rescore or not scores_path.is_file() else {
+        r["video"]: r for r in read_jsonl(scores_path)
+        if isinstance(r.get("video"), str) and isinstance(r.get("metrics_run"), list)
+        and all(isinstance(m, str) for m in r["metrics_run"])}
     scorer = ClipScorer.load(clip, device) if clip and {"clip", "consistency"} & set(metrics) else None
     rows: list[dict] = []
     scored = reused = missing = 0

@@ -1,8 +1,10 @@
 """`fvg eval report`: mode x category tables, plots and paired comparisons from score rows.
 
-A table cell is the mean over the cell's videos (all prompts and seeds); where a source gave
-only category scores (`aggregate` rows), the mean of those. The `mean` column averages the
-categories equally, as the benchmarks' papers do.
+A table cell is the official category/dimension score where an imported source gave one
+(`aggregate` rows; the mean of them over runs, e.g. seeds), so the tables show the numbers the
+benchmarks' own tools print; otherwise (fvg's local metrics) the mean over the cell's videos.
+Per-video values serve the paired comparisons. The `mean` column averages the categories
+equally, as the benchmarks' papers do.
 
 Paired comparisons take, per prompt and seed, treatment minus baseline (e.g. factorized -
 t2v) on the same metric: the seeds are shared across modes, so each difference isolates the
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,10 +30,15 @@ BOOTSTRAP_SEED = 0
 ALL = "all"  # the pseudo-category of pooled comparisons
 
 
+OFFICIAL = "official"  # Cell.source: the tool's own category/dimension score(s)
+VIDEOS = "videos"  # Cell.source: the mean of per-video values
+
+
 @dataclass(frozen=True)
 class Cell:
     mean: float
-    n: int  # videos, or category scores for aggregate-only cells
+    n: int  # official scores averaged (runs), or videos
+    source: str = VIDEOS  # OFFICIAL or VIDEOS
 
 
 @dataclass(frozen=True)
@@ -71,8 +79,10 @@ def build_tables(rows: list[dict]) -> tuple[dict, dict]:
     tables: dict = defaultdict(lambda: defaultdict(dict))
     for key in set(per_video) | set(aggregate):
         metric, mode, category = key
-        values = per_video.get(key) or aggregate[key]  # per-video values when the source had them
-        tables[metric][mode][category] = Cell(float(np.mean(values)), len(values))
+        if aggregate.get(key):  # the official score: what the benchmark's tool reports, with its own rules
+            tables[metric][mode][category] = Cell(float(np.mean(aggregate[key])), len(aggregate[key]), OFFICIAL)
+        else:
+            tables[metric][mode][category] = Cell(float(np.mean(per_video[key])), len(per_video[key]), VIDEOS)
     return ({m: {mode: tables[m][mode] for mode in _modes_sorted(tables[m])} for m in sorted(tables)},
             dict(categories))
 
@@ -171,11 +181,14 @@ def to_markdown(report: Report) -> str:
         cats = report.categories[metric]
         lines += [f"## {metric}", "", "| mode | " + " | ".join(cats) + " | mean |",
                   "|---" * (len(cats) + 2) + "|"]
+        sources = {cell.source for cells in by_mode.values() for cell in cells.values()}
+        mark = "*" if len(sources) > 1 else ""  # marks per-video means in a table that mixes both
         for mode, cells in by_mode.items():
             mean = category_mean(cells, cats)
-            row = [_fmt(cells[c].mean) if c in cells else "-" for c in cats]
+            row = [_fmt(cells[c].mean) + (mark if cells[c].source == VIDEOS else "") if c in cells else "-"
+                   for c in cats]
             lines.append(f"| {mode} | " + " | ".join(row) + f" | {'-' if mean is None else _fmt(mean)} |")
-        lines.append("")
+        lines += ["", _source_note(sources, mark), ""]
     if report.comparisons:
         lines += ["## Paired comparisons", "",
                   f"Per prompt and seed, treatment - baseline; 95% percentile bootstrap interval "
@@ -188,18 +201,29 @@ def to_markdown(report: Report) -> str:
     return "\n".join(lines)
 
 
+def _source_note(sources: set[str], mark: str) -> str:
+    official = ("the official category/dimension score (the mean over runs where there are several, "
+                "e.g. seeds); per-video values serve only the paired comparisons")
+    if sources == {OFFICIAL}:
+        return f"Cells: {official}."
+    if sources == {VIDEOS}:
+        return "Cells: the mean over the cell's videos (all prompts and seeds)."
+    return f"Cells: {official}; cells marked {mark}: the mean over their videos (no official score imported)."
+
+
 def to_csv(report: Report) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["metric", "mode", "category", "mean", "n"])
+    writer.writerow(["metric", "mode", "category", "mean", "n", "source"])
     for metric, by_mode in report.tables.items():
         for mode, cells in by_mode.items():
             for category in report.categories[metric]:
                 if category in cells:
-                    writer.writerow([metric, mode, category, cells[category].mean, cells[category].n])
+                    cell = cells[category]
+                    writer.writerow([metric, mode, category, cell.mean, cell.n, cell.source])
             mean = category_mean(cells, report.categories[metric])
             if mean is not None:
-                writer.writerow([metric, mode, "mean", mean, len(report.categories[metric])])
+                writer.writerow([metric, mode, "mean", mean, len(report.categories[metric]), "categories"])
     return buf.getvalue()
 
 
@@ -274,14 +298,45 @@ def write_report(report: Report, out_dir: Path, plots: bool = True) -> list[Path
 
 
 def load_rows(paths: list[Path]) -> list[dict]:
-    from .generate import read_jsonl
+    """Score rows of JSONL files, each checked (types of the fields the report uses, finite metric values):
+    a damaged or foreign file is refused with the file and row named, never half-read."""
+    from fvg.io import read_jsonl
 
     rows = []
     for path in paths:
-        if not Path(path).is_file():
-            raise FvgError(f"score file not found: {path}")
-        rows += read_jsonl(Path(path))
-    bad = [r for r in rows if not isinstance(r, dict) or "mode" not in r or "category" not in r]
-    if bad:
-        raise FvgError(f"{len(bad)} score rows lack 'mode' or 'category': not fvg score files")
+        for number, row in enumerate(read_jsonl(Path(path)), start=1):
+            problem = _row_problem(row)
+            if problem:
+                raise FvgError(f"{path}: row {number} {problem}: not an fvg score file "
+                               f"(`fvg eval score` and `fvg eval import` write them)")
+            rows.append(row)
     return rows
+
+
+def _row_problem(row: dict) -> str | None:
+    for key in ("mode", "category"):
+        if not isinstance(row.get(key), str) or not row[key]:
+            return f"has no '{key}' name"
+    for key in ("source", "prompt"):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            return f"has a '{key}' that is not text"
+    for key in ("seed", "index", "sample"):
+        if row.get(key) is not None and (isinstance(row[key], bool) or not isinstance(row[key], int)):
+            return f"has a '{key}' that is not an integer"
+    if not isinstance(row.get("aggregate", False), bool):
+        return "has an 'aggregate' that is not true or false"
+    metrics = row.get("metrics")
+    if not isinstance(metrics, dict):
+        return "has no 'metrics' object"
+    for name, value in metrics.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"has a non-numeric value for metric '{name[:40]}'"
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite:
+            return f"has a non-finite value for metric '{name[:40]}'"
+    return None

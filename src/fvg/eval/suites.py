@@ -3,8 +3,10 @@
 Two layouts exist:
 
 - "compbench" (T2V-CompBench, MiniCompBench, plain prompt files): one video per prompt and
-  seed, `<mode>/seed<S>/<category>/0001.mp4 ...`, 4 digits, 1-based, in prompt-file order
-  (T2V-CompBench's scripts parse `int(name[0:4]) - 1` as the prompt's line). The category
+  seed, `<mode>/seed<S>/<category>/0001.mp4 ...`, 4 digits, 1-based, in prompt-file order.
+  T2V-CompBench's scripts do not read the number: they sort the folder and pair the i-th file
+  with the i-th prompt of their meta_data JSON, so the numbers must run 0001..N without a gap
+  and nothing else may be in the folder (`fvg eval check` verifies both). The category
   folder is the prompt file's stem without its `N_` prefix (`3_spatial_relationship.txt` ->
   `spatial_relationship/`), the same rule as `fvg.miniworld.suite`.
 - "vbench" (VBench 2.0): `<mode>/<Dimension>/<prompt[:180]>-<i>.mp4`, i = 0.. n-1 with n = 3

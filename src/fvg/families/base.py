@@ -37,6 +37,44 @@ def check_video_shape(height: int, width: int, num_frames: int, frame_step: int 
         raise FvgError(f"height and width must be positive multiples of {pixel_multiple}, got {height}x{width}")
 
 
+def load_components_onto(model_id: str, dtype, devices: dict | None) -> dict:
+    """Components of a diffusers checkpoint loaded straight onto their devices: `devices` maps a component
+    name (`transformer`, `transformer_2`, `text_encoder`) to its device.
+
+    Each named component is read from its safetensors with `device_map=<device>` (diffusers and
+    transformers load on the meta device, then put each tensor on the device in `dtype`): no host copy
+    of the whole model, no float32 copy. Pass the result to the pipeline's `from_pretrained`, which then
+    loads only the rest (on the host). A component the checkpoint does not have (Wan2.1's
+    `transformer_2`) is left out; whoever needs it says so."""
+    import importlib
+
+    from diffusers import DiffusionPipeline
+
+    from fvg.io import load_or_explain
+
+    if not devices:
+        return {}
+    index = load_or_explain(DiffusionPipeline.load_config, model_id)  # model_index.json: name -> [library, class]
+    loaded = {}
+    for name, device in devices.items():
+        library, class_name = (index.get(name) or [None, None])[:2]
+        if class_name is None:
+            continue
+        cls = getattr(importlib.import_module(library), class_name)
+        loaded[name] = load_or_explain(cls.from_pretrained, model_id, subfolder=name, dtype=dtype,
+                                       device_map=str(device))
+    return loaded
+
+
+def place_built(pipe, dtype, devices: dict | None) -> None:
+    """A tiny pipeline built in float32 on the host: cast the transformer(s) and text encoder to `dtype` and
+    move the components named in `devices` there, each with one `.to` (the tiny builds have no files)."""
+    for name in ("transformer", "transformer_2", "text_encoder"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.to((devices or {}).get(name, "cpu"), dtype)
+
+
 class MemoryFacts(Protocol):
     """Slot for a family's memory facts (not implemented by any family yet; `ModelFamily.memory` is None).
 
@@ -88,8 +126,10 @@ class ModelFamily(ABC):
     # -- loading -------------------------------------------------------------------------------
 
     @abstractmethod
-    def load_pipeline(self, model_id: str, dtype, flow_shift: float | None = None):
-        """The family's anchored pipeline from a diffusers checkpoint, or `tiny_model_id`'s random one."""
+    def load_pipeline(self, model_id: str, dtype, flow_shift: float | None = None, devices: dict | None = None):
+        """The family's anchored pipeline from a diffusers checkpoint, or `tiny_model_id`'s random one.
+        On the host, except the components named in `devices` (name -> device), which are loaded straight
+        onto their device (`load_components_onto`; training places what it trains this way)."""
 
     @abstractmethod
     def tiny_components(self, seed: int = 0) -> dict:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from fvg.animate.cogvideox import anchor_layout, frame_timesteps, temporal_rows
-from fvg.families.base import ModelFamily, TrainingObjective
+from fvg.families.base import ModelFamily, TrainingObjective, load_components_onto, place_built
 from fvg.io import FvgError, load_or_explain
 
 log = logging.getLogger("fvg.train")
@@ -122,11 +122,13 @@ def masked_v_loss(pred: torch.Tensor, target: torch.Tensor, frame_weight: torch.
 
 # -- loading ---------------------------------------------------------------------------------------
 
-def load_cogvideox_pipeline(model_id: str, dtype: torch.dtype, vae_tiling: bool | None = None):
+def load_cogvideox_pipeline(model_id: str, dtype: torch.dtype, vae_tiling: bool | None = None,
+                            devices: dict | None = None):
     """An `AnchoredCogVideoXPipeline` from a diffusers CogVideoX text-to-video checkpoint (e.g. THUDM/CogVideoX1.5-5B).
 
     The VAE stays in float32, as for Wan. Real checkpoints get VAE tiling by default (diffusers'
     CogVideoX1.5 recipe: a 81 x 768 x 1360 decode does not fit otherwise); `vae_tiling=False` turns it off.
+    Components named in `devices` are loaded straight onto their device (`load_components_onto`).
     """
     from diffusers import AutoencoderKLCogVideoX
 
@@ -136,12 +138,11 @@ def load_cogvideox_pipeline(model_id: str, dtype: torch.dtype, vae_tiling: bool 
         from fvg.tiny import tiny_cogvideox_components
 
         pipe = AnchoredCogVideoXPipeline(**tiny_cogvideox_components())  # built in float32
-        if dtype != torch.float32:
-            for module in (pipe.transformer, pipe.text_encoder):
-                module.to(dtype)
+        place_built(pipe, dtype, devices)
         return pipe
     vae = load_or_explain(AutoencoderKLCogVideoX.from_pretrained, model_id, subfolder="vae", dtype=torch.float32)
-    pipe = load_or_explain(AnchoredCogVideoXPipeline.from_pretrained, model_id, vae=vae, dtype=dtype)
+    placed = load_components_onto(model_id, dtype, devices)
+    pipe = load_or_explain(AnchoredCogVideoXPipeline.from_pretrained, model_id, vae=vae, dtype=dtype, **placed)
     if vae_tiling is not False:
         pipe.vae.enable_tiling()
     return pipe
@@ -157,8 +158,8 @@ class CogVideoXFamily(ModelFamily):
     lora_method = ("anchor LoRA: clean first temporal patch (anchor latent twice) at timestep 0, "
                    "v-prediction (Factorized Video Generation)")
 
-    def load_pipeline(self, model_id: str, dtype, flow_shift: float | None = None):
-        return load_cogvideox_pipeline(model_id, dtype)  # v-prediction: no flow shift
+    def load_pipeline(self, model_id: str, dtype, flow_shift: float | None = None, devices: dict | None = None):
+        return load_cogvideox_pipeline(model_id, dtype, devices=devices)  # v-prediction: no flow shift
 
     def tiny_components(self, seed: int = 0) -> dict:
         from fvg.tiny import tiny_cogvideox_components

@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from fvg.families.base import ModelFamily, TrainingObjective
+from fvg.families.base import ModelFamily, TrainingObjective, load_components_onto, place_built
 from fvg.families.flow_matching import SigmaSampler, draw_batch, masked_flow_loss
 from fvg.io import load_or_explain
 
@@ -22,10 +22,11 @@ log = logging.getLogger("fvg.train")
 
 # -- loading ---------------------------------------------------------------------------------------
 
-def load_wan_pipeline(model_id: str, dtype: torch.dtype, flow_shift: float | None = None):
+def load_wan_pipeline(model_id: str, dtype: torch.dtype, flow_shift: float | None = None, devices: dict | None = None):
     """An `AnchoredWanPipeline` from a diffusers Wan checkpoint (T2V, TI2V or the A14B pair).
 
     The VAE stays in float32 as Wan's reference code keeps it: bf16 decoding shows banding.
+    Components named in `devices` are loaded straight onto their device (`load_components_onto`).
     """
     from diffusers import AutoencoderKLWan
 
@@ -35,12 +36,11 @@ def load_wan_pipeline(model_id: str, dtype: torch.dtype, flow_shift: float | Non
         from fvg.tiny import tiny_wan_components
 
         pipe = AnchoredWanPipeline(**tiny_wan_components())  # built in float32
-        if dtype != torch.float32:
-            for module in (pipe.transformer, pipe.text_encoder):
-                module.to(dtype)
+        place_built(pipe, dtype, devices)
     else:
         vae = load_or_explain(AutoencoderKLWan.from_pretrained, model_id, subfolder="vae", dtype=torch.float32)
-        pipe = load_or_explain(AnchoredWanPipeline.from_pretrained, model_id, vae=vae, dtype=dtype)
+        placed = load_components_onto(model_id, dtype, devices)
+        pipe = load_or_explain(AnchoredWanPipeline.from_pretrained, model_id, vae=vae, dtype=dtype, **placed)
     if flow_shift is not None and "flow_shift" in pipe.scheduler.config:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=flow_shift)
     elif flow_shift is not None and "shift" in pipe.scheduler.config:
@@ -105,8 +105,8 @@ class WanFamily(ModelFamily):
     tiny_model_id = "builtin:tiny-wan"
     lora_converters = {"wan": to_original_wan}
 
-    def load_pipeline(self, model_id: str, dtype, flow_shift: float | None = None):
-        return load_wan_pipeline(model_id, dtype, flow_shift)
+    def load_pipeline(self, model_id: str, dtype, flow_shift: float | None = None, devices: dict | None = None):
+        return load_wan_pipeline(model_id, dtype, flow_shift, devices)
 
     def tiny_components(self, seed: int = 0) -> dict:
         from fvg.tiny import tiny_wan_components
@@ -120,14 +120,8 @@ class WanFamily(ModelFamily):
 
     @torch.no_grad()
     def encode_clip(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised latent [C, F, h, w] at the posterior mode, exactly as `AnchoredWanPipeline.encode_anchor`
-        encodes the anchor (the mode is deterministic, so it can be cached; sampling would need the variance)."""
-        from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
-
-        vae = pipe.vae
-        latent = retrieve_latents(vae.encode(pixels.to(vae.device, vae.dtype)), sample_mode="argmax").float()
-        mean, inv_std = pipe._latent_stats(latent.device, torch.float32)
-        return ((latent - mean) * inv_std)[0].cpu()
+        """Normalised latent [C, F, h, w]: `AnchoredWanPipeline.encode_video`, as the anchor is encoded."""
+        return pipe.encode_video(pixels)[0].cpu()
 
     @torch.no_grad()
     def encode_captions(self, pipe, captions: list[str], max_sequence_length: int, device) -> list[torch.Tensor]:

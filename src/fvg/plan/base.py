@@ -40,8 +40,10 @@ class Plan:
         if missing:
             raise FvgError(f"invalid plan record: missing or non-string {', '.join(missing)}")
         kwargs = {k: v for k, v in d.items() if k in names}
-        warnings = kwargs.get("warnings")
-        kwargs["warnings"] = [w for w in warnings if isinstance(w, str)] if isinstance(warnings, list) else []
+        warnings = kwargs.get("warnings", [])
+        if not (isinstance(warnings, list) and all(isinstance(w, str) for w in warnings)):
+            raise FvgError("invalid plan record: 'warnings' is not a list of texts")  # damaged: never trusted
+        kwargs["warnings"] = warnings
         kwargs["model"] = kwargs.get("model") if isinstance(kwargs.get("model"), str) else None
         kwargs["cached"] = kwargs.get("cached") is True
         return cls(**kwargs)

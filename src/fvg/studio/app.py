@@ -1,4 +1,5 @@
-"""The studio's Gradio UI: layout and wiring only, every callback is one `StudioSession` call.
+"""The studio's Gradio UI: layout (`StudioPage`), callbacks (`Handlers`, each one `StudioSession`
+call) and the events joining them (`_wire`); `build_app` assembles them, `serve` starts the server.
 
 Per-tab drafts (the plan and the anchor candidates) live in `gr.State`; all events that touch
 a pipeline share one queue slot (`concurrency_id="pipeline"`), so runs never interleave.
@@ -104,139 +105,181 @@ def _warnings(items) -> str:
     return "".join(f"\n- warning: {w}" for w in dict.fromkeys(items))
 
 
-def build_app(session: StudioSession, temp: TempFolder | None = None) -> gr.Blocks:
+class Handlers:
+    """The page's callbacks: each turns widget values into one `StudioSession` call and its result
+    back into widget values (in the order of the `outputs` they are wired to in `_wire`)."""
+
+    def __init__(self, session: StudioSession, temp: TempFolder | None = None):
+        self.session, self.temp = session, temp
+
     @_friendly
-    def on_plan(prompt, preset):
-        plan = session.plan(prompt, preset)
+    def plan(self, prompt, preset):
+        plan = self.session.plan(prompt, preset)
         note = f"Planned with **{plan.backend}**" + (f" ({plan.model})" if plan.model else "") + "."
         return plan.first_frame_caption, plan.upsampled_prompt, note + _warnings(plan.warnings), plan
 
     @_friendly
-    def on_candidates(prompt, caption, preset, num, anchor_seed, plan, progress=gr.Progress()):
+    def candidates(self, prompt, caption, preset, num, anchor_seed, plan, progress=gr.Progress()):
         note = ""
         if not (caption or "").strip():
-            plan = session.plan_for(prompt, preset, plan)
+            plan = self.session.plan_for(prompt, preset, plan)
             caption, note = plan.first_frame_caption, f"Planned with **{plan.backend}**. "
-        anchor = session.candidates(caption, preset, int(num), int(anchor_seed or 0), _reporter(progress))
+        anchor = self.session.candidates(caption, preset, int(num), int(anchor_seed or 0), _reporter(progress))
         note += f"{len(anchor.candidates)} candidates from seed {int(anchor_seed or 0)}: click one to choose it."
         return (_gallery(anchor), 0, anchor.image, anchor, plan, caption,
                 plan.upsampled_prompt if plan else gr.skip(), note)
 
     @_friendly
-    def on_regenerate(prompt, caption, preset, num, anchor_seed, plan, progress=gr.Progress()):
+    def regenerate(self, prompt, caption, preset, num, anchor_seed, plan, progress=gr.Progress()):
         new_seed = int(anchor_seed or 0) + int(num)
-        return (*on_candidates(prompt, caption, preset, num, new_seed, plan, progress), new_seed)
+        return (*self.candidates(prompt, caption, preset, num, new_seed, plan, progress), new_seed)
 
     @_friendly
-    def on_upload(path, preset):
+    def upload(self, path, preset):
         try:
-            anchor = session.upload(path, preset)
+            anchor = self.session.upload(path, preset)
         finally:  # the image is in memory now (or refused): its upload copy is not needed any more
-            if path and temp is not None and temp.holds(path):
+            if path and self.temp is not None and self.temp.holds(path):
                 Path(path).unlink(missing_ok=True)
         return _gallery(anchor), 0, anchor.image, anchor, f"Using your image `{Path(path).name}` as the anchor."
 
     @_friendly
-    def on_select(anchor, evt: gr.SelectData):
-        anchor = session.pick(anchor, evt.index)
+    def select(self, anchor, evt: gr.SelectData):
+        anchor = self.session.pick(anchor, evt.index)
         return evt.index, anchor.image, anchor
 
     @_friendly
-    def on_pick(index, anchor):
-        anchor = session.pick(anchor, index)
+    def pick(self, index, anchor):
+        anchor = self.session.pick(anchor, index)
         return anchor.image, anchor, f"Chose candidate #{anchor.selected}."
 
     @_friendly
-    def on_animate(prompt, caption, upsampled, preset, mode, seed, steps, guidance, compare, selected, plan,
-                   anchor, progress=gr.Progress()):
-        run = session.run(prompt, preset, mode, int(seed or 0), steps, guidance, plan, caption, upsampled, anchor,
-                          int(selected or 0), bool(compare), _reporter(progress))
+    def animate(self, prompt, caption, upsampled, preset, mode, seed, steps, guidance, compare, selected, plan,
+                anchor, progress=gr.Progress()):
+        run = self.session.run(prompt, preset, mode, int(seed or 0), steps, guidance, plan, caption, upsampled,
+                               anchor, int(selected or 0), bool(compare), _reporter(progress))
         out = run.output
         note = (f"Saved **{out.mode}** run to `{run.out_dir}` ({run.seconds:.1f} s, {out.frames.shape[0]} frames "
                 f"of {out.frames.shape[2]}x{out.frames.shape[1]}, {out.steps} steps)." + _warnings(out.warnings))
         if out.settings.get("output_is_noise"):
             note += f"\n- note: preset '{out.settings['preset']}' has random weights: its output is noise"
         return (str(run.video), None if run.compare_video is None else str(run.compare_video),
-                [str(p) for p in run.files], note, session.history_rows(),
+                [str(p) for p in run.files], note, self.session.history_rows(),
                 out.anchor.image if out.anchor else gr.skip())
 
-    def on_preset(preset, mode):
+    def preset_changed(self, preset, mode):
         return ([], None, None, *sampling_defaults(preset, mode),
                 "Preset changed: generate the anchor candidates again (or upload an image).")
 
-    steps0, guidance0 = sampling_defaults(session.default_preset, "factorized")
+    def mode_changed(self, preset, mode):
+        return sampling_defaults(preset, mode)[0]
 
-    with gr.Blocks(title="fvg studio", analytics_enabled=False) as demo:
-        plan_state, anchor_state = gr.State(None), gr.State(None)
+    def history(self):
+        return self.session.history_rows()
+
+
+class StudioPage:
+    """The page's components, created top to bottom; build it inside a `gr.Blocks` context.
+
+    `elem_id`s are what the browser test and the screenshot address, so they stay stable."""
+
+    def __init__(self, session: StudioSession):
+        self.plan_state, self.anchor_state = gr.State(None), gr.State(None)  # per-tab drafts
         gr.Markdown("## fvg studio\nPlan the first frame, choose the anchor, animate. "
                     "Each run is saved under `" + str(session.out_root) + "`.")
         with gr.Row():
             with gr.Column(scale=3):
-                prompt = gr.Textbox(label="Prompt", lines=1, max_lines=4, elem_id="prompt",
-                                    placeholder="a red ball rolls left and knocks over a blue cup")
-                plan_btn = gr.Button("1. Plan the first frame", elem_id="plan-btn")
-                caption = gr.Textbox(label="First-frame caption", lines=3, elem_id="caption",
-                                     info="The scene before anything moves; edit it freely, it renders the anchor.")
-                upsampled = gr.Textbox(label="Upsampled prompt", lines=2, elem_id="upsampled",
-                                       info="The detailed video prompt that mode 'upsampled' animates.")
+                self._text_inputs()
             with gr.Column(scale=2):
-                preset = gr.Dropdown(studio_presets(), value=session.default_preset, label="Preset",
-                                     elem_id="preset")
-                mode = gr.Radio(list(MODES), value="factorized", label="Mode", elem_id="mode")
-                with gr.Row():
-                    seed = gr.Number(0, precision=0, minimum=0, label="Video seed", elem_id="seed")
-                    steps = gr.Number(steps0, precision=0, minimum=1, label="Steps", elem_id="steps")
-                    guidance = gr.Number(guidance0, minimum=0, label="Guidance", elem_id="guidance")
-                compare = gr.Checkbox(False, label="Also render plain T2V (same seed, steps, guidance) to compare",
-                                      elem_id="compare")
+                self._settings(session.default_preset)
         with gr.Row():
-            with gr.Column(scale=3):
-                gallery = gr.Gallery(label="Anchor candidates (click one to choose it)", columns=4, height=280,
-                                     allow_preview=False, object_fit="contain", interactive=False,
-                                     elem_id="gallery")
-                with gr.Row():
-                    num = gr.Slider(1, MAX_CANDIDATES, value=4, step=1, label="Candidates", elem_id="num")
-                    anchor_seed = gr.Number(0, precision=0, minimum=0, label="Anchor seed", elem_id="anchor-seed")
-                with gr.Row():
-                    gen_btn = gr.Button("2. Generate candidates", elem_id="gen-btn")
-                    regen_btn = gr.Button("Regenerate (new seeds)", elem_id="regen-btn")
-                    upload_btn = gr.UploadButton("Upload my own image", file_types=[".png", ".jpg", ".jpeg", ".webp"],
-                                                 elem_id="upload-btn")
-            with gr.Column(scale=2):
-                chosen = gr.Image(label="Chosen anchor", interactive=False, height=240, elem_id="chosen")
-                selected = gr.Number(0, precision=0, minimum=0, label="Chosen candidate #", elem_id="selected")
-        animate_btn = gr.Button("3. Animate", variant="primary", elem_id="animate-btn")
-        status = gr.Markdown(label="Status", elem_id="status")
-        with gr.Row():
-            video = gr.Video(label="Video", autoplay=True, loop=True, interactive=False, height=360,
-                             elem_id="video")
-            compare_video = gr.Video(label="Plain T2V, same seed", autoplay=True, loop=True, interactive=False,
-                                     height=360, visible=False, elem_id="compare-video")
-        downloads = gr.File(label="Download: video, anchor, plan, run record", file_count="multiple",
-                            interactive=False, elem_id="downloads")
-        history = gr.Dataframe(headers=HISTORY_COLUMNS, label="Runs since the studio started", interactive=False,
-                               wrap=True, elem_id="history")
+            self._anchor_panel()
+        self._results()
 
-        plan_io = dict(fn=on_plan, inputs=[prompt, preset], outputs=[caption, upsampled, status, plan_state], **HEAVY)
-        plan_btn.click(**plan_io, api_name="plan")
-        prompt.submit(**plan_io, api_visibility="private")
-        candidate_inputs = [prompt, caption, preset, num, anchor_seed, plan_state]
-        candidate_outputs = [gallery, selected, chosen, anchor_state, plan_state, caption, upsampled, status]
-        gen_btn.click(on_candidates, candidate_inputs, candidate_outputs, api_name="candidates", **HEAVY)
-        regen_btn.click(on_regenerate, candidate_inputs, candidate_outputs + [anchor_seed], api_name="regenerate",
+    def _text_inputs(self) -> None:
+        self.prompt = gr.Textbox(label="Prompt", lines=1, max_lines=4, elem_id="prompt",
+                                 placeholder="a red ball rolls left and knocks over a blue cup")
+        self.plan_btn = gr.Button("1. Plan the first frame", elem_id="plan-btn")
+        self.caption = gr.Textbox(label="First-frame caption", lines=3, elem_id="caption",
+                                  info="The scene before anything moves; edit it freely, it renders the anchor.")
+        self.upsampled = gr.Textbox(label="Upsampled prompt", lines=2, elem_id="upsampled",
+                                    info="The detailed video prompt that mode 'upsampled' animates.")
+
+    def _settings(self, preset: str) -> None:
+        steps, guidance = sampling_defaults(preset, "factorized")
+        self.preset = gr.Dropdown(studio_presets(), value=preset, label="Preset", elem_id="preset")
+        self.mode = gr.Radio(list(MODES), value="factorized", label="Mode", elem_id="mode")
+        with gr.Row():
+            self.seed = gr.Number(0, precision=0, minimum=0, label="Video seed", elem_id="seed")
+            self.steps = gr.Number(steps, precision=0, minimum=1, label="Steps", elem_id="steps")
+            self.guidance = gr.Number(guidance, minimum=0, label="Guidance", elem_id="guidance")
+        self.compare = gr.Checkbox(False, label="Also render plain T2V (same seed, steps, guidance) to compare",
+                                   elem_id="compare")
+
+    def _anchor_panel(self) -> None:
+        with gr.Column(scale=3):
+            self.gallery = gr.Gallery(label="Anchor candidates (click one to choose it)", columns=4, height=280,
+                                      allow_preview=False, object_fit="contain", interactive=False,
+                                      elem_id="gallery")
+            with gr.Row():
+                self.num = gr.Slider(1, MAX_CANDIDATES, value=4, step=1, label="Candidates", elem_id="num")
+                self.anchor_seed = gr.Number(0, precision=0, minimum=0, label="Anchor seed", elem_id="anchor-seed")
+            with gr.Row():
+                self.gen_btn = gr.Button("2. Generate candidates", elem_id="gen-btn")
+                self.regen_btn = gr.Button("Regenerate (new seeds)", elem_id="regen-btn")
+                self.upload_btn = gr.UploadButton("Upload my own image", elem_id="upload-btn",
+                                                  file_types=[".png", ".jpg", ".jpeg", ".webp"])
+        with gr.Column(scale=2):
+            self.chosen = gr.Image(label="Chosen anchor", interactive=False, height=240, elem_id="chosen")
+            self.selected = gr.Number(0, precision=0, minimum=0, label="Chosen candidate #", elem_id="selected")
+
+    def _results(self) -> None:
+        self.animate_btn = gr.Button("3. Animate", variant="primary", elem_id="animate-btn")
+        self.status = gr.Markdown(label="Status", elem_id="status")
+        with gr.Row():
+            self.video = gr.Video(label="Video", autoplay=True, loop=True, interactive=False, height=360,
+                                  elem_id="video")
+            self.compare_video = gr.Video(label="Plain T2V, same seed", autoplay=True, loop=True, interactive=False,
+                                          height=360, visible=False, elem_id="compare-video")
+        self.downloads = gr.File(label="Download: video, anchor, plan, run record", file_count="multiple",
+                                 interactive=False, elem_id="downloads")
+        self.history = gr.Dataframe(headers=HISTORY_COLUMNS, label="Runs since the studio started",
+                                    interactive=False, wrap=True, elem_id="history")
+
+
+def _wire(page: StudioPage, on: Handlers, demo: gr.Blocks) -> None:
+    """Connect the page's events to the handlers. Named endpoints (`api_name`) are the public API
+    (docs/studio.md); everything that touches a pipeline shares the one HEAVY queue slot."""
+    p = page
+    plan_io = dict(fn=on.plan, inputs=[p.prompt, p.preset], outputs=[p.caption, p.upsampled, p.status, p.plan_state],
+                   **HEAVY)
+    p.plan_btn.click(**plan_io, api_name="plan")
+    p.prompt.submit(**plan_io, api_visibility="private")
+    candidate_inputs = [p.prompt, p.caption, p.preset, p.num, p.anchor_seed, p.plan_state]
+    candidate_outputs = [p.gallery, p.selected, p.chosen, p.anchor_state, p.plan_state, p.caption, p.upsampled,
+                         p.status]
+    p.gen_btn.click(on.candidates, candidate_inputs, candidate_outputs, api_name="candidates", **HEAVY)
+    p.regen_btn.click(on.regenerate, candidate_inputs, candidate_outputs + [p.anchor_seed], api_name="regenerate",
+                      **HEAVY)
+    p.upload_btn.upload(on.upload, [p.upload_btn, p.preset], [p.gallery, p.selected, p.chosen, p.anchor_state,
+                                                              p.status], api_name="upload", **HEAVY)
+    p.gallery.select(on.select, [p.anchor_state], [p.selected, p.chosen, p.anchor_state], api_visibility="private")
+    p.selected.input(on.pick, [p.selected, p.anchor_state], [p.chosen, p.anchor_state, p.status], api_name="pick")
+    p.preset.change(on.preset_changed, [p.preset, p.mode],
+                    [p.gallery, p.chosen, p.anchor_state, p.steps, p.guidance, p.status], api_visibility="private")
+    p.mode.change(on.mode_changed, [p.preset, p.mode], [p.steps], api_visibility="private")
+    p.compare.change(lambda c: gr.Video(visible=c), [p.compare], [p.compare_video], api_visibility="private")
+    p.animate_btn.click(on.animate, [p.prompt, p.caption, p.upsampled, p.preset, p.mode, p.seed, p.steps, p.guidance,
+                                     p.compare, p.selected, p.plan_state, p.anchor_state],
+                        [p.video, p.compare_video, p.downloads, p.status, p.history, p.chosen], api_name="animate",
                         **HEAVY)
-        upload_btn.upload(on_upload, [upload_btn, preset], [gallery, selected, chosen, anchor_state, status],
-                          api_name="upload", **HEAVY)
-        gallery.select(on_select, [anchor_state], [selected, chosen, anchor_state], api_visibility="private")
-        selected.input(on_pick, [selected, anchor_state], [chosen, anchor_state, status], api_name="pick")
-        preset.change(on_preset, [preset, mode], [gallery, chosen, anchor_state, steps, guidance, status],
-                      api_visibility="private")
-        mode.change(lambda p, m: sampling_defaults(p, m)[0], [preset, mode], [steps], api_visibility="private")
-        compare.change(lambda c: gr.Video(visible=c), [compare], [compare_video], api_visibility="private")
-        animate_btn.click(on_animate, [prompt, caption, upsampled, preset, mode, seed, steps, guidance, compare,
-                                       selected, plan_state, anchor_state],
-                          [video, compare_video, downloads, status, history, chosen], api_name="animate", **HEAVY)
-        demo.load(session.history_rows, None, [history], api_visibility="private")
+    demo.load(on.history, None, [p.history], api_visibility="private")
+
+
+def build_app(session: StudioSession, temp: TempFolder | None = None) -> gr.Blocks:
+    """The studio page: layout (`StudioPage`), callbacks (`Handlers`) and the events joining them (`_wire`)."""
+    with gr.Blocks(title="fvg studio", analytics_enabled=False) as demo:
+        _wire(StudioPage(session), Handlers(session, temp), demo)
     return demo
 
 

@@ -38,6 +38,8 @@ from fvg.families import TrainingObjective, family_of, resolve_family
 from fvg.train.config import TrainConfig
 from fvg.train.data import CachedClips, build_cache, collate, find_clips
 from fvg.train.export import lora_stem, read_lora, write_lora
+from fvg.train.distributed import (ExpertCall, ExpertPair, deepspeed_plugin_from_env, keep_on_host, lora_state_dict,
+                                   needs_expert_pair, resolve_wrap_classes)
 from fvg.train.seeds import step_generator, step_seed
 from fvg.train import validation
 
@@ -154,6 +156,7 @@ class Trainer:
             gradient_accumulation_steps=self.cfg.gradient_accumulation_steps,
             log_with=log_with,
             project_config=ProjectConfiguration(project_dir=str(self.output), logging_dir=str(self.output / "logs")),
+            deepspeed_plugin=deepspeed_plugin_from_env(self.cfg),  # None unless launched with DeepSpeed
         )
 
     def _load_pipeline(self, weight_dtype):
@@ -161,7 +164,22 @@ class Trainer:
             self.family = family_of(self.pipe)
             return self.pipe
         self.family = resolve_family(self.cfg.model, self.cfg.family)
-        return self.family.load_pipeline(self.cfg.model, weight_dtype, self.cfg.flow_shift)
+        return self.family.load_pipeline(self.cfg.model, weight_dtype, self.cfg.flow_shift,
+                                         devices=self._load_devices())
+
+    def _load_devices(self) -> dict[str, torch.device]:
+        """Where to load components straight to: with replicated weights (one process, DDP) the trained
+        expert(s) and the text encoder go from their files onto this process's device, in the run's dtype,
+        with no host copy (N processes would otherwise hold N host copies). A frozen second expert and the
+        VAE load on the host. Under FSDP and DeepSpeed everything loads on the host: they shard from there,
+        and only each process's shard reaches its device."""
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        if acc.device.type == "cpu" or acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return {}
+        experts = ["transformer", "transformer_2"] if self.cfg.expert == "both" else [self.cfg.expert]
+        return {name: acc.device for name in (*experts, "text_encoder")}
 
     def _objective(self, pipe, weight_dtype) -> TrainingObjective:
         """The family's objective, after the settings it changes into its own terms (text length, LoRA modules)."""
@@ -195,11 +213,13 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def _lora_states(self) -> list[dict[str, torch.Tensor]]:
-        """PEFT state dicts of the trained experts; a collective call under FSDP / ZeRO-3."""
-        from peft import get_peft_model_state_dict
+        """PEFT state dicts of the trained experts, gathering only the LoRA tensors (`lora_state_dict`);
+        a collective call under FSDP / ZeRO-3."""
+        from accelerate.utils import DistributedType
 
         acc = self.accelerator
-        return [get_peft_model_state_dict(acc.unwrap_model(m), state_dict=acc.get_state_dict(m)) for m in self.models]
+        zero3 = acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
+        return [lora_state_dict(expert, zero3=zero3) for expert in self.experts_unwrapped]
 
     def _lora_info(self, step: int) -> dict:
         cfg = self.cfg
@@ -392,26 +412,44 @@ class Trainer:
             pipe.vae.to("cpu")  # only validation decodes
 
     def _setup_lora(self, pipe) -> Optimisation:
-        """LoRA on the trained expert(s), the optimiser and LR schedule, all prepared by accelerate;
-        an untrained second expert waits on the CPU until validation."""
+        """LoRA on the trained expert(s), the optimiser and LR schedule, all prepared by accelerate.
+
+        Two experts under FSDP2 are prepared as one `ExpertPair` (accelerate's FSDP2 takes one model;
+        `fvg.train.distributed` says why a pair rather than one expert after the other). An untrained
+        second expert stays on the host for good: validation streams it block by block (`keep_on_host`)."""
+        from accelerate.utils import DistributedType
         from diffusers.optimization import get_scheduler
 
         cfg, acc = self.cfg, self.accelerator
-        self.models = [getattr(pipe, name) for name in self.experts]
-        self.expert_of = {id(m): name for m, name in zip(self.models, self.experts)}
-        for model in self.models:
+        self.experts_unwrapped = [getattr(pipe, name) for name in self.experts]
+        self.expert_of = {id(m): name for m, name in zip(self.experts_unwrapped, self.experts)}
+        for model in self.experts_unwrapped:
             self._add_lora(model)
-        self.lora_config = self.models[0].peft_config["default"].to_dict()
+        self.lora_config = self.experts_unwrapped[0].peft_config["default"].to_dict()
         self.frozen = [getattr(pipe, n) for n in ("transformer", "transformer_2")
                        if getattr(pipe, n, None) is not None and n not in self.experts]
         for model in self.frozen:
             model.requires_grad_(False).to("cpu")
-        params = [p for m in self.models for p in m.parameters() if p.requires_grad]
+            keep_on_host(model, acc.device)
+        params = [p for m in self.experts_unwrapped for p in m.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         # Not passed to prepare(): accelerate would step it once per process per step.
         lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                      num_training_steps=cfg.max_steps)
-        *self.models, optimizer = acc.prepare(*self.models, optimizer)
+        fsdp_plugin = getattr(acc.state, "fsdp_plugin", None)
+        pair = needs_expert_pair(acc.distributed_type, getattr(fsdp_plugin, "fsdp_version", None), len(self.experts))
+        if fsdp_plugin is not None and acc.distributed_type == DistributedType.FSDP:
+            resolve_wrap_classes(fsdp_plugin, self.experts_unwrapped, separately=pair)
+        if pair:
+            pair, optimizer = acc.prepare(ExpertPair(self.experts_unwrapped), optimizer)
+            self.prepared = [pair]
+            self.callers = [ExpertCall(pair, i) for i in range(len(self.experts))]
+        else:
+            *self.prepared, optimizer = acc.prepare(*self.experts_unwrapped, optimizer)
+            self.callers = list(self.prepared)
+        # FSDP2 replaced the parameters by sharded ones (and switched the optimiser to them): clipping must
+        # see those, or it would clip the dropped originals, whose gradients stay None.
+        params = [p for m in self.prepared for p in m.parameters() if p.requires_grad]
         acc.register_for_checkpointing(lr_scheduler)
         self._register_hooks()
         return Optimisation(params, optimizer, lr_scheduler)
@@ -420,16 +458,12 @@ class Trainer:
         if not self.validation_items:
             return
         acc, tick = self.accelerator, time.perf_counter()
-        for model in self.frozen:
-            model.to(acc.device)
-        for model in self.models:
+        for model in self.prepared:  # the frozen expert is not moved: it streams from the host (`keep_on_host`)
             model.eval()
         out = validation.run_validation(self.pipe, self.validation_items, self.validation_negative, self.cfg,
                                         at_step, acc)
-        for model in self.models:
+        for model in self.prepared:
             model.train()
-        for model in self.frozen:
-            model.to("cpu")
         self.timings["validation"] = self.timings.get("validation", 0.0) + time.perf_counter() - tick
         if out is not None:
             log.info("validation samples: %s", out)
@@ -479,7 +513,7 @@ class Trainer:
     def _pick_expert(self, samplers: list, step: int) -> int:
         """Two experts trained together: one expert per optimiser step, chosen with the same draw on
         every process and in proportion to its share of the sigma distribution."""
-        if len(self.models) == 1:
+        if len(self.callers) == 1:
             return 0
         p_high = samplers[0].mass() / (samplers[0].mass() + samplers[1].mass())
         return 0 if torch.rand(1, generator=step_generator(self.cfg.seed, 0xE7, step)).item() < p_high else 1
@@ -489,12 +523,12 @@ class Trainer:
         """One optimiser step of expert `e` over gradient_accumulation_steps micro-batches (micro-batch
         counter `micro` on): the loss averaged over micro-batches and processes, and the data position."""
         cfg, acc = self.cfg, self.accelerator
-        model, sampler = self.models[e], objective.samplers[e]
+        model, sampler = self.callers[e], objective.samplers[e]
         step_losses = []
         for m in range(micro, micro + cfg.gradient_accumulation_steps):
             batch, position = next(batches)
             torch.manual_seed(step_seed(cfg.seed, 0xD0, m, acc.process_index))  # LoRA dropout
-            with acc.accumulate(*self.models):
+            with acc.accumulate(*self.prepared):
                 loss = objective.step_loss(model, sampler, batch, step_generator(cfg.seed, m, acc.process_index))
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm > 0:
@@ -527,7 +561,7 @@ class Trainer:
         acc = self.accelerator
         if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             return None  # sharded: each process holds a different slice
-        digests = gather_object([lora_digest([acc.unwrap_model(m) for m in self.models])])
+        digests = gather_object([lora_digest(self.experts_unwrapped)])
         if len(set(digests)) > 1:
             log.error("LoRA weights differ between processes: %s", digests)
         return digests

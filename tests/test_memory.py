@@ -1,0 +1,369 @@
+"""`fvg memory` and fvg.memory: exact model sizes without loading weights, and the fits line.
+
+The shipped configs must count to the published parameter numbers (issue 12's table); the
+estimator's weight figures must equal the bytes of the models fvg actually builds for `tiny` and
+`mini`; safetensors sizes come from the header alone.
+"""
+
+import json
+import re
+
+import pytest
+import torch
+
+from fvg.cli import main
+from fvg.io import FvgError
+from fvg.memory import (GIB, MODEL_CONFIGS, MODES, checkpoint_numels, estimate, meta_numels, safetensors_numels,
+                        size_from_numels)
+from fvg.presets import get_preset
+
+# issue 12: parameters counted on the meta device from the published configs, in billions
+PUBLISHED = [
+    ("Qwen--Qwen-Image/transformer", 20.43),
+    ("Qwen--Qwen-Image/text_encoder", 8.29),
+    ("Wan-AI--Wan2.2-TI2V-5B-Diffusers/transformer", 5.00),
+    ("Wan-AI--Wan2.2-T2V-A14B-Diffusers/transformer", 14.29),
+    ("Wan-AI--Wan2.2-T2V-A14B-Diffusers/transformer_2", 14.29),
+    ("Wan-AI--Wan2.1-T2V-1.3B-Diffusers/transformer", 1.42),
+    ("Wan-AI--Wan2.1-T2V-1.3B-Diffusers/text_encoder", 5.68),
+    ("Wan-AI--Wan2.2-TI2V-5B-Diffusers/vae", 0.70),
+    ("Wan-AI--Wan2.1-T2V-1.3B-Diffusers/vae", 0.13),
+    ("THUDM--CogVideoX1.5-5B/transformer", 5.57),
+    ("THUDM--CogVideoX1.5-5B/text_encoder", 4.76),
+    ("Qwen--Qwen2.5-7B-Instruct", 7.62),
+]
+
+
+@pytest.mark.parametrize("component,billions", PUBLISHED)
+def test_shipped_configs_count_to_the_published_sizes(component, billions):
+    config = json.loads((MODEL_CONFIGS / component / "config.json").read_text())
+    assert round(sum(meta_numels(config).values()) / 1e9, 2) == billions
+
+
+def test_every_real_preset_is_sized_from_shipped_configs():
+    for name in ("wan2.1-1.3b", "wan2.2-5b", "wan2.2-a14b", "cogvideox1.5-5b"):
+        est = estimate(get_preset(name))
+        assert [s.name for s in est.stages] == ["anchor", "animate", "decode"]
+        anchor = est.stages[0]
+        assert anchor.model("transformer").numel == 20_430_401_088
+        assert anchor.model("transformer").bytes == 20_430_401_088 * 2  # bf16
+        vae = est.stages[1].model("vae")
+        assert vae.bytes == vae.numel * 4  # the video VAE stays fp32
+    a14b = estimate(get_preset("wan2.2-a14b")).stages[1]
+    assert a14b.model("transformer_2").numel == a14b.model("transformer").numel == 14_288_491_584
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_weights_equal_the_built_models(dtype):
+    from fvg.families import get_family
+    from fvg.tiny import tiny_qwen_image_pipeline
+
+    est = estimate(get_preset("tiny"), dtype)
+    video = get_family("wan").load_pipeline("builtin:tiny-wan", dtype)
+    animate = est.stages[1]
+    for name in ("transformer", "text_encoder", "vae"):
+        assert animate.model(name).bytes == _bytes(getattr(video, name)), name
+    anchor_pipe = tiny_qwen_image_pipeline()  # built in float32 whatever the run dtype
+    for name in ("transformer", "text_encoder", "vae"):
+        assert est.stages[0].model(name).bytes == _bytes(getattr(anchor_pipe, name)), name
+    assert est.stages[1].resident_bytes("gpu") == sum(_bytes(getattr(video, n)) for n in ("transformer", "text_encoder", "vae"))
+
+
+def test_mini_weights_equal_the_loaded_models():
+    from fvg.pipeline import FactorizedPipeline
+
+    pipe = FactorizedPipeline.from_preset("mini", device="cpu", dtype="bfloat16")
+    est = estimate(pipe.preset, torch.bfloat16)
+    anchor, animate = est.stages[0], est.stages[1]
+    for name in ("transformer", "text_encoder", "vae"):
+        assert anchor.model(name).source == "safetensors"
+        assert anchor.model(name).bytes == _bytes(getattr(pipe.anchor_source.pipe, name)), name
+    for name in ("text_encoder", "vae"):
+        assert animate.model(name).bytes == _bytes(getattr(pipe.video_pipe, name)), name
+    # the transformer carries the anchor LoRA: its parameters are counted with it
+    assert animate.model("transformer").numel == sum(p.numel() for p in pipe.video_pipe.transformer.parameters())
+
+
+def test_safetensors_sizes_come_from_the_header(tmp_path):
+    from fvg.tiny import tiny_wan_components
+
+    transformer = tiny_wan_components()["transformer"].to(torch.bfloat16)
+    transformer.save_pretrained(tmp_path / "transformer")
+    numels = checkpoint_numels(tmp_path / "transformer")
+    assert numels == {k: v.numel() for k, v in transformer.state_dict().items()}
+    size = size_from_numels("transformer", numels, 2, "safetensors", is_transformer=True)
+    assert size.bytes == _bytes(transformer)
+    # blocks are found by name: two Wan blocks, the rest (embeddings, head) outside them
+    block0 = sum(p.numel() for p in transformer.blocks[0].parameters())
+    assert size.largest_block_bytes == block0 * 2
+    assert size.non_block_bytes == (size.numel - 2 * block0) * 2
+    assert size.resident_bytes("group-offload") == (size.numel - 2 * block0 + 2 * block0) * 2
+    assert size.resident_bytes("sequential") == max(
+        sum(p.numel() for p in m.parameters(recurse=False)) for m in transformer.modules()) * 2
+    assert size.resident_bytes("gpu", fp8=True) == size.numel + size.largest_leaf_bytes
+
+
+def test_variants_beside_the_weights_are_not_counted_twice(tmp_path):
+    from safetensors.torch import save_file
+
+    from fvg.memory import checkpoint_files
+
+    save_file({"w": torch.zeros(4, 4)}, tmp_path / "diffusion_pytorch_model.safetensors")
+    save_file({"w": torch.zeros(4, 4, dtype=torch.float16)}, tmp_path / "diffusion_pytorch_model.fp16.safetensors")
+    assert checkpoint_numels(tmp_path) == {"w": 16}
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    save_file({"a": torch.zeros(3)}, sharded / "model-00001-of-00002.safetensors")
+    save_file({"b": torch.zeros(5)}, sharded / "model-00002-of-00002.safetensors")
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    assert [f.name for f in checkpoint_files(sharded)] == ["model-00001-of-00002.safetensors",
+                                                           "model-00002-of-00002.safetensors"]
+    assert checkpoint_numels(sharded) == {"a": 3, "b": 5}
+
+
+def test_text_encoders_group_offload_leaf_by_leaf():
+    """fvg.residency offloads transformers models at leaf level: the two biggest leaves in flight."""
+    est = estimate(get_preset("wan2.2-5b"))
+    umt5 = est.stages[1].model("text_encoder")
+    embedding = 256384 * 4096 * 2  # UMT5-XXL's shared token embedding, bf16: the biggest leaf
+    assert umt5.leaf_level_groups and umt5.largest_leaf_bytes == embedding
+    assert umt5.resident_bytes("group-offload") == embedding + umt5.second_leaf_bytes < 1.1 * embedding
+    wan = est.stages[1].model("transformer")
+    assert not wan.leaf_level_groups
+    assert wan.resident_bytes("group-offload") == wan.non_block_bytes + 2 * wan.largest_block_bytes
+
+
+def test_a_file_that_is_not_safetensors_is_refused(tmp_path):
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"\xff" * 16)
+    with pytest.raises(FvgError, match="not a safetensors file"):
+        safetensors_numels(bad)
+
+
+def test_modes_order_and_auto_choice():
+    est = estimate(get_preset("wan2.2-5b"))
+    peaks = [est.peak_bytes(m) for m in MODES]
+    assert peaks[0] > peaks[1] > peaks[2]  # each offload mode keeps less resident
+    assert est.choose(int(80 * GIB)) == "gpu"  # one stage at a time: the anchor stage, 56 GiB, is the largest
+    assert est.choose(int(48 * GIB)) == "model-offload"  # Qwen-Image's transformer alone is 38 GiB
+    assert est.choose(int(24 * GIB)) == "group-offload"
+    assert est.choose(int(0.5 * GIB)) is None
+    fp8 = estimate(get_preset("wan2.2-5b"), fp8=True)
+    assert fp8.stages[1].model("transformer").resident_bytes("gpu", fp8=True) < est.stages[1].model("transformer").bytes
+
+
+def test_anchored_wan_activation_is_plain_plus_per_frame_modulation():
+    from fvg.memory import WanActivation
+
+    act = WanActivation(dim=3072, ffn_dim=14336, vae_spatial=16)
+    assert act.tokens(704, 1280, 121) == 31 * 22 * 40
+    # doubling the frames roughly doubles the tokens and the activation (no seq^2 term)
+    one, two = act.activation_bytes(704, 1280, 61, 2), act.activation_bytes(704, 1280, 121, 2)
+    assert 1.9 < two / one < 2.1
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+FITS = re.compile(r"^fits: (yes \(peak [\d.]+ GiB, memory [a-z-]+\)|no \(peak [\d.]+ GiB > [\d.]+ GiB in .+\))$")
+
+
+def test_fvg_memory_tiny_ends_with_one_fits_line(capsys):
+    code, out, err = run_cli(capsys, "memory", "--preset", "tiny", "--gpu-gib", "1")
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if line.startswith("fits:")]
+    assert len(lines) == 1 and FITS.match(lines[0]) and out.rstrip().endswith(lines[0])
+    assert lines[0].endswith("memory gpu)")
+    est = estimate(get_preset("tiny"))
+    for model in est.stages[1].models:  # exact parameter counts are printed
+        assert f"{model.numel:,}" in out
+
+
+@pytest.mark.parametrize("preset,gib", [("wan2.2-5b", 24), ("wan2.1-1.3b", 24), ("wan2.2-a14b", 48)])
+def test_issue_targets_fit_in_some_mode(capsys, preset, gib):
+    code, out, err = run_cli(capsys, "memory", "--preset", preset, "--gpu-gib", gib)
+    assert code == 0, err
+    assert out.splitlines()[-1].startswith("fits: yes")
+
+
+def test_fvg_memory_says_no_with_exit_1(capsys):
+    code, out, _ = run_cli(capsys, "memory", "--preset", "wan2.2-a14b", "--gpu-gib", "2")
+    assert code == 1
+    assert FITS.match(out.splitlines()[-1]) and "in every mode" in out.splitlines()[-1]
+    code, out, _ = run_cli(capsys, "memory", "--preset", "wan2.2-a14b", "--gpu-gib", "48", "--memory", "gpu")
+    assert code == 1 and out.splitlines()[-1].endswith("in mode gpu)")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--preset", "nope", "--gpu-gib", "24"], "unknown preset 'nope'"),
+    (["--preset", "tiny", "--gpu-gib", "-3"], "--gpu-gib must be positive"),
+    (["--preset", "tiny", "--gpu-gib", "24", "--memory", "fast"], "unknown memory mode 'fast'"),
+    (["--preset", "tiny", "--gpu-gib", "24", "--frames", "10"], "frames must be 4n+1"),
+    (["--preset", "tiny", "--gpu-gib", "24", "--dtype", "int3"], "unknown dtype 'int3'"),
+    (["--preset", "tiny", "--gpu-gib", "24", "--planner", "oracle"], "unknown planner backend 'oracle'"),
+    (["--preset", "tiny", "--gpu-gib", "24", "--planner", "transformers"], "names no planner model"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, args, message):
+    code, out, err = run_cli(capsys, "memory", *args)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only message")
+def test_without_gpu_gib_on_a_cpu_machine_asks_for_it(capsys):
+    code, _, err = run_cli(capsys, "memory", "--preset", "tiny")
+    assert code == 2 and "--gpu-gib" in err and len(err.strip().splitlines()) == 1
+
+
+# -- activation estimates against measured peaks (CPU, reduced models of the real classes) ---------
+
+def _measured_peak(model, call, inputs_outside):
+    """Peak bytes of tensors created during `call()` (weights and inputs made before are not counted)."""
+    from fvg.memory import LiveTensorBytes
+
+    with torch.no_grad():
+        call()  # warm-up: lazily built caches are not activations
+        tracker = LiveTensorBytes(ignore=[*model.parameters(), *model.buffers(), *inputs_outside])
+        with tracker:
+            call()
+    return tracker.peak
+
+
+def _keep_fp32_like_from_pretrained(model):
+    """`.to(bf16)` casts everything; from_pretrained(dtype=bf16) keeps these modules in fp32."""
+    for keep in model._keep_in_fp32_modules or ():
+        for name, module in model.named_modules():
+            if keep in name.split("."):
+                module.float()
+    return model
+
+
+def test_the_tracker_counts_what_is_alive():
+    from fvg.memory import LiveTensorBytes
+
+    with LiveTensorBytes() as tracker:
+        a = torch.ones(1000)
+        b = a * 2
+        view = b.view(-1)
+        del a, b
+        assert tracker.now == 4000  # the view keeps b's storage alive
+        del view
+    assert tracker.now == 0 and tracker.peak == 8000
+
+
+@pytest.mark.parametrize("frames,height,width,heads,head_dim,ffn", [(5, 64, 64, 4, 32, 512), (5, 64, 64, 4, 32, 128),
+                                                                     (9, 48, 80, 2, 128, 1024)])
+def test_wan_activation_estimate_matches_the_measured_peak(frames, height, width, heads, head_dim, ffn):
+    from diffusers import WanTransformer3DModel
+
+    from fvg.memory import WanActivation
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
+                                  in_channels=16, out_channels=16, text_dim=64, freq_dim=256, ffn_dim=ffn, num_layers=2,
+                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads").eval().to(torch.bfloat16)
+    _keep_fp32_like_from_pretrained(model)
+    x = torch.randn(1, 16, frames, height, width, dtype=torch.bfloat16)
+    text = torch.randn(1, 512, 64, dtype=torch.bfloat16)
+    t = torch.tensor([500.0])
+    measured = _measured_peak(model, lambda: model(x, t, text), [x, text, t])
+    estimate = WanActivation(dim=heads * head_dim, ffn_dim=ffn, vae_spatial=8, head_dim=head_dim).activation_bytes(
+        height * 8, width * 8, (frames - 1) * 4 + 1, 2)
+    assert abs(estimate / measured - 1) < 0.05, (estimate, measured)
+
+
+def test_qwen_image_activation_estimate_matches_the_measured_peak():
+    from diffusers import QwenImageTransformer2DModel
+
+    from fvg.memory import QwenImageActivation
+
+    heads, head_dim, h, w, text_tokens = 2, 64, 32, 48, 64
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                                        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=64,
+                                        axes_dims_rope=(8, 28, 28)).eval().to(torch.bfloat16)
+    inputs = dict(hidden_states=torch.randn(1, h * w, 64, dtype=torch.bfloat16),
+                  encoder_hidden_states=torch.randn(1, text_tokens, 64, dtype=torch.bfloat16),
+                  encoder_hidden_states_mask=torch.ones(1, text_tokens, dtype=torch.long),
+                  timestep=torch.tensor([0.5], dtype=torch.bfloat16), img_shapes=[[(1, h, w)]], return_dict=False)
+    measured = _measured_peak(model, lambda: model(**inputs), [v for v in inputs.values() if torch.is_tensor(v)])
+    estimate = QwenImageActivation(heads * head_dim, 4 * heads * head_dim, head_dim=head_dim,
+                                   text_tokens=text_tokens).activation_bytes(h * 16, w * 16, 2)
+    assert abs(estimate / measured - 1) < 0.05, (estimate, measured)
+
+
+def test_cogvideox_activation_estimate_matches_the_measured_peak():
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    from fvg.memory import CogVideoXActivation
+
+    heads, head_dim, latent_frames, h, w, text_tokens = 2, 32, 5, 48, 32, 32
+    torch.manual_seed(0)
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=32, num_layers=2, sample_width=w, sample_height=h, sample_frames=(latent_frames - 1) * 4 + 1,
+        patch_size=2, patch_size_t=2, temporal_compression_ratio=4, max_text_seq_length=text_tokens,
+        use_rotary_positional_embeddings=True).eval().to(torch.bfloat16)
+    padded = latent_frames + latent_frames % 2  # the pipeline pads latent frames to patch_size_t
+    x = torch.randn(2, padded, 4, h, w, dtype=torch.bfloat16)  # CFG batched
+    text = torch.randn(2, text_tokens, 32, dtype=torch.bfloat16)
+    t = torch.tensor([500, 500])
+
+    def call():  # the pipeline builds the rotary tables every step
+        rope = get_3d_rotary_pos_embed(embed_dim=head_dim, crops_coords=None, grid_size=(h // 2, w // 2),
+                                       temporal_size=padded // 2, grid_type="slice", max_size=(h // 2, w // 2))
+        return model(hidden_states=x, encoder_hidden_states=text, timestep=t, image_rotary_emb=rope, return_dict=False)
+
+    measured = _measured_peak(model, call, [x, text, t])
+    estimate = CogVideoXActivation(heads * head_dim, 4 * heads * head_dim, text_tokens=text_tokens,
+                                   head_dim=head_dim).activation_bytes(h * 8, w * 8, (latent_frames - 1) * 4 + 1, 2)
+    assert abs(estimate / measured - 1) < 0.05, (estimate, measured)
+
+
+SMALL_WAN_VAE = {"_class_name": "AutoencoderKLWan", "base_dim": 16, "z_dim": 16, "dim_mult": [1, 2, 4, 4],
+                 "num_res_blocks": 2, "temperal_downsample": [False, True, True]}
+
+
+def test_the_meta_decode_simulation_equals_the_cpu_measurement():
+    from diffusers import AutoencoderKLWan
+
+    from fvg.memory import meta_model, simulate_decode
+
+    config = {k: v for k, v in SMALL_WAN_VAE.items() if k != "_class_name"}
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**config).eval()
+    z = torch.randn(1, 16, 3, 8, 8)
+    measured = _measured_peak(vae, lambda: vae.decode(z), [z])
+    assert simulate_decode(meta_model(SMALL_WAN_VAE).eval(), (1, 16, 3, 8, 8), torch.float32) == measured
+
+
+@pytest.mark.parametrize("tiling,latent_frames,tolerance", [(False, 9, 0.01), (False, 21, 0.01), (True, 21, 0.15)])
+def test_vae_decode_estimate_against_a_full_simulation(tiling, latent_frames, tolerance):
+    """The estimate simulates 3 latent frames and extrapolates; the full simulation decodes them all."""
+    from fvg.memory import _vae_decode, meta_model, simulate_decode
+
+    h, w = 40, 48
+    vae = meta_model(SMALL_WAN_VAE).eval()
+    if tiling:
+        vae.enable_tiling()
+    full = simulate_decode(vae, (1, 16, latent_frames, h, w), torch.float32)
+    est = _vae_decode(SMALL_WAN_VAE, h * 8, w * 8, (latent_frames - 1) * 4 + 1, torch.float32, tiling)
+    assert abs((est.activation_bytes() - est.postprocess_bytes) / full - 1) < tolerance
+
+
+def test_the_llm_planner_is_a_stage_of_its_own():
+    est = estimate(get_preset("wan2.2-5b"), planner="transformers")
+    plan = est.stages[0]
+    assert plan.name == "plan" and plan.model("planner").numel == 7_615_616_512
+    assert plan.resident_bytes("gpu") == 7_615_616_512 * 2
+    assert est.peak_bytes("gpu") == estimate(get_preset("wan2.2-5b")).peak_bytes("gpu")  # the anchor stage is larger
+    assert [s.name for s in estimate(get_preset("wan2.2-5b"), planner="rules").stages][0] == "anchor"
