@@ -13,7 +13,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fvg.console import (ApiKeyEnvOpt, PlanCacheOpt, PlannerModelOpt, PlannerOpt, PlannerUrlOpt, StageProgress, console,
+from fvg.console import (ApiKeyEnvOpt, AttentionBackendOpt, CacheOpt, CompileOpt, PlanCacheOpt, PlannerModelOpt,
+                         PlannerOpt, PlannerUrlOpt, StageProgress, console,
                          planner_options, progress_bar, run_app, setup_logging)
 from fvg.io import (FvgError, check_output_dir, check_output_file, mp4_is_valid, read_prompt_lines, run_name,
                     save_image, sweep_stale_temps, write_json)
@@ -52,14 +53,15 @@ def _load_pipeline(preset: str, *, lora: Optional[str] = None, lora_2: Optional[
                    height: Optional[int] = None, width: Optional[int] = None, frames: Optional[int] = None,
                    fps: Optional[int] = None, device: Optional[str] = None, dtype: Optional[str] = None,
                    cpu_offload: bool = False, vae_tiling: Optional[bool] = None, memory: str = "auto",
-                   storage=None):
+                   storage=None, attention_backend: Optional[str] = None, compile: bool = False,
+                   cache: str = "none"):
     from fvg.pipeline import FactorizedPipeline
 
     setup_logging("fvg.animate")  # says which LoRA each expert got when one was found on disk
     return FactorizedPipeline.from_preset(
         preset, device=device, dtype=dtype, cpu_offload=cpu_offload, vae_tiling=vae_tiling, memory=memory,
-        storage=storage, planner_options=planner_options(api_key_env, planner_url, plan_cache), lora=lora,
-        lora_2=lora_2,
+        storage=storage, attention_backend=attention_backend, compile=compile, cache=cache,
+        planner_options=planner_options(api_key_env, planner_url, plan_cache), lora=lora, lora_2=lora_2,
         video_model=video_model, anchor_model=anchor_model,
         planner=planner, planner_model=planner_model, height=height, width=width, num_frames=frames, fps=fps,
     )
@@ -93,6 +95,7 @@ class _BatchItemSpec:
         settings["guidance_scale"] = pipe.preset.guidance_scale if guidance is None else guidance
         if not pipe.storage.is_default:  # fp8/quantized/GGUF videos are not the native ones (older records lack it)
             settings["weights"] = pipe.storage.record()
+        settings["cache"] = pipe.speed.cache  # a step cache changes the video
         return cls(mode, seed, pipe.preset.steps_for(mode) if steps is None else steps, settings,
                    (num_candidates, select) if mode == "factorized" else None)
 
@@ -110,7 +113,8 @@ def _is_done(out: Path, stem: str, prompt: str, spec: _BatchItemSpec) -> bool:
     if (record.get("prompt"), record.get("mode"), record.get("seed"), record.get("steps")) != \
             (prompt, spec.mode, spec.seed, spec.steps):
         return False
-    if any(record["settings"].get(k) != v for k, v in spec.settings.items()):
+    recorded = {"cache": "none", **record["settings"]}  # records from before the cache option
+    if any(recorded.get(k) != v for k, v in spec.settings.items()):
         return False
     if spec.candidates is not None:
         anchor = record.get("anchor")
@@ -166,6 +170,9 @@ def generate(
     quantize: Optional[str] = QuantizeOpt,
     video_transformer: Optional[str] = VideoTransformerOpt,
     video_transformer_2: Optional[str] = VideoTransformer2Opt,
+    attention_backend: Optional[str] = AttentionBackendOpt,
+    compile: bool = CompileOpt,
+    cache: str = CacheOpt,
 ):
     """Generate a video (or a batch with --prompts) with the factorized method or a baseline."""
     from fvg.presets import validate_mode
@@ -191,7 +198,8 @@ def generate(
         planner_model=planner_model, planner_url=planner_url, api_key_env=api_key_env, plan_cache=plan_cache,
         height=height, width=width, frames=frames, fps=fps, device=device, dtype=dtype, cpu_offload=cpu_offload,
         vae_tiling=vae_tiling, memory=memory,
-        storage=WeightStorage(weights, quantize, video_transformer, video_transformer_2))
+        storage=WeightStorage(weights, quantize, video_transformer, video_transformer_2),
+        attention_backend=attention_backend, compile=compile, cache=cache)
     if anchor is not None:
         pipe.anchor_from_image(anchor)  # validate the image before any model loads
     if pipe.preset.output_is_noise:
@@ -336,6 +344,9 @@ def animate(
     quantize: Optional[str] = QuantizeOpt,
     video_transformer: Optional[str] = VideoTransformerOpt,
     video_transformer_2: Optional[str] = VideoTransformer2Opt,
+    attention_backend: Optional[str] = AttentionBackendOpt,
+    compile: bool = CompileOpt,
+    cache: str = CacheOpt,
 ):
     """Stage 3 alone: animate PROMPT from your own anchor image."""
     generate(prompt=prompt, prompts=None, out=out, preset=preset, mode="factorized", steps=steps, seed=seed,
@@ -344,7 +355,8 @@ def animate(
              anchor_model=None, planner=None, planner_model=None, planner_url=None, api_key_env="OPENAI_API_KEY",
              plan_cache=None, height=height, width=width, frames=frames, fps=fps, device=device, dtype=dtype,
              cpu_offload=cpu_offload, vae_tiling=vae_tiling, memory=memory, weights=weights, quantize=quantize,
-             video_transformer=video_transformer, video_transformer_2=video_transformer_2)
+             video_transformer=video_transformer, video_transformer_2=video_transformer_2,
+             attention_backend=attention_backend, compile=compile, cache=cache)
 
 
 @app.command()

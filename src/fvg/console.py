@@ -122,3 +122,14 @@ def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> int:
             return 1
         raise
     return code if isinstance(code, int) else 0
+
+
+# The video stage's speed options (fvg.speed), shared by `fvg generate`, `fvg animate` and `fvg eval generate`.
+AttentionBackendOpt = typer.Option(
+    None, "--attention-backend", help="diffusers attention backend for the video model: native, flash, sage, "
+    "_native_cudnn, ... (default: the model's).")
+CompileOpt = typer.Option(False, "--compile", help="Compile the video model's repeated blocks (torch.compile, "
+                                                   "regional; the first video pays the compile time).")
+CacheOpt = typer.Option("none", "--cache", help="Reuse work across denoising steps: fbc (first-block cache), "
+                        "magcache (the first video of a model, mode and step count measures its ratios), "
+                        "taylorseer, or none.")

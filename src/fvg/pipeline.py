@@ -31,6 +31,7 @@ from fvg.plan import Plan, make_planner
 from fvg.provenance import package_versions, utc_timestamp
 from fvg.presets import DEFAULT_PRESET, Preset, get_preset, validate_mode
 from fvg.residency import StageResidency
+from fvg.speed import MagCacheKey, SpeedOptions, apply_speed, validate_speed
 from fvg.weight_storage import WeightStorage, refuse_for_builtin, store_denoisers_in_fp8
 
 # progress(stage, step, total): stage is "plan", "anchor", "animate" or "decode"
@@ -210,12 +211,15 @@ class FactorizedPipeline:
     that stage runs (`fvg.residency`), in the memory mode `memory` (auto, gpu, model-offload,
     group-offload, sequential). `cpu_offload=True` is the older spelling of `memory="model-offload"`.
     `storage` stores the denoisers in fp8, quantizes them or loads GGUF transformers (`fvg.weight_storage`).
+    `attention_backend`, `compile` and `cache` are the video stage's speed options (`fvg.speed`).
     """
 
     def __init__(self, preset: Preset, device: str | None = None, dtype: str | torch.dtype | None = None,
                  cpu_offload: bool = False, vae_tiling: bool | None = None, planner_options: dict | None = None,
-                 memory: str = "auto", storage: WeightStorage | None = None):
+                 memory: str = "auto", storage: WeightStorage | None = None, attention_backend: str | None = None,
+                 compile: bool = False, cache: str = "none"):
         self.preset = preset
+        self.speed = validate_speed(SpeedOptions(attention_backend, compile, cache))
         self.family = get_family(preset.family)
         self.device = validate_device(device) if device else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
@@ -230,6 +234,7 @@ class FactorizedPipeline:
         self._planner = None
         self._anchor_source = None
         self._video_pipe = None
+        self._speed = None  # the speed options applied to the video pipeline (`fvg.speed.SpeedSession`)
 
     def _plan_auto_modes(self) -> None:
         """`auto` on a GPU: each stage's mode from `fvg memory`'s estimate (exact model sizes, activations
@@ -254,6 +259,7 @@ class FactorizedPipeline:
     def from_preset(cls, name: str = DEFAULT_PRESET, *, device: str | None = None, dtype: str | torch.dtype | None = None,
                     cpu_offload: bool = False, vae_tiling: bool | None = None, planner_options: dict | None = None,
                     memory: str = "auto", storage: WeightStorage | None = None,
+                    attention_backend: str | None = None, compile: bool = False, cache: str = "none",
                     **overrides) -> "FactorizedPipeline":
         """`overrides` are preset fields (video_model, lora, height, num_frames, planner, ...)."""
         from fvg.animate.lora import check_lora_file
@@ -267,7 +273,8 @@ class FactorizedPipeline:
             preset = replace(preset, lora_2=resolve_lora_2(preset.lora, preset.lora_2, experts == 2))
         for lora in dict.fromkeys(filter(None, (preset.lora, preset.lora_2))):
             check_lora_file(lora)
-        return cls(preset, device, dtype, cpu_offload, vae_tiling, planner_options, memory, storage)
+        return cls(preset, device, dtype, cpu_offload, vae_tiling, planner_options, memory, storage,
+                   attention_backend, compile, cache)
 
     # -- stages, each usable alone -------------------------------------------------------------
 
@@ -311,6 +318,7 @@ class FactorizedPipeline:
             pipe.set_progress_bar_config(disable=True)
             if self.vae_tiling:
                 pipe.vae.enable_tiling()
+            self._speed = apply_speed(pipe, self.speed)  # after the anchored pipeline swapped its classes
             self._video_pipe = pipe  # on the host until the animate stage places it
         return self._video_pipe
 
@@ -361,13 +369,15 @@ class FactorizedPipeline:
         # The anchor LoRA serves the anchored mode; the baselines are the plain base model, as in the paper.
         set_anchor_lora(pipe, anchor is not None)
         kwargs = self.family.call_arguments(pipe, p, anchored=anchor is not None)
-        result = pipe(
-            prompt=prompt, negative_prompt=p.negative_prompt or None, anchor=anchor,
-            height=p.height, width=p.width, num_frames=p.num_frames, num_inference_steps=steps,
-            guidance_scale=p.guidance_scale if guidance_scale is None else guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
-            callback_on_step_end=callback, **kwargs,
-        )
+        cache_key = MagCacheKey(p.video_model, (p.lora, p.lora_2), anchor is not None, steps)
+        with self._speed.sampling(cache_key):
+            result = pipe(
+                prompt=prompt, negative_prompt=p.negative_prompt or None, anchor=anchor,
+                height=p.height, width=p.width, num_frames=p.num_frames, num_inference_steps=steps,
+                guidance_scale=p.guidance_scale if guidance_scale is None else guidance_scale,
+                generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
+                callback_on_step_end=callback, **kwargs,
+            )
         return to_uint8(result.frames[0])
 
     # -- the whole method ----------------------------------------------------------------------
@@ -424,6 +434,9 @@ class FactorizedPipeline:
             "device": self.device, "dtype": str(self.dtype).removeprefix("torch."),
             "memory": self.memory, "memory_modes": dict(self.residency.modes), "vae_tiling": self.vae_tiling,
             "weights": self.storage.record(),
+            **self.speed.settings(),
         }
+        if self.speed.cache == "magcache":  # "measured" (this video ran uncached) or the ratio file used
+            settings["cache_calibration"] = self._speed.last_calibration
         return FactorizedOutput(frames, mode, prompt, video_prompt, seed, steps, self.preset.fps, plan, anchor,
                                 timings, settings, warnings)

@@ -13,7 +13,8 @@ from typing import List, Optional
 
 import typer
 
-from fvg.console import (ApiKeyEnvOpt, PlanCacheOpt, PlannerModelOpt, PlannerOpt, PlannerUrlOpt, console,
+from fvg.console import (ApiKeyEnvOpt, AttentionBackendOpt, CacheOpt, CompileOpt, PlanCacheOpt, PlannerModelOpt,
+                         PlannerOpt, PlannerUrlOpt, console,
                          planner_options, progress_bar, run_app, setup_logging)
 from fvg.io import FvgError
 from fvg.presets import DEFAULT_PRESET
@@ -72,6 +73,9 @@ def generate(
     dtype: Optional[str] = typer.Option(None, "--dtype"),
     cpu_offload: bool = typer.Option(False, "--cpu-offload"),
     vae_tiling: bool = typer.Option(False, "--vae-tiling"),
+    attention_backend: Optional[str] = AttentionBackendOpt,
+    compile: bool = CompileOpt,
+    cache: str = CacheOpt,
 ):
     """Generate every (prompt, mode, seed) video of a suite; resumable; shard with `accelerate launch`."""
     from .generate import (GenerateSettings, check_config, distributed_state, parse_modes, parse_seeds, plan_jobs,
@@ -80,6 +84,9 @@ def generate(
 
     if steps is not None and steps < 1:
         raise FvgError(f"--steps must be at least 1, got {steps}")
+    from fvg.speed import SpeedOptions, validate_speed
+
+    validate_speed(SpeedOptions(attention_backend, compile, cache))  # before any folder is written
     the_suite = load_suite(suite, suite_dir, samples).select(_split(categories), limit)
     mode_list, seed_list = parse_modes(modes), parse_seeds(seeds)
     if dry_run:
@@ -90,7 +97,8 @@ def generate(
                      planner_model=planner_model, height=height, width=width, num_frames=frames, fps=fps)
     settings = GenerateSettings(the_suite, mode_list, seed_list, out, preset, steps,
                                 {k: v for k, v in overrides.items() if v is not None}, device, dtype, cpu_offload,
-                                vae_tiling, planner_options(api_key_env, planner_url, plan_cache))
+                                vae_tiling, planner_options(api_key_env, planner_url, plan_cache),
+                                attention_backend, compile, cache)
     setup_logging("fvg.animate")  # says which LoRA each expert got when one was found on disk
     check_config(settings)  # before any progress bar: a refused folder is a one-line error
     state = distributed_state(device)

@@ -56,6 +56,9 @@ class GenerateSettings:
     cpu_offload: bool = False
     vae_tiling: bool = False
     planner_options: dict = field(default_factory=dict)
+    attention_backend: str | None = None  # speed options (fvg.speed)
+    compile: bool = False
+    cache: str = "none"
 
 
 @dataclass
@@ -103,7 +106,7 @@ def _fingerprint(settings: GenerateSettings) -> dict:
     # What makes two runs' videos comparable: mixing presets or step counts in one folder would not be.
     overrides = {k: v for k, v in sorted(settings.overrides.items()) if v is not None}
     return {"suite": settings.suite.name, "layout": settings.suite.layout, "preset": settings.preset,
-            "steps": settings.steps, "overrides": overrides}
+            "steps": settings.steps, "overrides": overrides, "cache": settings.cache}  # a cache changes videos
 
 
 def check_config(settings: GenerateSettings) -> dict:
@@ -114,6 +117,7 @@ def check_config(settings: GenerateSettings) -> dict:
               "seeds": settings.seeds}
     if path.exists():
         old = _read_config(path)
+        old.setdefault("cache", "none")  # folders written before the cache option
         differ = [k for k in fingerprint if old.get(k) != fingerprint[k]]
         if differ:
             raise FvgError(f"{settings.out} holds videos made with other settings ({', '.join(differ)}: "
@@ -271,7 +275,8 @@ def run_generation(settings: GenerateSettings, on_video: Callable[[VideoJob, str
         planner_options.setdefault("device", device)
     pipe = pipe or FactorizedPipeline.from_preset(
         settings.preset, device=device, dtype=settings.dtype, cpu_offload=settings.cpu_offload,
-        vae_tiling=settings.vae_tiling, planner_options=planner_options, **settings.overrides)
+        vae_tiling=settings.vae_tiling, planner_options=planner_options, attention_backend=settings.attention_backend,
+        compile=settings.compile, cache=settings.cache, **settings.overrides)
     plans = _PlanStore(pipe, settings.out)
     start = time.perf_counter()
     entries: list[tuple[int, dict]] = []
