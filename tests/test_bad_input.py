@@ -292,3 +292,11 @@ def test_lora_of_the_wrong_shape_is_one_line_and_writes_nothing(tmp_path, capsys
     assert lines == [f"error: LoRA {path} does not fit builtin:tiny-wan: blocks.0.attn1.to_q.lora_A is [4, 7], "
                      "the model needs [4, 24] (and 1 more); it was trained for another model or size"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args", [["--height", "40960"], ["--width", "8192"], ["--frames", "4097"]])
+def test_absurd_video_sizes_are_refused_before_loading(tmp_path, capsys, args):
+    code = main(["generate", "a red circle", "--preset", "tiny", "--out", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and "too large" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

@@ -83,3 +83,20 @@ def test_login_temp_folder_and_cleanup(tmp_path):
     finally:
         demo.close()
     assert not temp.path.exists()
+
+
+def test_a_request_over_its_time_limit_is_stopped_and_frees_the_pipeline(tmp_path):
+    import math
+
+    session = StudioSession(tmp_path, "tiny", request_timeout_s=1e-9)  # any request is over its limit at once
+    with pytest.raises(FvgError, match="longer than the studio's limit"):
+        session.run("a red circle moves right", mode="t2v", steps=2)
+    with pytest.raises(FvgError, match="longer than the studio's limit"):
+        session.candidates("a red circle on the left", num_candidates=2)
+    assert session.history == [] and not any(tmp_path.iterdir())  # nothing half-saved
+    session.request_timeout_s = 600.0  # the lock was released: the next request runs
+    run = session.run("a red circle moves right", mode="t2v", steps=2)
+    assert run.video.is_file() and len(session.history) == 1
+    for bad in (0, -1, math.nan, math.inf):
+        with pytest.raises(FvgError, match="--request-timeout must be a positive number"):
+            StudioSession(tmp_path, "tiny", request_timeout_s=bad)

@@ -135,6 +135,7 @@ def output_paths(out_dir: Path, stem: str | None = None) -> dict[str, Path]:
             "run": out_dir / f"{stem}.run.json"}
 
 
+MAX_SIDE, MAX_FRAMES = 4096, 1025  # video size limits (Wan2.2 trains at most 1280 px and 121 frames)
 MAX_SEED = 2**32 - 1  # numpy's limit; torch takes more, but one range for every seed keeps runs portable
 
 
@@ -268,6 +269,10 @@ class FactorizedPipeline:
         get_family(preset.family).check_shape(preset.height, preset.width, preset.num_frames)
         if not 1 <= preset.fps <= 240:
             raise FvgError(f"fps must be from 1 to 240, got {preset.fps}")
+        # Beyond every published model's size and any one GPU: a typo, refused before anything loads.
+        if max(preset.height, preset.width) > MAX_SIDE or preset.num_frames > MAX_FRAMES:
+            raise FvgError(f"{preset.height}x{preset.width}x{preset.num_frames} is too large: at most {MAX_SIDE} "
+                           f"pixels a side and {MAX_FRAMES} frames")
         experts = count_experts(preset.video_model)  # the LoRA choice fails here, before any model loads
         if experts is not None:
             preset = replace(preset, lora_2=resolve_lora_2(preset.lora, preset.lora_2, experts == 2))

@@ -41,6 +41,9 @@ def register(app) -> None:
         auth: Optional[str] = typer.Option(None, "--auth", envvar=AUTH_ENV, show_envvar=True,
                                            help="user:password for a login page (prefer the environment variable: "
                                                 "a command line is visible to other users of the machine)."),
+        request_timeout: float = typer.Option(600.0, "--request-timeout", min=0.001,
+                                              help="Seconds one request may hold the pipeline before it is stopped "
+                                                   "(the others wait in a queue behind it)."),
     ):
         """Open the studio: a local web app to plan, choose the anchor, animate and compare."""
         from rich.console import Console
@@ -53,7 +56,8 @@ def register(app) -> None:
         check_output_dir(out)
         from fvg.studio.session import StudioSession
 
-        session = StudioSession(out, preset)  # FvgError for an unknown preset, before the slow imports
+        # FvgError for an unknown preset or a bad limit, before the slow imports
+        session = StudioSession(out, preset, request_timeout_s=request_timeout)
         if importlib.util.find_spec("gradio") is None:
             raise FvgError("the studio needs Gradio: pip install 'fvg[studio]'")
         from rich.markup import escape

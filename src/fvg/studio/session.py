@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ MAX_CANDIDATES = 8
 # Every request's work is bounded, so one visitor cannot hold the shared pipeline for long:
 MAX_PROMPT_CHARS = 2000  # prompts and captions (real ones are under 300)
 MAX_STEPS = 200  # denoising steps per video
+DEFAULT_REQUEST_TIMEOUT_S = 600.0  # one request may hold the pipeline this long; the others wait behind it
 HISTORY_COLUMNS = ["time", "prompt", "mode", "preset", "seed", "steps", "seconds", "folder"]
 
 
@@ -88,9 +90,33 @@ class StudioRun:
                 o.seed, o.steps, round(self.seconds, 1), str(self.out_dir)]
 
 
+def with_deadline(progress: ProgressFn | None, seconds: float | None) -> ProgressFn | None:
+    """`progress` that also stops the request once it has run `seconds`: the pipeline reports every
+    denoising step and every anchor candidate, so a request ends within one step of its limit and
+    frees the studio's one pipeline slot for the requests waiting behind it."""
+    if seconds is None:
+        return progress
+    deadline = time.monotonic() + seconds
+
+    def report(stage: str, step: int, total: int) -> None:
+        if time.monotonic() > deadline:
+            raise FvgError(f"the request ran longer than the studio's limit of {seconds:g} s and was stopped "
+                           "(fewer steps or candidates, or a larger --request-timeout)")
+        if progress is not None:
+            progress(stage, step, total)
+    return report
+
+
 class StudioSession:
+    """One studio's pipelines, runs and history. `request_timeout_s` bounds each pipeline request
+    (candidates or a run, compare video included); None: no limit."""
+
     def __init__(self, out_root: str | Path = DEFAULT_OUT, preset: str | None = None,
-                 pipeline_factory: Callable[[str], FactorizedPipeline] = FactorizedPipeline.from_preset):
+                 pipeline_factory: Callable[[str], FactorizedPipeline] = FactorizedPipeline.from_preset,
+                 request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S):
+        if request_timeout_s is not None and not (math.isfinite(request_timeout_s) and request_timeout_s > 0):
+            raise FvgError(f"--request-timeout must be a positive number of seconds, got {request_timeout_s}")
+        self.request_timeout_s = request_timeout_s
         self.out_root = Path(out_root)
         self.default_preset = preset or default_preset()
         get_preset(self.default_preset)  # FvgError for an unknown preset
@@ -131,7 +157,8 @@ class StudioSession:
         validate_seed(int(seed) + int(num_candidates) - 1, "anchor seed + candidates - 1")
         validate_seed(int(seed), "anchor seed")
         with self._lock:
-            return self.pipeline(preset).make_anchor(caption.strip(), int(seed), int(num_candidates), 0, progress)
+            return self.pipeline(preset).make_anchor(caption.strip(), int(seed), int(num_candidates), 0,
+                                                     with_deadline(progress, self.request_timeout_s))
 
     def upload(self, path: str | Path | None, preset: str | None = None) -> AnchorResult:
         """The user's own first frame, validated (PNG, JPEG or WebP) and fitted to the video size."""
@@ -173,6 +200,7 @@ class StudioSession:
         seed = int(seed)
         with self._lock:
             start = time.perf_counter()
+            progress = with_deadline(progress, self.request_timeout_s)  # one limit for the run and its compare video
             pipe = self.pipeline(preset)
             used_plan, studio = None, {}
             if mode != "t2v":
