@@ -404,6 +404,16 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+_COMPBENCH_PROMPT_FILE = re.compile(r"^(\d+)_(.+)$")
+
+
+def compbench_prompt_file(stem: str) -> tuple[int, str] | None:
+    """(N, category) of a T2V-CompBench prompt file's stem `N_<category>` (e.g. 1_consistent_attr),
+    else None. The category names the folder its videos go in: the one rule every layout uses."""
+    m = _COMPBENCH_PROMPT_FILE.match(stem)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
 def slug(text: str, limit: int = 40) -> str:
     """A file-name-safe form of `text`: lower-case ASCII words joined by "-", at most `limit` characters."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "run"

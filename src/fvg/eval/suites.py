@@ -20,13 +20,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from fvg.io import FvgError, read_prompt_lines
+from fvg.io import FvgError, compbench_prompt_file, read_prompt_lines
 
 SUITES = ("t2v-compbench", "vbench2", "minicompbench")  # or a path to a .txt prompt list
 VBENCH_NAME_CHARS = 180  # VBench's sampling script names videos by prompt[:180]
 VBENCH_SAMPLES = 3  # videos per prompt in VBench 2.0 ...
 VBENCH_DIVERSITY_SAMPLES = 20  # ... except for the Diversity dimension
-_PROMPT_FILE = re.compile(r"^(\d+)_(.+)$")
 # '/' would split the name into folders, NUL and control characters are invalid or invisible
 # in names, '\\' is a separator on Windows. Everything else stays as VBench wrote it.
 _UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]")
@@ -124,8 +123,7 @@ def load_t2v_compbench(suite_dir: str | Path) -> Suite:
     if not root.is_dir():
         raise FvgError(f"T2V-CompBench folder not found: {root}")
     prompt_dir = root / "prompts" if (root / "prompts").is_dir() else root
-    files = [(int(m.group(1)), m.group(2), f) for f in prompt_dir.glob("*.txt")
-             if (m := _PROMPT_FILE.match(f.stem))]
+    files = [(*parsed, f) for f in prompt_dir.glob("*.txt") if (parsed := compbench_prompt_file(f.stem))]
     if not files:
         raise FvgError(f"no T2V-CompBench prompt files (N_<category>.txt) in {prompt_dir}")
     prompts = []
@@ -139,8 +137,8 @@ def load_prompt_list(path: str | Path) -> Suite:
     path = Path(path)
     if not path.is_file():
         raise FvgError(f"prompt file not found: {path}")
-    m = _PROMPT_FILE.match(path.stem)
-    category = m.group(2) if m else path.stem
+    parsed = compbench_prompt_file(path.stem)
+    category = parsed[1] if parsed else path.stem
     lines = _read_lines(path)
     if not lines:
         raise FvgError(f"prompt file {path} has no prompts")

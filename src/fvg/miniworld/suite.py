@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import FvgError, write_text
+from ..io import FvgError, compbench_prompt_file, write_text
 from .grammar import format_prompt, parse_prompt, sample_prompt
 from .score import PromptScore, score_video
 from .spec import CATEGORIES
@@ -42,7 +42,7 @@ class SuitePrompt:
 
     @property
     def folder(self) -> str:
-        return PROMPT_FILES[self.category].split("_", 1)[1]
+        return compbench_prompt_file(PROMPT_FILES[self.category])[1]
 
     @property
     def video_path(self) -> str:  # relative to the video directory
