@@ -117,8 +117,9 @@ def apply_group_offload(pipe, device: str) -> None:
 class StageResidency:
     """Moves stage pipelines on and off the device so that only the running stage's models are there.
 
-    `memory` is the mode for every stage; `auto` resolves per stage when the stage first runs,
-    from the exact bytes of its loaded (host) components and the free device memory. Offload
+    `memory` is the mode for every stage. Under `auto`, `FactorizedPipeline` fills `modes` from
+    `fvg memory`'s estimate (`fvg.memory.stage_modes`); a stage it could not estimate resolves when it
+    first runs, from the exact bytes of its loaded (host) components and the free device memory. Offload
     modes keep weights on the host and move them per call (their hooks are installed once);
     `gpu`-mode stages are moved here. With `keep_resident` (every stage fits at once) nothing is
     evicted, so batches pay no transfers.
