@@ -79,3 +79,18 @@ def config(workdir, train_defaults):
         return TrainConfig(**{**base, **train_defaults, **settings})
 
     return make
+
+
+def save_tiny_two_expert_wan(path: Path) -> Path:
+    """A saved tiny two-expert Wan checkpoint (model_index.json names transformer_2), as Wan2.2-A14B ships."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from fvg.animate.wan import AnchoredWanPipeline
+    from fvg.tiny import tiny_wan_components
+
+    components = tiny_wan_components()
+    torch.manual_seed(5)
+    low_noise = WanTransformer3DModel(**components["transformer"].config).eval()
+    AnchoredWanPipeline(**components, transformer_2=low_noise, boundary_ratio=0.875).save_pretrained(path)
+    return path

@@ -3,8 +3,8 @@
 import logging
 
 import pytest
+from conftest import save_tiny_two_expert_wan
 import torch
-from diffusers import WanTransformer3DModel
 from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -13,7 +13,6 @@ import fvg.families.wan
 import fvg.pipeline
 from fvg.animate.loading import count_experts, resolve_lora_2
 from fvg.animate.lora import to_diffusers
-from fvg.animate.wan import AnchoredWanPipeline
 from fvg.cli import main
 from fvg.io import FvgError
 from fvg.pipeline import FactorizedPipeline
@@ -25,13 +24,7 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 @pytest.fixture(scope="module")
 def two_expert_dir(tmp_path_factory):
-    """A saved two-expert Wan checkpoint (model_index.json names transformer_2), as Wan2.2-A14B ships."""
-    components = tiny_wan_components()
-    torch.manual_seed(5)
-    low_noise = WanTransformer3DModel(**components["transformer"].config).eval()
-    path = tmp_path_factory.mktemp("a14b")
-    AnchoredWanPipeline(**components, transformer_2=low_noise, boundary_ratio=0.875).save_pretrained(path)
-    return path
+    return save_tiny_two_expert_wan(tmp_path_factory.mktemp("a14b"))
 
 
 def write_lora(path, seed):

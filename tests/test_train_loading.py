@@ -3,6 +3,7 @@
 from types import SimpleNamespace
 
 import pytest
+from conftest import save_tiny_two_expert_wan
 import torch
 from diffusers import WanTransformer3DModel
 
@@ -16,11 +17,7 @@ from fvg.train.trainer import Trainer
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Saved float32 checkpoints: a two-expert Wan (as Wan2.2-A14B ships) and a one-expert Wan."""
-    components = tiny_wan_components()
-    torch.manual_seed(5)
-    low_noise = WanTransformer3DModel(**components["transformer"].config).eval()
-    two = tmp_path_factory.mktemp("two-experts")
-    AnchoredWanPipeline(**components, transformer_2=low_noise, boundary_ratio=0.875).save_pretrained(two)
+    two = save_tiny_two_expert_wan(tmp_path_factory.mktemp("two-experts"))
     one = tmp_path_factory.mktemp("one-expert")
     AnchoredWanPipeline(**tiny_wan_components()).save_pretrained(one)
     return two, one
