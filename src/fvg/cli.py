@@ -71,6 +71,8 @@ class _PipelineOptions:
     """The options that choose and load the pipeline (generate, animate, plan, anchor).
 
     A command that does not offer an option gets the default here, which is `from_preset`'s.
+    Typer reads a command's options from its signature, so each command lists the names it
+    offers; the flags, defaults and help are declared once, in the `...Opt` objects above.
     """
 
     preset: str = DEFAULT_PRESET
@@ -202,7 +204,6 @@ def _batch_todo(pipe, out: Path, prompt_list: list[str], call: _CallOptions) -> 
 def _check_generate(prompt: Optional[str], prompts: Optional[Path], out: Optional[Path], anchor: Optional[Path],
                     call: _CallOptions) -> None:
     """The option combinations `generate` refuses, before any model loads."""
-    from fvg.pipeline import validate_call
     from fvg.presets import validate_mode
 
     validate_mode(call.mode)
@@ -216,6 +217,8 @@ def _check_generate(prompt: Optional[str], prompts: Optional[Path], out: Optiona
         raise FvgError(f"an anchor image only applies to mode 'factorized', not '{call.mode}'")
     if prompts is None and not prompt.strip():
         raise FvgError("prompt is empty")
+    from fvg.pipeline import validate_call  # torch loads only once the options are right
+
     validate_call(call.seed, call.num_candidates, call.select, call.steps, call.guidance)
 
 
