@@ -288,3 +288,32 @@ def test_anchor_score_reads_final_weights_or_the_latest_checkpoint(tiny_run, tmp
     (mid / "anchor" / "ckpt.pt").unlink()
     with pytest.raises(FvgError, match="no anchor model"):
         curves.anchor_stills_score(mid, limit=1, seeds=(0,), steps=2)
+
+
+def test_noise_restoration_spans_the_vae_round_trip_to_the_pipelines_own_sampling(tiny_run):
+    from fvg.miniworld.diagnose import noise_restoration, restore_from_noise
+    from fvg.miniworld.render import reference_clip
+
+    out, _ = tiny_run
+    pipe, _ = curves.run_anchor_pipeline(out)
+    frame = reference_clip("a red circle moves right while a blue square moves up", 0)[0]
+    caption = "a red circle on the left and a blue square at the bottom on a black background"
+    # sigma 0: no denoising step, exactly the VAE's round trip.
+    vae = pipe.vae
+    with torch.no_grad():
+        pixels = torch.from_numpy(frame).float().div(127.5).sub(1).permute(2, 0, 1)[None, :, None]
+        direct = vae.decode(vae.encode(pixels).latent_dist.mode()).sample[0, :, 0].clamp(-1, 1)
+    direct = ((direct + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(restore_from_noise(pipe, frame, caption, 0.0, seed=0, steps=3), direct)
+    # sigma 1: the pipeline's own sampling from the same noise (CFG batched here, two calls there).
+    restored = restore_from_noise(pipe, frame, caption, 1.0, seed=3, steps=3)
+    shape = (1, vae.config.z_dim, 1, 64 // pipe.vae_scale_factor_spatial, 64 // pipe.vae_scale_factor_spatial)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    image = pipe(caption, negative_prompt=" ", height=64, width=64, num_frames=1, num_inference_steps=3,
+                 guidance_scale=4.0, latents=noise, output_type="np").frames[0][0]
+    assert np.abs(restored.astype(int) - np.round(image * 255).astype(int)).max() <= 1
+    # Intermediate sigmas change the image; rows come back per sigma with scores in [0, 1].
+    assert not np.array_equal(restore_from_noise(pipe, frame, caption, 0.9, seed=0, steps=3), direct)
+    rows = noise_restoration(pipe, sigmas=(0.0, 1.0), limit=1, steps=2)
+    assert [r.sigma for r in rows] == [0.0, 1.0] and set(rows[0].per_category) == set(CATEGORIES)
+    assert all(0.0 <= r.mean <= 1.0 for r in rows)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import os
 import re
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -176,7 +175,6 @@ def compute_targets(results: dict[str, ConfigResult], categories: list[str], com
 
 RENDERED, VAE_ROUND_TRIP, ANCHOR_STILLS = "rendered", "vae", "anchor-stills"
 LADDER_DIR = "ladder"
-RENDER_SALT = 0x5EED  # the rendered rung's scene for (prompt, seed): rng((salt, seed, crc32(prompt)))
 
 
 @dataclass(frozen=True)
@@ -213,10 +211,9 @@ def _rung_video(out: Path, rung: str, item, seed: int) -> Path:
 
 def rendered_clip(item, seed: int) -> np.ndarray:
     """The exact frames [17, 64, 64, 3] of one scene that realises the prompt, drawn from (seed, prompt)."""
-    from fvg.miniworld import render_video, sample_scene
+    from fvg.miniworld.render import reference_clip
 
-    rng = np.random.default_rng([RENDER_SALT, seed, zlib.crc32(item.prompt.encode("utf-8"))])
-    return render_video(sample_scene(item.prompt, rng))
+    return reference_clip(item.prompt, seed)
 
 
 def vae_round_trip(vae, frames: np.ndarray) -> np.ndarray:

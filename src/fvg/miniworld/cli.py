@@ -128,14 +128,20 @@ def diagnose(
                                                             "encoder), padding (the 512-token padding's cost), "
                                                             "patch (a patch-1 video model's step time)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Weights root (default: the shipped mini)."),
+    run: Optional[Path] = typer.Option(None, "--run", help="noise: a training run's anchor model (its final "
+                                                          "weights, else the latest checkpoint) instead of --weights."),
+    limit: int = typer.Option(3, "--limit", help="noise: the first N MiniCompBench prompts of each category."),
 ):
     """Measurements behind the mini recipe (docs/miniworld.md, v2 diagnosis)."""
     from . import diagnose as d
 
     parts = [w.strip() for w in what.split(",") if w.strip()]
-    unknown = sorted(set(parts) - {"text", "padding", "patch"})
+    unknown = sorted(set(parts) - {"text", "padding", "patch", "noise"})
     if unknown or not parts:
-        raise FvgError(f"unknown measurement(s) {', '.join(unknown) or '(none)'}: choose from text, padding, patch")
+        raise FvgError(f"unknown measurement(s) {', '.join(unknown) or '(none)'}: "
+                       "choose from text, padding, patch, noise")
+    if limit < 1:
+        raise FvgError(f"--limit must be at least 1, got {limit}")
     if "text" in parts:
         for r in d.text_order(d.default_encoders(weights), _tokenizer()):
             typer.echo(f"text {r.encoder}: roles swapped {r.swapped:.3f}, one word changed {r.one_word:.3f} "
@@ -149,6 +155,28 @@ def diagnose(
         for name, seconds in times.items():
             base = times[name.split(",")[0] + ", patch 2, 512 text tokens"]
             typer.echo(f"patch: {name}: one CFG step {seconds * 1000:.1f} ms ({seconds / base:.2f}x)")
+    if "noise" in parts:
+        pipe, step = _anchor_pipeline(run, weights)
+        for r in d.noise_restoration(pipe, limit=limit):
+            typer.echo(f"noise: restored from sigma {r.sigma:.1f}: frame-0 score {r.mean:.3f} "
+                       f"({', '.join(f'{k} {v:.2f}' for k, v in r.kinds.items())}){step}")
+
+
+def _anchor_pipeline(run: Optional[Path], weights: Optional[Path]):
+    """(pipeline, label) of a run's anchor model or the shipped one."""
+    if run is not None:
+        from .curves import run_anchor_pipeline
+
+        pipe, step = run_anchor_pipeline(run)
+        return pipe, f" [{run} step {step}]"
+    from diffusers import WanPipeline
+
+    from .models import anchor_dir
+
+    root = anchor_dir(weights)
+    if not (root / "model_index.json").is_file():
+        raise FvgError(f"no anchor pipeline in {root}")
+    return WanPipeline.from_pretrained(str(root)), ""
 
 
 def _tokenizer():

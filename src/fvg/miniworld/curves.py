@@ -125,24 +125,14 @@ def anchor_stills_score(out: str | Path, limit: int = 3, seeds: tuple[int, ...] 
     EMA weights, sampled as the `mini` preset samples anchors (DiffusersAnchorSource, one-frame
     WanPipeline) for the first-frame captions of MiniCompBench's first `limit` prompts per category,
     scored on the frame-0 checks like the ladder's anchor-stills rung (from the arrays, without MP4)."""
-    from diffusers import AutoencoderKLWan
-
     from fvg.anchor import DiffusersAnchorSource
 
     from .grammar import first_frame_caption
     from .score import check_kind, score_first_frame
-    from .stages import text_parts
     from .suite import load_suite, spec_category
 
-    out = Path(out)
-    if not (out / "latents" / "DONE.json").is_file():
-        raise FvgError(f"{out}: the latents stage is not complete (the anchor model needs its text encoder and VAE)")
-    s = load_settings(out)
-    tokenizer, encoder = text_parts(out, s)
-    vae = AutoencoderKLWan.from_pretrained(str(out / "latents" / "vae"))
-    transformer, step = _anchor_transformer(out, s, vae.config.z_dim, encoder.config.d_model)
-    source = DiffusersAnchorSource(models.assemble_pipeline(tokenizer, encoder, vae, transformer, s.model.flow_shift),
-                                   steps=steps, guidance_scale=guidance)
+    pipe, step = run_anchor_pipeline(out)
+    source = DiffusersAnchorSource(pipe, steps=steps, guidance_scale=guidance)
     scores: dict[str, list[float]] = {}
     kinds: dict[str, list[bool]] = {}
     for item in (p for p in load_suite() if p.index <= limit):
@@ -155,6 +145,23 @@ def anchor_stills_score(out: str | Path, limit: int = 3, seeds: tuple[int, ...] 
     per_category = {c: round(float(np.mean(v)), 4) for c, v in scores.items()}
     return {"step": step, "mean": round(float(np.mean(list(per_category.values()))), 4),
             "per_category": per_category, "kinds": {k: round(float(np.mean(v)), 3) for k, v in sorted(kinds.items())}}
+
+
+def run_anchor_pipeline(out: str | Path):
+    """(the one-frame WanPipeline of a run's anchor model, its step): the final weights, else the latest
+    checkpoint's EMA weights, with the run's frozen text encoder and VAE."""
+    from diffusers import AutoencoderKLWan
+
+    from .stages import text_parts
+
+    out = Path(out)
+    if not (out / "latents" / "DONE.json").is_file():
+        raise FvgError(f"{out}: the latents stage is not complete (the anchor model needs its text encoder and VAE)")
+    s = load_settings(out)
+    tokenizer, encoder = text_parts(out, s)
+    vae = AutoencoderKLWan.from_pretrained(str(out / "latents" / "vae"))
+    transformer, step = _anchor_transformer(out, s, vae.config.z_dim, encoder.config.d_model)
+    return models.assemble_pipeline(tokenizer, encoder, vae, transformer, s.model.flow_shift), step
 
 
 def _anchor_transformer(out: Path, s, in_channels: int, text_dim: int):

@@ -1,12 +1,18 @@
 """Measurements behind the `mini` recipe (docs/miniworld.md, "v2 diagnosis").
 
     fvg miniworld diagnose --what text,padding
+    fvg miniworld diagnose --what noise --run runs/mini-v2
 
 * `text`: does the frozen text encoder tell word order apart? Wan's cross-attention has no
   positions over text tokens: it sees the encoder's output as a set. So "A left of B" and "B left
   of A" (the same words) differ for the DiT only through the encoder's context. Measured as the
   distance between the two prompts' token sets (each token matched to its nearest counterpart,
   Hungarian matching, relative to the mean token norm), against prompts that differ in one word.
+* `noise`: from how much noise does the anchor model restore a scene? Each prompt's true first
+  frame is encoded, noised to sigma (SDEdit), denoised by the model on the rest of the sampler's
+  schedule and scored on the frame-0 checks. sigma = 1 is sampling from pure noise (the ladder's
+  anchor-stills rung), sigma = 0 the VAE alone: where the score falls says which noise levels, and
+  so which decisions (layout and counts at high sigma, outlines at low sigma), the model gets wrong.
 * `padding`: the share of a denoising step spent on WanPipeline's 512-token zero padding (one CFG
   step, batch 2, of each shipped transformer, 512 against 32 text tokens).
 """
@@ -140,3 +146,76 @@ def patch_cost(reps: int = 7) -> dict[str, float]:
                         times.setdefault(f"{name}, patch {p}, {tokens} text tokens", []).append(
                             time.perf_counter() - tick)
     return {k: float(np.median(v)) for k, v in times.items()}
+
+
+@dataclass
+class NoiseRestoration:
+    sigma: float  # the noise level the true first frame was pushed to (0: the VAE alone)
+    mean: float  # frame-0 score, mean over categories
+    per_category: dict[str, float]
+    kinds: dict[str, float]  # pass rate per kind of check
+
+
+@torch.no_grad()
+def restore_from_noise(pipe, frame: np.ndarray, caption: str, sigma: float, seed: int, steps: int = 15,
+                       guidance: float = 4.0) -> np.ndarray:
+    """`frame` [64, 64, 3] uint8 encoded by the pipeline's VAE, noised to `sigma`, denoised with
+    classifier-free guidance (negative prompt " ", as the anchor source samples) from the first step of
+    the pipeline's own `steps`-step schedule at or below `sigma`, decoded: [64, 64, 3] uint8.
+
+    A sigma below the schedule's last step runs no step. sigma = 1 is the pipeline's own sampling (from pure noise; the same noise gives the same image as
+    `pipe(..., latents=noise)`); sigma = 0 runs no step (the VAE's round trip)."""
+    import copy
+
+    vae, model = pipe.vae, pipe.transformer
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    pixels = torch.from_numpy(frame).float().div(127.5).sub(1).permute(2, 0, 1)[None, :, None]
+    x0 = (vae.encode(pixels).latent_dist.mode() - mean) / std
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(steps)
+    below = (scheduler.sigmas[:-1] <= sigma + 1e-6).nonzero()
+    start = int(below[0]) if len(below) else steps  # no step starts that low: the VAE's round trip
+    s0 = float(scheduler.sigmas[start])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    x = (1 - s0) * x0 + s0 * noise
+    if start < steps:
+        scheduler.set_begin_index(start)
+        cond, uncond = pipe.encode_prompt(caption, negative_prompt=" ", do_classifier_free_guidance=True,
+                                          max_sequence_length=models.MAX_SEQUENCE_LENGTH, device="cpu")
+        text = torch.cat([cond, uncond])
+        for t in scheduler.timesteps[start:]:
+            v = model(hidden_states=torch.cat([x, x]), timestep=t.expand(2), encoder_hidden_states=text,
+                      return_dict=False)[0]
+            v = v[1:] + guidance * (v[:1] - v[1:])
+            x = scheduler.step(v, t, x, return_dict=False)[0]
+    image = vae.decode(x * std + mean).sample[0, :, 0].clamp(-1, 1)
+    return ((image + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def noise_restoration(pipe, sigmas=(0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0), limit: int = 3,
+                      seeds: tuple[int, ...] = (0,), steps: int = 15) -> list[NoiseRestoration]:
+    """The frame-0 score of restoring MiniCompBench's reference first frames (`reference_clip`, the
+    ladder's rendered rung) from each noise level; the first `limit` prompts per category."""
+    from .grammar import first_frame_caption
+    from .render import reference_clip
+    from .score import check_kind, score_first_frame
+    from .suite import load_suite, spec_category
+
+    items = [p for p in load_suite() if p.index <= limit]
+    rows = []
+    for sigma in sigmas:
+        scores: dict[str, list[float]] = {}
+        kinds: dict[str, list[bool]] = {}
+        for item in items:
+            for seed in seeds:
+                frame = reference_clip(item.prompt, seed)[0]
+                image = restore_from_noise(pipe, frame, first_frame_caption(item.prompt), sigma, seed, steps)
+                result = score_first_frame(item.prompt, image)
+                scores.setdefault(spec_category(item), []).append(result.score)
+                for c in result.checks:
+                    kinds.setdefault(check_kind(c.name), []).append(c.passed)
+        per_category = {c: round(float(np.mean(v)), 4) for c, v in scores.items()}
+        rows.append(NoiseRestoration(sigma, round(float(np.mean(list(per_category.values()))), 4), per_category,
+                                     {k: round(float(np.mean(v)), 3) for k, v in sorted(kinds.items())}))
+    return rows

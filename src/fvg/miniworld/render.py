@@ -21,6 +21,8 @@ layout, with fresh random sizes, up to MAX_TRIES times.
 
 from __future__ import annotations
 
+import zlib
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,6 +93,16 @@ def sample_scene(prompt: str | MiniPrompt, rng: np.random.Generator) -> Scene:
     p = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     events = [e for o, e in zip(p.objects, p.events) for _ in range(o.count)]
     return _sample(caption_for(p), events, rng, str(p))
+
+
+REFERENCE_SALT = 0x5EED
+
+
+def reference_clip(prompt: str, seed: int) -> np.ndarray:
+    """The reference scene of (prompt, seed), rendered [17, 64, 64, 3]: the quality ladder's "rendered"
+    rung and the clip the diagnoses start from, drawn from rng((salt, seed, crc32(prompt)))."""
+    rng = np.random.default_rng([REFERENCE_SALT, seed, zlib.crc32(prompt.encode("utf-8"))])
+    return render_video(sample_scene(prompt, rng))
 
 
 def render_first_frame(caption: str | Caption, rng: np.random.Generator) -> np.ndarray:
