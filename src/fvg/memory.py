@@ -293,7 +293,7 @@ def size_model(source: ModelSource, name: str, dtype: torch.dtype, conversion: C
         for t, buffer in non_persistent_buffers(model).items():
             numels[t], nbytes[t] = buffer.numel(), buffer.numel() * buffer.element_size()
         return size_from_bytes(name, numels, nbytes, "safetensors", groups, stored_as=_dtype_name(dtype))
-    stored = convert(model, native_tensors(model, b, keep), conversion, b, keep)
+    stored = convert(model, native_tensors(model, b, keep), conversion, b)
     kind = "gguf" if conversion.kind == "gguf" else "config"
     return _size_stored(name, stored, kind, groups, conversion, dtype)
 

@@ -125,8 +125,8 @@ def is_kept_fp32(name: str, keep_fp32: tuple[str, ...]) -> bool:
     return bool(keep_fp32) and any(k in name.split(".") for k in keep_fp32)
 
 
-def convert(model: torch.nn.Module, native: StoredTensors, conversion: Conversion, compute_bytes: int,
-            keep_fp32: tuple[str, ...] = ()) -> StoredTensors:
+def convert(model: torch.nn.Module, native: StoredTensors, conversion: Conversion, compute_bytes: int
+            ) -> StoredTensors:
     """`native` (from `native_tensors` of this meta `model`) after `conversion`. fp8 casts `model` itself:
     pass a fresh meta model."""
     if conversion.kind == "native":
@@ -134,7 +134,7 @@ def convert(model: torch.nn.Module, native: StoredTensors, conversion: Conversio
     if conversion.kind == "fp8":
         return _fp8(model, native, compute_bytes)
     if conversion.kind == "gguf":
-        return _gguf(model, native, conversion.path, compute_bytes, keep_fp32)
+        return _gguf(model, native, conversion.path, compute_bytes)
     if conversion.kind in QUANTIZERS:
         return _quantized(model, native, conversion.kind, compute_bytes)
     raise FvgError(f"unknown weight conversion '{conversion.kind}'")
@@ -203,14 +203,16 @@ def _quantized(model: torch.nn.Module, native: StoredTensors, quantizer: str, co
 
 # -- GGUF single files --------------------------------------------------------------------------------
 
-def _gguf(model: torch.nn.Module, native: StoredTensors, path: str, compute_bytes: int,
-          keep_fp32: tuple[str, ...]) -> StoredTensors:
+def _gguf(model: torch.nn.Module, native: StoredTensors, path: str, compute_bytes: int) -> StoredTensors:
+    """diffusers passes the class's `_keep_in_fp32_modules` to a quantizer whatever the dtype: their
+    tensors load in fp32, dequantized if the file has them quantized."""
     from gguf import GGMLQuantizationType
 
     from fvg.weight_storage import check_gguf_keys, gguf_tensors
 
     check_gguf_keys(path, model, type(model))
     plain = (GGMLQuantizationType.F32, GGMLQuantizationType.F16)  # diffusers loads these as ordinary tensors
+    keep_fp32 = tuple(model._keep_in_fp32_modules or ())
     nbytes = dict(native.bytes)
     transient = 0
     for name, tensors in gguf_tensors(path, type(model).__name__).items():
