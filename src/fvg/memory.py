@@ -9,7 +9,8 @@ biggest forward pass, for each memory mode; `fvg memory` prints it. Nothing here
   parameters counted. `builtin:` models are built (they are a few thousand parameters).
   Bytes are element counts times the dtype the pipeline loads them in: transformers and text
   encoders in the run dtype; the video pipeline's VAE in float32 (`animate/loading.py`); the anchor
-  pipeline whole in the run dtype (`DiffusersAnchorSource.from_pretrained`), the tiny one in float32.
+  pipeline whole in the run dtype (`DiffusersAnchorSource.from_pretrained`), the tiny one in float32;
+  non-persistent buffers (rotary tables, not in checkpoints) as their constructor made them (fp32).
 - **Activations** of the transformers are formulas, one small dataclass per family below, each
   saying what it counts; they were read off and are checked against the measured peak of reduced
   models of the real classes on CPU (`LiveTensorBytes`, tests/test_memory.py: within 5%). They
@@ -29,8 +30,9 @@ Memory modes and what each keeps resident while a phase runs:
   without a top-level block list, is onloaded whole); a transformers model (text encoder, LLM)
   two leaf modules (leaf-level groups, one prefetched).
 - `sequential`: the running model's largest leaf module (accelerate's per-module hooks).
-- `fp8` (with any mode): transformer weights stored at 1 byte (layerwise casting), plus the
-  largest leaf upcast to the compute dtype.
+- with `--weights fp8`, `--quantize` or a GGUF transformer (any mode): every figure is of the
+  stored bytes, tensor by tensor (`fvg.storage_sizes`), and a phase adds the one layer its model
+  holds in the compute dtype while it runs (the fp8 upcast, the dequantized weight).
 
 `auto` picks the first mode of `MODES` (fastest first) whose peak over all stages fits.
 """

@@ -146,7 +146,7 @@ def _fp8(model: torch.nn.Module, native: StoredTensors, compute_bytes: int) -> S
     fp8 = getattr(torch, FP8_STORAGE)
     if not hasattr(model, "enable_layerwise_casting"):
         raise FvgError(f"--weights fp8 applies to diffusers models, not {type(model).__name__}")
-    model.enable_layerwise_casting(storage_dtype=fp8, compute_dtype=torch.bfloat16)
+    model.enable_layerwise_casting(storage_dtype=fp8, compute_dtype=torch.bfloat16)  # compute dtype: unused here
     nbytes = dict(native.bytes)
     transient = 0
     for _, module in model.named_modules():
