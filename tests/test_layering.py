@@ -24,7 +24,7 @@ MINIWORLD_TRAINING = tuple(f"fvg.miniworld.{m}" for m in (
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("io", ("fvg.io",)),
     ("base", ("fvg.console", "fvg.provenance", "fvg.presets", "fvg.residency", "fvg.speed", "fvg.tiny",
-              "fvg.weight_storage",
+              "fvg.weight_storage", "fvg.storage_sizes",
               "fvg.miniworld")),  # the world: spec, grammar, render, score, suite, dataset
     ("method", ("fvg.plan", "fvg.anchor", "fvg.animate", "fvg.families")),
     ("orchestration", ("fvg.memory", "fvg.pipeline", "fvg.train")),

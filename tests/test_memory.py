@@ -16,6 +16,7 @@ from fvg.io import FvgError
 from fvg.memory import (GIB, MODEL_CONFIGS, MODES, checkpoint_numels, estimate, meta_numels, safetensors_numels,
                         size_from_numels)
 from fvg.presets import get_preset
+from fvg.weight_storage import WeightStorage
 
 # issue 12: parameters counted on the meta device from the published configs, in billions
 PUBLISHED = [
@@ -50,11 +51,34 @@ def test_every_real_preset_is_sized_from_shipped_configs():
         vae = est.stages[1].model("vae")
         assert vae.bytes == vae.numel * 4  # the video VAE stays fp32
     a14b = estimate(get_preset("wan2.2-a14b")).stages[1]
-    assert a14b.model("transformer_2").numel == a14b.model("transformer").numel == 14_288_491_584
+    rope = 2 * 1024 * 128  # the rotary cos/sin tables, non-persistent fp32 buffers: counted with the parameters
+    assert a14b.model("transformer_2").numel == a14b.model("transformer").numel == 14_288_491_584 + rope
+    assert a14b.model("transformer").bytes == a14b.model("transformer").numel * 2 + rope * 2 + _wan_fp32_extra()
 
 
-def _bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+def _wan_fp32_extra() -> int:
+    """Bytes Wan's fp32-kept modules (norms, time embedder, modulation tables) add over bf16."""
+    from fvg.memory import find_model, meta_model
+
+    model = meta_model(find_model("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "transformer").config)
+    keep = model._keep_in_fp32_modules
+    return 2 * sum(p.numel() for n, p in model.named_parameters() if any(k in n.split(".") for k in keep))
+
+
+def held_bytes(module: torch.nn.Module) -> int:
+    """Bytes the module's parameters and buffers actually hold; a tensor subclass (torchao's quantized
+    weights) by the plain tensors it is made of."""
+    return sum(_tensor_bytes(t) for t in [*module.parameters(), *module.buffers()])
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
+
+
+_bytes = held_bytes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -84,8 +108,10 @@ def test_mini_weights_equal_the_loaded_models():
         assert anchor.model(name).bytes == _bytes(getattr(pipe.anchor_source.pipe, name)), name
     for name in ("text_encoder", "vae"):
         assert animate.model(name).bytes == _bytes(getattr(pipe.video_pipe, name)), name
-    # the transformer carries the anchor LoRA: its parameters are counted with it
-    assert animate.model("transformer").numel == sum(p.numel() for p in pipe.video_pipe.transformer.parameters())
+    # the transformer carries the anchor LoRA: its parameters are counted with it (and its rotary buffers)
+    transformer = pipe.video_pipe.transformer
+    assert animate.model("transformer").numel == sum(t.numel() for t in [*transformer.parameters(),
+                                                                           *transformer.buffers()])
 
 
 def test_safetensors_sizes_come_from_the_header(tmp_path):
@@ -95,8 +121,8 @@ def test_safetensors_sizes_come_from_the_header(tmp_path):
     transformer.save_pretrained(tmp_path / "transformer")
     numels = checkpoint_numels(tmp_path / "transformer")
     assert numels == {k: v.numel() for k, v in transformer.state_dict().items()}
-    size = size_from_numels("transformer", numels, 2, "safetensors", is_transformer=True)
-    assert size.bytes == _bytes(transformer)
+    size = size_from_numels("transformer", numels, 2, "safetensors")
+    assert size.bytes == sum(p.numel() * p.element_size() for p in transformer.parameters())  # the file's tensors
     # blocks are found by name: two Wan blocks, the rest (embeddings, head) outside them
     block0 = sum(p.numel() for p in transformer.blocks[0].parameters())
     assert size.largest_block_bytes == block0 * 2
@@ -104,7 +130,6 @@ def test_safetensors_sizes_come_from_the_header(tmp_path):
     assert size.resident_bytes("group-offload") == (size.numel - 2 * block0 + 2 * block0) * 2
     assert size.resident_bytes("sequential") == max(
         sum(p.numel() for p in m.parameters(recurse=False)) for m in transformer.modules()) * 2
-    assert size.resident_bytes("gpu", fp8=True) == size.numel + size.largest_leaf_bytes
 
 
 def test_variants_beside_the_weights_are_not_counted_twice(tmp_path):
@@ -153,8 +178,8 @@ def test_modes_order_and_auto_choice():
     assert est.choose(int(48 * GIB)) == "model-offload"  # Qwen-Image's transformer alone is 38 GiB
     assert est.choose(int(24 * GIB)) == "group-offload"
     assert est.choose(int(0.5 * GIB)) is None
-    fp8 = estimate(get_preset("wan2.2-5b"), fp8=True)
-    assert fp8.stages[1].model("transformer").resident_bytes("gpu", fp8=True) < est.stages[1].model("transformer").bytes
+    fp8 = estimate(get_preset("wan2.2-5b"), storage=WeightStorage(weights="fp8"))
+    assert fp8.stages[1].model("transformer").resident_bytes("gpu") < 0.52 * est.stages[1].model("transformer").bytes
 
 
 def test_anchored_wan_activation_is_plain_plus_per_frame_modulation():
@@ -363,7 +388,180 @@ def test_vae_decode_estimate_against_a_full_simulation(tiling, latent_frames, to
 def test_the_llm_planner_is_a_stage_of_its_own():
     est = estimate(get_preset("wan2.2-5b"), planner="transformers")
     plan = est.stages[0]
-    assert plan.name == "plan" and plan.model("planner").numel == 7_615_616_512
-    assert plan.resident_bytes("gpu") == 7_615_616_512 * 2
+    assert plan.name == "plan" and plan.model("planner").numel == 7_615_616_512 + 2 * 64  # + the rotary buffers
+    assert plan.resident_bytes("gpu") == 7_615_616_512 * 2 + 2 * 64 * 4  # + inv_freq, original_inv_freq (fp32)
     assert est.peak_bytes("gpu") == estimate(get_preset("wan2.2-5b")).peak_bytes("gpu")  # the anchor stage is larger
     assert [s.name for s in estimate(get_preset("wan2.2-5b"), planner="rules").stages][0] == "anchor"
+
+
+# -- weight storage: fp8 layerwise casting, quantization, GGUF (fvg.storage_sizes) ---------------------
+# The estimate is checked against the bytes the models hold after the real conversion (`held_bytes`).
+
+FP8 = WeightStorage(weights="fp8")
+
+
+def _video_only(video_model: str):
+    """The tiny preset with a video checkpoint on disk and no anchor stage (stage 0 is then "animate")."""
+    from dataclasses import replace
+
+    return replace(get_preset("tiny"), video_model=video_model, anchor_model=None)
+
+
+@pytest.fixture(scope="module")
+def tiny_wan_dir(tmp_path_factory):
+    from fvg.animate.wan import AnchoredWanPipeline
+    from fvg.tiny import tiny_wan_components
+
+    path = tmp_path_factory.mktemp("tiny-wan")
+    AnchoredWanPipeline(**tiny_wan_components()).save_pretrained(path)
+    return path
+
+
+def test_fp8_estimate_equals_the_bytes_after_layerwise_casting():
+    from fvg.pipeline import FactorizedPipeline
+
+    est = estimate(get_preset("tiny"), torch.bfloat16, storage=FP8)
+    pipe = FactorizedPipeline.from_preset("tiny", device="cpu", dtype="bfloat16", storage=FP8)
+    video, anchor = pipe.video_pipe, pipe.anchor_source.pipe  # both cast by the pipeline, as a run does
+    animate = est.stages[1]
+    for name in ("transformer", "text_encoder", "vae"):
+        assert animate.model(name).bytes == held_bytes(getattr(video, name)), name
+    assert est.stages[0].model("transformer").bytes == held_bytes(anchor.transformer)
+    wan = animate.model("transformer")
+    assert wan.stored_as == "fp8" and animate.model("text_encoder").stored_as == "bfloat16"
+    # not a uniform 1 byte: norms, embeddings, the modulation tables and the rotary buffers keep their dtype
+    assert wan.numel < wan.bytes < estimate(get_preset("tiny"), torch.bfloat16).stages[1].model("transformer").bytes
+    fp8_tensors = [t for t in [*video.transformer.parameters()] if t.dtype == torch.float8_e4m3fn]
+    assert 0 < len(fp8_tensors) < len(list(video.transformer.parameters()))
+    # while a layer runs it is in bf16: the largest cast layer, weight and bias
+    layers = [m for m in video.transformer.modules() if any(p.dtype == torch.float8_e4m3fn for p in m.parameters(False))]
+    assert wan.transient_bytes == max(sum(p.numel() for p in m.parameters(False)) for m in layers) * 2
+    assert animate.peak_bytes("gpu") == max(animate.resident_bytes("gpu", p) + p.activation_bytes
+                                            + animate.model(p.model).transient_bytes for p in animate.phases)
+
+
+def test_fp8_estimate_of_a_two_expert_checkpoint_on_disk(tmp_path):
+    from conftest import save_tiny_two_expert_wan
+    from fvg.families.wan import load_wan_pipeline
+    from fvg.weight_storage import store_denoisers_in_fp8
+
+    path = save_tiny_two_expert_wan(tmp_path / "a14b-like")
+    preset = _video_only(str(path))
+    animate = estimate(preset, torch.bfloat16, storage=FP8).stages[0]
+    pipe = load_wan_pipeline(str(path), torch.bfloat16)
+    assert store_denoisers_in_fp8(pipe, torch.bfloat16) == ["transformer", "transformer_2"]
+    for name in ("transformer", "transformer_2", "text_encoder", "vae"):
+        assert animate.model(name).bytes == held_bytes(getattr(pipe, name)), name
+    native = estimate(preset, torch.bfloat16).stages[0]
+    assert native.model("transformer").bytes == held_bytes(load_wan_pipeline(str(path), torch.bfloat16).transformer)
+
+
+def test_torchao_estimate_equals_the_quantized_bytes(tiny_wan_dir):
+    pytest.importorskip("torchao", reason="torchao is the optional quant extra: pip install 'fvg[quant]'")
+    from fvg.families.wan import load_wan_pipeline
+
+    storage = WeightStorage(quantize="torchao-int8wo").validate("cpu")
+    preset = _video_only(str(tiny_wan_dir))
+    animate = estimate(preset, torch.bfloat16, storage=storage).stages[0]
+    pipe = load_wan_pipeline(str(tiny_wan_dir), torch.bfloat16, storage=storage)
+    for name in ("transformer", "text_encoder", "vae"):
+        assert animate.model(name).bytes == held_bytes(getattr(pipe, name)), name
+    assert animate.model("transformer").stored_as == "torchao-int8wo" and animate.model("vae").stored_as == "float32"
+
+
+def test_quantized_layer_bytes_follow_the_documented_layouts():
+    from fvg.storage_sizes import quantized_weight_bytes
+
+    # a 3072 x 3072 Linear (Wan2.2-5B's attention projections), N = 9,437,184 weights
+    n = 3072 * 3072
+    assert quantized_weight_bytes("torchao-int8wo", 3072, 3072) == n + 3072 * 4 + 3072  # int8, fp32 scale, int8 zero
+    assert quantized_weight_bytes("bnb-8bit", 3072, 3072) == n + 3072 * 4  # int8 CB, fp32 SCB per row
+    # NF4 + double quantization: 4,718,592 packed bytes; 147,456 blocks of 64 -> 147,456 uint8 absmax;
+    # 576 blocks of 256 of those -> 576 fp32; an fp32 offset; the 16-entry fp32 NF4 code
+    assert quantized_weight_bytes("bnb-4bit", 3072, 3072) == 4_718_592 + 147_456 + 576 * 4 + 4 + 64 == 4_868_420
+    # about 4.127 bits a weight (QLoRA: 4 + 8/64 + 32/(64*256))
+    assert abs(quantized_weight_bytes("bnb-4bit", 3072, 3072) * 8 / n - (4 + 8 / 64 + 32 / (64 * 256))) < 1e-3
+    # an odd count: the last block is partial, the packed half-byte rounds up
+    assert quantized_weight_bytes("bnb-4bit", 3, 43) == 65 + 3 + 4 + 4 + 64
+
+
+def test_which_layers_each_quantizer_converts():
+    """diffusers keeps `_keep_in_fp32_modules` unconverted; transformers' bitsandbytes matches module names
+    by suffix (UMT5's `wo` stays bf16) while its torchao matches the weight's name (`wo` is converted)."""
+    from fvg.memory import find_model, meta_model
+    from fvg.storage_sizes import quantized_linears
+
+    wan = meta_model(find_model("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "transformer").config)
+    converted = quantized_linears(wan, "bnb-4bit")
+    assert "blocks.0.attn1.to_q" in converted and "proj_out" in converted
+    assert not any("time_embedder" in name for name in converted)
+    umt5 = meta_model(find_model("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "text_encoder").config)
+    assert "encoder.block.0.layer.1.DenseReluDense.wo" not in quantized_linears(umt5, "bnb-4bit")
+    assert "encoder.block.0.layer.1.DenseReluDense.wo" in quantized_linears(umt5, "torchao-int8wo")
+    assert "encoder.block.0.layer.1.DenseReluDense.wi_0" in quantized_linears(umt5, "bnb-4bit")
+    qwen_vl = meta_model(find_model("Qwen/Qwen-Image", "text_encoder").config)
+    assert "lm_head" not in quantized_linears(qwen_vl, "bnb-8bit")  # the output embedding stays
+
+
+def test_gguf_estimate_equals_the_loaded_bytes(tiny_wan_dir, tmp_path):
+    pytest.importorskip("gguf", reason="gguf is the optional quant extra: pip install 'fvg[quant]'")
+    from gguf import GGUFReader
+
+    from fvg.families.wan import load_wan_pipeline
+    from test_quantization import write_wan_gguf
+
+    reference = load_wan_pipeline(str(tiny_wan_dir), torch.float32)
+    path = tmp_path / "tiny-wan-Q8_0.gguf"
+    quantized = write_wan_gguf(reference.transformer, path)
+    storage = WeightStorage(video_transformer=str(path)).validate("cpu")
+    preset = _video_only(str(tiny_wan_dir))
+    for dtype in (torch.bfloat16, torch.float32):
+        transformer = estimate(preset, dtype, storage=storage).stages[0].model("transformer")
+        loaded = load_wan_pipeline(str(tiny_wan_dir), dtype, storage=storage).transformer
+        assert transformer.bytes == held_bytes(loaded) and transformer.source == "gguf"
+    # the Q8_0 tensors count their bytes in the file: 34 bytes per block of 32
+    q8 = [t for t in GGUFReader(str(path)).tensors if t.tensor_type.name == "Q8_0"]
+    assert len(q8) == len(quantized) > 0 and all(int(t.n_bytes) == int(t.n_elements) // 32 * 34 for t in q8)
+    # the largest Q8_0 layer is dequantized to the compute dtype for its matmul (fp32 above); the time
+    # embedder's (`time_embedding.0`) is not one: diffusers keeps that module in fp32, dequantized at load
+    running = [int(t.n_elements) for t in q8 if not t.name.startswith("time_embedding.")]
+    assert transformer.transient_bytes == max(running) * 4 and len(running) < len(q8)
+
+
+def test_auto_chooses_from_the_stored_sizes(monkeypatch):
+    from fvg.pipeline import FactorizedPipeline
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (24 * GIB, 80 * GIB))
+    chosen = {}
+    for storage in (None, FP8):
+        pipe = FactorizedPipeline.from_preset("wan2.1-1.3b", device="cpu", dtype="bfloat16", storage=storage)
+        pipe._plan_auto_modes()  # what __init__ runs on a CUDA device
+        chosen[storage] = dict(pipe.residency.modes)
+    # Qwen-Image's transformer is 38 GiB in bf16 and 19 GiB in fp8: one-model offload fits 24 GiB only in fp8
+    assert chosen[None]["anchor"] == "group-offload" and chosen[FP8]["anchor"] == "model-offload"
+
+
+def test_fvg_memory_takes_the_weight_options_of_generate(capsys):
+    code, out, err = run_cli(capsys, "memory", "--preset", "wan2.1-1.3b", "--gpu-gib", "24")
+    assert code == 0 and out.splitlines()[-1] == "fits: yes (peak 8.43 GiB, memory group-offload)", err
+    code, out, err = run_cli(capsys, "memory", "--preset", "wan2.1-1.3b", "--gpu-gib", "24", "--weights", "fp8")
+    assert code == 0 and FITS.match(out.splitlines()[-1]) and out.splitlines()[-1].endswith("memory model-offload)")
+    assert "weights fp8" in out and "fp8" in out
+    # bitsandbytes is not installed here: planning for a GPU does not need it
+    code, out, err = run_cli(capsys, "memory", "--preset", "wan2.2-a14b", "--gpu-gib", "48", "--quantize", "bnb-4bit",
+                             "--memory", "gpu")
+    assert code == 0 and out.splitlines()[-1].startswith("fits: yes"), err
+    assert "bnb-4bit" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--weights", "fp8", "--quantize", "torchao-int8wo"], "exclude each other"),
+    (["--weights", "fp9"], "unknown --weights 'fp9'"),
+    (["--quantize", "int3"], "unknown --quantize 'int3'"),
+    (["--video-transformer", "model.safetensors"], "takes a .gguf file"),
+    (["--video-transformer", "/nonexistent/wan.gguf"], "file not found"),
+    (["--quantize", "torchao-int8wo", "--preset", "tiny"], "apply to checkpoints on disk, not builtin:tiny-qwen-image"),
+])
+def test_bad_weight_options_are_one_line_and_exit_2(capsys, args, message):
+    code, _, err = run_cli(capsys, "memory", "--preset", "wan2.1-1.3b", "--gpu-gib", "24", *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -443,15 +443,19 @@ def memory(
     gpu_gib: Optional[float] = typer.Option(None, "--gpu-gib", help="GPU memory to plan for (default: the free memory of this GPU)."),
     memory_mode: str = typer.Option("auto", "--memory", help="auto, gpu, model-offload, group-offload or sequential."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="Run dtype: bfloat16, float16 or float32."),
-    fp8: bool = typer.Option(False, "--fp8", help="Store transformer weights in fp8 (layerwise casting)."),
     planner: Optional[str] = typer.Option(None, "--planner", help="Count this planner backend (transformers: the LLM)."),
     height: Optional[int] = HeightOpt,
     width: Optional[int] = WidthOpt,
     frames: Optional[int] = FramesOpt,
     vae_tiling: Optional[bool] = typer.Option(None, "--vae-tiling/--no-vae-tiling",
                                               help="Count a tiled decode (default: tiled at 704p and above)."),
+    weights: str = WeightsOpt,
+    quantize: Optional[str] = QuantizeOpt,
+    video_transformer: Optional[str] = VideoTransformerOpt,
+    video_transformer_2: Optional[str] = VideoTransformer2Opt,
 ):
-    """Per-stage resident weights and activations of PRESET for each memory mode, without loading weights."""
+    """Per-stage resident weights and activations of PRESET for each memory mode, without loading weights
+    (--weights, --quantize and GGUF transformers as `generate` would store them)."""
     from fvg.animate.loading import resolve_dtype
     from fvg.memory import GIB, MODES, device_budget_bytes, estimate
     from fvg.families import get_family
@@ -461,28 +465,34 @@ def memory(
         raise FvgError(f"unknown memory mode '{memory_mode}' (choose from: auto, {', '.join(MODES)})")
     p = get_preset(preset, height=height, width=width, num_frames=frames)
     get_family(p.family).check_shape(p.height, p.width, p.num_frames)
+    storage = WeightStorage(weights, quantize, video_transformer, video_transformer_2).validate("cuda", planning=True)
     budget = device_budget_bytes(gpu_gib)
-    est = estimate(p, resolve_dtype(dtype, "cuda"), fp8=fp8, vae_tiling=vae_tiling, planner=planner)
+    est = estimate(p, resolve_dtype(dtype, "cuda"), storage=storage, vae_tiling=vae_tiling, planner=planner)
     modes = MODES if memory_mode == "auto" else (memory_mode,)
     gib = lambda n: f"{n / GIB:.2f}"  # noqa: E731
     from rich.table import Table
 
     out = Console()
-    models = Table("stage", "model", "parameters", "GiB", "sized from",
-                   title=f"{p.name}: {p.height}x{p.width}x{p.num_frames}, {dtype}{', fp8 transformers' if fp8 else ''}")
+    stored = ", ".join(f"{k} {v}" for k, v in storage.record().items() if v not in (None, "native"))
+    models = Table("stage", "model", "parameters + buffers", "GiB", "stored as", "sized from",
+                   title=f"{p.name}: {p.height}x{p.width}x{p.num_frames}, {dtype}{', ' + stored if stored else ''}")
     shown = set()
     for s in est.stages:
         if s.models in shown:  # decode runs on the animate stage's pipeline
             continue
         shown.add(s.models)
         for m in s.models:
-            models.add_row(s.name, m.name, f"{m.numel:,}", gib(m.bytes), m.source)
+            models.add_row(s.name, m.name, f"{m.numel:,}", gib(m.bytes), m.stored_as, m.source)
     out.print(models)
     peaks = Table("stage", "activation GiB", *modes, title="resident weights / peak (GiB) per memory mode")
     for s in est.stages:
         peaks.add_row(f"{s.name} ({s.note})" if s.note else s.name, gib(s.activation_bytes()),
-                      *[f"{gib(s.resident_bytes(m, fp8))} / {gib(s.peak_bytes(m, fp8))}" for m in modes])
+                      *[f"{gib(s.resident_bytes(m))} / {gib(s.peak_bytes(m))}" for m in modes])
     out.print(peaks)
+    transient = max(m.transient_bytes for s in est.stages for m in s.models)
+    if transient:
+        console.print(f"note: peaks include the running layer's weight in {dtype} (fp8 upcast or dequantized; "
+                      f"at most {gib(transient)} GiB)", highlight=False)
     for note in est.notes:
         console.print(f"note: {note}")
     chosen = next((m for m in modes if est.peak_bytes(m) <= budget), None)

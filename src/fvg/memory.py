@@ -9,7 +9,8 @@ biggest forward pass, for each memory mode; `fvg memory` prints it. Nothing here
   parameters counted. `builtin:` models are built (they are a few thousand parameters).
   Bytes are element counts times the dtype the pipeline loads them in: transformers and text
   encoders in the run dtype; the video pipeline's VAE in float32 (`animate/loading.py`); the anchor
-  pipeline whole in the run dtype (`DiffusersAnchorSource.from_pretrained`), the tiny one in float32.
+  pipeline whole in the run dtype (`DiffusersAnchorSource.from_pretrained`), the tiny one in float32;
+  non-persistent buffers (rotary tables, not in checkpoints) as their constructor made them (fp32).
 - **Activations** of the transformers are formulas, one small dataclass per family below, each
   saying what it counts; they were read off and are checked against the measured peak of reduced
   models of the real classes on CPU (`LiveTensorBytes`, tests/test_memory.py: within 5%). They
@@ -29,8 +30,9 @@ Memory modes and what each keeps resident while a phase runs:
   without a top-level block list, is onloaded whole); a transformers model (text encoder, LLM)
   two leaf modules (leaf-level groups, one prefetched).
 - `sequential`: the running model's largest leaf module (accelerate's per-module hooks).
-- `fp8` (with any mode): transformer weights stored at 1 byte (layerwise casting), plus the
-  largest leaf upcast to the compute dtype.
+- with `--weights fp8`, `--quantize` or a GGUF transformer (any mode): every figure is of the
+  stored bytes, tensor by tensor (`fvg.storage_sizes`), and a phase adds the one layer its model
+  holds in the compute dtype while it runs (the fp8 upcast, the dequantized weight).
 
 `auto` picks the first mode of `MODES` (fastest first) whose peak over all stages fits.
 """
@@ -51,6 +53,9 @@ from torch.utils._pytree import tree_flatten
 
 from fvg.io import FvgError
 from fvg.presets import Preset
+from fvg.storage_sizes import (NATIVE, Conversion, StoredTensors, conversion_for, convert, is_kept_fp32,
+                               native_tensors, non_persistent_buffers)
+from fvg.weight_storage import WeightStorage, refuse_for_builtin
 
 GIB = 1024**3
 MODES = ("gpu", "model-offload", "group-offload", "sequential")
@@ -66,19 +71,19 @@ _BLOCK = re.compile(r"^(.*?\b(?:blocks|block|layers|transformer_blocks))\.(\d+)\
 
 @dataclass(frozen=True)
 class ModelSize:
-    """One model's element count, and the byte figures each memory mode needs."""
+    """One model's element count, and the byte figures each memory mode needs, as the pipeline stores it."""
 
     name: str  # "transformer", "text_encoder", "vae", "planner", ...
     numel: int
-    bytes: int  # in the dtypes the pipeline loads it in
+    bytes: int  # parameters and buffers, in the dtypes (or quantized formats) the pipeline holds them in
     largest_leaf_bytes: int  # the biggest single module's own tensors (sequential offload)
     largest_block_bytes: int  # the biggest repeated block (group offload); 0 without blocks
     non_block_bytes: int  # everything outside the repeated blocks
-    source: str  # "safetensors", "config", "built"
-    is_transformer: bool = False  # the denoiser: what fp8 layerwise casting stores at 1 byte
-    largest_leaf_numel: int = 0
+    source: str  # "safetensors", "config", "built", "gguf"
     leaf_level_groups: bool = False  # transformers models: fvg group-offloads them leaf by leaf
     second_leaf_bytes: int = 0  # the second-biggest leaf: with the biggest, the worst pair in flight
+    transient_bytes: int = 0  # fp8 / quantized / GGUF: one layer's weight in the compute dtype during its forward
+    stored_as: str = ""  # "bfloat16", "fp8", "torchao-int8wo", "GGUF", ... (the table's column)
 
     def _group_offload_bytes(self) -> int:
         """Block-level groups of one block (diffusers models): the non-block part plus two blocks in
@@ -91,15 +96,8 @@ class ModelSize:
             return self.bytes
         return self.non_block_bytes + 2 * self.largest_block_bytes
 
-    def resident_bytes(self, mode: str, fp8: bool = False) -> int:
-        if fp8 and self.is_transformer:  # 1 byte a weight, one leaf upcast at a time
-            upcast = self.largest_leaf_bytes
-            if mode == "sequential":
-                return upcast
-            if mode == "group-offload":
-                return int(self.numel * self._group_offload_bytes() / self.bytes) + upcast
-            if mode in MODES:
-                return self.numel + upcast
+    def resident_bytes(self, mode: str) -> int:
+        """Stored bytes on the device in `mode` (the transient upcast of a running layer is the phase's, not here)."""
         if mode in ("gpu", "model-offload"):
             return self.bytes
         if mode == "group-offload":
@@ -110,29 +108,30 @@ class ModelSize:
 
 
 def size_from_numels(name: str, numels: dict[str, int], bytes_per_element: int, source: str,
-                     is_transformer: bool = False, keep_fp32: tuple[str, ...] = (),
-                     leaf_level_groups: bool = False) -> ModelSize:
-    """Group tensor names into leaf modules and repeated blocks and add up their bytes.
+                     keep_fp32: tuple[str, ...] = (), leaf_level_groups: bool = False) -> ModelSize:
+    """`size_from_bytes` with every tensor at `bytes_per_element`, except those under a module named in
+    `keep_fp32` (the class's `_keep_in_fp32_modules`, matched on a dotted name component as diffusers
+    and transformers match them) at 4 bytes."""
+    nbytes = {t: n * (4 if is_kept_fp32(t, keep_fp32) else bytes_per_element) for t, n in numels.items()}
+    return size_from_bytes(name, numels, nbytes, source, leaf_level_groups)
 
-    Tensors under a module named in `keep_fp32` (the class's `_keep_in_fp32_modules`, matched on a
-    dotted name component as diffusers and transformers match them) count 4 bytes."""
+
+def size_from_bytes(name: str, numels: dict[str, int], nbytes: dict[str, int], source: str,
+                    leaf_level_groups: bool = False, transient_bytes: int = 0, stored_as: str = "") -> ModelSize:
+    """Group tensors (name -> element count, name -> bytes) into leaf modules and repeated blocks."""
     leaves: dict[str, int] = {}
-    leaf_numel: dict[str, int] = {}
     blocks: dict[str, int] = {}
-    total = 0
-    for tensor, n in numels.items():
-        nbytes = n * (4 if keep_fp32 and any(k in tensor.split(".") for k in keep_fp32) else bytes_per_element)
-        total += nbytes
+    for tensor, size in nbytes.items():
         module = tensor.rsplit(".", 1)[0] if "." in tensor else ""
-        leaves[module] = leaves.get(module, 0) + nbytes
-        leaf_numel[module] = leaf_numel.get(module, 0) + n
+        leaves[module] = leaves.get(module, 0) + size
         match = _BLOCK.match(tensor)
         if match:
             key = f"{match.group(1)}.{match.group(2)}"
-            blocks[key] = blocks.get(key, 0) + nbytes
-    return ModelSize(name, sum(numels.values()), total, max(leaves.values(), default=0), max(blocks.values(), default=0),
-                     total - sum(blocks.values()), source, is_transformer, max(leaf_numel.values(), default=0),
-                     leaf_level_groups, (sorted(leaves.values())[-2:-1] or [0])[0])
+            blocks[key] = blocks.get(key, 0) + size
+    total = sum(nbytes.values())
+    return ModelSize(name, sum(numels.values()), total, max(leaves.values(), default=0),
+                     max(blocks.values(), default=0), total - sum(blocks.values()), source, leaf_level_groups,
+                     (sorted(leaves.values())[-2:-1] or [0])[0], transient_bytes, stored_as)
 
 
 def kept_in_fp32(class_name: str, dtype: torch.dtype) -> tuple[str, ...]:
@@ -279,14 +278,36 @@ def find_model(model_id: str, subfolder: str = "") -> ModelSource:
                    f"shipped config (fvg/model_configs/ has: {', '.join(sorted(p.name for p in MODEL_CONFIGS.iterdir() if p.is_dir()))})")
 
 
-def size_model(source: ModelSource, name: str, dtype: torch.dtype, is_transformer: bool = False) -> ModelSize:
-    """Sizes in `dtype`, as `from_pretrained(..., dtype=dtype)` loads the model (fp32-kept modules included)."""
+def size_model(source: ModelSource, name: str, dtype: torch.dtype, conversion: Conversion = NATIVE) -> ModelSize:
+    """Sizes in `dtype`, as `from_pretrained(..., dtype=dtype)` loads the model (fp32-kept modules included),
+    after `conversion` (fp8 storage, quantization, a GGUF file: `fvg.storage_sizes`).
+
+    Unconverted, a local checkpoint's tensors are read from its safetensors headers; a converted model is
+    sized from its config's module tree (the layer types decide what is converted) and, for GGUF, the file's."""
     class_name = source.config.get("_class_name") or source.config["architectures"][0]
     keep = kept_in_fp32(class_name, dtype)
-    numels = checkpoint_numels(source.weights) if source.weights is not None else meta_numels(source.config)
-    kind = "safetensors" if source.weights is not None else "config"
-    return size_from_numels(name, numels, DTYPE_BYTES[dtype], kind, is_transformer, keep,
-                            leaf_level_groups="_class_name" not in source.config)
+    b = DTYPE_BYTES[dtype]
+    model = meta_model(source.config)  # float32 as constructed: non-persistent buffers keep that dtype
+    groups = "_class_name" not in source.config
+    if conversion == NATIVE and source.weights is not None:
+        numels = checkpoint_numels(source.weights)
+        nbytes = {t: n * (4 if is_kept_fp32(t, keep) else b) for t, n in numels.items()}
+        for t, buffer in non_persistent_buffers(model).items():
+            numels[t], nbytes[t] = buffer.numel(), buffer.numel() * buffer.element_size()
+        return size_from_bytes(name, numels, nbytes, "safetensors", groups, stored_as=_dtype_name(dtype))
+    stored = convert(model, native_tensors(model, b, keep), conversion, b)
+    kind = "gguf" if conversion.kind == "gguf" else "config"
+    return _size_stored(name, stored, kind, groups, conversion, dtype)
+
+
+def _size_stored(name: str, stored: StoredTensors, source: str, leaf_level_groups: bool, conversion: Conversion,
+                 dtype: torch.dtype) -> ModelSize:
+    label = _dtype_name(dtype) if conversion == NATIVE else conversion.label
+    return size_from_bytes(name, stored.numels, stored.bytes, source, leaf_level_groups, stored.transient_bytes, label)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def pipeline_components(model_id: str) -> list[str]:
@@ -559,18 +580,23 @@ class StageEstimate:
     def model(self, name: str) -> ModelSize:
         return next(m for m in self.models if m.name == name)
 
-    def resident_bytes(self, mode: str, fp8: bool = False, phase: Phase | None = None) -> int:
+    def resident_bytes(self, mode: str, phase: Phase | None = None) -> int:
         """Weights on the device: all the stage's models (`gpu`), else only the model at work."""
         if mode == "gpu":
-            return sum(m.resident_bytes(mode, fp8) for m in self.models)
+            return sum(m.resident_bytes(mode) for m in self.models)
         phases = [phase] if phase else self.phases
-        return max(self.model(p.model).resident_bytes(mode, fp8) for p in phases)
+        return max(self.model(p.model).resident_bytes(mode) for p in phases)
 
     def activation_bytes(self) -> int:
         return max(p.activation_bytes for p in self.phases)
 
-    def peak_bytes(self, mode: str, fp8: bool = False) -> int:
-        return max(self.resident_bytes(mode, fp8, p) + p.activation_bytes for p in self.phases)
+    def working_bytes(self, phase: Phase) -> int:
+        """What a phase adds to the resident weights: its activations and the one layer its model holds
+        in the compute dtype while it runs (fp8 upcast, dequantized weight; 0 for native weights)."""
+        return phase.activation_bytes + self.model(phase.model).transient_bytes
+
+    def peak_bytes(self, mode: str) -> int:
+        return max(self.resident_bytes(mode, p) + self.working_bytes(p) for p in self.phases)
 
 
 @dataclass(frozen=True)
@@ -581,11 +607,11 @@ class MemoryEstimate:
     width: int
     frames: int
     stages: tuple[StageEstimate, ...]
-    fp8: bool = False
+    storage: WeightStorage = WeightStorage()
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def peak_bytes(self, mode: str) -> int:
-        return max(s.peak_bytes(mode, self.fp8) for s in self.stages)
+        return max(s.peak_bytes(mode) for s in self.stages)
 
     def choose(self, budget_bytes: int) -> str | None:
         """The fastest mode whose peak over every stage fits the budget, or None."""
@@ -599,17 +625,17 @@ PIPELINE_STAGES = {"plan": ("plan",), "anchor": ("anchor",), "animate": ("animat
 def stage_modes(est: MemoryEstimate, free_bytes: int) -> tuple[dict[str, str], bool]:
     """`--memory auto`: per pipeline stage, the fastest mode whose estimated peak fits `free_bytes`
     (`sequential` when none does), and whether every stage fits on the device at once in `gpu` mode
-    (then nothing is evicted between stages or videos)."""
+    (then nothing is evicted between stages or videos). Sizes are the stored ones (`est.storage`)."""
     by_name = {s.name: s for s in est.stages}
     modes = {}
     for stage, parts in PIPELINE_STAGES.items():
         present = [by_name[p] for p in parts if p in by_name]
         if present:
-            modes[stage] = next((m for m in MODES if all(s.peak_bytes(m, est.fp8) <= free_bytes for s in present)),
+            modes[stage] = next((m for m in MODES if all(s.peak_bytes(m) <= free_bytes for s in present)),
                                 "sequential")
-    all_weights = sum(m.resident_bytes("gpu", est.fp8) for s in est.stages if s.name != "decode" for m in s.models)
-    activations = max((s.activation_bytes() for s in est.stages), default=0)
-    return modes, all_weights + activations <= free_bytes
+    all_weights = sum(m.resident_bytes("gpu") for s in est.stages if s.name != "decode" for m in s.models)
+    working = max((s.working_bytes(p) for s in est.stages for p in s.phases), default=0)
+    return modes, all_weights + working <= free_bytes
 
 
 def _run_bytes(dtype: torch.dtype) -> int:
@@ -665,24 +691,37 @@ def _denoiser_activation(family: str, config: dict, vae_config: dict, height: in
     raise FvgError(f"no activation model for video family '{family}'")
 
 
-def _models(model_id: str, dtype_of: dict[str, torch.dtype], built: dict | None = None) -> tuple[list[ModelSize], dict]:
-    """Size every model of a diffusers pipeline; returns the sizes and each model's config."""
+def _models(model_id: str, dtype_of: dict[str, torch.dtype], built: dict | None = None,
+            storage: WeightStorage | None = None) -> tuple[list[ModelSize], dict]:
+    """Size every model of a diffusers pipeline as stored under `storage`; returns the sizes and each
+    model's config."""
     sizes, configs = [], {}
     if built is not None:  # builtin: tiny pipelines built in code
+        if storage is not None:
+            refuse_for_builtin(storage, model_id)  # as loading does: only fp8 applies to a built model
         for name, module in built.items():
-            from diffusers.models.modeling_utils import ModelMixin
-
-            sizes.append(size_from_numels(name, module_numels(module), DTYPE_BYTES[dtype_of[name]], "built",
-                                          is_transformer=name.startswith("transformer"),
-                                          leaf_level_groups=not isinstance(module, ModelMixin)))
+            sizes.append(_size_built(name, module, dtype_of[name], conversion_for(storage, name)))
             configs[name] = dict(module.config) if hasattr(module.config, "keys") else module.config.to_dict()
             configs[name].setdefault("_class_name", type(module).__name__)
         return sizes, configs
     for name in pipeline_components(model_id):
         source = find_model(model_id, name)
-        sizes.append(size_model(source, name, dtype_of[name], is_transformer=name.startswith("transformer")))
+        sizes.append(size_model(source, name, dtype_of[name], conversion_for(storage, name)))
         configs[name] = source.config
     return sizes, configs
+
+
+def _size_built(name: str, module: torch.nn.Module, dtype: torch.dtype, conversion: Conversion) -> ModelSize:
+    """A tiny built model, cast whole to `dtype` (buffers too) by the loader, then converted (fp8 casts
+    `module` itself: it was built for this estimate)."""
+    from diffusers.models.modeling_utils import ModelMixin
+
+    b = DTYPE_BYTES[dtype]
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    native = StoredTensors({t: x.numel() for t, x in tensors},
+                           {t: x.numel() * (b if x.is_floating_point() else x.element_size()) for t, x in tensors})
+    stored = convert(module, native, conversion, b)
+    return _size_stored(name, stored, "built", not isinstance(module, ModelMixin), conversion, dtype)
 
 
 def _builtin_video(family: str) -> dict:
@@ -705,11 +744,16 @@ def _lora_numel(path: str | None) -> int:
     return sum(safetensors_numels(path).values())
 
 
-def estimate(preset: Preset, dtype: torch.dtype = torch.bfloat16, fp8: bool = False,
+def estimate(preset: Preset, dtype: torch.dtype = torch.bfloat16, storage: WeightStorage | None = None,
              vae_tiling: bool | None = None, planner: str | None = None) -> MemoryEstimate:
-    """Per-stage model sizes and activations for `preset` at its resolution and frame count."""
+    """Per-stage model sizes and activations for `preset` at its resolution and frame count, the
+    models stored as `storage` says (fp8, quantized, GGUF transformers; validated by the caller)."""
     if dtype not in DTYPE_BYTES:
         raise FvgError(f"unsupported dtype {dtype}")
+    storage = storage or WeightStorage()
+    if storage.video_transformer is not None and preset.family != "wan":
+        raise FvgError(f"GGUF transformers load for the Wan family only (diffusers has no single-file "
+                       f"converter for {preset.video_model})")
     b = _run_bytes(dtype)
     h, w, f = preset.height, preset.width, preset.num_frames
     tiling = (h >= 704) if vae_tiling is None else vae_tiling  # the issue: tiling on by default at 704p and up
@@ -740,7 +784,7 @@ def estimate(preset: Preset, dtype: torch.dtype = torch.bfloat16, fp8: bool = Fa
         anchor_dtype = torch.float32 if builtin else dtype  # the tiny anchor pipeline is built in float32, not cast
         anchor_b = DTYPE_BYTES[anchor_dtype]
         sizes, configs = _models(preset.anchor_model, {k: anchor_dtype for k in ("transformer", "text_encoder", "vae")},
-                                 _builtin_anchor() if builtin else None)
+                                 _builtin_anchor() if builtin else None, storage.for_anchor())
         tconf, vconf = configs["transformer"], configs["vae"]
         if tconf["_class_name"] == "QwenImageTransformer2DModel":
             dim = tconf["num_attention_heads"] * tconf["attention_head_dim"]
@@ -756,7 +800,8 @@ def estimate(preset: Preset, dtype: torch.dtype = torch.bfloat16, fp8: bool = Fa
 
     video_dtypes = {"transformer": dtype, "transformer_2": dtype, "text_encoder": dtype, "vae": torch.float32}
     builtin = preset.video_model.startswith("builtin:")
-    sizes, configs = _models(preset.video_model, video_dtypes, _builtin_video(preset.family) if builtin else None)
+    sizes, configs = _models(preset.video_model, video_dtypes, _builtin_video(preset.family) if builtin else None,
+                             storage)
     lora = _lora_numel(preset.lora)
     if lora:  # the anchor LoRA is added to the transformer (and to transformer_2 for A14B)
         lora_2 = _lora_numel(preset.lora_2) or lora
@@ -774,7 +819,7 @@ def estimate(preset: Preset, dtype: torch.dtype = torch.bfloat16, fp8: bool = Fa
     stages.append(StageEstimate("decode", tuple(sizes), (Phase("vae", "decode" + (" (tiled)" if tiling else ""),
                                                                  decode.activation_bytes()),),
                                 note="VAE tiling on" if tiling else "VAE tiling off"))
-    return MemoryEstimate(preset.name, dtype, h, w, f, tuple(stages), fp8, tuple(notes))
+    return MemoryEstimate(preset.name, dtype, h, w, f, tuple(stages), storage, tuple(notes))
 
 
 def _with_lora(size: ModelSize, lora_numel: int, bytes_per_element: int) -> ModelSize:

@@ -238,13 +238,14 @@ class FactorizedPipeline:
         self._speed = None  # the speed options applied to the video pipeline (`fvg.speed.SpeedSession`)
 
     def _plan_auto_modes(self) -> None:
-        """`auto` on a GPU: each stage's mode from `fvg memory`'s estimate (exact model sizes, activations
-        at this resolution) and the free device memory; without an estimate (a checkpoint with no config
-        fvg knows and none on disk yet) each stage decides when it first runs, from its loaded weights."""
+        """`auto` on a GPU: each stage's mode from `fvg memory`'s estimate (exact model sizes, as stored
+        with this run's fp8/quantization/GGUF options; activations at this resolution) and the free device
+        memory; without an estimate (a checkpoint with no config fvg knows and none on disk yet) each
+        stage decides when it first runs, from its loaded weights."""
         from fvg.memory import estimate, stage_modes
 
         try:
-            est = estimate(self.preset, self.dtype, vae_tiling=self.vae_tiling)
+            est = estimate(self.preset, self.dtype, storage=self.storage, vae_tiling=self.vae_tiling)
         except FvgError:
             return
         free, _total = torch.cuda.mem_get_info(torch.device(self.device))

@@ -106,8 +106,11 @@ class WeightStorage:
     def is_default(self) -> bool:
         return self == WeightStorage()
 
-    def validate(self, device: str) -> "WeightStorage":
-        """One FvgError line for a bad choice, a missing package or a device that cannot run it."""
+    def validate(self, device: str, planning: bool = False) -> "WeightStorage":
+        """One FvgError line for a bad choice, a missing package or a device that cannot run it.
+
+        `planning` (`fvg memory`, sizing for a GPU without loading): the quantizer's package need not be
+        installed here; the choices, their combination and the GGUF files are checked as for a run."""
         if self.weights not in WEIGHT_FORMATS:
             raise FvgError(f"unknown --weights '{self.weights}' (choose from: {', '.join(WEIGHT_FORMATS)})")
         if self.quantize is not None:
@@ -120,7 +123,7 @@ class WeightStorage:
             if quantizer.needs_gpu and not device.startswith("cuda"):
                 raise FvgError(f"--quantize {quantizer.name} needs a CUDA device (bitsandbytes quantizes on the "
                                f"GPU), not '{device}'; torchao-int8wo runs on CPU")
-            if not package_available(quantizer.package):
+            if not planning and not package_available(quantizer.package):
                 raise FvgError(f"--quantize {quantizer.name} needs the '{quantizer.package}' package: "
                                "pip install 'fvg[quant]'")
         for flag, path in (("--video-transformer", self.video_transformer),
@@ -239,19 +242,32 @@ def check_gguf_keys(path: str, model, model_class) -> None:
     diffusers drops tensors a single file has beyond the config (a 40-block file against a 30-block
     config loads "fine" with its extra blocks ignored), so the names are compared here, after the
     same key conversion diffusers applies (placeholder values: only the names are converted)."""
-    import torch
-    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
-    from gguf import GGUFReader
-
-    names = [tensor.name for tensor in GGUFReader(path).tensors]
-    convert = SINGLE_FILE_LOADABLE_CLASSES[model_class.__name__]["checkpoint_mapping_fn"]
-    found = set(convert({name: torch.empty(0) for name in names}))
+    found = set(gguf_tensors(path, model_class.__name__))
     expected = set(model.state_dict())
     extra, missing = sorted(found - expected), sorted(expected - found)
     if extra or missing:
         example = (extra or missing)[0]
         raise FvgError(f"the GGUF transformer {path} does not match the video model's transformer config: "
                        f"{len(extra)} tensors beyond the config, {len(missing)} missing (e.g. {example})")
+
+
+def gguf_tensors(path: str, class_name: str) -> dict:
+    """The tensors of a GGUF file (gguf's `ReaderTensor`: name, type, shape, bytes; data memory-mapped, not
+    read), keyed by the model's own parameter names after diffusers' key conversion for `class_name`.
+
+    Each placeholder handed to the converter carries its tensor's index, so a converter that only renames
+    (Wan's) maps every file tensor to its parameter; one that concatenated would give several indices."""
+    import torch
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+    from gguf import GGUFReader
+
+    try:
+        tensors = GGUFReader(path).tensors
+    except (OSError, ValueError, KeyError) as exc:
+        raise FvgError(f"cannot read the GGUF transformer {path}: {str(exc).splitlines()[0]}") from None
+    convert = SINGLE_FILE_LOADABLE_CLASSES[class_name]["checkpoint_mapping_fn"]
+    converted = convert({t.name: torch.tensor([i]) for i, t in enumerate(tensors)})
+    return {name: [tensors[i] for i in index.tolist()] for name, index in converted.items()}
 
 
 def refuse_for_builtin(storage: WeightStorage, model_id: str) -> None:
