@@ -13,7 +13,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fvg.console import (ApiKeyEnvOpt, AttentionBackendOpt, CacheOpt, CompileOpt, PlanCacheOpt, PlannerModelOpt,
+from fvg.console import (ApiKeyEnvOpt, AttentionBackendOpt, CacheOpt, CompileOpt, ContextParallelModeOpt,
+                         ContextParallelOpt, PlanCacheOpt, PlannerModelOpt,
                          PlannerOpt, PlannerUrlOpt, StageProgress, console,
                          planner_options, progress_bar, run_app, setup_logging)
 from fvg.io import (FvgError, check_output_dir, check_output_file, mp4_is_valid, read_prompt_lines, run_name,
@@ -54,13 +55,14 @@ def _load_pipeline(preset: str, *, lora: Optional[str] = None, lora_2: Optional[
                    fps: Optional[int] = None, device: Optional[str] = None, dtype: Optional[str] = None,
                    cpu_offload: bool = False, vae_tiling: Optional[bool] = None, memory: str = "auto",
                    storage=None, attention_backend: Optional[str] = None, compile: bool = False,
-                   cache: str = "none"):
+                   cache: str = "none", context_parallel: int = 1, context_parallel_mode: str = "ulysses"):
     from fvg.pipeline import FactorizedPipeline
 
     setup_logging("fvg.animate")  # says which LoRA each expert got when one was found on disk
     return FactorizedPipeline.from_preset(
         preset, device=device, dtype=dtype, cpu_offload=cpu_offload, vae_tiling=vae_tiling, memory=memory,
         storage=storage, attention_backend=attention_backend, compile=compile, cache=cache,
+        context_parallel=context_parallel, context_parallel_mode=context_parallel_mode,
         planner_options=planner_options(api_key_env, planner_url, plan_cache), lora=lora, lora_2=lora_2,
         video_model=video_model, anchor_model=anchor_model,
         planner=planner, planner_model=planner_model, height=height, width=width, num_frames=frames, fps=fps,
@@ -173,10 +175,16 @@ def generate(
     attention_backend: Optional[str] = AttentionBackendOpt,
     compile: bool = CompileOpt,
     cache: str = CacheOpt,
+    context_parallel: int = ContextParallelOpt,
+    context_parallel_mode: str = ContextParallelModeOpt,
 ):
     """Generate a video (or a batch with --prompts) with the factorized method or a baseline."""
+    from fvg.parallel import broadcast_from_main, is_main_process, torchrun_world
     from fvg.presets import validate_mode
 
+    world = torchrun_world()
+    if context_parallel > 1 and world is not None and world.rank != 0:
+        console.quiet = True  # rank 0 speaks for all (the ranks run the same steps and fail alike)
     validate_mode(mode)
     if (prompt is None) == (prompts is None):
         raise FvgError("give either a PROMPT or --prompts FILE")
@@ -199,13 +207,16 @@ def generate(
         height=height, width=width, frames=frames, fps=fps, device=device, dtype=dtype, cpu_offload=cpu_offload,
         vae_tiling=vae_tiling, memory=memory,
         storage=WeightStorage(weights, quantize, video_transformer, video_transformer_2),
-        attention_backend=attention_backend, compile=compile, cache=cache)
+        attention_backend=attention_backend, compile=compile, cache=cache, context_parallel=context_parallel,
+        context_parallel_mode=context_parallel_mode)
     if anchor is not None:
         pipe.anchor_from_image(anchor)  # validate the image before any model loads
     if pipe.preset.output_is_noise:
         console.print(f"[yellow]note:[/] preset '{pipe.preset.name}' has random weights: its output is noise.")
     if prompts is not None:
-        todo = _batch_todo(pipe, out_dir, prompt_list, mode, seed, steps, guidance, num_candidates, select)
+        todo = _batch_todo(pipe, out_dir, prompt_list, mode, seed, steps, guidance, num_candidates, select) \
+            if is_main_process() else None
+        todo = broadcast_from_main(todo)  # under context parallelism the ranks must run the same prompts
         if not todo:
             console.print(f"nothing to do: all {len(prompt_list)} videos in {escape(str(out_dir))} are complete "
                           "for these prompts and settings", highlight=False)
@@ -347,6 +358,8 @@ def animate(
     attention_backend: Optional[str] = AttentionBackendOpt,
     compile: bool = CompileOpt,
     cache: str = CacheOpt,
+    context_parallel: int = ContextParallelOpt,
+    context_parallel_mode: str = ContextParallelModeOpt,
 ):
     """Stage 3 alone: animate PROMPT from your own anchor image."""
     generate(prompt=prompt, prompts=None, out=out, preset=preset, mode="factorized", steps=steps, seed=seed,
@@ -356,7 +369,8 @@ def animate(
              plan_cache=None, height=height, width=width, frames=frames, fps=fps, device=device, dtype=dtype,
              cpu_offload=cpu_offload, vae_tiling=vae_tiling, memory=memory, weights=weights, quantize=quantize,
              video_transformer=video_transformer, video_transformer_2=video_transformer_2,
-             attention_backend=attention_backend, compile=compile, cache=cache)
+             attention_backend=attention_backend, compile=compile, cache=cache, context_parallel=context_parallel,
+             context_parallel_mode=context_parallel_mode)
 
 
 @app.command()

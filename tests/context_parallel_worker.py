@@ -1,0 +1,97 @@
+"""Worker of `test_parallel.py` (run by torchrun, 2 gloo processes on the CPU).
+
+Each rank first samples every case in one process (no parallelism), then turns context parallelism
+on through fvg (`SpeedOptions(context_parallel=2)` and the family's plan, as the pipeline does) and
+samples the same cases again, recording what the last block of each expert received (the local
+hidden-state rows and modulation rows) to show how the timesteps were split. Rank 0 writes the
+findings as JSON (`argv[1]`): latent differences, shapes, and whether both ranks got the same latents.
+"""
+
+import json
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from diffusers import WanTransformer3DModel
+from PIL import Image
+
+from fvg.animate.wan import AnchoredWanPipeline
+from fvg.families import get_family
+from fvg.speed import SpeedOptions, apply_speed, transformers, validate_speed
+from fvg.tiny import tiny_wan_components
+
+# name -> (two experts, anchored, modulation, frames): 9 frames are 3 latent frames (2 does not divide them:
+# per-token timesteps), 13 frames are 4 (per-frame timesteps, 2 frames a rank)
+CASES = {
+    "plain": (False, False, "frame", 13),
+    "anchored-frame": (False, True, "frame", 13),
+    "anchored-frame-uneven": (False, True, "frame", 9),
+    "anchored-token": (False, True, "token", 13),
+    "two-experts-anchored-frame": (True, True, "frame", 13),
+}
+
+
+def build(two_experts: bool) -> AnchoredWanPipeline:
+    components = tiny_wan_components()
+    if not two_experts:
+        return AnchoredWanPipeline(**components)
+    torch.manual_seed(5)
+    low_noise = WanTransformer3DModel(**components["transformer"].config).eval()
+    return AnchoredWanPipeline(**components, transformer_2=low_noise, boundary_ratio=0.875)
+
+
+def sample(pipe, anchored: bool, modulation: str, frames: int) -> torch.Tensor:
+    anchor = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8))
+    return pipe(prompt="a red circle moves right", anchor=anchor if anchored else None, modulation=modulation,
+                num_frames=frames, height=32, width=32, num_inference_steps=4, guidance_scale=5.0,
+                generator=torch.Generator().manual_seed(3), output_type="latent").frames
+
+
+def record_last_block(pipe) -> tuple[list, list]:
+    """(rows seen, handles): per call of each expert's last block (its input is this rank's chunk: the plan
+    splits at the first block), [hidden-state rows, modulation rows or None for a 1-D timestep]."""
+    seen, handles = [], []
+    for model in transformers(pipe).values():
+        def hook(_module, args, _seen=seen):
+            hidden, temb = args[0], args[2]
+            _seen.append([hidden.shape[1], temb.shape[1] if temb.ndim == 4 else None])
+        handles.append(model.blocks[-1].register_forward_pre_hook(hook))
+    return seen, handles
+
+
+def main(out_path: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    family = get_family("wan")
+    options = validate_speed(SpeedOptions(context_parallel=2))
+    findings = {}
+    pipes = {two: build(two) for two in (False, True)}
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+    single = {name: sample(pipes[two], anchored, modulation, frames)
+              for name, (two, anchored, modulation, frames) in CASES.items()}
+    for pipe in pipes.values():
+        apply_speed(pipe, options, family)
+    for name, (two, anchored, modulation, frames) in CASES.items():
+        seen, handles = record_last_block(pipes[two])
+        split = sample(pipes[two], anchored, modulation, frames)
+        for handle in handles:
+            handle.remove()
+        gathered = [torch.empty_like(split) for _ in range(2)]
+        dist.all_gather(gathered, split.contiguous())
+        findings[name] = {
+            "max_abs_diff": (split - single[name]).abs().max().item(),
+            "scale": single[name].abs().max().item(),
+            "ranks_equal": bool(torch.equal(gathered[0], gathered[1])),
+            "local_rows": sorted({tuple(s) for s in seen}),
+            "latent_frames": single[name].shape[2],
+        }
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(findings, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
