@@ -1,7 +1,8 @@
 """Worker of `test_parallel.py` (run by torchrun, 2 gloo processes on the CPU).
 
 Each rank first samples every case in one process (no parallelism), then turns context parallelism
-on through fvg (`SpeedOptions(context_parallel=2)` and the family's plan, as the pipeline does) and
+on through fvg (`SpeedOptions(context_parallel=2)`, once with regional compilation, and the family's plan,
+as the pipeline does) and
 samples the same cases again, recording what the last block of each expert received (the local
 hidden-state rows and modulation rows) to show how the timesteps were split. Rank 0 writes the
 findings as JSON (`argv[1]`): latent differences, shapes, and whether both ranks got the same latents.
@@ -18,18 +19,22 @@ from PIL import Image
 
 from fvg.animate.wan import AnchoredWanPipeline
 from fvg.families import get_family
+import fvg.speed
 from fvg.speed import SpeedOptions, apply_speed, transformers, validate_speed
 from fvg.tiny import tiny_wan_components
 
-# name -> (two experts, anchored, modulation, frames): 9 frames are 3 latent frames (2 does not divide them:
+# name -> (pipeline, anchored, modulation, frames): 9 frames are 3 latent frames (2 does not divide them:
 # per-token timesteps), 13 frames are 4 (per-frame timesteps, 2 frames a rank)
 CASES = {
-    "plain": (False, False, "frame", 13),
-    "anchored-frame": (False, True, "frame", 13),
-    "anchored-frame-uneven": (False, True, "frame", 9),
-    "anchored-token": (False, True, "token", 13),
-    "two-experts-anchored-frame": (True, True, "frame", 13),
+    "plain": ("one", False, "frame", 13),
+    "anchored-frame": ("one", True, "frame", 13),
+    "anchored-frame-uneven": ("one", True, "frame", 9),
+    "anchored-token": ("one", True, "token", 13),
+    "two-experts-anchored-frame": ("two-experts", True, "frame", 13),
+    "compiled-anchored-frame": ("compiled", True, "frame", 13),
 }
+PIPES = {"one": SpeedOptions(context_parallel=2), "two-experts": SpeedOptions(context_parallel=2),
+         "compiled": SpeedOptions(context_parallel=2, compile=True)}
 
 
 def build(two_experts: bool) -> AnchoredWanPipeline:
@@ -64,18 +69,18 @@ def main(out_path: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     family = get_family("wan")
-    options = validate_speed(SpeedOptions(context_parallel=2))
+    fvg.speed.COMPILE_BACKEND = "eager"  # the graph as inductor would get it, traced in seconds
     findings = {}
-    pipes = {two: build(two) for two in (False, True)}
+    pipes = {name: build(name == "two-experts") for name in PIPES}
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
-    single = {name: sample(pipes[two], anchored, modulation, frames)
-              for name, (two, anchored, modulation, frames) in CASES.items()}
-    for pipe in pipes.values():
-        apply_speed(pipe, options, family)
-    for name, (two, anchored, modulation, frames) in CASES.items():
-        seen, handles = record_last_block(pipes[two])
-        split = sample(pipes[two], anchored, modulation, frames)
+    single = {name: sample(pipes[pipe], anchored, modulation, frames)
+              for name, (pipe, anchored, modulation, frames) in CASES.items()}
+    for name, pipe in pipes.items():
+        apply_speed(pipe, validate_speed(PIPES[name]), family)
+    for name, (pipe, anchored, modulation, frames) in CASES.items():
+        seen, handles = record_last_block(pipes[pipe])
+        split = sample(pipes[pipe], anchored, modulation, frames)
         for handle in handles:
             handle.remove()
         gathered = [torch.empty_like(split) for _ in range(2)]

@@ -89,8 +89,6 @@ def init_context_parallel(degree: int, device: str) -> str:
 
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    # diffusers' gather calls torch's older name once per transformer call, on every rank
-    warnings.filterwarnings("ignore", message=r".*all_gather_tensor` is deprecated", category=FutureWarning)
     if world.rank != 0:  # rank 0 says what every rank would say
         from diffusers.utils import logging as diffusers_logging
 
@@ -149,6 +147,8 @@ def enable_context_parallel(model, degree: int, mode: str, plan: dict) -> None:
     config = ContextParallelConfig(ulysses_degree=degree) if mode == "ulysses" else ContextParallelConfig(
         ring_degree=degree)
     logging.getLogger("diffusers.hooks.context_parallel").addFilter(_OneDimensionalTimestep())
+    # diffusers' gather calls torch's older name once per transformer call, on every rank
+    warnings.filterwarnings("ignore", message=r".*all_gather_tensor` is deprecated", category=FutureWarning)
     try:
         with _one_device_if_none():
             model.enable_parallelism(config=config, cp_plan=plan)
