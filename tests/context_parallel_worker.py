@@ -65,6 +65,23 @@ def record_last_block(pipe) -> tuple[list, list]:
     return seen, handles
 
 
+def animate_with_rank_anchors(rank: int) -> dict:
+    """`FactorizedPipeline.animate` with `context_parallel=2`, each rank handed its own anchor: every rank must
+    animate rank 0's (it is broadcast), and the video must be the one-process video of rank 0's anchor."""
+    from fvg.pipeline import FactorizedPipeline
+
+    anchors = [Image.fromarray((np.random.RandomState(r).rand(32, 32, 3) * 255).astype(np.uint8)) for r in (0, 1)]
+    call = dict(prompt="a red circle moves right", seed=0, steps=3)
+    whole = FactorizedPipeline.from_preset("tiny", device="cpu", num_frames=13).animate(anchor=anchors[0], **call)
+    pipe = FactorizedPipeline.from_preset("tiny", device="cpu", num_frames=13, context_parallel=2)
+    split = torch.from_numpy(pipe.animate(anchor=anchors[rank], **call))
+    gathered = [torch.empty_like(split) for _ in range(2)]
+    dist.all_gather(gathered, split)
+    return {"ranks_equal": bool(torch.equal(gathered[0], gathered[1])),
+            "max_uint8_diff": int((split.int() - torch.from_numpy(whole).int()).abs().max()),
+            "recorded": pipe.speed.settings().get("context_parallel")}
+
+
 def main(out_path: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -92,6 +109,7 @@ def main(out_path: str) -> None:
             "local_rows": sorted({tuple(s) for s in seen}),
             "latent_frames": single[name].shape[2],
         }
+    findings["api-animate"] = animate_with_rank_anchors(rank)
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(findings, f)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 from fvg.animate.cogvideox import AnchoredCogVideoXPipeline
 from fvg.animate.wan import AnchoredWanPipeline
@@ -65,6 +66,9 @@ def test_two_processes_match_one_process(tmp_path, free_port):
     proc = torchrun(free_port, str(ROOT / "tests" / "context_parallel_worker.py"), str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = json.loads(out.read_text())
+    api = found.pop("api-animate")  # FactorizedPipeline.animate, each rank handed a different anchor
+    assert api["ranks_equal"] and api["max_uint8_diff"] <= 1  # rank 0's anchor on both, fp32 rounding at most
+    assert api["recorded"] == {"degree": 2, "mode": "ulysses"}
     tokens_per_frame = 4  # 32x32 pixels: 4x4 latent, patch 2x2
     for name, case in found.items():
         assert case["ranks_equal"], name  # every rank steps the scheduler on the same gathered latent
@@ -136,8 +140,13 @@ def test_outside_torchrun_is_one_line(tmp_path, capsys, outside_torchrun):
     assert torchrun_world() is None
     assert run_cli(tmp_path, "--context-parallel", "2") == 2
     err = capsys.readouterr().err
-    assert "runs under torchrun: torchrun --nproc-per-node 2 -m fvg generate" in err
+    assert "runs under torchrun, one process per part: torchrun --nproc-per-node 2 -m fvg generate" in err
     assert "Traceback" not in err and not (tmp_path / "o").exists()
+    image = tmp_path / "anchor.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    assert main(["animate", "a red circle", "--anchor", str(image), "--preset", "tiny", "--device", "cpu",
+                 "-o", str(tmp_path / "a"), "--context-parallel", "2"]) == 2
+    assert "runs under torchrun" in capsys.readouterr().err
 
 
 def test_degree_must_match_the_world_size(tmp_path, capsys, torchrun_env):

@@ -13,8 +13,8 @@ anchor model run replicated. Decisions:
 - torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) is the only launcher: N must equal
   WORLD_SIZE; each rank takes `cuda:LOCAL_RANK` (nccl) or the CPU (gloo).
 - Rank 0 is the main process: only it writes outputs and run records; what the ranks must agree on
-  and could compute differently (the anchor an LLM planned and a text-to-image model rendered, a
-  batch's list of prompts still to do) is taken from rank 0 (`broadcast_from_main`).
+  and could compute differently (the video prompt an LLM planned, the anchor a text-to-image model
+  rendered, a batch's list of prompts still to do) is taken from rank 0 (`broadcast_from_main`).
 - diffusers 0.42's `_resolve_parallel_config` computes the rank's device as
   `rank % torch.accelerator.device_count()`, which divides by zero on a machine without an
   accelerator; that device is recorded and never used by context parallelism, so on such a machine
@@ -67,8 +67,8 @@ def validate_context_parallel(degree: int, mode: str = "ulysses") -> None:
         return
     world = torchrun_world()
     if world is None:
-        raise FvgError(f"--context-parallel {degree} runs under torchrun: torchrun --nproc-per-node {degree} "
-                       "-m fvg generate ... --context-parallel " + str(degree))
+        raise FvgError(f"--context-parallel {degree} runs under torchrun, one process per part: torchrun "
+                       f"--nproc-per-node {degree} -m fvg generate ... --context-parallel {degree}")
     if world.world_size != degree:
         raise FvgError(f"--context-parallel {degree} does not match torchrun's {world.world_size} process(es) "
                        f"(WORLD_SIZE): launch with --nproc-per-node {degree}")

@@ -379,6 +379,8 @@ class FactorizedPipeline:
                 guidance_scale: float | None = None, progress: ProgressFn | None = None) -> np.ndarray:
         p = self.preset
         pipe = self.video_pipe
+        if self.speed.context_parallel > 1:  # every rank animates rank 0's prompt and anchor: a sampled plan or a
+            prompt, anchor = broadcast_from_main((prompt, anchor))  # GPU kernel may differ per rank, chunks must not
         self.residency.enter("animate", pipe)
         callback = None
         if progress is not None:
@@ -442,8 +444,6 @@ class FactorizedPipeline:
                 warnings.append(f"{self.preset.video_model} is a text-to-video model that was not trained to "
                                 "respect an anchor: load an anchor LoRA (lora=..., see `fvg train`)")
 
-        if self.speed.context_parallel > 1:  # every rank animates rank 0's plan and anchor (sampled LLMs, GPU kernels
-            plan, anchor = broadcast_from_main((plan, anchor))  # may differ per rank; the token chunks must not)
         video_prompt = plan.upsampled_prompt if mode == "upsampled" else prompt
         start = time.perf_counter()
         frames = self.animate(video_prompt, anchor.image if anchor else None, seed, steps, guidance_scale, progress)
