@@ -19,6 +19,8 @@ anchor model run replicated. Decisions:
   `rank % torch.accelerator.device_count()`, which divides by zero on a machine without an
   accelerator; that device is recorded and never used by context parallelism, so on such a machine
   `enable_context_parallel` lets diffusers see one device while it sets up (CPU/gloo runs and tests).
+  The device mesh is built by fvg on the process group's device type (nccl: cuda, gloo: cpu), not on
+  the machine's accelerator type that diffusers would take.
 - On the CPU only Ulysses runs: ring attention asks the backend for the log-sum-exp, which diffusers'
   `native` backend refuses ("Native attention does not support return_lse=True"), and the backends
   that give it (`flash`, `_native_flash`, `_native_cudnn`, `sage`) are CUDA kernels.
@@ -78,6 +80,8 @@ def init_context_parallel(degree: int, device: str) -> str:
     """Join torchrun's process group (nccl for CUDA, gloo otherwise); return this rank's device
     (`cuda:LOCAL_RANK` for a CUDA device, else `device`)."""
     world = torchrun_world()
+    if not device.startswith(("cuda", "cpu")):
+        raise FvgError(f"--context-parallel runs on CUDA GPUs (nccl) or the CPU (gloo), not on '{device}'")
     if device.startswith("cuda"):
         count = torch.cuda.device_count()
         if world.local_rank >= count:
@@ -102,6 +106,9 @@ class _OneDimensionalTimestep(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "but got 1 dimensions, split will not be applied" not in record.getMessage()
+
+
+_ONE_DIMENSIONAL_TIMESTEP = _OneDimensionalTimestep()  # one instance: adding it again is a no-op
 
 
 def is_main_process() -> bool:
@@ -142,11 +149,17 @@ def _one_device_if_none():
 def enable_context_parallel(model, degree: int, mode: str, plan: dict) -> None:
     """diffusers' `enable_parallelism` on `model` with `plan`: Ulysses or ring attention over `degree` ranks.
     The attention backend must be set before (diffusers checks it supports context parallelism)."""
+    import torch.distributed as dist
     from diffusers import ContextParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
 
-    config = ContextParallelConfig(ulysses_degree=degree) if mode == "ulysses" else ContextParallelConfig(
-        ring_degree=degree)
-    logging.getLogger("diffusers.hooks.context_parallel").addFilter(_OneDimensionalTimestep())
+    shape = (1, degree) if mode == "ulysses" else (degree, 1)
+    # the mesh on the run's device type, read from the group's backend (the model may still be on the host, and
+    # diffusers would take the machine's accelerator type, also for a CPU run on a machine with GPUs)
+    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=("ring", "ulysses"))
+    config = ContextParallelConfig(ring_degree=shape[0], ulysses_degree=shape[1], mesh=mesh)
+    logging.getLogger("diffusers.hooks.context_parallel").addFilter(_ONE_DIMENSIONAL_TIMESTEP)
     # diffusers' gather calls torch's older name once per transformer call, on every rank
     warnings.filterwarnings("ignore", message=r".*all_gather_tensor` is deprecated", category=FutureWarning)
     try:

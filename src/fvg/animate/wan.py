@@ -29,6 +29,10 @@ timestep). Decisions:
 - The block subclass is registered in diffusers' `TransformerBlockRegistry` with
   `WanTransformerBlock`'s metadata and listed in `_repeated_blocks`, so FirstBlockCache,
   MagCache, layer skipping and regional compilation accept it.
+- Context parallelism (`fvg.parallel`) keeps diffusers' Wan `_cp_plan`: its `timestep` entry splits any
+  2-D timestep along dim 1 into the same N chunks as the tokens, so a per-frame [B, F] timestep gives
+  each rank the rows of exactly its frames when N divides F (`frames_shard_evenly`; otherwise the
+  pipeline passes per-token timesteps), and the forward reads the local frame count from it.
 - `modulation="token"` keeps diffusers' per-token path (it is what the bitwise-equality test
   against `WanImageToVideoPipeline(expand_timesteps=True)` checks).
 """
