@@ -72,14 +72,22 @@ def animate_with_rank_anchors(rank: int) -> dict:
 
     anchors = [Image.fromarray((np.random.RandomState(r).rand(32, 32, 3) * 255).astype(np.uint8)) for r in (0, 1)]
     call = dict(prompt="a red circle moves right", seed=0, steps=3)
-    whole = FactorizedPipeline.from_preset("tiny", device="cpu", num_frames=13).animate(anchor=anchors[0], **call)
+    one = FactorizedPipeline.from_preset("tiny", device="cpu", num_frames=13)
+    whole = one.animate(anchor=anchors[0], **call)
     pipe = FactorizedPipeline.from_preset("tiny", device="cpu", num_frames=13, context_parallel=2)
     split = torch.from_numpy(pipe.animate(anchor=anchors[rank], **call))
     gathered = [torch.empty_like(split) for _ in range(2)]
     dist.all_gather(gathered, split)
+    # the anchor model (tiny Qwen-Image) split too: Ulysses "anything", captions of any token count
+    anchor_diffs = []
+    for caption in ("a red circle", "a small blue square above a large red circle"):
+        split_anchor = np.asarray(pipe.make_anchor(caption, seed=0, num_candidates=2).image, dtype=int)
+        anchor_diffs.append(int(np.abs(split_anchor - np.asarray(one.make_anchor(caption, seed=0, num_candidates=2)
+                                                                  .image, dtype=int)).max()))
     return {"ranks_equal": bool(torch.equal(gathered[0], gathered[1])),
             "max_uint8_diff": int((split.int() - torch.from_numpy(whole).int()).abs().max()),
-            "recorded": pipe.speed.settings().get("context_parallel")}
+            "recorded": pipe.speed.settings().get("context_parallel"), "anchor_split": pipe._anchor_split,
+            "anchor_uint8_diffs": anchor_diffs}
 
 
 def main(out_path: str) -> None:

@@ -69,6 +69,7 @@ def test_two_processes_match_one_process(tmp_path, free_port):
     api = found.pop("api-animate")  # FactorizedPipeline.animate, each rank handed a different anchor
     assert api["ranks_equal"] and api["max_uint8_diff"] <= 1  # rank 0's anchor on both, fp32 rounding at most
     assert api["recorded"] == {"degree": 2, "mode": "ulysses"}
+    assert api["anchor_split"] and max(api["anchor_uint8_diffs"]) <= 1  # Qwen-Image split: the same anchors
     tokens_per_frame = 4  # 32x32 pixels: 4x4 latent, patch 2x2
     for name, case in found.items():
         assert case["ranks_equal"], name  # every rank steps the scheduler on the same gathered latent
@@ -92,7 +93,7 @@ def test_cli_under_torchrun_writes_once_from_rank_0(tmp_path, free_port, outside
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("wrote ") == 1  # rank 1 is quiet
     record = json.loads((tmp_path / "cp" / "run.json").read_text())
-    assert record["settings"]["context_parallel"] == {"degree": 2, "mode": "ulysses"}
+    assert record["settings"]["context_parallel"] == {"degree": 2, "mode": "ulysses", "anchor_split": True}
     assert sorted(p.name for p in (tmp_path / "cp").iterdir()) == ["anchor.png", "candidates", "plan.json",
                                                                    "run.json", "video.mp4"]
     assert main(["generate", *common, "-o", str(tmp_path / "one")]) == 0

@@ -7,8 +7,8 @@ diffusers' context-parallel hooks (`ModelMixin.enable_parallelism` with the mode
 the token sequence into N equal chunks, attention exchanges them (Ulysses: an all-to-all of heads,
 so N must divide the heads; ring: an all-gather of keys and values, which needs an attention backend
 that returns the log-sum-exp), and the output projection gathers the sequence back on every rank.
-So every rank steps the scheduler on the same full latent, and the text encoder, VAE, planner and
-anchor model run replicated. Decisions:
+So every rank steps the scheduler on the same full latent; the text encoder, VAE and planner run
+replicated, the anchor model split where diffusers can split it (`split_anchor_model`). Decisions:
 
 - torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) is the only launcher: N must equal
   WORLD_SIZE; each rank takes `cuda:LOCAL_RANK` (nccl) or the CPU (gloo).
@@ -146,9 +146,10 @@ def _one_device_if_none():
         yield
 
 
-def enable_context_parallel(model, degree: int, mode: str, plan: dict) -> None:
+def enable_context_parallel(model, degree: int, mode: str, plan: dict, anything: bool = False) -> None:
     """diffusers' `enable_parallelism` on `model` with `plan`: Ulysses or ring attention over `degree` ranks.
-    The attention backend must be set before (diffusers checks it supports context parallelism)."""
+    The attention backend must be set before (diffusers checks it supports context parallelism). `anything`:
+    diffusers' "Ulysses/ring anything" (chunks of any length, `tensor_split`) instead of equal chunks."""
     import torch.distributed as dist
     from diffusers import ContextParallelConfig
     from torch.distributed.device_mesh import init_device_mesh
@@ -158,7 +159,8 @@ def enable_context_parallel(model, degree: int, mode: str, plan: dict) -> None:
     # diffusers would take the machine's accelerator type, also for a CPU run on a machine with GPUs)
     device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=("ring", "ulysses"))
-    config = ContextParallelConfig(ring_degree=shape[0], ulysses_degree=shape[1], mesh=mesh)
+    config = ContextParallelConfig(ring_degree=shape[0], ulysses_degree=shape[1], mesh=mesh,
+                                   ulysses_anything=anything and mode == "ulysses", ring_anything=anything and mode == "ring")
     logging.getLogger("diffusers.hooks.context_parallel").addFilter(_ONE_DIMENSIONAL_TIMESTEP)
     # diffusers' gather calls torch's older name once per transformer call, on every rank
     warnings.filterwarnings("ignore", message=r".*all_gather_tensor` is deprecated", category=FutureWarning)
@@ -169,5 +171,22 @@ def enable_context_parallel(model, degree: int, mode: str, plan: dict) -> None:
         raise FvgError(f"--context-parallel {degree}: {' '.join(str(exc).split())}") from None
 
 
+def split_anchor_model(pipe, degree: int) -> bool:
+    """Context parallelism for a text-to-image anchor pipeline's transformer where diffusers has a plan for its
+    class (Qwen-Image, FLUX, the one-frame Wan of MiniWorld) and every attention goes through diffusers'
+    dispatcher. Ulysses "anything": a caption's token count varies (and the negative prompt's differs again),
+    so equal chunks cannot be promised, and the anchor model keeps its default attention backend, which has no
+    ring step. False where it cannot split (SDXL's UNet, a processor of its own): the anchor then runs whole
+    on every rank."""
+    model = getattr(pipe, "transformer", None)
+    plan = getattr(model, "_cp_plan", None)
+    processors = [m.processor for m in model.modules() if getattr(m, "processor", None) is not None] if plan else []
+    if not processors or not all(hasattr(p, "_parallel_config") for p in processors):
+        return False
+    enable_context_parallel(model, degree, "ulysses", plan, anything=True)
+    return True
+
+
 __all__ = ["CP_MODES", "TorchrunWorld", "broadcast_from_main", "context_parallel_degree", "enable_context_parallel",
-           "init_context_parallel", "is_main_process", "torchrun_world", "validate_context_parallel"]
+           "init_context_parallel", "is_main_process", "split_anchor_model", "torchrun_world",
+           "validate_context_parallel"]

@@ -27,7 +27,7 @@ from fvg.animate.loading import (count_experts, default_device, load_expert_lora
                                  set_anchor_lora)
 from fvg.families import get_family
 from fvg.io import FvgError, check_image_size, save_image, sweep_stale_temps, to_rgb, to_uint8, write_json, write_mp4
-from fvg.parallel import broadcast_from_main, init_context_parallel, is_main_process
+from fvg.parallel import broadcast_from_main, init_context_parallel, is_main_process, split_anchor_model
 from fvg.plan import Plan, make_planner
 from fvg.provenance import package_versions, utc_timestamp
 from fvg.presets import DEFAULT_PRESET, Preset, get_preset, validate_mode
@@ -246,6 +246,7 @@ class FactorizedPipeline:
         self._anchor_source = None
         self._video_pipe = None
         self._speed = None  # the speed options applied to the video pipeline (`fvg.speed.SpeedSession`)
+        self._anchor_split: bool | None = None  # context parallelism: whether the anchor model is split too
 
     def _plan_auto_modes(self) -> None:
         """`auto` on a GPU: each stage's mode from `fvg memory`'s estimate (exact model sizes, activations
@@ -319,6 +320,8 @@ class FactorizedPipeline:
             else:  # loaded on the host: `make_anchor` places it for the anchor stage only
                 self._anchor_source = DiffusersAnchorSource.from_pretrained(
                     p.anchor_model, dtype=self.dtype, device="cpu", storage=self.storage.for_anchor(), **kwargs)
+            if self.speed.context_parallel > 1:  # the anchor model splits too where diffusers can (else it runs whole)
+                self._anchor_split = split_anchor_model(self._anchor_source.pipe, self.speed.context_parallel)
         return self._anchor_source
 
     @property
@@ -457,6 +460,8 @@ class FactorizedPipeline:
             "weights": self.storage.record(),
             **self.speed.settings(),
         }
+        if self.speed.context_parallel > 1 and anchor is not None and anchor.source != "file":
+            settings["context_parallel"]["anchor_split"] = self._anchor_split
         if self.speed.cache == "magcache":  # "measured" (this video ran uncached) or the ratio file used
             settings["cache_calibration"] = self._speed.last_calibration
         return FactorizedOutput(frames, mode, prompt, video_prompt, seed, steps, self.preset.fps, plan, anchor,
