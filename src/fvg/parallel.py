@@ -160,7 +160,8 @@ def enable_context_parallel(model, degree: int, mode: str, plan: dict, anything:
     device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=("ring", "ulysses"))
     config = ContextParallelConfig(ring_degree=shape[0], ulysses_degree=shape[1], mesh=mesh,
-                                   ulysses_anything=anything and mode == "ulysses", ring_anything=anything and mode == "ring")
+                                   ulysses_anything=anything and mode == "ulysses",
+                                   ring_anything=anything and mode == "ring")
     logging.getLogger("diffusers.hooks.context_parallel").addFilter(_ONE_DIMENSIONAL_TIMESTEP)
     # diffusers' gather calls torch's older name once per transformer call, on every rank
     warnings.filterwarnings("ignore", message=r".*all_gather_tensor` is deprecated", category=FutureWarning)
