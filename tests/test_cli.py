@@ -98,6 +98,47 @@ def test_animate_from_own_anchor_and_plan_and_anchor_commands(tmp_path, capsys):
     assert len(os.listdir(tmp_path / "anc" / "candidates")) == 3 and (tmp_path / "anc" / "plan.json").exists()
 
 
+COMMAND_OWN_PARAMETERS = {  # what each command uses itself; every other parameter goes to an options dataclass
+    "generate": {"prompt", "prompts", "out", "anchor"},
+    "animate": {"prompt", "out", "anchor"},
+    "plan": {"prompt", "out"},
+    "anchor": {"prompt", "caption", "out", "seed", "num_candidates", "select"},
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_OWN_PARAMETERS))
+def test_every_option_of_a_command_reaches_the_pipeline_or_the_call(command):
+    import inspect
+    from dataclasses import fields
+
+    from fvg import cli
+
+    picked = {f.name for cls in (cli._PipelineOptions, cli._CallOptions) for f in fields(cls)}
+    params = set(inspect.signature(getattr(cli, command)).parameters)
+    assert params - COMMAND_OWN_PARAMETERS[command] <= picked  # `_pick` drops a name no dataclass has
+
+
+def test_animate_passes_its_options_on(tmp_path, monkeypatch):
+    from fvg import cli
+
+    seen = {}
+
+    def load(options):
+        seen["options"] = options
+        raise cli.FvgError("stop before loading models")
+
+    monkeypatch.setattr(cli._PipelineOptions, "load", load)
+    image = tmp_path / "frame.png"
+    Image.new("RGB", (32, 32)).save(image)
+    code = main(["animate", "x", "--anchor", str(image), "--preset", "tiny", "--lora", "a.safetensors",
+                 "--frames", "13", "--cache", "fbc", "--memory", "sequential", "--weights", "fp8", "--seed", "3"])
+    assert code == 2
+    o = seen["options"]
+    assert (o.preset, o.lora, o.frames, o.cache, o.memory, o.weights) == (
+        "tiny", "a.safetensors", 13, "fbc", "sequential", "fp8")
+    assert (o.planner, o.anchor_model, o.api_key_env) == (None, None, "OPENAI_API_KEY")  # not animate's options
+
+
 BAD_INPUTS = [
     (["generate", "   "], "prompt is empty"),
     (["generate", "x", "--preset", "nope"], "unknown preset 'nope'"),

@@ -93,6 +93,7 @@ def test_prompt_file_and_minicompbench(tmp_path):
     from fvg.miniworld import load_suite as load_mini
 
     assert [f"t2v/seed0/{p.video_path}" for p in load_mini()] == [j.video for j in plan_jobs(mini, ["t2v"], [0])]
+    assert mini.prompts == tuple(load_mini())  # one SuitePrompt type (fvg.io), category = folder in both
 
 
 def test_sharding_covers_every_job_once_and_keeps_prompts_together(tmp_path):

@@ -9,7 +9,7 @@ from fvg.miniworld import (
     CATEGORIES, first_frame_caption, load_suite, parse_caption, parse_prompt, render_video, sample_clip,
     sample_scene, score_suite, write_dataset,
 )
-from fvg.miniworld.suite import PROMPT_DIR, PROMPT_FILES
+from fvg.miniworld.suite import PROMPT_DIR, PROMPT_FILES, spec_category
 
 from conftest import COMPBENCH, needs_compbench
 
@@ -26,12 +26,12 @@ def test_suite_files_and_layout():
     suite = load_suite()
     assert len(suite) == 56
     for category in CATEGORIES:
-        prompts = [s for s in suite if s.category == category]
+        prompts = [s for s in suite if spec_category(s) == category]
         assert [s.index for s in prompts] == list(range(1, 9))
         assert len({s.prompt for s in prompts}) == 8
         assert all(parse_prompt(s.prompt).category == category for s in prompts)
     assert sum(s.prompt.endswith(" on a white background") for s in suite) >= 2
-    folders = {s.category: s.folder for s in suite}
+    folders = {spec_category(s): s.category for s in suite}  # category = folder, as in every suite
     assert folders["spatial"] == "spatial_relationship" and folders["consistent_attr"] == "consistent_attr"
     assert suite[0].video_path == "consistent_attr/0001.mp4"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -47,26 +47,95 @@ Lora2Opt = typer.Option(None, "--lora-2", help="Two-expert models (Wan2.2-A14B):
                                                "--lora).")
 
 
-def _load_pipeline(preset: str, *, lora: Optional[str] = None, lora_2: Optional[str] = None,
-                   video_model: Optional[str] = None, anchor_model: Optional[str] = None, planner: Optional[str] = None,
-                   planner_model: Optional[str] = None, planner_url: Optional[str] = None,
-                   api_key_env: str = "OPENAI_API_KEY", plan_cache: Optional[Path] = None,
-                   height: Optional[int] = None, width: Optional[int] = None, frames: Optional[int] = None,
-                   fps: Optional[int] = None, device: Optional[str] = None, dtype: Optional[str] = None,
-                   cpu_offload: bool = False, vae_tiling: Optional[bool] = None, memory: str = "auto",
-                   storage=None, attention_backend: Optional[str] = None, compile: bool = False,
-                   cache: str = "none", context_parallel: int = 1, context_parallel_mode: str = "ulysses"):
-    from fvg.pipeline import FactorizedPipeline
+GuidanceOpt = typer.Option(None, "--guidance", help="Classifier-free guidance scale.")
+LoraOpt = typer.Option(None, "--lora", help="Anchor LoRA (.safetensors, diffusers or Wan keys).")
+VideoModelOpt = typer.Option(None, "--video-model", help="Override the video model id/path.")
+AnchorModelOpt = typer.Option(None, "--anchor-model", help="Override the text-to-image model.")
+HeightOpt = typer.Option(None, "--height")
+WidthOpt = typer.Option(None, "--width")
+FramesOpt = typer.Option(None, "--frames", help="Frame count, 4n+1.")
+FpsOpt = typer.Option(None, "--fps")
+DeviceOpt = typer.Option(None, "--device", help="cuda, cpu, ... (default: cuda if available).")
+DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16 or float16.")
+CpuOffloadOpt = typer.Option(False, "--cpu-offload", help="Same as --memory model-offload.")
 
-    setup_logging("fvg.animate")  # says which LoRA each expert got when one was found on disk
-    return FactorizedPipeline.from_preset(
-        preset, device=device, dtype=dtype, cpu_offload=cpu_offload, vae_tiling=vae_tiling, memory=memory,
-        storage=storage, attention_backend=attention_backend, compile=compile, cache=cache,
-        context_parallel=context_parallel, context_parallel_mode=context_parallel_mode,
-        planner_options=planner_options(api_key_env, planner_url, plan_cache), lora=lora, lora_2=lora_2,
-        video_model=video_model, anchor_model=anchor_model,
-        planner=planner, planner_model=planner_model, height=height, width=width, num_frames=frames, fps=fps,
-    )
+
+def _pick(cls, params: dict, **overrides):
+    """`cls` built from a command's parameters (its `locals()`): the fields it offers as options,
+    the rest at their defaults. One helper, so a command lists each option once, in its signature."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in params.items() if k in names}, **overrides)
+
+
+@dataclass(frozen=True)
+class _PipelineOptions:
+    """The options that choose and load the pipeline (generate, animate, plan, anchor).
+
+    A command that does not offer an option gets the default here, which is `from_preset`'s.
+    Typer reads a command's options from its signature, so each command lists the names it
+    offers; the flags, defaults and help are declared once, in the `...Opt` objects above.
+    """
+
+    preset: str = DEFAULT_PRESET
+    lora: Optional[str] = None
+    lora_2: Optional[str] = None
+    video_model: Optional[str] = None
+    anchor_model: Optional[str] = None
+    planner: Optional[str] = None
+    planner_model: Optional[str] = None
+    planner_url: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"
+    plan_cache: Optional[Path] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    frames: Optional[int] = None
+    fps: Optional[int] = None
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    cpu_offload: bool = False
+    vae_tiling: Optional[bool] = None
+    memory: str = "auto"
+    weights: str = "native"
+    quantize: Optional[str] = None
+    video_transformer: Optional[str] = None
+    video_transformer_2: Optional[str] = None
+    attention_backend: Optional[str] = None
+    compile: bool = False
+    cache: str = "none"
+    context_parallel: int = 1
+    context_parallel_mode: str = "ulysses"
+
+    def load(self):
+        from fvg.pipeline import FactorizedPipeline
+
+        setup_logging("fvg.animate")  # says which LoRA each expert got when one was found on disk
+        storage = WeightStorage(self.weights, self.quantize, self.video_transformer, self.video_transformer_2)
+        return FactorizedPipeline.from_preset(
+            self.preset, device=self.device, dtype=self.dtype, cpu_offload=self.cpu_offload,
+            vae_tiling=self.vae_tiling, memory=self.memory, storage=storage,
+            attention_backend=self.attention_backend, compile=self.compile, cache=self.cache,
+            context_parallel=self.context_parallel, context_parallel_mode=self.context_parallel_mode,
+            planner_options=planner_options(self.api_key_env, self.planner_url, self.plan_cache),
+            lora=self.lora, lora_2=self.lora_2, video_model=self.video_model, anchor_model=self.anchor_model,
+            planner=self.planner, planner_model=self.planner_model, height=self.height, width=self.width,
+            num_frames=self.frames, fps=self.fps,
+        )
+
+
+@dataclass(frozen=True)
+class _CallOptions:
+    """How each video is made: what `FactorizedPipeline.__call__` takes (generate, animate)."""
+
+    mode: str = "factorized"
+    seed: int = 0
+    steps: Optional[int] = None
+    num_candidates: int = 1
+    select: int = 0
+    guidance: Optional[float] = None
+
+    def kwargs(self) -> dict:
+        return dict(mode=self.mode, seed=self.seed, steps=self.steps, num_candidates=self.num_candidates,
+                    selected=self.select, guidance_scale=self.guidance)
 
 
 def _default_out(prompt: str) -> Path:
@@ -126,15 +195,90 @@ def _is_done(out: Path, stem: str, prompt: str, spec: _BatchItemSpec) -> bool:
     return mp4_is_valid(out / f"{stem}.mp4")
 
 
-def _batch_todo(pipe, out: Path, prompt_list: list[str], mode: str, seed: int, steps: Optional[int],
-                guidance: Optional[float], num_candidates: int, select: int) -> set[int]:
+def _batch_todo(pipe, out: Path, prompt_list: list[str], call: _CallOptions) -> set[int]:
     """Line numbers of the prompts still to generate; sweeps what killed runs left behind first."""
     swept = sweep_stale_temps(out) + [p for d in out.glob("*.candidates") for p in sweep_stale_temps(d)]
     if swept:
         console.print(f"removed {len(swept)} temporary file(s) an interrupted run left in {escape(str(out))}",
                       highlight=False)
-    spec = _BatchItemSpec.of(pipe, mode, seed, steps, guidance, num_candidates, select)
+    spec = _BatchItemSpec.of(pipe, call.mode, call.seed, call.steps, call.guidance, call.num_candidates, call.select)
     return {i for i, text in enumerate(prompt_list, start=1) if not _is_done(out, f"{i:04d}", text, spec)}
+
+
+def _check_generate(prompt: Optional[str], prompts: Optional[Path], out: Optional[Path], anchor: Optional[Path],
+                    call: _CallOptions) -> None:
+    """The option combinations `generate` refuses, before any model loads."""
+    from fvg.presets import validate_mode
+
+    validate_mode(call.mode)
+    if (prompt is None) == (prompts is None):
+        raise FvgError("give either a PROMPT or --prompts FILE")
+    if prompts is not None and out is None:
+        raise FvgError("--prompts needs --out DIR")
+    if anchor is not None and prompts is not None:
+        raise FvgError("--anchor applies to a single prompt, not a batch")
+    if anchor is not None and call.mode != "factorized":
+        raise FvgError(f"an anchor image only applies to mode 'factorized', not '{call.mode}'")
+    if prompts is None and not prompt.strip():
+        raise FvgError("prompt is empty")
+    from fvg.pipeline import validate_call  # torch loads only once the options are right
+
+    validate_call(call.seed, call.num_candidates, call.select, call.steps, call.guidance)
+
+
+def _generate(prompt: Optional[str], prompts: Optional[Path], out: Optional[Path], anchor: Optional[Path],
+              call: _CallOptions, options: _PipelineOptions) -> None:
+    """`fvg generate` and `fvg animate`: check, load, skip what a batch already has, then generate."""
+    from fvg.parallel import broadcast_from_main, is_main_process, torchrun_world
+
+    world = torchrun_world()
+    if options.context_parallel > 1 and world is not None and world.rank != 0:
+        console.quiet = True  # rank 0 speaks for all (the ranks run the same steps and fail alike)
+    _check_generate(prompt, prompts, out, anchor, call)
+    prompt_list = read_prompt_lines(prompts) if prompts else [prompt]
+    out_dir = check_output_dir(out or _default_out(prompt))
+    pipe = options.load()
+    if anchor is not None:
+        pipe.anchor_from_image(anchor)  # validate the image before any model loads
+    if pipe.preset.output_is_noise:
+        console.print(f"[yellow]note:[/] preset '{pipe.preset.name}' has random weights: its output is noise.")
+    if prompts is None:
+        pipe.load(call.mode, anchor_model=anchor is None)
+        with progress_bar() as progress:
+            result = pipe(prompt, anchor_image=anchor, progress=StageProgress(progress), **call.kwargs())
+        video = result.save(out_dir)
+        _warn(result.warnings)
+        console.print(f"wrote {escape(str(video))} ({result.timings['total']:.1f} s)", highlight=False)
+        return
+    todo = _batch_todo(pipe, out_dir, prompt_list, call) if is_main_process() else None
+    todo = broadcast_from_main(todo)  # under context parallelism the ranks must run the same prompts
+    if not todo:
+        console.print(f"nothing to do: all {len(prompt_list)} videos in {escape(str(out_dir))} are complete "
+                      "for these prompts and settings", highlight=False)
+        return
+    pipe.load(call.mode, anchor_model=True)
+    _generate_batch(pipe, prompt_list, todo, call, out)
+
+
+def _generate_batch(pipe, prompt_list: list[str], todo: set[int], call: _CallOptions, out: Path) -> None:
+    """`out/0001.mp4 ...`: the prompts in `todo` (line numbers), one progress bar over all of them."""
+    done = skipped = 0
+    with progress_bar() as progress:
+        overall = progress.add_task("prompts", total=len(prompt_list))
+        for index, text in enumerate(prompt_list, start=1):
+            stem = f"{index:04d}"
+            if index not in todo:
+                skipped += 1
+            else:
+                stages = StageProgress(progress, f"{stem} ")
+                result = pipe(text, progress=stages, **call.kwargs())
+                stages.done()
+                result.save(out, stem=stem)
+                _warn(result.warnings)
+                done += 1
+            progress.advance(overall)
+    console.print(f"batch done: {done} generated, {skipped} already present, in {escape(str(out))}",
+                  highlight=False)
 
 
 @app.command()
@@ -149,24 +293,24 @@ def generate(
     num_candidates: int = typer.Option(1, "--num-candidates", "-n", help="Anchor candidates to render."),
     select: int = typer.Option(0, "--select", help="Which candidate anchors the video (0-based)."),
     anchor: Optional[Path] = typer.Option(None, "--anchor", help="Use this image as the anchor (skips planning)."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
-    lora: Optional[str] = typer.Option(None, "--lora", help="Anchor LoRA (.safetensors, diffusers or Wan keys)."),
+    guidance: Optional[float] = GuidanceOpt,
+    lora: Optional[str] = LoraOpt,
     lora_2: Optional[str] = Lora2Opt,
-    video_model: Optional[str] = typer.Option(None, "--video-model", help="Override the video model id/path."),
-    anchor_model: Optional[str] = typer.Option(None, "--anchor-model", help="Override the text-to-image model."),
+    video_model: Optional[str] = VideoModelOpt,
+    anchor_model: Optional[str] = AnchorModelOpt,
     planner: Optional[str] = PlannerOpt,
     planner_model: Optional[str] = PlannerModelOpt,
     planner_url: Optional[str] = PlannerUrlOpt,
     api_key_env: str = ApiKeyEnvOpt,
     plan_cache: Optional[Path] = PlanCacheOpt,
-    height: Optional[int] = typer.Option(None, "--height"),
-    width: Optional[int] = typer.Option(None, "--width"),
-    frames: Optional[int] = typer.Option(None, "--frames", help="Frame count, 4n+1."),
-    fps: Optional[int] = typer.Option(None, "--fps"),
-    device: Optional[str] = typer.Option(None, "--device", help="cuda, cpu, ... (default: cuda if available)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
+    height: Optional[int] = HeightOpt,
+    width: Optional[int] = WidthOpt,
+    frames: Optional[int] = FramesOpt,
+    fps: Optional[int] = FpsOpt,
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
     memory: str = MemoryOpt,
-    cpu_offload: bool = typer.Option(False, "--cpu-offload", help="Same as --memory model-offload."),
+    cpu_offload: bool = CpuOffloadOpt,
     vae_tiling: Optional[bool] = VaeTilingOpt,
     weights: str = WeightsOpt,
     quantize: Optional[str] = QuantizeOpt,
@@ -179,77 +323,7 @@ def generate(
     context_parallel_mode: str = ContextParallelModeOpt,
 ):
     """Generate a video (or a batch with --prompts) with the factorized method or a baseline."""
-    from fvg.parallel import broadcast_from_main, is_main_process, torchrun_world
-    from fvg.presets import validate_mode
-
-    world = torchrun_world()
-    if context_parallel > 1 and world is not None and world.rank != 0:
-        console.quiet = True  # rank 0 speaks for all (the ranks run the same steps and fail alike)
-    validate_mode(mode)
-    if (prompt is None) == (prompts is None):
-        raise FvgError("give either a PROMPT or --prompts FILE")
-    if prompts is not None and out is None:
-        raise FvgError("--prompts needs --out DIR")
-    if anchor is not None and prompts is not None:
-        raise FvgError("--anchor applies to a single prompt, not a batch")
-    if anchor is not None and mode != "factorized":
-        raise FvgError(f"an anchor image only applies to mode 'factorized', not '{mode}'")
-    if prompts is None and not prompt.strip():
-        raise FvgError("prompt is empty")
-    from fvg.pipeline import validate_call
-
-    validate_call(seed, num_candidates, select, steps, guidance)
-    prompt_list = read_prompt_lines(prompts) if prompts else [prompt]
-    out_dir = check_output_dir(out or _default_out(prompt))
-    pipe = _load_pipeline(
-        preset, lora=lora, lora_2=lora_2, video_model=video_model, anchor_model=anchor_model, planner=planner,
-        planner_model=planner_model, planner_url=planner_url, api_key_env=api_key_env, plan_cache=plan_cache,
-        height=height, width=width, frames=frames, fps=fps, device=device, dtype=dtype, cpu_offload=cpu_offload,
-        vae_tiling=vae_tiling, memory=memory,
-        storage=WeightStorage(weights, quantize, video_transformer, video_transformer_2),
-        attention_backend=attention_backend, compile=compile, cache=cache, context_parallel=context_parallel,
-        context_parallel_mode=context_parallel_mode)
-    if anchor is not None:
-        pipe.anchor_from_image(anchor)  # validate the image before any model loads
-    if pipe.preset.output_is_noise:
-        console.print(f"[yellow]note:[/] preset '{pipe.preset.name}' has random weights: its output is noise.")
-    if prompts is not None:
-        todo = _batch_todo(pipe, out_dir, prompt_list, mode, seed, steps, guidance, num_candidates, select) \
-            if is_main_process() else None
-        todo = broadcast_from_main(todo)  # under context parallelism the ranks must run the same prompts
-        if not todo:
-            console.print(f"nothing to do: all {len(prompt_list)} videos in {escape(str(out_dir))} are complete "
-                          "for these prompts and settings", highlight=False)
-            return
-    pipe.load(mode, anchor_model=anchor is None)
-
-    call = dict(mode=mode, seed=seed, steps=steps, num_candidates=num_candidates, selected=select,
-                guidance_scale=guidance)
-    if prompts is None:
-        with progress_bar() as progress:
-            result = pipe(prompt, anchor_image=anchor, progress=StageProgress(progress), **call)
-        video = result.save(out_dir)
-        _warn(result.warnings)
-        console.print(f"wrote {escape(str(video))} ({result.timings['total']:.1f} s)", highlight=False)
-        return
-
-    done = skipped = 0
-    with progress_bar() as progress:
-        overall = progress.add_task("prompts", total=len(prompt_list))
-        for index, text in enumerate(prompt_list, start=1):
-            stem = f"{index:04d}"
-            if index not in todo:
-                skipped += 1
-            else:
-                stages = StageProgress(progress, f"{stem} ")
-                result = pipe(text, progress=stages, **call)
-                stages.done()
-                result.save(out, stem=stem)
-                _warn(result.warnings)
-                done += 1
-            progress.advance(overall)
-    console.print(f"batch done: {done} generated, {skipped} already present, in {escape(str(out))}",
-                  highlight=False)
+    _generate(prompt, prompts, out, anchor, _pick(_CallOptions, locals()), _pick(_PipelineOptions, locals()))
 
 
 @app.command()
@@ -266,8 +340,7 @@ def plan(
     """Stage 1 alone: print the first-frame caption and upsampled prompt as JSON."""
     if out:
         check_output_file(out)
-    pipe = _load_pipeline(preset, planner=planner, planner_model=planner_model, planner_url=planner_url,
-                          api_key_env=api_key_env, plan_cache=plan_cache, device="cpu")
+    pipe = _pick(_PipelineOptions, locals(), device="cpu").load()
     result = pipe.plan(prompt)
     if out:
         write_json(out, result.to_dict())
@@ -284,15 +357,15 @@ def anchor(
     seed: int = SeedOpt,
     num_candidates: int = typer.Option(4, "--num-candidates", "-n"),
     select: int = typer.Option(0, "--select"),
-    anchor_model: Optional[str] = typer.Option(None, "--anchor-model"),
+    anchor_model: Optional[str] = AnchorModelOpt,
     planner: Optional[str] = PlannerOpt,
     planner_model: Optional[str] = PlannerModelOpt,
     planner_url: Optional[str] = PlannerUrlOpt,
     api_key_env: str = ApiKeyEnvOpt,
-    height: Optional[int] = typer.Option(None, "--height"),
-    width: Optional[int] = typer.Option(None, "--width"),
-    device: Optional[str] = typer.Option(None, "--device"),
-    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    height: Optional[int] = HeightOpt,
+    width: Optional[int] = WidthOpt,
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
     weights: str = WeightsOpt,
     quantize: Optional[str] = QuantizeOpt,
 ):
@@ -303,9 +376,7 @@ def anchor(
 
     validate_call(seed, num_candidates, select, None, None)
     out_dir = check_output_dir(out or _default_out(prompt))
-    pipe = _load_pipeline(preset, anchor_model=anchor_model, planner=planner, planner_model=planner_model,
-                          planner_url=planner_url, api_key_env=api_key_env, height=height, width=width,
-                          device=device, dtype=dtype, storage=WeightStorage(weights, quantize))
+    pipe = _pick(_PipelineOptions, locals()).load()
     start = time.perf_counter()
     the_plan = None if caption else pipe.plan(prompt)
     text = prompt.strip() if caption else the_plan.first_frame_caption
@@ -338,18 +409,18 @@ def animate(
     preset: str = PresetOpt,
     steps: Optional[int] = StepsOpt,
     seed: int = SeedOpt,
-    guidance: Optional[float] = typer.Option(None, "--guidance"),
-    lora: Optional[str] = typer.Option(None, "--lora"),
+    guidance: Optional[float] = GuidanceOpt,
+    lora: Optional[str] = LoraOpt,
     lora_2: Optional[str] = Lora2Opt,
-    video_model: Optional[str] = typer.Option(None, "--video-model"),
-    height: Optional[int] = typer.Option(None, "--height"),
-    width: Optional[int] = typer.Option(None, "--width"),
-    frames: Optional[int] = typer.Option(None, "--frames"),
-    fps: Optional[int] = typer.Option(None, "--fps"),
-    device: Optional[str] = typer.Option(None, "--device"),
-    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    video_model: Optional[str] = VideoModelOpt,
+    height: Optional[int] = HeightOpt,
+    width: Optional[int] = WidthOpt,
+    frames: Optional[int] = FramesOpt,
+    fps: Optional[int] = FpsOpt,
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
     memory: str = MemoryOpt,
-    cpu_offload: bool = typer.Option(False, "--cpu-offload", help="Same as --memory model-offload."),
+    cpu_offload: bool = CpuOffloadOpt,
     vae_tiling: Optional[bool] = VaeTilingOpt,
     weights: str = WeightsOpt,
     quantize: Optional[str] = QuantizeOpt,
@@ -361,16 +432,8 @@ def animate(
     context_parallel: int = ContextParallelOpt,
     context_parallel_mode: str = ContextParallelModeOpt,
 ):
-    """Stage 3 alone: animate PROMPT from your own anchor image."""
-    generate(prompt=prompt, prompts=None, out=out, preset=preset, mode="factorized", steps=steps, seed=seed,
-             num_candidates=1, select=0, anchor=anchor, guidance=guidance, lora=lora, lora_2=lora_2,
-             video_model=video_model,
-             anchor_model=None, planner=None, planner_model=None, planner_url=None, api_key_env="OPENAI_API_KEY",
-             plan_cache=None, height=height, width=width, frames=frames, fps=fps, device=device, dtype=dtype,
-             cpu_offload=cpu_offload, vae_tiling=vae_tiling, memory=memory, weights=weights, quantize=quantize,
-             video_transformer=video_transformer, video_transformer_2=video_transformer_2,
-             attention_backend=attention_backend, compile=compile, cache=cache, context_parallel=context_parallel,
-             context_parallel_mode=context_parallel_mode)
+    """Stage 3 alone: animate PROMPT from your own anchor image (one candidate, no planner)."""
+    _generate(prompt, None, out, anchor, _pick(_CallOptions, locals()), _pick(_PipelineOptions, locals()))
 
 
 @app.command()
@@ -396,9 +459,9 @@ def memory(
     dtype: str = typer.Option("bfloat16", "--dtype", help="Run dtype: bfloat16, float16 or float32."),
     fp8: bool = typer.Option(False, "--fp8", help="Store transformer weights in fp8 (layerwise casting)."),
     planner: Optional[str] = typer.Option(None, "--planner", help="Count this planner backend (transformers: the LLM)."),
-    height: Optional[int] = typer.Option(None, "--height"),
-    width: Optional[int] = typer.Option(None, "--width"),
-    frames: Optional[int] = typer.Option(None, "--frames", help="Frame count, 4n+1."),
+    height: Optional[int] = HeightOpt,
+    width: Optional[int] = WidthOpt,
+    frames: Optional[int] = FramesOpt,
     vae_tiling: Optional[bool] = typer.Option(None, "--vae-tiling/--no-vae-tiling",
                                               help="Count a tiled decode (default: tiled at 704p and above)."),
 ):

@@ -16,6 +16,7 @@ import re
 import socket
 import tempfile
 import time
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -412,6 +413,30 @@ def compbench_prompt_file(stem: str) -> tuple[int, str] | None:
     else None. The category names the folder its videos go in: the one rule every layout uses."""
     m = _COMPBENCH_PROMPT_FILE.match(stem)
     return (int(m.group(1)), m.group(2)) if m else None
+
+
+@dataclass(frozen=True)
+class SuitePrompt:
+    """One prompt of a benchmark suite: T2V-CompBench, VBench 2.0, MiniCompBench or a prompt file.
+
+    One type for `fvg.miniworld` and `fvg.eval`, so it lives below both. Decision: `category` is
+    the name the benchmark's own evaluator uses, which is also the folder its videos go in: the
+    T2V-CompBench category (a prompt file's stem without `N_`, `compbench_prompt_file`), the
+    VBench dimension, or a plain prompt file's stem. MiniWorld's grammar names one category
+    differently (`spatial` for the `spatial_relationship` folder); `fvg.miniworld.suite.spec_category`
+    maps a prompt to the grammar's name where MiniWorld needs it, so `category` means one thing.
+    """
+
+    category: str  # evaluator's category = folder name
+    index: int  # 1-based position in its category, prompt-file order
+    prompt: str  # the original prompt: what names the video and what is scored
+    samples: int = 1  # VBench: videos per prompt; compbench layouts: one per seed
+
+    @property
+    def video_path(self) -> str:
+        """`<category>/0001.mp4`: its video in T2V-CompBench's layout (4 digits, 1-based), relative to
+        the folder of one mode and seed."""
+        return f"{self.category}/{self.index:04d}.mp4"
 
 
 def slug(text: str, limit: int = 40) -> str:

@@ -38,7 +38,7 @@ from typing import Callable
 
 import numpy as np
 
-from fvg.io import FvgError, atomic_path, write_json, write_text
+from fvg.io import FvgError, SuitePrompt, atomic_path, write_json, write_text
 from fvg.presets import validate_mode
 
 METRIC = "minicompbench"
@@ -251,7 +251,7 @@ def learned_anchor(pipe, out: Path, factorized: str | None, item, seed: int):
 @dataclass
 class LadderVideo:
     rung: str
-    item: object  # eval.suites.SuitePrompt
+    item: SuitePrompt
     seed: int
     path: Path
 

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from fvg.io import FvgError, compbench_prompt_file, read_prompt_lines
+from fvg.io import FvgError, SuitePrompt, compbench_prompt_file, read_prompt_lines
 
 SUITES = ("t2v-compbench", "vbench2", "minicompbench")  # or a path to a .txt prompt list
 VBENCH_NAME_CHARS = 180  # VBench's sampling script names videos by prompt[:180]
@@ -30,14 +30,6 @@ VBENCH_DIVERSITY_SAMPLES = 20  # ... except for the Diversity dimension
 # in names, '\\' is a separator on Windows. Everything else stays as VBench wrote it.
 _UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]")
 _MAX_NAME_BYTES = 255  # ext4, XFS, APFS, NTFS all cap one name at 255 bytes
-
-
-@dataclass(frozen=True)
-class SuitePrompt:
-    category: str  # folder name: T2V-CompBench category, VBench dimension, or prompt-file stem
-    index: int  # 1-based position in its category, prompt-file order
-    prompt: str  # the original prompt: what names the video and what is scored
-    samples: int = 1  # VBench: videos per prompt; compbench layouts: one per seed
 
 
 @dataclass(frozen=True)
@@ -86,7 +78,7 @@ def video_relpath(suite: Suite, item: SuitePrompt, mode: str, seed: int, sample:
     """Where the video goes, relative to the output folder: the layout the official scripts read."""
     if suite.layout == "vbench":
         return f"{mode}/{item.category}/{vbench_video_name(item.prompt, sample)}"
-    return f"{mode}/seed{seed}/{item.category}/{item.index:04d}.mp4"
+    return f"{mode}/seed{seed}/{item.video_path}"
 
 
 def record_relpath(video: str) -> str:
@@ -146,11 +138,10 @@ def load_prompt_list(path: str | Path) -> Suite:
 
 
 def load_minicompbench() -> Suite:
-    """MiniWorld's MiniCompBench, in T2V-CompBench's layout (folders as in fvg.miniworld.suite)."""
+    """MiniWorld's MiniCompBench, in T2V-CompBench's layout (its prompts, as fvg.miniworld.suite reads them)."""
     from fvg.miniworld import load_suite as load_mini
 
-    prompts = tuple(SuitePrompt(p.folder, p.index, p.prompt) for p in load_mini())
-    return Suite("minicompbench", "compbench", prompts, "fvg.miniworld")
+    return Suite("minicompbench", "compbench", tuple(load_mini()), "fvg.miniworld")
 
 
 def _samples_for(dimension: str, samples: int | None) -> int:

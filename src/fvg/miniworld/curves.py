@@ -132,7 +132,7 @@ def anchor_stills_score(out: str | Path, limit: int = 3, seeds: tuple[int, ...] 
     from .grammar import first_frame_caption
     from .score import check_kind, score_first_frame
     from .stages import text_parts
-    from .suite import load_suite
+    from .suite import load_suite, spec_category
 
     out = Path(out)
     if not (out / "latents" / "DONE.json").is_file():
@@ -149,7 +149,7 @@ def anchor_stills_score(out: str | Path, limit: int = 3, seeds: tuple[int, ...] 
         for seed in seeds:
             image = source(first_frame_caption(item.prompt), 64, 64, seed=seed).image
             result = score_first_frame(item.prompt, np.asarray(image))
-            scores.setdefault(item.category, []).append(result.score)
+            scores.setdefault(spec_category(item), []).append(result.score)
             for c in result.checks:
                 kinds.setdefault(check_kind(c.name), []).append(c.passed)
     per_category = {c: round(float(np.mean(v)), 4) for c, v in scores.items()}

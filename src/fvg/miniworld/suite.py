@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import FvgError, compbench_prompt_file, write_text
+from ..io import FvgError, SuitePrompt, compbench_prompt_file, write_text
 from .grammar import format_prompt, parse_prompt, sample_prompt
 from .score import PromptScore, score_video
 from .spec import CATEGORIES
@@ -34,19 +34,14 @@ SUITE_SEED = 20240601
 PROMPTS_PER_CATEGORY = 8
 
 
-@dataclass(frozen=True)
-class SuitePrompt:
-    category: str  # spec category name
-    index: int  # 1-based line number in the prompt file
-    prompt: str
+FOLDERS = {spec: compbench_prompt_file(stem)[1] for spec, stem in PROMPT_FILES.items()}  # spec category -> folder
+_SPEC_CATEGORY = {folder: spec for spec, folder in FOLDERS.items()}
 
-    @property
-    def folder(self) -> str:
-        return compbench_prompt_file(PROMPT_FILES[self.category])[1]
 
-    @property
-    def video_path(self) -> str:  # relative to the video directory
-        return f"{self.folder}/{self.index:04d}.mp4"
+def spec_category(item: SuitePrompt) -> str:
+    """The grammar's category of a suite prompt (`spatial`), whose `category` is its folder
+    (`spatial_relationship`), as in every suite (`fvg.io.SuitePrompt`)."""
+    return _SPEC_CATEGORY[item.category]
 
 
 @dataclass(frozen=True)
@@ -76,7 +71,8 @@ def write_suite(prompt_dir: str | os.PathLike, suite: dict[str, list[str]]) -> N
 
 
 def load_suite(prompt_dir: str | os.PathLike = PROMPT_DIR) -> list[SuitePrompt]:
-    """Every prompt of the suite, category by category, checked against the grammar."""
+    """Every prompt of the suite, category by category, checked against the grammar; each prompt's
+    `category` is its folder (`spec_category` gives the grammar's name)."""
     suite = []
     for category, stem in PROMPT_FILES.items():
         path = Path(prompt_dir) / f"{stem}.txt"
@@ -89,7 +85,7 @@ def load_suite(prompt_dir: str | os.PathLike = PROMPT_DIR) -> list[SuitePrompt]:
                 raise FvgError(f"{path}:{index}: {exc}") from None
             if parsed.category != category:
                 raise FvgError(f"{path}:{index}: a {parsed.category} prompt in the {category} file")
-            suite.append(SuitePrompt(category, index, line))
+            suite.append(SuitePrompt(FOLDERS[category], index, line))
     return suite
 
 
@@ -101,7 +97,7 @@ def score_suite(video_dir: str | os.PathLike, suite: list[SuitePrompt] | None = 
         raise FvgError(f"{len(missing)} MiniCompBench videos missing in {video_dir}, e.g. {missing[0]}")
     scores = [score_video(s.prompt, Path(video_dir) / s.video_path) for s in suite]
     per_category = {
-        c: float(np.mean([r.score for r, s in zip(scores, suite) if s.category == c]))
-        for c in CATEGORIES if any(s.category == c for s in suite)
+        c: float(np.mean([r.score for r, s in zip(scores, suite) if spec_category(s) == c]))
+        for c in CATEGORIES if any(spec_category(s) == c for s in suite)
     }
     return SuiteReport(scores, per_category, float(np.mean([r.score for r in scores])))
