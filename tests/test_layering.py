@@ -23,8 +23,8 @@ MINIWORLD_TRAINING = tuple(f"fvg.miniworld.{m}" for m in (
     "models", "settings", "loop", "sink", "stages", "train", "curves", "diagnose", "cli"))
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("io", ("fvg.io",)),
-    ("base", ("fvg.console", "fvg.provenance", "fvg.presets", "fvg.residency", "fvg.speed", "fvg.tiny",
-              "fvg.weight_storage", "fvg.storage_sizes",
+    ("base", ("fvg.console", "fvg.parallel", "fvg.provenance", "fvg.presets", "fvg.residency", "fvg.speed",
+              "fvg.tiny", "fvg.weight_storage", "fvg.storage_sizes",
               "fvg.miniworld")),  # the world: spec, grammar, render, score, suite, dataset
     ("method", ("fvg.plan", "fvg.anchor", "fvg.animate", "fvg.families")),
     ("orchestration", ("fvg.memory", "fvg.pipeline", "fvg.train")),

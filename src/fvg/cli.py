@@ -13,7 +13,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fvg.console import (ApiKeyEnvOpt, AttentionBackendOpt, CacheOpt, CompileOpt, PlanCacheOpt, PlannerModelOpt,
+from fvg.console import (ApiKeyEnvOpt, AttentionBackendOpt, CacheOpt, CompileOpt, ContextParallelModeOpt,
+                         ContextParallelOpt, PlanCacheOpt, PlannerModelOpt,
                          PlannerOpt, PlannerUrlOpt, StageProgress, console,
                          planner_options, progress_bar, run_app, setup_logging)
 from fvg.io import (FvgError, check_output_dir, check_output_file, mp4_is_valid, read_prompt_lines, run_name,
@@ -101,6 +102,8 @@ class _PipelineOptions:
     attention_backend: Optional[str] = None
     compile: bool = False
     cache: str = "none"
+    context_parallel: int = 1
+    context_parallel_mode: str = "ulysses"
 
     def load(self):
         from fvg.pipeline import FactorizedPipeline
@@ -111,6 +114,7 @@ class _PipelineOptions:
             self.preset, device=self.device, dtype=self.dtype, cpu_offload=self.cpu_offload,
             vae_tiling=self.vae_tiling, memory=self.memory, storage=storage,
             attention_backend=self.attention_backend, compile=self.compile, cache=self.cache,
+            context_parallel=self.context_parallel, context_parallel_mode=self.context_parallel_mode,
             planner_options=planner_options(self.api_key_env, self.planner_url, self.plan_cache),
             lora=self.lora, lora_2=self.lora_2, video_model=self.video_model, anchor_model=self.anchor_model,
             planner=self.planner, planner_model=self.planner_model, height=self.height, width=self.width,
@@ -225,6 +229,11 @@ def _check_generate(prompt: Optional[str], prompts: Optional[Path], out: Optiona
 def _generate(prompt: Optional[str], prompts: Optional[Path], out: Optional[Path], anchor: Optional[Path],
               call: _CallOptions, options: _PipelineOptions) -> None:
     """`fvg generate` and `fvg animate`: check, load, skip what a batch already has, then generate."""
+    from fvg.parallel import broadcast_from_main, is_main_process, torchrun_world
+
+    world = torchrun_world()
+    if options.context_parallel > 1 and world is not None and world.rank != 0:
+        console.quiet = True  # rank 0 speaks for all (the ranks run the same steps and fail alike)
     _check_generate(prompt, prompts, out, anchor, call)
     prompt_list = read_prompt_lines(prompts) if prompts else [prompt]
     out_dir = check_output_dir(out or _default_out(prompt))
@@ -241,7 +250,8 @@ def _generate(prompt: Optional[str], prompts: Optional[Path], out: Optional[Path
         _warn(result.warnings)
         console.print(f"wrote {escape(str(video))} ({result.timings['total']:.1f} s)", highlight=False)
         return
-    todo = _batch_todo(pipe, out_dir, prompt_list, call)
+    todo = _batch_todo(pipe, out_dir, prompt_list, call) if is_main_process() else None
+    todo = broadcast_from_main(todo)  # under context parallelism the ranks must run the same prompts
     if not todo:
         console.print(f"nothing to do: all {len(prompt_list)} videos in {escape(str(out_dir))} are complete "
                       "for these prompts and settings", highlight=False)
@@ -309,6 +319,8 @@ def generate(
     attention_backend: Optional[str] = AttentionBackendOpt,
     compile: bool = CompileOpt,
     cache: str = CacheOpt,
+    context_parallel: int = ContextParallelOpt,
+    context_parallel_mode: str = ContextParallelModeOpt,
 ):
     """Generate a video (or a batch with --prompts) with the factorized method or a baseline."""
     _generate(prompt, prompts, out, anchor, _pick(_CallOptions, locals()), _pick(_PipelineOptions, locals()))
@@ -417,6 +429,8 @@ def animate(
     attention_backend: Optional[str] = AttentionBackendOpt,
     compile: bool = CompileOpt,
     cache: str = CacheOpt,
+    context_parallel: int = ContextParallelOpt,
+    context_parallel_mode: str = ContextParallelModeOpt,
 ):
     """Stage 3 alone: animate PROMPT from your own anchor image (one candidate, no planner)."""
     _generate(prompt, None, out, anchor, _pick(_CallOptions, locals()), _pick(_PipelineOptions, locals()))

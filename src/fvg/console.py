@@ -130,6 +130,10 @@ AttentionBackendOpt = typer.Option(
     "_native_cudnn, ... (default: the model's).")
 CompileOpt = typer.Option(False, "--compile", help="Compile the video model's repeated blocks (torch.compile, "
                                                    "regional; the first video pays the compile time).")
+ContextParallelOpt = typer.Option(1, "--context-parallel", help="Split each video over N processes (diffusers' "
+                                 "context parallelism; run under torchrun --nproc-per-node N).")
+ContextParallelModeOpt = typer.Option("ulysses", "--context-parallel-mode", help="ulysses (all-to-all over the "
+                                     "attention heads) or ring (needs a flash/cudnn/sage attention backend).")
 CacheOpt = typer.Option("none", "--cache", help="Reuse work across denoising steps: fbc (first-block cache), "
                         "magcache (the first video of a model, mode and step count measures its ratios), "
                         "taylorseer, or none.")

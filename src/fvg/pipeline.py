@@ -27,6 +27,7 @@ from fvg.animate.loading import (count_experts, default_device, load_expert_lora
                                  set_anchor_lora)
 from fvg.families import get_family
 from fvg.io import FvgError, check_image_size, save_image, sweep_stale_temps, to_rgb, to_uint8, write_json, write_mp4
+from fvg.parallel import broadcast_from_main, init_context_parallel, is_main_process, split_anchor_model
 from fvg.plan import Plan, make_planner
 from fvg.provenance import package_versions, utc_timestamp
 from fvg.presets import DEFAULT_PRESET, Preset, get_preset, validate_mode
@@ -78,7 +79,8 @@ class FactorizedOutput:
 
     def save(self, out_dir: str | Path, stem: str | None = None) -> Path:
         """Write the video, anchor, candidates, plan and run record, each atomically, run record last
-        (its presence marks a complete run). Without `stem`: out_dir/video.mp4, anchor.png,
+        (its presence marks a complete run). Under context parallelism only rank 0 writes (every rank holds
+        the same video); the others return the path it writes. Without `stem`: out_dir/video.mp4, anchor.png,
         candidates/NN.png, plan.json, run.json. With `stem` (batches): out_dir/<stem>.mp4,
         <stem>.anchor.png, <stem>.candidates/NN.png, <stem>.plan.json, <stem>.run.json.
 
@@ -89,6 +91,8 @@ class FactorizedOutput:
         """
         out_dir = Path(out_dir)
         paths = output_paths(out_dir, stem)
+        if not is_main_process():
+            return paths["video"]
         sweep_stale_temps(out_dir)
         sweep_stale_temps(paths["candidates"])
         written: list[Path] = []
@@ -212,17 +216,23 @@ class FactorizedPipeline:
     that stage runs (`fvg.residency`), in the memory mode `memory` (auto, gpu, model-offload,
     group-offload, sequential). `cpu_offload=True` is the older spelling of `memory="model-offload"`.
     `storage` stores the denoisers in fp8, quantizes them or loads GGUF transformers (`fvg.weight_storage`).
-    `attention_backend`, `compile` and `cache` are the video stage's speed options (`fvg.speed`).
+    `attention_backend`, `compile` and `cache` are the video stage's speed options (`fvg.speed`);
+    `context_parallel=N` (under `torchrun --nproc-per-node N`) splits each video's sequence over the N
+    processes with `context_parallel_mode` "ulysses" or "ring" attention (`fvg.parallel`).
     """
 
     def __init__(self, preset: Preset, device: str | None = None, dtype: str | torch.dtype | None = None,
                  cpu_offload: bool = False, vae_tiling: bool | None = None, planner_options: dict | None = None,
                  memory: str = "auto", storage: WeightStorage | None = None, attention_backend: str | None = None,
-                 compile: bool = False, cache: str = "none"):
+                 compile: bool = False, cache: str = "none", context_parallel: int = 1,
+                 context_parallel_mode: str = "ulysses"):
         self.preset = preset
-        self.speed = validate_speed(SpeedOptions(attention_backend, compile, cache))
+        self.speed = validate_speed(SpeedOptions(attention_backend, compile, cache, context_parallel,
+                                                 context_parallel_mode))
         self.family = get_family(preset.family)
         self.device = validate_device(device) if device else default_device()
+        if self.speed.context_parallel > 1:  # joins torchrun's process group; each rank its own GPU
+            self.device = init_context_parallel(self.speed.context_parallel, self.device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.memory = "model-offload" if cpu_offload and memory == "auto" else memory
         self.storage = (storage or WeightStorage()).validate(self.device)
@@ -236,6 +246,7 @@ class FactorizedPipeline:
         self._anchor_source = None
         self._video_pipe = None
         self._speed = None  # the speed options applied to the video pipeline (`fvg.speed.SpeedSession`)
+        self._anchor_split: bool | None = None  # context parallelism: whether the anchor model is split too
 
     def _plan_auto_modes(self) -> None:
         """`auto` on a GPU: each stage's mode from `fvg memory`'s estimate (exact model sizes, as stored
@@ -262,6 +273,7 @@ class FactorizedPipeline:
                     cpu_offload: bool = False, vae_tiling: bool | None = None, planner_options: dict | None = None,
                     memory: str = "auto", storage: WeightStorage | None = None,
                     attention_backend: str | None = None, compile: bool = False, cache: str = "none",
+                    context_parallel: int = 1, context_parallel_mode: str = "ulysses",
                     **overrides) -> "FactorizedPipeline":
         """`overrides` are preset fields (video_model, lora, height, num_frames, planner, ...)."""
         from fvg.animate.lora import check_lora_file
@@ -280,7 +292,7 @@ class FactorizedPipeline:
         for lora in dict.fromkeys(filter(None, (preset.lora, preset.lora_2))):
             check_lora_file(lora)
         return cls(preset, device, dtype, cpu_offload, vae_tiling, planner_options, memory, storage,
-                   attention_backend, compile, cache)
+                   attention_backend, compile, cache, context_parallel, context_parallel_mode)
 
     # -- stages, each usable alone -------------------------------------------------------------
 
@@ -309,6 +321,8 @@ class FactorizedPipeline:
             else:  # loaded on the host: `make_anchor` places it for the anchor stage only
                 self._anchor_source = DiffusersAnchorSource.from_pretrained(
                     p.anchor_model, dtype=self.dtype, device="cpu", storage=self.storage.for_anchor(), **kwargs)
+            if self.speed.context_parallel > 1:  # the anchor model splits too where diffusers can (else it runs whole)
+                self._anchor_split = split_anchor_model(self._anchor_source.pipe, self.speed.context_parallel)
         return self._anchor_source
 
     @property
@@ -324,7 +338,10 @@ class FactorizedPipeline:
             pipe.set_progress_bar_config(disable=True)
             if self.vae_tiling:
                 pipe.vae.enable_tiling()
-            self._speed = apply_speed(pipe, self.speed)  # after the anchored pipeline swapped its classes
+            if self.speed.context_parallel > 1:  # a shape the ranks cannot split fails before any compute
+                self.family.check_context_parallel(pipe, p.height, p.width, p.num_frames,
+                                                   self.speed.context_parallel, self.speed.context_parallel_mode)
+            self._speed = apply_speed(pipe, self.speed, self.family)  # after the anchored pipeline swapped classes
             self._video_pipe = pipe  # on the host until the animate stage places it
         return self._video_pipe
 
@@ -366,6 +383,8 @@ class FactorizedPipeline:
                 guidance_scale: float | None = None, progress: ProgressFn | None = None) -> np.ndarray:
         p = self.preset
         pipe = self.video_pipe
+        if self.speed.context_parallel > 1:  # every rank animates rank 0's prompt and anchor: a sampled plan or a
+            prompt, anchor = broadcast_from_main((prompt, anchor))  # GPU kernel may differ per rank, chunks must not
         self.residency.enter("animate", pipe)
         callback = None
         if progress is not None:
@@ -442,6 +461,8 @@ class FactorizedPipeline:
             "weights": self.storage.record(),
             **self.speed.settings(),
         }
+        if self.speed.context_parallel > 1 and anchor is not None and anchor.source != "file":
+            settings["context_parallel"]["anchor_split"] = self._anchor_split
         if self.speed.cache == "magcache":  # "measured" (this video ran uncached) or the ratio file used
             settings["cache_calibration"] = self._speed.last_calibration
         return FactorizedOutput(frames, mode, prompt, video_prompt, seed, steps, self.preset.fps, plan, anchor,

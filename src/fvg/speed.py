@@ -26,6 +26,9 @@ Every transformer of the pipeline gets the same treatment (`transformer` and, fo
   residual norm (last block's output minus first block's input) to the previous step's, per CFG
   branch and expert; the ratios are stored in `cache_dir("magcache")` and every later video with
   that key skips steps. run.json says which happened (`cache_calibration`).
+- `context_parallel=N` splits each transformer call's sequence over N torchrun processes (`fvg.parallel`,
+  the family's plan). It goes on after the attention backend (diffusers checks the backend can run it)
+  and before compilation; it refuses the step caches (each rank would decide alone whether to skip).
 """
 
 from __future__ import annotations
@@ -34,12 +37,13 @@ import hashlib
 import json
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from fvg.io import FvgError, cache_dir, write_json
+from fvg.parallel import NO_LSE_BACKENDS, enable_context_parallel, validate_context_parallel
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +62,14 @@ class SpeedOptions:
     attention_backend: str | None = None  # a diffusers attention dispatcher backend; None: the model's default
     compile: bool = False  # regional torch.compile of the repeated transformer blocks
     cache: str = "none"  # one of CACHES
+    context_parallel: int = 1  # processes (torchrun) that split each video's sequence (`fvg.parallel`)
+    context_parallel_mode: str = "ulysses"  # or "ring"
 
     def settings(self) -> dict:
-        return {"attention_backend": self.attention_backend, "compile": self.compile, "cache": self.cache}
+        settings = {"attention_backend": self.attention_backend, "compile": self.compile, "cache": self.cache}
+        if self.context_parallel > 1:
+            settings["context_parallel"] = {"degree": self.context_parallel, "mode": self.context_parallel_mode}
+        return settings
 
 
 def attention_backends() -> list[str]:
@@ -70,10 +79,14 @@ def attention_backends() -> list[str]:
 
 
 def validate_speed(options: SpeedOptions) -> SpeedOptions:
-    """One-line FvgError for a cache or attention backend that does not exist or cannot run here."""
+    """One-line FvgError for a cache, attention backend or context parallelism that does not exist or cannot
+    run here (or together)."""
     if options.cache not in CACHES:
         raise FvgError(f"unknown cache '{options.cache}': use one of {', '.join(CACHES)}")
+    validate_context_parallel(options.context_parallel, options.context_parallel_mode)
     backend = options.attention_backend
+    if options.context_parallel > 1:
+        check_parallel_combination(options)
     if backend is None:
         return options
     from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
@@ -85,7 +98,21 @@ def validate_speed(options: SpeedOptions) -> SpeedOptions:
         _check_attention_backend_requirements(AttentionBackendName(backend.lower()))
     except (RuntimeError, ImportError, ValueError) as exc:
         raise FvgError(f"attention backend '{backend}' cannot run here: {' '.join(str(exc).split())}") from None
-    return SpeedOptions(backend.lower(), options.compile, options.cache)
+    return replace(options, attention_backend=backend.lower())
+
+
+def check_parallel_combination(options: SpeedOptions) -> None:
+    """Context parallelism refuses what would make the ranks disagree or cannot run."""
+    if options.cache != "none":
+        # each rank would judge "skip this step" from its own chunk of the sequence: ranks that skip a block
+        # leave the others waiting in its attention's collective
+        raise FvgError(f"--cache {options.cache} cannot be combined with --context-parallel: each rank would "
+                       "decide from its own part of the video whether to skip a step")
+    backend = (options.attention_backend or "native").lower()
+    if options.context_parallel_mode == "ring" and backend in NO_LSE_BACKENDS:
+        raise FvgError(f"ring attention needs an attention backend that returns the log-sum-exp (diffusers' "
+                       f"'{backend}' does not): add --attention-backend flash, _native_flash, _native_cudnn or sage "
+                       "(CUDA), or use --context-parallel-mode ulysses")
 
 
 def transformers(pipe) -> dict[str, torch.nn.Module]:
@@ -125,13 +152,17 @@ def step_cache_config(cache: str):
                                  taylor_factors_dtype=torch.float32, cache_identifiers=[SELF_ATTENTION])
 
 
-def apply_speed(pipe, options: SpeedOptions) -> "SpeedSession":
-    """Set the attention backend, enable the cache (all but MagCache, which is set per video) and compile,
-    on every transformer of `pipe`. Call once, after the pipeline is built and its LoRAs are loaded."""
+def apply_speed(pipe, options: SpeedOptions, family=None) -> "SpeedSession":
+    """Set the attention backend, split the sequence over the ranks (context parallelism, with `family`'s plan),
+    enable the cache (all but MagCache, which is set per video) and compile, on every transformer of `pipe`.
+    Call once, after the pipeline is built and its LoRAs are loaded."""
     models = transformers(pipe)
     for model in models.values():
         if options.attention_backend is not None:
             set_attention_backend(model, options.attention_backend)
+        if options.context_parallel > 1:  # after the backend: diffusers checks it can run context-parallel
+            enable_context_parallel(model, options.context_parallel, options.context_parallel_mode,
+                                    family.context_parallel_plan(model))
         if options.cache in ("fbc", "taylorseer"):
             model.enable_cache(step_cache_config(options.cache))
         if options.compile:

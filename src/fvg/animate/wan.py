@@ -29,6 +29,10 @@ timestep). Decisions:
 - The block subclass is registered in diffusers' `TransformerBlockRegistry` with
   `WanTransformerBlock`'s metadata and listed in `_repeated_blocks`, so FirstBlockCache,
   MagCache, layer skipping and regional compilation accept it.
+- Context parallelism (`fvg.parallel`) keeps diffusers' Wan `_cp_plan`: its `timestep` entry splits any
+  2-D timestep along dim 1 into the same N chunks as the tokens, so a per-frame [B, F] timestep gives
+  each rank the rows of exactly its frames when N divides F (`frames_shard_evenly`; otherwise the
+  pipeline passes per-token timesteps), and the forward reads the local frame count from it.
 - `modulation="token"` keeps diffusers' per-token path (it is what the bitwise-equality test
   against `WanImageToVideoPipeline(expand_timesteps=True)` checks).
 """
@@ -49,6 +53,8 @@ from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
 from diffusers.utils import apply_lora_scale
 from diffusers.utils.torch_utils import get_module_execution_device
 from PIL import Image
+
+from fvg.parallel import context_parallel_degree
 
 # -- per-frame modulation: subclasses swapped into an existing transformer -------------------------
 
@@ -121,10 +127,14 @@ class FrameWanTransformer3DModel(WanTransformer3DModel):
         p_t, p_h, p_w = self.config.patch_size
         post_patch_num_frames, post_patch_height, post_patch_width = num_frames // p_t, height // p_h, width // p_w
         tokens = post_patch_num_frames * post_patch_height * post_patch_width
-        if timestep.ndim == 2 and timestep.shape[1] not in (post_patch_num_frames, tokens):
+        # fvg: under context parallelism the plan's "" entry has already split a 2-D timestep along dim 1 into
+        # `shards` chunks (hidden_states are split at blocks.0): this rank's chunk covers 1/shards of the frames
+        # or tokens, the same stretch of the sequence as its hidden-state chunk.
+        shards = context_parallel_degree(self) if timestep.ndim == 2 else 1
+        if timestep.ndim == 2 and timestep.shape[1] * shards not in (post_patch_num_frames, tokens):
             raise ValueError(f"timestep {tuple(timestep.shape)} is neither per frame ({post_patch_num_frames}) "
-                             f"nor per token ({tokens})")
-        if timestep.ndim != 2 or timestep.shape[1] == tokens:
+                             f"nor per token ({tokens})" + (f" over {shards} ranks" if shards > 1 else ""))
+        if timestep.ndim != 2 or timestep.shape[1] * shards == tokens:
             # the undecorated stock forward: this one's decorator already applied the LoRA scale
             return WanTransformer3DModel.forward.__wrapped__(
                 self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
@@ -152,7 +162,7 @@ class FrameWanTransformer3DModel(WanTransformer3DModel):
         # fvg: output modulation per frame: shift, scale [B, F, 1, dim] over a [B, F, tokens, dim] view
         shift, scale = (self.scale_shift_table.unsqueeze(0).to(temb.device) + temb.unsqueeze(2)).chunk(2, dim=2)
         shift, scale = shift.to(hidden_states.device), scale.to(hidden_states.device)
-        normed = self.norm_out(hidden_states.float()).unflatten(1, (post_patch_num_frames, -1))
+        normed = self.norm_out(hidden_states.float()).unflatten(1, (timestep.shape[1], -1))  # fvg: this rank's frames
         hidden_states = (normed * (1 + scale) + shift).flatten(1, 2).type_as(hidden_states)
         hidden_states = self.proj_out(hidden_states)
 
@@ -245,6 +255,15 @@ class AnchoredWanPipeline(WanPipeline):
         tokens_per_frame = (latents.shape[3] // p_h) * (latents.shape[4] // p_w)
         return self.frame_timesteps(t, latents, anchored).repeat_interleave(tokens_per_frame, dim=1)
 
+    def frames_shard_evenly(self, latents: torch.Tensor) -> bool:
+        """Whether per-frame timesteps split like the hidden states under context parallelism: the plan cuts the
+        sequence into N equal chunks, which are whole latent frames only when N divides the frame count. Where
+        it does not, the timesteps go per token (split token by token like the hidden states; each rank's
+        [B, seq/N, 6, dim] modulation is then 1/N of the one-process tensor). Always true without parallelism."""
+        models = [m for m in (self.transformer, self.transformer_2) if m is not None]
+        shards = max(context_parallel_degree(m) for m in models)
+        return (latents.shape[2] // self.transformer_config.patch_size[0]) % shards == 0
+
     @property
     def transformer_config(self):
         return (self.transformer or self.transformer_2).config
@@ -332,7 +351,9 @@ class AnchoredWanPipeline(WanPipeline):
                 raise ValueError(f"anchor latent {tuple(anchor_latents.shape)} does not fit latents {tuple(latents.shape)}")
         # 2-D timesteps only where needed; per frame where the model allows it (no [B, seq, 6, dim] tensor).
         two_d = anchored or self.config.expand_timesteps
-        expand = self.frame_timesteps if modulation == "frame" and self.supports_frame_modulation else self.token_timesteps
+        per_frame = modulation == "frame" and self.supports_frame_modulation
+        per_frame = per_frame and self.frames_shard_evenly(latents)
+        expand = self.frame_timesteps if per_frame else self.token_timesteps
 
         self._num_timesteps = len(timesteps)
         self.scheduler.set_begin_index(0)

@@ -9,6 +9,7 @@ The hooks, by stage:
   loading       `load_pipeline`, `tiny_components`
   shape rules   `frame_step`, `pixel_multiple` (checked by `check_shape`)
   inference     `call_arguments` (extra `__call__` arguments, anchored-call checks)
+  parallelism   `context_parallel_plan`, `check_context_parallel` (one video over N processes)
   training data `encode_clip`, `encode_clip_anchor`, `encode_captions`, `cache_key_parts`
   objective     `adapt_train_config`, `training_objective`
   LoRA          `lora_converters` (key formats beside diffusers'), `lora_info`
@@ -144,6 +145,22 @@ class ModelFamily(ABC):
         """Extra keyword arguments of the pipeline call for `preset`; raises FvgError for a shape the
         anchored call cannot take."""
         return {}
+
+    # -- context parallelism (`fvg.parallel`) ---------------------------------------------------
+
+    def context_parallel_plan(self, transformer) -> dict | None:
+        """diffusers' context-parallel plan for `transformer` (which inputs split along the sequence, which
+        output gathers it back), or None where the family has none: diffusers' `_cp_plan` of the class."""
+        return getattr(transformer, "_cp_plan", None)
+
+    def check_context_parallel(self, pipe, height: int, width: int, num_frames: int, degree: int, mode: str) -> None:
+        """FvgError for a video that `degree` ranks cannot split (checked once the pipeline is loaded, before any
+        compute). The base rule: the family must have a plan."""
+        denoisers = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
+        for model in denoisers:
+            if self.context_parallel_plan(model) is None:
+                raise FvgError(f"--context-parallel: {self.label} has no context-parallel plan (diffusers ships "
+                               f"none for {type(model).__name__}); run it with --context-parallel 1")
 
     # -- training data -------------------------------------------------------------------------
 

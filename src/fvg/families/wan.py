@@ -15,7 +15,7 @@ import torch
 
 from fvg.families.base import ModelFamily, TrainingObjective, load_components_onto, place_built
 from fvg.families.flow_matching import SigmaSampler, draw_batch, masked_flow_loss
-from fvg.io import load_or_explain
+from fvg.io import FvgError, load_or_explain
 
 log = logging.getLogger("fvg.train")
 
@@ -127,6 +127,27 @@ class WanFamily(ModelFamily):
         if pipe.config.boundary_ratio is not None:  # Wan2.2-A14B's low-noise expert
             return {"guidance_scale_2": preset.guidance_scale_2}
         return {}
+
+    def check_context_parallel(self, pipe, height: int, width: int, num_frames: int, degree: int, mode: str) -> None:
+        """diffusers' Wan plan splits the video tokens (not the text) into `degree` equal chunks; Ulysses also
+        splits each expert's attention heads. fvg's `FrameWanTransformer3DModel` keeps the stock plan: its
+        timestep entry splits a per-token [B, seq] or per-frame [B, F] timestep along dim 1 like the tokens
+        (the pipeline goes per token where `degree` does not divide F, `AnchoredWanPipeline.frames_shard_evenly`)."""
+        super().check_context_parallel(pipe, height, width, num_frames, degree, mode)
+        for model in (m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None):
+            p_t, p_h, p_w = model.config.patch_size
+            frames = ((num_frames - 1) // pipe.vae_scale_factor_temporal + 1) // p_t
+            pixels = pipe.vae_scale_factor_spatial
+            per_frame = (height // pixels // p_h) * (width // pixels // p_w)
+            if (frames * per_frame) % degree:
+                raise FvgError(f"--context-parallel {degree}: {height}x{width}x{num_frames} gives {frames * per_frame} "
+                               f"video tokens ({frames} latent frames x {per_frame}), which do not split into "
+                               f"{degree} equal parts; choose a size or frame count whose token count {degree} divides")
+            heads = model.config.num_attention_heads
+            if mode == "ulysses" and heads % degree:
+                raise FvgError(f"--context-parallel {degree}: Ulysses attention splits the {heads} attention heads "
+                               f"of the video transformer and {degree} does not divide them; use a degree that "
+                               f"divides {heads} or --context-parallel-mode ring")
 
     @torch.no_grad()
     def encode_clip(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
