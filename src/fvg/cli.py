@@ -36,7 +36,7 @@ WeightsOpt = typer.Option("native", "--weights", help="native or fp8: fp8 stores
                           "float8 and casts each layer to --dtype for its forward (half of bf16).")
 QuantizeOpt = typer.Option(None, "--quantize", help="Quantize the denoisers and text encoder while loading: "
                            + "; ".join(f"{q.name}: {q.summary}" for q in QUANTIZERS.values())
-                           + ". Needs pip install 'fvg[quant]'.")
+                           + ". Needs pip install 'fvg\\[quant]'.")
 VideoTransformerOpt = typer.Option(None, "--video-transformer", help="The video transformer from a GGUF file "
                                    "(Wan, original key layout), quantized in memory.")
 VideoTransformer2Opt = typer.Option(None, "--video-transformer-2", help="Wan2.2-A14B: the low-noise expert "
