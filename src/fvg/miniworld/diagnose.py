@@ -194,7 +194,7 @@ def restore_from_noise(pipe, frame: np.ndarray, caption: str, sigma: float, seed
 
 
 def noise_restoration(pipe, sigmas=(0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0), limit: int = 3,
-                      seeds: tuple[int, ...] = (0,), steps: int = 15) -> list[NoiseRestoration]:
+                      seeds: tuple[int, ...] = (0,), steps: int = 15, guidance: float = 4.0) -> list[NoiseRestoration]:
     """The frame-0 score of restoring MiniCompBench's reference first frames (`reference_clip`, the
     ladder's rendered rung) from each noise level; the first `limit` prompts per category."""
     from .grammar import first_frame_caption
@@ -210,7 +210,8 @@ def noise_restoration(pipe, sigmas=(0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0), limit: i
         for item in items:
             for seed in seeds:
                 frame = reference_clip(item.prompt, seed)[0]
-                image = restore_from_noise(pipe, frame, first_frame_caption(item.prompt), sigma, seed, steps)
+                image = restore_from_noise(pipe, frame, first_frame_caption(item.prompt), sigma, seed, steps,
+                                           guidance)
                 result = score_first_frame(item.prompt, image)
                 scores.setdefault(spec_category(item), []).append(result.score)
                 for c in result.checks:
