@@ -1,10 +1,10 @@
-"""Exact, cheap cross-attention training over WanPipeline's zero-padded text (see PaddingSink)."""
+"""Exact, cheap cross-attention training over WanPipeline's zero-padded text (see PaddingSink; the identity lives in fvg.families.text_padding)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from fvg.families.text_padding import BiasedCrossAttention, padding_bias
 
 
 class PaddingSink:
@@ -23,28 +23,14 @@ class PaddingSink:
         self.length = length
         self.bias: torch.Tensor | None = None
         for block in model.blocks:
-            block.attn2.processor = _SinkProcessor(block.attn2.processor, self)
+            block.attn2.processor = BiasedCrossAttention(block.attn2.processor, self)
 
     def pack(self, embeds: list[torch.Tensor], text_dim: int) -> torch.Tensor:
         """Text [B, L, D] with L = longest + 1 (at least one padding row each); sets the bias [B, 1, 1, L]."""
-        width = min(self.length, max(e.shape[0] for e in embeds) + 1)
+        counts = [e.shape[0] for e in embeds]
+        width = min(self.length, max(counts) + 1)
         text = torch.zeros(len(embeds), width, text_dim)
-        bias = torch.zeros(len(embeds), 1, 1, width)
         for row, e in enumerate(embeds):
-            n = e.shape[0]
-            text[row, :n] = e
-            if n < width:
-                bias[row, 0, 0, n:] = math.log((self.length - n) / (width - n))
-        self.bias = bias
+            text[row, :e.shape[0]] = e
+        self.bias = padding_bias(counts, self.length, width)
         return text
-
-
-class _SinkProcessor:
-    def __init__(self, base, sink: PaddingSink):
-        self.base, self.sink = base, sink
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
-                 **kwargs):
-        if encoder_hidden_states is not None and self.sink.bias is not None:
-            attention_mask = self.sink.bias.to(hidden_states.device, hidden_states.dtype)
-        return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
