@@ -128,23 +128,18 @@ def anchor_stills_score(out: str | Path, limit: int = 3, seeds: tuple[int, ...] 
     from fvg.anchor import DiffusersAnchorSource
 
     from .grammar import first_frame_caption
-    from .score import check_kind, score_first_frame
-    from .suite import load_suite, spec_category
+    from .score import score_first_frame, summarize
+    from .suite import load_suite
 
     pipe, step = run_anchor_pipeline(out)
     source = DiffusersAnchorSource(pipe, steps=steps, guidance_scale=guidance)
-    scores: dict[str, list[float]] = {}
-    kinds: dict[str, list[bool]] = {}
+    scored = []
     for item in (p for p in load_suite() if p.index <= limit):
         for seed in seeds:
             image = source(first_frame_caption(item.prompt), 64, 64, seed=seed).image
-            result = score_first_frame(item.prompt, np.asarray(image))
-            scores.setdefault(spec_category(item), []).append(result.score)
-            for c in result.checks:
-                kinds.setdefault(check_kind(c.name), []).append(c.passed)
-    per_category = {c: round(float(np.mean(v)), 4) for c, v in scores.items()}
-    return {"step": step, "mean": round(float(np.mean(list(per_category.values()))), 4),
-            "per_category": per_category, "kinds": {k: round(float(np.mean(v)), 3) for k, v in sorted(kinds.items())}}
+            scored.append(score_first_frame(item.prompt, np.asarray(image)))
+    summary = summarize(scored)
+    return {"step": step, "mean": summary.mean, "per_category": summary.per_category, "kinds": summary.kinds}
 
 
 def run_anchor_pipeline(out: str | Path):

@@ -199,24 +199,16 @@ def noise_restoration(pipe, sigmas=(0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0), limit: i
     ladder's rendered rung) from each noise level; the first `limit` prompts per category."""
     from .grammar import first_frame_caption
     from .render import reference_clip
-    from .score import check_kind, score_first_frame
-    from .suite import load_suite, spec_category
+    from .score import score_first_frame, summarize
+    from .suite import load_suite
 
-    items = [p for p in load_suite() if p.index <= limit]
+    # (prompt, caption, true first frame, seed), rendered once for every sigma
+    cases = [(item.prompt, first_frame_caption(item.prompt), reference_clip(item.prompt, seed)[0], seed)
+             for item in load_suite() if item.index <= limit for seed in seeds]
     rows = []
     for sigma in sigmas:
-        scores: dict[str, list[float]] = {}
-        kinds: dict[str, list[bool]] = {}
-        for item in items:
-            for seed in seeds:
-                frame = reference_clip(item.prompt, seed)[0]
-                image = restore_from_noise(pipe, frame, first_frame_caption(item.prompt), sigma, seed, steps,
-                                           guidance)
-                result = score_first_frame(item.prompt, image)
-                scores.setdefault(spec_category(item), []).append(result.score)
-                for c in result.checks:
-                    kinds.setdefault(check_kind(c.name), []).append(c.passed)
-        per_category = {c: round(float(np.mean(v)), 4) for c, v in scores.items()}
-        rows.append(NoiseRestoration(sigma, round(float(np.mean(list(per_category.values()))), 4), per_category,
-                                     {k: round(float(np.mean(v)), 3) for k, v in sorted(kinds.items())}))
+        scored = [score_first_frame(prompt, restore_from_noise(pipe, frame, caption, sigma, seed, steps, guidance))
+                  for prompt, caption, frame, seed in cases]
+        summary = summarize(scored)
+        rows.append(NoiseRestoration(sigma, summary.mean, summary.per_category, summary.kinds))
     return rows

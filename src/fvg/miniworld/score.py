@@ -149,6 +149,27 @@ def score_first_frame(prompt: str | MiniPrompt, video: str | os.PathLike | np.nd
     return PromptScore(str(p), p.category, sum(c.passed for c in checks) / len(checks), checks)
 
 
+@dataclass(frozen=True)
+class ScoreSummary:
+    mean: float  # the mean of the per-category means (each category counts alike)
+    per_category: dict[str, float]  # grammar category -> mean score, in first-seen order
+    kinds: dict[str, float]  # kind of check (`check_kind`) -> pass rate, sorted by kind
+
+
+def summarize(results: list[PromptScore]) -> ScoreSummary:
+    """Means per category and pass rates per kind of check over scored prompts (scores to 4 places,
+    pass rates to 3), as the anchor-model diagnoses report them."""
+    scores: dict[str, list[float]] = {}
+    kinds: dict[str, list[bool]] = {}
+    for result in results:
+        scores.setdefault(result.category, []).append(result.score)
+        for c in result.checks:
+            kinds.setdefault(check_kind(c.name), []).append(c.passed)
+    per_category = {c: round(float(np.mean(v)), 4) for c, v in scores.items()}
+    return ScoreSummary(round(float(np.mean(list(per_category.values()))), 4), per_category,
+                        {k: round(float(np.mean(v)), 3) for k, v in sorted(kinds.items())})
+
+
 def check_kind(name: str) -> str:
     """What a check tests, from its name: present, size, count, relation, moves, stays still, grows,
     shrinks, turns, pushes or background (for tables of pass rates per kind)."""
