@@ -112,6 +112,29 @@ def test_full_config_compresses_a_clip_to_5x16x16():
     assert 0.5e6 < params < 4e6  # two of these + VAE + text encoder fit 40 MB in float32
 
 
+def test_zero_init_makes_every_block_the_identity_and_still_learns():
+    """adaLN-Zero on the real Wan class: the blocks pass the residual stream through unchanged, the
+    model predicts exactly 0, and one step of gradient reaches the head and the gates."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(models.tiny_config().t2v, init="zero")
+    model = models.build_transformer(cfg, 4, 16)
+    x, t, text = torch.randn(2, 4, 2, 8, 8), torch.tensor([100.0, 900.0]), torch.randn(2, 7, 16)
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, args, out: seen.append(torch.equal(out, args[0])))
+    pred = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    assert seen == [True] * len(model.blocks)
+    assert torch.count_nonzero(pred) == 0
+    pred.sub(torch.randn_like(pred)).pow(2).mean().backward()
+    assert model.proj_out.weight.grad.abs().sum() > 0
+    stock = models.build_transformer(dataclasses.replace(cfg, init="torch"), 4, 16)
+    assert torch.count_nonzero(stock.proj_out.weight) > 0  # "torch" (v1, v2) keeps diffusers' init
+    with pytest.raises(FvgError, match="init"):
+        models.build_transformer(dataclasses.replace(cfg, init="xavier"), 4, 16)
+
+
 def test_settings_overrides_persist_and_reject_unknown_keys(tmp_path):
     s = settings.load_settings(tmp_path, "tiny", {"t2v_steps": 7, "model.flow_shift": 3})
     assert s.t2v_steps == 7 and s.model.flow_shift == 3.0
@@ -278,6 +301,7 @@ def test_anchor_score_reads_final_weights_or_the_latest_checkpoint(tiny_run, tmp
     final = curves.anchor_stills_score(out, limit=1, seeds=(0,), steps=2)
     assert final["step"] == settings.tiny_settings().anchor_steps
     assert set(final["per_category"]) == set(CATEGORIES) and 0.0 <= final["mean"] <= 1.0
+    assert 0.0 <= final["shape_fidelity"] <= 1.0
     assert final["kinds"]["background"] >= 0.0 and set(final["kinds"]) <= {"present", "size", "count", "relation",
                                                                           "background"}
     # Mid-training: no final/, the checkpoint's EMA weights (here the same step, so the same anchors).

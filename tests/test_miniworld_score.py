@@ -154,3 +154,26 @@ def test_check_kinds():
     assert check_kind("stays still: blue square") == "stays still"
     assert check_kind("relation: red circle above blue square (frame 0)") == "relation"
     assert check_kind("background white") == "background"
+
+
+def test_shape_fidelity_orders_exact_blurred_wrong_and_missing():
+    """The diagnostic rises as outlines approach the named shapes: exact renders near 1, a wrong shape
+    or a blurred outline lower, one object of two missing at most half, a blank frame 0."""
+    from fvg.miniworld.score import shape_fidelity
+
+    prompt = "a large red square is to the left of a large blue triangle on a white background"
+    frame = video_of(prompt)[0]
+    exact = shape_fidelity(prompt, frame)
+    assert exact > 0.9
+    swapped = "a large red triangle is to the left of a large blue square on a white background"
+    assert shape_fidelity(swapped, frame) < exact - 0.15
+    blurred = frame.astype(float)
+    for axis in (0, 1):  # a box blur rounds the corners off, as a blob-drawing model does
+        blurred = sum(np.roll(blurred, k, axis) for k in range(-3, 4)) / 7
+    assert 0 < shape_fidelity(prompt, blurred.astype(np.uint8)) < exact
+    no_red = frame.copy()
+    no_red[(frame == frame[0, 0]).all(-1) == False] = frame[0, 0]  # noqa: E712  (objects painted over)
+    assert shape_fidelity(prompt, no_red) == 0.0
+    counted = "three blue circles and a purple square on a white background"
+    one_circle = video_of("a large blue circle shrinks on a white background")[0]
+    assert shape_fidelity(counted, one_circle) <= 0.25 + 1e-9  # one of four slots filled

@@ -122,24 +122,33 @@ def vae_preview(out: str | Path, png: str | Path, clips: int = 4) -> dict:
 def anchor_stills_score(out: str | Path, limit: int = 3, seeds: tuple[int, ...] = (0,), steps: int = 15,
                         guidance: float = 4.0) -> dict:
     """Quality of a run's anchor model while it trains: its final weights, else the latest checkpoint's
-    EMA weights, sampled as the `mini` preset samples anchors (DiffusersAnchorSource, one-frame
-    WanPipeline) for the first-frame captions of MiniCompBench's first `limit` prompts per category,
-    scored on the frame-0 checks like the ladder's anchor-stills rung (from the arrays, without MP4)."""
+    EMA weights, scored by `score_anchor_pipeline`."""
+    pipe, step = run_anchor_pipeline(out)
+    return {"step": step, **score_anchor_pipeline(pipe, limit, seeds, steps, guidance)}
+
+
+def score_anchor_pipeline(pipe, limit: int = 3, seeds: tuple[int, ...] = (0,), steps: int = 15,
+                          guidance: float = 4.0) -> dict:
+    """A one-frame anchor WanPipeline sampled as the `mini` preset samples anchors (DiffusersAnchorSource)
+    for the first-frame captions of MiniCompBench's first `limit` prompts per category, scored on the
+    frame-0 checks like the ladder's anchor-stills rung (from the arrays, without MP4), with
+    `score.shape_fidelity`'s mean beside them (it moves while the pass/fail checks stay flat)."""
     from fvg.anchor import DiffusersAnchorSource
 
     from .grammar import first_frame_caption
-    from .score import score_first_frame, summarize
+    from .score import score_first_frame, shape_fidelity, summarize
     from .suite import load_suite
 
-    pipe, step = run_anchor_pipeline(out)
     source = DiffusersAnchorSource(pipe, steps=steps, guidance_scale=guidance)
-    scored = []
+    scored, fidelity = [], []
     for item in (p for p in load_suite() if p.index <= limit):
         for seed in seeds:
-            image = source(first_frame_caption(item.prompt), 64, 64, seed=seed).image
-            scored.append(score_first_frame(item.prompt, np.asarray(image)))
+            image = np.asarray(source(first_frame_caption(item.prompt), 64, 64, seed=seed).image)
+            scored.append(score_first_frame(item.prompt, image))
+            fidelity.append(shape_fidelity(item.prompt, image))
     summary = summarize(scored)
-    return {"step": step, "mean": summary.mean, "per_category": summary.per_category, "kinds": summary.kinds}
+    return {"mean": summary.mean, "per_category": summary.per_category, "kinds": summary.kinds,
+            "shape_fidelity": round(float(np.mean(fidelity)), 4)}
 
 
 def run_anchor_pipeline(out: str | Path):

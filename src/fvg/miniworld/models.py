@@ -81,6 +81,9 @@ class TransformerConfig:
     num_layers: int = 4
     freq_dim: int = 256
     patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    # "zero" (v3): `zero_init_residuals`, DiT's adaLN-Zero and Wan's zero output head; "torch": diffusers'
+    # from-config initialisation (PyTorch's layer defaults), v1's and v2's.
+    init: str = "zero"
 
 
 @dataclass
@@ -88,9 +91,8 @@ class MiniConfig:
     vae: VaeConfig = field(default_factory=VaeConfig)
     text: TextConfig = field(default_factory=TextConfig)
     t2v: TransformerConfig = field(default_factory=TransformerConfig)
-    # v2: the anchor model reads 16x16 tokens of 4x4 pixels (patch 1) instead of 8x8 tokens of 8x8: its
-    # shapes were blobs at patch 2 (docs/miniworld.md, v2 diagnosis).
-    anchor: TransformerConfig = field(default_factory=lambda: TransformerConfig(patch_size=[1, 1, 1]))
+    # v3: patch 2 again (v2's patch 1 cost 2.4x per step and scored no better, docs/miniworld.md)
+    anchor: TransformerConfig = field(default_factory=TransformerConfig)
     flow_shift: float = 2.0
 
     def to_dict(self) -> dict:
@@ -98,9 +100,11 @@ class MiniConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MiniConfig":
-        text = {"relative_bias_scale": 1.0, **d["text"]}  # runs made before v2 recorded no scale: UMT5's own
-        return cls(vae=VaeConfig(**d["vae"]), text=TextConfig(**text), t2v=TransformerConfig(**d["t2v"]),
-                   anchor=TransformerConfig(**d["anchor"]), flow_shift=d["flow_shift"])
+        # Runs made before a setting existed recorded none: read them with what they ran.
+        text = {"relative_bias_scale": 1.0, **d["text"]}  # before v2: UMT5's own scale
+        t2v, anchor = ({"init": "torch", **d[k]} for k in ("t2v", "anchor"))  # before v3: diffusers' init
+        return cls(vae=VaeConfig(**d["vae"]), text=TextConfig(**text), t2v=TransformerConfig(**t2v),
+                   anchor=TransformerConfig(**anchor), flow_shift=d["flow_shift"])
 
 
 def tiny_config() -> MiniConfig:
@@ -112,8 +116,9 @@ def tiny_config() -> MiniConfig:
 
 
 def v1_config() -> MiniConfig:
-    """The models of the shipped v1 weights: UMT5's own bias scale, the anchor model at patch 2."""
-    return MiniConfig(text=TextConfig(relative_bias_scale=1.0), anchor=TransformerConfig())
+    """The models of the shipped v1 weights: UMT5's own bias scale, diffusers' initialisation."""
+    return MiniConfig(text=TextConfig(relative_bias_scale=1.0), t2v=TransformerConfig(init="torch"),
+                      anchor=TransformerConfig(init="torch"))
 
 
 # -- tokenizer and text encoder -------------------------------------------------------------------
@@ -173,12 +178,47 @@ def build_vae(cfg: VaeConfig, latents_mean: list[float] | None = None, latents_s
 def build_transformer(cfg: TransformerConfig, in_channels: int, text_dim: int):
     from diffusers import WanTransformer3DModel
 
-    return WanTransformer3DModel(
+    model = WanTransformer3DModel(
         patch_size=tuple(cfg.patch_size), num_attention_heads=cfg.num_attention_heads,
         attention_head_dim=cfg.attention_head_dim, in_channels=in_channels, out_channels=in_channels,
         text_dim=text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
     )
+    if cfg.init == "zero":
+        zero_init_residuals(model)
+    elif cfg.init != "torch":
+        raise FvgError(f"unknown transformer init '{cfg.init}' (torch or zero)")
+    return model
+
+
+def zero_init_residuals(model) -> None:
+    """DiT's adaLN-Zero on a `WanTransformer3DModel`, with Wan's own initialisation elsewhere.
+
+    Why: diffusers builds the model from a config with PyTorch's layer defaults, so every block starts
+    as a random function added to the residual stream and the output head is random. DiT (Peebles &
+    Xie, 2023) found zero-initialised residual gates train markedly faster, and Wan's reference code
+    zero-initialises its head. Here: Xavier-uniform Linear weights with zero biases (Wan's), the gates
+    of self-attention and the feed-forward zero (their rows in the shared `time_proj` and each block's
+    `scale_shift_table`), the cross-attention's output projection zero (Wan's cross-attention has no
+    gate), and `proj_out` zero. Every block is then the identity and the model predicts 0 at step 0.
+    """
+    dim = model.config.num_attention_heads * model.config.attention_head_dim
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    module.bias.zero_()
+        time_proj = model.condition_embedder.time_proj
+        for gate in (2, 5):  # (shift, scale, gate) for self-attention, then for the feed-forward
+            time_proj.weight[gate * dim:(gate + 1) * dim].zero_()
+            time_proj.bias[gate * dim:(gate + 1) * dim].zero_()
+        for block in model.blocks:
+            block.scale_shift_table[:, 2].zero_()
+            block.scale_shift_table[:, 5].zero_()
+            block.attn2.to_out[0].weight.zero_()
+        model.proj_out.weight.zero_()
+        model.proj_out.bias.zero_()
 
 
 def build_scheduler(flow_shift: float):

@@ -38,15 +38,22 @@ class RunSettings:
     # retrain it. Its architecture must be `model.vae`'s. Empty: train it.
     vae_source: str = ""
     # diffusion transformers (flow matching, fvg.families.flow_matching)
-    anchor_steps: int = 10000  # at 4000 its loss still fell 5% over the last fifth (and anchors were worse)
-    anchor_batch: int = 16  # v2: 16 frames of 256 tokens (patch 1); v1: 32 of 64
-    anchor_lr: float = 5e-4
-    # v2: 8000 x 16 clips x 320 tokens = 41M token-steps, the anchor model's 10000 x 16 x 256 (the
-    # baseline gets at least the anchor model's compute); v1: 6000.
-    t2v_steps: int = 8000
+    anchor_steps: int = 12000  # v1: 10000
+    anchor_batch: int = 32  # 32 first frames of 64 tokens (patch 2)
+    # v3: 1e-3 (v1: 5e-4): zero-initialised residual branches train stably at twice the rate
+    anchor_lr: float = 1e-3
+    # v3: 5000 x 16 clips x 320 tokens = 25.6M token-steps, at least the anchor model's 12000 x 32 x 64
+    # = 24.6M (the baseline gets at least the anchor model's compute); v1: 6000 (at 5e-4).
+    t2v_steps: int = 5000
     t2v_batch: int = 16
-    t2v_lr: float = 5e-4
+    t2v_lr: float = 1e-3
     warmup_steps: int = 200
+    # How the transformer stages draw sigma before Wan's shift (fvg.families.flow_matching.SigmaSampler):
+    # "logit_normal" (v3, SD3's choice) puts more of the training on mid noise, where the layout is
+    # decided (docs/miniworld.md, the noise diagnosis); "uniform" (v1, v2) follows the sampler's grid.
+    sigma_sampling: str = "logit_normal"
+    sigma_logit_mean: float = 0.0
+    sigma_logit_std: float = 1.0
     caption_dropout: float = 0.1  # empty prompt, so classifier-free guidance works
     # Text embeddings are zero-padded to this many tokens, as WanPipeline pads them at inference
     # (its max_sequence_length, 512 unless the caller passes another): the padded keys act as an
@@ -70,7 +77,7 @@ class RunSettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunSettings":
-        d = dict(d)
+        d = {"sigma_sampling": "uniform", **d}  # runs made before v3 recorded none: they drew uniformly
         model = MiniConfig.from_dict(d.pop("model"))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -89,7 +96,8 @@ def tiny_settings() -> RunSettings:
 
 def v1_settings() -> RunSettings:
     """The recipe of the shipped v1 weights (their manifest.json holds the same settings)."""
-    return RunSettings(profile="v1", anchor_batch=32, t2v_steps=6000, model=models.v1_config())
+    return RunSettings(profile="v1", anchor_steps=10000, anchor_lr=5e-4, t2v_steps=6000, t2v_lr=5e-4,
+                       sigma_sampling="uniform", model=models.v1_config())
 
 
 PROFILES: dict[str, Callable[[], RunSettings]] = {"full": RunSettings, "v1": v1_settings, "tiny": tiny_settings}
