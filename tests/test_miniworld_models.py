@@ -141,6 +141,8 @@ def test_settings_overrides_persist_and_reject_unknown_keys(tmp_path):
     assert settings.load_settings(tmp_path).t2v_steps == 7  # saved with the run
     with pytest.raises(FvgError, match="unknown"):
         settings.load_settings(tmp_path, None, {"t2v_stpes": 1})
+    with pytest.raises(FvgError, match="sigma_sampling"):
+        settings.load_settings(tmp_path, None, {"sigma_sampling": "cosine"})
     with pytest.raises(FvgError, match="profile"):
         settings.load_settings(tmp_path, "full")
 

@@ -91,12 +91,13 @@ def text_order(encoders: dict[str, object], tokenizer, n: int = 40) -> list[Orde
 
 
 def default_encoders(weights: Path | None = None) -> dict[str, object]:
-    """The shipped encoder, and v2's recipe (the same seed, relative biases scaled by 10)."""
+    """v1's encoder (rebuilt from its recipe: UMT5's own bias scale) and the shipped one (v3's recipe, the
+    same seed with the relative biases scaled by 10)."""
     from transformers import UMT5EncoderModel
 
     tokenizer = models.build_tokenizer()
-    return {"shipped (v1)": UMT5EncoderModel.from_pretrained(str(models.video_dir(weights) / "text_encoder")).eval(),
-            "v2 recipe": models.build_text_encoder(models.TextConfig(), len(tokenizer))}
+    return {"v1 recipe": models.build_text_encoder(models.v1_config().text, len(tokenizer)),
+            "shipped (bias x10)": UMT5EncoderModel.from_pretrained(str(models.video_dir(weights) / "text_encoder")).eval()}
 
 
 def padding_cost(weights: Path | None = None, reps: int = 9) -> dict[str, dict[int, float]]:

@@ -40,7 +40,8 @@ class RunSettings:
     # diffusion transformers (flow matching, fvg.families.flow_matching)
     anchor_steps: int = 12000  # v1: 10000
     anchor_batch: int = 32  # 32 first frames of 64 tokens (patch 2)
-    # v3: 1e-3 (v1: 5e-4): zero-initialised residual branches train stably at twice the rate
+    # v3: 1e-3 (v1: 5e-4), with zero-initialised residual branches and logit-normal sigmas (the three
+    # were measured together: docs/miniworld.md, "What moved the anchor model")
     anchor_lr: float = 1e-3
     # v3: 5000 x 16 clips x 320 tokens = 25.6M token-steps, at least the anchor model's 12000 x 32 x 64
     # = 24.6M (the baseline gets at least the anchor model's compute); v1: 6000 (at 5e-4).
@@ -71,6 +72,10 @@ class RunSettings:
     log_every: int = 10
     encode_batch: int = 16
     model: MiniConfig = field(default_factory=MiniConfig)
+
+    def __post_init__(self):
+        if self.sigma_sampling not in ("uniform", "logit_normal"):
+            raise FvgError(f"unknown sigma_sampling '{self.sigma_sampling}' (uniform or logit_normal)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

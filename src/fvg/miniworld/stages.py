@@ -257,8 +257,6 @@ def _train_transformer(out: Path, s: RunSettings, name: str, resume: bool, time_
     torch.manual_seed(s.seed + (1 if name == "anchor" else 2))
     model = models.build_transformer(arch, data.latents.shape[1], data.text_dim)
     sink = PaddingSink(model, s.text_tokens)
-    if s.sigma_sampling not in ("uniform", "logit_normal"):
-        raise FvgError(f"unknown sigma_sampling '{s.sigma_sampling}' (uniform or logit_normal)")
     sampler = SigmaSampler(shift=s.model.flow_shift, sampling=s.sigma_sampling, logit_mean=s.sigma_logit_mean,
                            logit_std=s.sigma_logit_std)
     text_ids = data.caption if name == "anchor" else data.prompt
