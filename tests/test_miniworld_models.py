@@ -193,6 +193,11 @@ def test_exported_weights_load_with_the_real_classes(tiny_run):
     result = source("a red circle on the left on a black background", 64, 64)
     assert result.image.size == (64, 64)
     assert models.read_manifest(weights)["settings"]["profile"] == "tiny"
+    from safetensors import safe_open
+
+    with safe_open(str(weights / models.LORA_FILE), "pt") as f:  # provenance without the trainer's paths
+        metadata = f.metadata()
+    assert metadata["base_model"] == "video" and json.loads(metadata["fvg"])["base_model"] == "video"
 
 
 def test_mini_preset_generates_from_exported_weights(tiny_run):

@@ -124,7 +124,7 @@ def _copy_vae(out: Path, s: RunSettings) -> None:
         raise FvgError(f"vae_source {source} differs from model.vae in {', '.join(differ)}")
     vae.save_pretrained(str(out / "vae" / "final"))
     quality = vae_quality(vae, np.stack([render_clip(r) for r in dataset_rows(out)[-16:]]))
-    mark_done(out / "vae", {"source": str(source.resolve()), **quality})
+    mark_done(out / "vae", {"source": str(source), **quality})  # as given: the manifest ships it
     log.info("vae: copied from %s, %s", source, quality)
 
 
@@ -356,6 +356,22 @@ def stage_lora(out: Path, s: RunSettings, resume: bool = False, **_) -> None:
                        "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 5) if losses else None})
 
 
+def ship_lora(src: Path, dst: Path) -> None:
+    """Copy the trained LoRA with its `base_model` provenance naming the shipped video model (the weights
+    folder's `video/`) instead of the training run's absolute path on the machine that trained it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), "pt") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if "base_model" in metadata:
+        metadata["base_model"] = models.VIDEO_SUBDIR
+    if "fvg" in metadata:
+        metadata["fvg"] = json.dumps({**json.loads(metadata["fvg"]), "base_model": models.VIDEO_SUBDIR})
+    save_file(tensors, str(dst), metadata=metadata)
+
+
 def stage_export(out: Path, s: RunSettings, weights_dir: str | Path | None = None, **_) -> Path:
     """Copy the pipelines and the LoRA into `weights_dir` (default: the package's weights/mini)."""
     for name in ("anchor", "t2v", "lora"):
@@ -367,7 +383,7 @@ def stage_export(out: Path, s: RunSettings, weights_dir: str | Path | None = Non
         shutil.rmtree(staging)
     shutil.copytree(out / "pipelines" / "video", staging / models.VIDEO_SUBDIR)
     shutil.copytree(out / "pipelines" / "anchor", staging / models.ANCHOR_SUBDIR)
-    shutil.copy2(out / "lora" / "lora" / "anchor_lora.safetensors", staging / models.LORA_FILE)
+    ship_lora(out / "lora" / "lora" / "anchor_lora.safetensors", staging / models.LORA_FILE)
     stages = {n: json.loads((out / n / "DONE.json").read_text(encoding="utf-8")) for n in TRAINED}
     write_json(staging / "manifest.json", {"settings": s.to_dict(), "stages": stages,
                                            "bytes": models.shipped_size(staging)})
