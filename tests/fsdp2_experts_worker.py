@@ -105,6 +105,10 @@ def main(out_path: str) -> None:
     if rank == 0:
         with open(out_path, "w", encoding="utf-8") as f:
             json.dump(findings, f)
+    # Both ranks done with gloo before either tears it down: without this, a rank that exits while the
+    # other's last collective is in flight aborted now and then ("terminate called without an active
+    # exception", exit -6) after every finding was already written.
+    dist.barrier()
     dist.destroy_process_group()
 
 
