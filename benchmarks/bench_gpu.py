@@ -1,13 +1,19 @@
 """Real-scale check: every stage of every preset, at full size and full resolution, in each memory mode.
 
 Builds each preset's models from their published configs (`src/fvg/model_configs/`, no download)
-with random weights (bf16; VAEs in fp32 as fvg loads them), and runs each stage once per memory mode
+with random weights (bf16; the video VAEs in fp32 as fvg loads them), and runs each stage once per memory mode
 with few steps, through the same pipelines `fvg generate` uses (`AnchoredWanPipeline`,
 `AnchoredCogVideoXPipeline`, diffusers' `QwenImagePipeline`) and the same placement code
 (`fvg.residency.apply_mode`). Text goes in as embeddings of the encoders' real widths (no tokenizer
 files offline); each text encoder still runs one forward on random token ids inside its stage, so
 its memory counts. Every (stage, mode) runs in its own process: peaks cannot hide each other and
 offload hooks never leak between modes.
+
+A job is `stage:preset:mode[:fp8]`: `fp8` stores the denoisers' weights in fp8 (`--weights fp8`,
+`fvg.weight_storage.store_denoisers_in_fp8`, cast before the memory mode's hooks go on, as fvg
+orders it). The `speed` stage builds one video pipeline, places it whole and samples the same
+anchored video with each attention backend and then with regional compilation (`fvg.speed`),
+recording seconds per step and each variant's largest difference from the default backend.
 
 Recorded per job: peak device memory of the stage (`torch.cuda.max_memory_allocated`), seconds
 per denoising step (from the 2nd step on), the text encoder's and the VAE decode's seconds, and
@@ -52,6 +58,9 @@ DEFAULT_JOBS = [
     ("animate", "cogvideox1.5-5b", ("gpu", "group-offload")),
     ("animate", "wan2.2-5b", ("model-offload",)),
     ("animate", "wan2.2-a14b", ("model-offload",)),
+    ("speed", "wan2.1-1.3b", ("gpu",)),
+    ("animate", "wan2.2-a14b", ("gpu:fp8",)),
+    ("animate", "wan2.2-5b", ("gpu:fp8",)),
 ]
 
 
@@ -117,7 +126,9 @@ def anchor_components(device: str) -> dict:
 
     return {"transformer": build_full((QWEN_IMAGE, "transformer"), torch.bfloat16, device),
             "text_encoder": build_full((QWEN_IMAGE, "text_encoder"), torch.bfloat16, device),
-            "vae": build_full((QWEN_IMAGE, "vae"), torch.float32, device), "tokenizer": None,
+            # bf16 as fvg loads the whole anchor pipeline (the H200 run of 2026-11-26 built it in fp32: its
+            # anchor `gpu` peak counts the decode's activations twice over, BENCHMARKS.md)
+            "vae": build_full((QWEN_IMAGE, "vae"), torch.bfloat16, device), "tokenizer": None,
             "scheduler": FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
                                                          max_shift=0.9, base_image_seq_len=256,
                                                          max_image_seq_len=8192, shift_terminal=0.02)}
@@ -142,11 +153,12 @@ class StepClock:
         return (self.stamps[-1] - self.stamps[0]) / (len(self.stamps) - 1)
 
 
-def run_job(stage: str, preset_name: str, mode: str, steps: int, toy: bool) -> dict:
+def run_job(stage: str, preset_name: str, mode: str, steps: int, toy: bool, weights: str = "native") -> dict:
     import torch
 
     from fvg.presets import get_preset
     from fvg.residency import apply_mode
+    from fvg.weight_storage import store_denoisers_in_fp8
 
     device = "cpu" if toy else "cuda"
     cuda = device == "cuda"
@@ -155,7 +167,7 @@ def run_job(stage: str, preset_name: str, mode: str, steps: int, toy: bool) -> d
                         "tiny" if toy else preset_name)
     build_device = device  # random init is fast on the device; offload modes then move weights to the host
     start = time.perf_counter()
-    record: dict = {"stage": stage, "preset": preset_name, "mode": mode, "steps": steps}
+    record: dict = {"stage": stage, "preset": preset_name, "mode": mode, "steps": steps, "weights": weights}
 
     if stage == "plan":
         model = _toy_llm() if toy else build_full((PLANNER,), torch.bfloat16, build_device)
@@ -177,10 +189,17 @@ def run_job(stage: str, preset_name: str, mode: str, steps: int, toy: bool) -> d
                            do_sample=False, pad_token_id=0)
         sync()
         record["generate_32_tokens_s"] = round(time.perf_counter() - t0, 3)
+    elif stage == "speed":
+        pipe, call = _video_pipeline(preset, preset_name, toy, build_device)
+        record["build_s"] = round(time.perf_counter() - start, 1)
+        pipe.to(device)
+        record["variants"] = speed_variants(pipe, call, steps, sync, toy)
     else:
         pipe, call = (_anchor_pipeline(preset, toy, build_device) if stage == "anchor"
                       else _video_pipeline(preset, preset_name, toy, build_device))
         record["build_s"] = round(time.perf_counter() - start, 1)
+        if weights == "fp8":  # before the hooks, as fvg orders it (weight_storage's docstring)
+            record["fp8_components"] = store_denoisers_in_fp8(pipe, torch.bfloat16 if not toy else torch.float32)
         record["weights_gib"] = round(sum(
             sum(t.numel() * t.element_size() for t in m.parameters()) for m in pipe.components.values()
             if isinstance(m, torch.nn.Module)) / GIB, 2)
@@ -190,6 +209,13 @@ def run_job(stage: str, preset_name: str, mode: str, steps: int, toy: bool) -> d
             pipe.to("cpu")  # as fvg loads weights: on the host, placed by the memory mode
             if cuda:
                 torch.cuda.empty_cache()
+            if mode == "group-offload" and cuda:
+                from fvg.residency import host_bytes_available, module_bytes, pin_per_transfer, pipeline_modules
+
+                host = host_bytes_available()
+                record["host_available_gib"] = round(host / GIB, 1)
+                record["pinned_per_transfer"] = pin_per_transfer(
+                    sum(module_bytes(m) for m in pipeline_modules(pipe).values()), host)
             apply_mode(pipe, mode, device)
         if cuda:
             torch.cuda.empty_cache()
@@ -212,8 +238,48 @@ def run_job(stage: str, preset_name: str, mode: str, steps: int, toy: bool) -> d
         record["decoded"] = mode == "gpu"
     record["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2) if cuda else None
     record["device"] = torch.cuda.get_device_name() if cuda else "cpu"
+    record["torch"] = torch.__version__
     record["wall_s"] = round(time.perf_counter() - start, 1)
     return record
+
+
+TOY_BACKENDS = ("native", "_native_math")  # what a CPU can run
+GPU_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient")
+
+
+def speed_variants(pipe, call, steps: int, sync, toy: bool) -> list[dict]:
+    """The same anchored video (latents) with each attention backend, then compiled (default backend).
+
+    Each variant runs once untimed (kernel selection, compilation), then once timed. Differences are
+    against the default backend's latents: the backends are different kernels, equal up to rounding."""
+    from fvg import speed
+
+    variants, reference = [], None
+
+    def sample(name: str) -> None:
+        nonlocal reference
+        record: dict = {"variant": name}
+        try:
+            call(pipe, 2, lambda *a: {}, decode=False)
+            clock = StepClock(sync)
+            latents = call(pipe, max(steps, 3), clock, decode=False).float()  # 2 timed intervals at least
+            record["s_per_step"] = round(clock.per_step(), 3)
+            reference = latents if reference is None else reference
+            record["max_abs_diff"] = float((latents - reference).abs().max())
+        except Exception as exc:  # a backend this build cannot run: say so and go on
+            record["error"] = " ".join(str(exc).split())[:200]
+        variants.append(record)
+        print(f"speed: {json.dumps(record)}", flush=True)
+
+    for backend in TOY_BACKENDS if toy else GPU_BACKENDS:
+        speed.set_attention_backend(pipe.transformer, backend)
+        sample(backend)
+    speed.set_attention_backend(pipe.transformer, "native")
+    if toy:
+        speed.COMPILE_BACKEND = "eager"  # inductor takes minutes on a CPU; the tests trace with eager too
+    speed.apply_speed(pipe, speed.SpeedOptions(compile=True))
+    sample(f"compile ({speed.COMPILE_BACKEND})")
+    return variants
 
 
 def _toy_llm():
@@ -308,15 +374,21 @@ def _video_pipeline(preset, preset_name: str, toy: bool, device: str):
 # -- the driver ---------------------------------------------------------------------------------------
 
 def table(records: list[dict]) -> str:
-    lines = ["| stage | preset | memory mode | peak GiB | s/step | text enc. s | stage s | weights GiB | device |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| stage | preset | memory mode | weights | peak GiB | s/step | text enc. s | stage s | weights GiB | device |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
+        head = f"| {r['stage']} | {r['preset']} | {r['mode']} | {r.get('weights', 'native')} |"
         if "error" in r:
-            lines.append(f"| {r['stage']} | {r['preset']} | {r['mode']} | failed: {r['error'][:80]} | | | | | |")
+            lines.append(f"{head} failed: {r['error'][:80]} | | | | | |")
+            continue
+        if r["stage"] == "speed":
+            for v in r["variants"]:
+                result = v.get("error", f"{v.get('s_per_step')} s/step, max diff {v.get('max_abs_diff', 0):.3g}")
+                lines.append(f"{head} {r['peak_gib']} | {v['variant']}: {result} | | | | {r['device']} |")
             continue
         stage_s = r.get("denoise_and_decode_s", r.get("generate_32_tokens_s"))
-        lines.append(f"| {r['stage']} | {r['preset']} | {r['mode']} | {r['peak_gib']} | {r.get('s_per_step')} | "
-                     f"{r.get('text_encoder_s', '')} | {stage_s} | {r.get('weights_gib', '')} | {r['device']} |")
+        lines.append(f"{head} {r['peak_gib']} | {r.get('s_per_step')} | {r.get('text_encoder_s', '')} | {stage_s} | "
+                     f"{r.get('weights_gib', '')} | {r['device']} |")
     return "\n".join(lines)
 
 
@@ -331,34 +403,41 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.job:
-        stage, preset, mode = args.job.split(":")
-        print("RESULT " + json.dumps(run_job(stage, preset, mode, args.steps, args.toy)), flush=True)
+        stage, preset, mode, *weights = args.job.split(":")
+        record = run_job(stage, preset, mode, args.steps, args.toy, *weights)
+        print("RESULT " + json.dumps(record), flush=True)
         return
 
     if args.only:
         jobs = [tuple(j.split(":")) for j in args.only.split(",")]
     else:
-        jobs = [(s, p, m) for s, p, modes in DEFAULT_JOBS for m in modes]
+        jobs = [(s, p, *m.split(":")) for s, p, modes in DEFAULT_JOBS for m in modes]
+    for job in jobs:
+        if len(job) not in (3, 4) or job[0] not in ("plan", "anchor", "animate", "speed") or job[1] not in VIDEO or \
+                job[2] not in MODES or job[3:] not in ((), ("fp8",)):
+            parser.error(f"bad job '{':'.join(job)}': stage:preset:mode[:fp8]")
     if args.toy:
         jobs = [j for j in jobs if j[2] == "gpu"]
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "bench_gpu.jsonl"
     records, start = [], time.perf_counter()
-    for n, (stage, preset, mode) in enumerate(jobs, 1):
+    for n, job in enumerate(jobs, 1):
+        stage, preset, mode = job[:3]
         if time.perf_counter() - start > args.budget_s:
-            print(f"[{n}/{len(jobs)}] budget spent: skipping {stage}:{preset}:{mode} and the rest", flush=True)
+            print(f"[{n}/{len(jobs)}] budget spent: skipping {':'.join(job)} and the rest", flush=True)
             break
-        cmd = [sys.executable, __file__, "--job", f"{stage}:{preset}:{mode}", "--steps", str(args.steps),
+        cmd = [sys.executable, __file__, "--job", ":".join(job), "--steps", str(args.steps),
                "--out", str(args.out)] + (["--toy"] if args.toy else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         with (args.out / "children.log").open("a") as log:
-            log.write(f"===== {stage}:{preset}:{mode} (exit {proc.returncode})\n{proc.stderr[-20000:]}\n")
+            log.write(f"===== {':'.join(job)} (exit {proc.returncode})\n{proc.stderr[-20000:]}\n")
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode == 0 and lines:
             record = json.loads(lines[-1][len("RESULT "):])
         else:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            record = {"stage": stage, "preset": preset, "mode": mode, "error": tail}
+            record = {"stage": stage, "preset": preset, "mode": mode, "weights": (job[3:] or ("native",))[0],
+                      "error": f"exit {proc.returncode}: {tail}"}
         records.append(record)
         with results_path.open("a") as f:
             f.write(json.dumps(record) + "\n")

@@ -139,3 +139,48 @@ def test_auto_modes_from_the_estimate_follow_the_free_memory():
     animate_mode = stage_modes(est, 30 * GIB)[0]["animate"]
     assert by_name["decode"].peak_bytes(animate_mode) <= 30 * GIB
     assert by_name["animate"].peak_bytes(animate_mode) <= 30 * GIB
+
+
+def test_group_offload_pins_per_transfer_only_where_the_host_cannot_hold_a_second_copy(monkeypatch):
+    from fvg import residency
+
+    assert residency.pin_per_transfer(14 * GIB, 97 * GIB) is False  # wan2.1-1.3b on the H200 host
+    assert residency.pin_per_transfer(54 * GIB, 70 * GIB) is True  # Qwen-Image there: killed while pinning
+    assert residency.pin_per_transfer(54 * GIB, 86 * GIB) is False  # 1.5x the weights and the margin fit
+
+    pipe = AnchoredWanPipeline(**tiny_wan_components())
+    seen: list[dict] = []
+    monkeypatch.setattr(type(pipe.transformer), "enable_group_offload", lambda self, **kw: seen.append(kw))
+    monkeypatch.setattr("diffusers.hooks.apply_group_offloading", lambda module, **kw: seen.append(kw))
+    weights = sum(residency.module_bytes(m) for m in residency.pipeline_modules(pipe).values())
+    for available, pinned_per_transfer in ((weights * 3 // 2 + residency.HOST_MARGIN, False), (weights * 3 // 2, True)):
+        seen.clear()
+        monkeypatch.setattr(residency, "host_bytes_available", lambda: available)
+        residency.apply_group_offload(pipe, "cuda:0")
+        assert len(seen) == len(residency.pipeline_modules(pipe))
+        assert all(kw["use_stream"] and kw["low_cpu_mem_usage"] is pinned_per_transfer for kw in seen)
+    seen.clear()
+    residency.apply_group_offload(pipe, "cpu")  # no stream, nothing pinned
+    assert all(not kw["use_stream"] and not kw["low_cpu_mem_usage"] for kw in seen)
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox", "qwen-image"])
+def test_group_offload_onloads_every_vae_weight_from_encode_and_decode(family):
+    """No weight may wait for the VAE's own forward: pipelines call `encode`/`decode`, never `forward`
+    (CogVideoX's anchor encode found its encoder on the host on an H200)."""
+    from diffusers.hooks import HookRegistry
+
+    from fvg.residency import apply_group_offload
+    from fvg.tiny import tiny_cogvideox_components, tiny_qwen_image_pipeline
+
+    if family == "qwen-image":
+        pipe = tiny_qwen_image_pipeline()
+    else:
+        from fvg.animate.cogvideox import AnchoredCogVideoXPipeline
+
+        pipe = (AnchoredCogVideoXPipeline(**tiny_cogvideox_components()) if family == "cogvideox"
+                else AnchoredWanPipeline(**tiny_wan_components()))
+    apply_group_offload(pipe, "cpu")
+    hook = HookRegistry.check_if_exists_or_initialize(pipe.vae).get_hook("group_offloading")
+    top = hook.group if hook is not None else None
+    assert top is None or (not top.modules and not top.parameters and not top.buffers)

@@ -94,6 +94,40 @@ def choose_mode(component_bytes: dict[str, int], free_bytes: int, activation_byt
     return "sequential"
 
 
+HOST_MARGIN = 4 * 2**30  # what the process and the OS keep besides the weights
+
+
+def host_bytes_available() -> int:
+    import psutil  # accelerate's dependency
+
+    return psutil.virtual_memory().available
+
+
+def pin_per_transfer(weight_bytes: int, available_bytes: int) -> bool:
+    """Whether group offloading must pin each group as it moves (diffusers' `low_cpu_mem_usage`).
+
+    With a stream, diffusers pins a host copy of every group up front, beside the module's own
+    tensors, which the first offload of each group replaces: until then the host holds the weights
+    twice, and pinned blocks are rounded up by torch's host allocator. On an H200 host (125 GiB),
+    Qwen-Image's pipeline (54 GiB in bf16, 70 GiB left) was killed while pinning, twice
+    (BENCHMARKS.md). So the pinned copy is counted at 1.5x its bytes. Pinning per transfer costs
+    speed, so it is used only where that does not fit."""
+    return weight_bytes * 3 // 2 + HOST_MARGIN > available_bytes
+
+
+def entry_point_blocks(model: torch.nn.Module) -> list[str] | None:
+    """The children of an autoencoder to offload as blocks of their own, where its class lists none.
+
+    diffusers onloads a model's children outside its block lists when the model's own `forward`
+    runs, but pipelines call an autoencoder through `encode` and `decode`, which never run it.
+    Wan's VAE lists its encoder and decoder (`_group_offload_block_modules`); CogVideoX's and
+    Qwen-Image's do not, and the CogVideoX anchor encode failed on an H200 with the encoder's
+    weights left on the host. None: the class's own list (or a model called through `forward`)."""
+    if getattr(model, "_group_offload_block_modules", None) or not hasattr(model, "decode"):
+        return None
+    return [name for name, child in model.named_children() if next(child.parameters(), None) is not None]
+
+
 def apply_group_offload(pipe, device: str) -> None:
     """Group offloading for every component, prefetched on a side stream while the previous group computes.
 
@@ -105,10 +139,18 @@ def apply_group_offload(pipe, device: str) -> None:
     from diffusers.models.modeling_utils import ModelMixin
 
     onload = torch.device(device)
-    common = dict(onload_device=onload, offload_device=torch.device("cpu"), use_stream=onload.type == "cuda")
-    for component in pipeline_modules(pipe).values():
+    modules = pipeline_modules(pipe)
+    stream = onload.type == "cuda"
+    low_cpu = stream and pin_per_transfer(sum(module_bytes(m) for m in modules.values()), host_bytes_available())
+    if low_cpu:
+        log.info("group offloading pins each group when it moves: the host cannot hold a pinned copy of every "
+                 "weight beside the weights")
+    common = dict(onload_device=onload, offload_device=torch.device("cpu"), use_stream=stream,
+                  low_cpu_mem_usage=low_cpu)
+    for component in modules.values():
         if isinstance(component, ModelMixin):
-            component.enable_group_offload(offload_type="block_level", num_blocks_per_group=1, **common)
+            component.enable_group_offload(offload_type="block_level", num_blocks_per_group=1,
+                                           block_modules=entry_point_blocks(component), **common)
         else:
             apply_group_offloading(component, offload_type="leaf_level", **common)
 
