@@ -300,3 +300,14 @@ def test_absurd_video_sizes_are_refused_before_loading(tmp_path, capsys, args):
     err = capsys.readouterr().err
     assert code == 2 and "too large" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "x", "--bogus"], "error: No such option: --bogus (Possible options: --out) (see: fvg generate --help)"),
+    (["miniworld", "anchor-score", "--threads", "1"], "error: No such option: --threads"),
+    (["generate", "x", "--steps", "many"], "error: Invalid value for '--steps'"),
+    (["no-such-command"], "error: No such command 'no-such-command'"),
+])
+def test_usage_errors_are_one_line_and_exit_2(capsys, argv, message):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1, err

@@ -7,7 +7,7 @@ import torch
 
 from fvg.animate.wan import FrameWanTransformerBlock, FrameWanTransformer3DModel, use_frame_modulation
 from fvg.families.text_padding import BiasedCrossAttention, CompactTextPadding, real_token_counts
-from fvg.families.wan import compact_text_padding
+from fvg.families import get_family
 from fvg.io import FvgError
 from fvg.miniworld import models
 from fvg.presets import PRESETS
@@ -100,7 +100,7 @@ def test_both_experts_and_backend_refusal(caplog):
         transformer, transformer_2 = tiny_model(False), tiny_model(True)
 
     pipe = TwoExperts()
-    hooks = compact_text_padding(pipe)
+    hooks = get_family("wan").compact_text_padding(pipe)
     assert [h.model for h in hooks] == [pipe.transformer, pipe.transformer_2]
     for hook in hooks:
         hook.remove()
@@ -108,9 +108,18 @@ def test_both_experts_and_backend_refusal(caplog):
         block.attn2.processor._attention_backend = "flash"
     with pytest.raises(FvgError, match="float mask.*not 'flash'"):
         CompactTextPadding(pipe.transformer)
-    assert compact_text_padding(pipe) == [] and "text padding not compacted" in caplog.text
+    assert get_family("wan").compact_text_padding(pipe) == [] and "text padding not compacted" in caplog.text
     assert not isinstance(pipe.transformer_2.blocks[0].attn2.processor, BiasedCrossAttention)
 
 
 def test_only_mini_compacts():
     assert [name for name, preset in PRESETS.items() if preset.compact_text] == ["mini"]
+
+
+def test_a_family_without_zero_padded_text_refuses_compaction():
+    from fvg.animate.cogvideox import AnchoredCogVideoXPipeline
+    from fvg.tiny import tiny_cogvideox_components
+
+    pipe = AnchoredCogVideoXPipeline(**tiny_cogvideox_components())
+    with pytest.raises(FvgError, match="text compaction applies to Wan-family pipelines, not CogVideoX"):
+        get_family("cogvideox").compact_text_padding(pipe)

@@ -92,14 +92,14 @@ def print_error(message: str) -> None:
     console.print(f"[red]error:[/] {escape(' '.join(str(message).split()))}", highlight=False)
 
 
-def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> int:
+def run_app(typer_app: typer.Typer, argv: list[str] | None = None, prog_name: str = "fvg") -> int:
     """Run a typer app the fvg way: user mistakes print one line and exit 2, never a traceback.
 
     An OSError that reaches here (a full disk, a folder that turned read-only mid-run) is the
     machine's answer, not a bug in fvg: it gets the same one line and exit 2.
     """
     try:
-        code = typer_app(args=argv, standalone_mode=False)  # click returns a typer.Exit's code
+        code = typer_app(args=argv, prog_name=prog_name, standalone_mode=False)  # click returns a typer.Exit's code
     except FvgError as exc:
         print_error(str(exc))
         return 2
@@ -113,15 +113,23 @@ def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> int:
     except typer.Exit as exc:
         return exc.exit_code
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
+        if _is_usage_error(exc):
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+            print_error(f"{exc.format_message()}{hint}")
             return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
+        if type(exc).__name__ == "Abort":  # ctrl-c or EOF at a prompt
             return 1
         raise
     return code if isinstance(code, int) else 0
+
+
+def _is_usage_error(exc: Exception) -> bool:
+    """A click `ClickException` (unknown option, bad value, missing argument), whichever click raised it:
+    typer 0.2x runs a copy of click of its own (`typer._click`), whose exceptions are not click's, so
+    they are recognised by what they carry rather than by class."""
+    return (callable(getattr(exc, "format_message", None)) and callable(getattr(exc, "show", None))
+            and isinstance(getattr(exc, "exit_code", None), int))
 
 
 # The video stage's speed options (fvg.speed), shared by `fvg generate`, `fvg animate` and `fvg eval generate`.

@@ -25,8 +25,7 @@ from PIL import Image
 from fvg.anchor import AnchorResult, DiffusersAnchorSource, FileAnchorSource, fit_to_resolution
 from fvg.animate.loading import (count_experts, default_device, load_expert_loras, resolve_dtype, resolve_lora_2,
                                  set_anchor_lora)
-from fvg.families import get_family
-from fvg.families.wan import compact_text_padding
+from fvg.families import family_of, get_family
 from fvg.io import FvgError, check_image_size, save_image, sweep_stale_temps, to_rgb, to_uint8, write_json, write_mp4
 from fvg.parallel import broadcast_from_main, init_context_parallel, is_main_process, split_anchor_model
 from fvg.plan import Plan, make_planner
@@ -325,7 +324,7 @@ class FactorizedPipeline:
             if self.speed.context_parallel > 1:  # the anchor model splits too where diffusers can (else it runs whole)
                 self._anchor_split = split_anchor_model(self._anchor_source.pipe, self.speed.context_parallel)
             if p.compact_text:  # `mini`'s anchor model is a one-frame Wan
-                compact_text_padding(self._anchor_source.pipe)
+                family_of(self._anchor_source.pipe).compact_text_padding(self._anchor_source.pipe)
         return self._anchor_source
 
     @property
@@ -346,7 +345,7 @@ class FactorizedPipeline:
                                                    self.speed.context_parallel, self.speed.context_parallel_mode)
             self._speed = apply_speed(pipe, self.speed, self.family)  # after the anchored pipeline swapped classes
             if p.compact_text:  # after apply_speed: it checks the attention backend apply_speed set
-                compact_text_padding(pipe)
+                self.family.compact_text_padding(pipe)
             self._video_pipe = pipe  # on the host until the animate stage places it
         return self._video_pipe
 

@@ -146,6 +146,12 @@ class ModelFamily(ABC):
         anchored call cannot take."""
         return {}
 
+    def compact_text_padding(self, pipe) -> list:
+        """Sampling-time compaction of `pipe`'s zero-padded text (`Preset.compact_text`), as removable hooks.
+        Only families whose pipelines pad text with zeros have it; the base refuses in one line."""
+        raise FvgError(f"text compaction applies to Wan-family pipelines, not {self.label} "
+                       f"({type(pipe).__name__} does not zero-pad its text)")
+
     # -- context parallelism (`fvg.parallel`) ---------------------------------------------------
 
     def context_parallel_plan(self, transformer) -> dict | None:

@@ -15,30 +15,12 @@ import torch
 
 from fvg.families.base import ModelFamily, TrainingObjective, load_components_onto, place_built
 from fvg.families.flow_matching import SigmaSampler, draw_batch, masked_flow_loss
-from fvg.families.text_padding import CompactTextPadding
 from fvg.io import FvgError, load_or_explain
 
 log = logging.getLogger("fvg.train")
 
 
 # -- loading ---------------------------------------------------------------------------------------
-
-def compact_text_padding(pipe) -> list[CompactTextPadding]:
-    """Attend WanPipeline's 512-token zero padding exactly through one kept row (fvg.families.text_padding)
-    in every expert of `pipe`; `.remove()` on each undoes it. An attention backend without float masks
-    skips it, with the reason logged: sampling is then as before, only not faster."""
-    experts = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
-    hooks = []
-    try:
-        for model in experts:
-            hooks.append(CompactTextPadding(model))
-    except FvgError as error:
-        for hook in hooks:
-            hook.remove()
-        logging.getLogger("fvg").warning("text padding not compacted: %s", error)
-        return []
-    return hooks
-
 
 def load_wan_pipeline(model_id: str, dtype: torch.dtype, flow_shift: float | None = None, devices: dict | None = None,
                       storage=None):
@@ -131,6 +113,25 @@ class WanFamily(ModelFamily):
     keywords = ("wan",)
     tiny_model_id = "builtin:tiny-wan"
     lora_converters = {"wan": to_original_wan}
+
+    def compact_text_padding(self, pipe) -> list:
+        """Attend WanPipeline's 512-token zero padding exactly through one kept row (fvg.families.text_padding)
+        in every expert of `pipe` (any Wan pipeline: `mini`'s one-frame anchor model too); `.remove()` on each
+        undoes it. An attention backend without float masks skips it, with the reason logged: sampling is
+        then as before, only not faster."""
+        from fvg.families.text_padding import CompactTextPadding
+
+        experts = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
+        hooks = []
+        try:
+            for model in experts:
+                hooks.append(CompactTextPadding(model))
+        except FvgError as error:
+            for hook in hooks:
+                hook.remove()
+            logging.getLogger("fvg").warning("text padding not compacted: %s", error)
+            return []
+        return hooks
 
     def load_pipeline(self, model_id: str, dtype, flow_shift: float | None = None, devices: dict | None = None,
                       storage=None):

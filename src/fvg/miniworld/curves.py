@@ -136,7 +136,7 @@ def score_anchor_pipeline(pipe, limit: int = 3, seeds: tuple[int, ...] = (0,), s
     from fvg.anchor import DiffusersAnchorSource
 
     from .grammar import first_frame_caption
-    from .score import score_first_frame, shape_fidelity, summarize
+    from .score import score_anchor, summarize
     from .suite import load_suite
 
     source = DiffusersAnchorSource(pipe, steps=steps, guidance_scale=guidance)
@@ -144,8 +144,9 @@ def score_anchor_pipeline(pipe, limit: int = 3, seeds: tuple[int, ...] = (0,), s
     for item in (p for p in load_suite() if p.index <= limit):
         for seed in seeds:
             image = np.asarray(source(first_frame_caption(item.prompt), 64, 64, seed=seed).image)
-            scored.append(score_first_frame(item.prompt, image))
-            fidelity.append(shape_fidelity(item.prompt, image))
+            score, shape = score_anchor(item.prompt, image)
+            scored.append(score)
+            fidelity.append(shape)
     summary = summarize(scored)
     return {"mean": summary.mean, "per_category": summary.per_category, "kinds": summary.kinds,
             "shape_fidelity": round(float(np.mean(fidelity)), 4)}

@@ -80,7 +80,11 @@ def quantize(frame: np.ndarray) -> np.ndarray:
 
 def find_regions(frame: np.ndarray) -> list[Region]:
     """The candidate objects of one frame [64, 64, 3] (noise and shapeless regions dropped)."""
-    regions = (_classify(pixels, color) for color, pixels in _components(quantize(frame)))
+    return _regions(_components(quantize(frame)))
+
+
+def _regions(components) -> list[Region]:
+    regions = (_classify(pixels, color) for color, pixels in components)
     return [r for r in regions if r is not None]
 
 
@@ -127,23 +131,34 @@ def _classify(pixels: np.ndarray, color: str) -> Region | None:
     return best[1] if best[0] >= MIN_IOU else None
 
 
-def shape_fidelity(prompt: str | MiniPrompt, frame: np.ndarray) -> float:
+def shape_fidelity(prompt: str | MiniPrompt, frame: str | os.PathLike | np.ndarray) -> float:
     """A diagnostic, not part of the spec's score: how close frame 0 comes to drawing the named
     objects, in [0, 1]. For each object of the prompt (each copy of a counted group), the best IoU
     of a region of its colour (with the evaluator's MIN_REGION pixels at least: specks fit any
-    template) with the ideal shape it names, fitted as the evaluator fits it; missing objects count 0. The spec's checks are pass/fail at IoU 0.5 and a blob
-    fails them as surely as noise does, so while a model learns to draw shapes they stay flat;
-    this rises with every outline that gets closer."""
+    template) with the ideal shape it names, fitted as the evaluator fits it; missing objects count
+    0. The spec's checks are pass/fail at IoU 0.5 and a blob fails them as surely as noise does,
+    so while a model learns to draw shapes they stay flat; this rises with every outline that gets
+    closer. `frame`: as `score_first_frame` takes it."""
     p = parse_prompt(prompt) if isinstance(prompt, str) else prompt
-    frame = to_uint8(np.asarray(frame))
-    frame = frame if frame.ndim == 3 else frame[0]
-    components = list(_components(quantize(frame)))
+    return _fidelity(p, list(_components(quantize(_frame0(frame)))))
+
+
+def _fidelity(p: MiniPrompt, components: list) -> float:
     slots = []
     for o in p.objects:
         ious = sorted((_shape_iou(px, o.shape)[0] for c, px in components if c == o.color and len(px) >= MIN_REGION),
                       reverse=True)
         slots += (ious + [0.0] * o.count)[:o.count]
     return float(np.mean(slots))
+
+
+def _frame0(video: str | os.PathLike | np.ndarray) -> np.ndarray:
+    """Frame 0 as uint8 [64, 64, 3] from an MP4, frames [T, 64, 64, 3] or one frame, or a one-line error."""
+    frames = read_mp4(video) if isinstance(video, (str, os.PathLike)) else to_uint8(np.asarray(video))
+    frame = frames if frames.ndim == 3 else frames[0]
+    if frame.shape != (SIZE, SIZE, 3):
+        raise FvgError(f"a MiniWorld frame is {SIZE}x{SIZE} RGB, got {frame.shape}")
+    return frame
 
 
 def score_video(prompt: str | MiniPrompt, video: str | os.PathLike | np.ndarray) -> PromptScore:
@@ -164,15 +179,18 @@ def score_first_frame(prompt: str | MiniPrompt, video: str | os.PathLike | np.nd
     image is judged on its own. A still video would fail every change check by construction, so
     the text-to-image stage is scored on the checks it is responsible for. `video`: an MP4, frames
     [T, 64, 64, 3], or one frame [64, 64, 3]."""
+    return score_anchor(prompt, video)[0]
+
+
+def score_anchor(prompt: str | MiniPrompt, video: str | os.PathLike | np.ndarray) -> tuple[PromptScore, float]:
+    """`score_first_frame` and `shape_fidelity` of one image, its colours labelled once."""
     p = parse_prompt(prompt) if isinstance(prompt, str) else prompt
-    frames = read_mp4(video) if isinstance(video, (str, os.PathLike)) else to_uint8(np.asarray(video))
-    frame = frames if frames.ndim == 3 else frames[0]
-    if frame.shape != (SIZE, SIZE, 3):
-        raise FvgError(f"a MiniWorld frame is {SIZE}x{SIZE} RGB, got {frame.shape}")
-    regions = find_regions(frame)
+    frame = _frame0(video)
+    components = list(_components(quantize(frame)))
+    regions = _regions(components)
     checks = [c for c in _checks(p, regions, regions) if c.name.endswith(FRAME0_SUFFIX)]
     checks.append(_background_check(p.background, frame))
-    return PromptScore(str(p), p.category, sum(c.passed for c in checks) / len(checks), checks)
+    return PromptScore(str(p), p.category, sum(c.passed for c in checks) / len(checks), checks), _fidelity(p, components)
 
 
 @dataclass(frozen=True)
