@@ -347,3 +347,30 @@ def test_noise_restoration_spans_the_vae_round_trip_to_the_pipelines_own_samplin
     rows = noise_restoration(pipe, sigmas=(0.0, 1.0), limit=1, steps=2)
     assert [r.sigma for r in rows] == [0.0, 1.0] and set(rows[0].per_category) == set(CATEGORIES)
     assert all(0.0 <= r.mean <= 1.0 for r in rows)
+
+
+def test_an_extended_stage_replays_the_learning_rate_it_ran_with():
+    """v4 continued v3's finished stages (t2v 5000 -> 8000): the schedule a fresh run follows is the one the
+    shipped run logged (values from runs/mini-v4/t2v/log.jsonl: the LR of the window's last step)."""
+    from fvg.miniworld.loop import lr_at
+
+    assert lr_at(4999, 1e-3, 200, 8000, [5000]) == 0.00010000009638285205  # v3's cosine ends at 10%
+    assert lr_at(5009, 1e-3, 200, 8000, [5000]) == 0.0003889036432464038  # the stretched cosine takes over
+    assert lr_at(5009, 1e-3, 200, 8000) < lr_at(4999, 1e-3, 200, 8000)  # one cosine: no restart
+    assert lr_at(7999, 1e-3, 200, 8000, [5000]) == pytest.approx(1e-4, rel=1e-6)
+    # a second extension: the first two stretches replay unchanged
+    assert lr_at(5009, 1e-3, 200, 11000, [5000, 8000]) == lr_at(5009, 1e-3, 200, 8000, [5000])
+    assert lr_at(8009, 1e-3, 200, 11000, [5000, 8000]) > lr_at(7999, 1e-3, 200, 11000, [5000, 8000])
+
+
+def test_extension_settings_default_to_one_cosine_for_older_runs_and_are_validated():
+    from fvg.io import FvgError
+    from fvg.miniworld.settings import RunSettings
+
+    full = RunSettings()
+    assert (full.anchor_extended_from, full.t2v_extended_from) == ([12000], [5000])
+    old = {k: v for k, v in full.to_dict().items() if not k.endswith("_extended_from")}
+    assert RunSettings.from_dict(old).t2v_extended_from == []  # a v3 manifest: one cosine
+    for bad in ([8000], [6000, 5000], [0], [5000, 5000], 5000):
+        with pytest.raises(FvgError, match="t2v_extended_from must list earlier totals"):
+            RunSettings(t2v_extended_from=bad)

@@ -46,8 +46,10 @@ def generator(seed: int, *counters: int) -> torch.Generator:
 
 
 
-def _lr(step: int, base: float, warmup: int, total: int) -> float:
-    """Linear warmup, then cosine decay to 10% of `base` at `total` steps."""
+def lr_at(step: int, base: float, warmup: int, total: int, extended_from: list[int] = ()) -> float:
+    """Linear warmup, then cosine decay to 10% of `base` at `total` steps. `extended_from`: the earlier
+    totals of a finished stage continued to a longer one; a step decays to the first of them it lies before."""
+    total = next((t for t in extended_from if step < t), total)
     if step < warmup:
         return base * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -84,7 +86,7 @@ def _save_ckpt(path: Path, state: dict) -> None:
 
 def fit(stage_dir: Path, model: torch.nn.Module, loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
         settings: RunSettings, resume: bool, time_limit: float | None, ema: bool = True,
-        weight_decay: float = 0.0) -> tuple[torch.nn.Module, bool]:
+        weight_decay: float = 0.0, extended_from: list[int] = ()) -> tuple[torch.nn.Module, bool]:
     """The shared training loop: AdamW, warmup + cosine LR, grad clip 1, EMA, checkpoints, log.
 
     `loss_fn(step)` draws its own batch from (seed, step), so a resumed run repeats exactly what an
@@ -119,7 +121,7 @@ def fit(stage_dir: Path, model: torch.nn.Module, loss_fn: Callable[[int], torch.
     window: list[float] = []
     while step < steps:
         for group in opt.param_groups:
-            group["lr"] = _lr(step, lr, settings.warmup_steps, steps)
+            group["lr"] = lr_at(step, lr, settings.warmup_steps, steps, extended_from)
         loss = loss_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -38,16 +38,22 @@ class RunSettings:
     # retrain it. Its architecture must be `model.vae`'s. Empty: train it.
     vae_source: str = ""
     # diffusion transformers (flow matching, fvg.families.flow_matching)
-    anchor_steps: int = 12000  # v1: 10000
+    anchor_steps: int = 18000  # v3: 12000, v1: 10000
     anchor_batch: int = 32  # 32 first frames of 64 tokens (patch 2)
     # v3: 1e-3 (v1: 5e-4), with zero-initialised residual branches and logit-normal sigmas (the three
     # were measured together: docs/miniworld.md, "What moved the anchor model")
     anchor_lr: float = 1e-3
     # v3: 5000 x 16 clips x 320 tokens = 25.6M token-steps, at least the anchor model's 12000 x 32 x 64
     # = 24.6M (the baseline gets at least the anchor model's compute); v1: 6000 (at 5e-4).
-    t2v_steps: int = 5000
+    t2v_steps: int = 8000  # v4 (v3: 5000): 41M token-steps against the anchor model's 36.9M
     t2v_batch: int = 16
     t2v_lr: float = 1e-3
+    # v4 continued v3's finished stages: each ran its warmup + cosine to the first total listed here, then
+    # resumed with the cosine stretched to the next total (the LR rises again at that step: a warm restart),
+    # the last time to `*_steps`. A fresh run follows the same schedule (`fvg.miniworld.loop.lr_at`); empty:
+    # one cosine over the whole stage. To continue a finished stage: append its `*_steps`, then raise them.
+    anchor_extended_from: list[int] = field(default_factory=lambda: [12000])
+    t2v_extended_from: list[int] = field(default_factory=lambda: [5000])
     warmup_steps: int = 200
     # How the transformer stages draw sigma before Wan's shift (fvg.families.flow_matching.SigmaSampler):
     # "logit_normal" (v3, SD3's choice) puts more of the training on mid noise, where the layout is
@@ -76,13 +82,20 @@ class RunSettings:
     def __post_init__(self):
         if self.sigma_sampling not in ("uniform", "logit_normal"):
             raise FvgError(f"unknown sigma_sampling '{self.sigma_sampling}' (uniform or logit_normal)")
+        for name in ("anchor", "t2v"):
+            totals, steps = getattr(self, f"{name}_extended_from"), getattr(self, f"{name}_steps")
+            if not isinstance(totals, list) or any(not isinstance(t, int) for t in totals) or \
+                    [*totals, steps] != sorted(set([*totals, steps])) or (totals and totals[0] <= 0):
+                raise FvgError(f"{name}_extended_from must list earlier totals in increasing order, each positive "
+                               f"and below {name}_steps ({steps}), got {totals}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunSettings":
-        d = {"sigma_sampling": "uniform", **d}  # runs made before v3 recorded none: they drew uniformly
+        # runs made before v3 recorded no sigma sampling (they drew uniformly), before v4 no extension
+        d = {"sigma_sampling": "uniform", "anchor_extended_from": [], "t2v_extended_from": [], **d}
         model = MiniConfig.from_dict(d.pop("model"))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -95,6 +108,7 @@ def tiny_settings() -> RunSettings:
     """Seconds-long versions of every stage, for tests."""
     return RunSettings(profile="tiny", num_clips=14, lora_clips=8, vae_clips=8, vae_steps=3, vae_batch=2,
                        vae_crop=16, anchor_steps=3, anchor_batch=4, t2v_steps=3, t2v_batch=2, warmup_steps=1,
+                       anchor_extended_from=[], t2v_extended_from=[],
                        lora_steps=2, lora_batch=2, lora_rank=4, checkpoint_every=2, log_every=1, encode_batch=4,
                        model=models.tiny_config())
 
@@ -102,6 +116,7 @@ def tiny_settings() -> RunSettings:
 def v1_settings() -> RunSettings:
     """The recipe of the shipped v1 weights (their manifest.json holds the same settings)."""
     return RunSettings(profile="v1", anchor_steps=10000, anchor_lr=5e-4, t2v_steps=6000, t2v_lr=5e-4,
+                       anchor_extended_from=[], t2v_extended_from=[],
                        sigma_sampling="uniform", model=models.v1_config())
 
 

@@ -277,7 +277,9 @@ def _train_transformer(out: Path, s: RunSettings, name: str, resume: bool, time_
                      return_dict=False)[0]
         return masked_flow_loss(pred, nb.target, nb.frame_weight)
 
-    final, finished = fit(stage, model, loss_fn, steps, lr, s, resume, time_limit, ema=True, weight_decay=0.01)
+    extended_from = s.anchor_extended_from if name == "anchor" else s.t2v_extended_from
+    final, finished = fit(stage, model, loss_fn, steps, lr, s, resume, time_limit, ema=True, weight_decay=0.01,
+                          extended_from=extended_from)
     if not finished:
         return
     final.save_pretrained(str(stage / "final"))
