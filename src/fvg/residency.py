@@ -108,10 +108,11 @@ def pin_per_transfer(weight_bytes: int, available_bytes: int) -> bool:
 
     With a stream, diffusers pins a host copy of every group up front, beside the module's own
     tensors, which the first offload of each group replaces: until then the host holds the weights
-    twice, and pinned blocks are rounded up by torch's host allocator. On an H200 host (125 GiB),
-    Qwen-Image's pipeline (54 GiB in bf16, 70 GiB left) was killed while pinning, twice
-    (BENCHMARKS.md). So the pinned copy is counted at 1.5x its bytes. Pinning per transfer costs
-    speed, so it is used only where that does not fit."""
+    twice. On an H200 host (125 GiB), Qwen-Image's pipeline (54 GiB in bf16, 70 GiB left) was killed
+    while pinning even though 54 GiB + 4 GiB fit (BENCHMARKS.md): pinned memory costs more than its
+    bytes (torch's pinned-memory allocator caches and rounds its blocks; by how much was not
+    measured). So the pinned copy is counted at 1.5x its bytes. Pinning per transfer costs speed,
+    so it is used only where that does not fit."""
     return weight_bytes * 3 // 2 + HOST_MARGIN > available_bytes
 
 
