@@ -210,12 +210,10 @@ def run_job(stage: str, preset_name: str, mode: str, steps: int, toy: bool, weig
             if cuda:
                 torch.cuda.empty_cache()
             if mode == "group-offload" and cuda:
-                from fvg.residency import host_bytes_available, module_bytes, pin_per_transfer, pipeline_modules
+                from fvg.residency import group_offload_pins_per_transfer, host_bytes_available
 
-                host = host_bytes_available()
-                record["host_available_gib"] = round(host / GIB, 1)
-                record["pinned_per_transfer"] = pin_per_transfer(
-                    sum(module_bytes(m) for m in pipeline_modules(pipe).values()), host)
+                record["host_available_gib"] = round(host_bytes_available() / GIB, 1)
+                record["pinned_per_transfer"] = group_offload_pins_per_transfer(pipe, device)
             apply_mode(pipe, mode, device)
         if cuda:
             torch.cuda.empty_cache()

@@ -116,6 +116,13 @@ def pin_per_transfer(weight_bytes: int, available_bytes: int) -> bool:
     return weight_bytes * 3 // 2 + HOST_MARGIN > available_bytes
 
 
+def group_offload_pins_per_transfer(pipe, device: str) -> bool:
+    """`pin_per_transfer` for `pipe`'s weights on this host; never without a CUDA stream (nothing is pinned)."""
+    if torch.device(device).type != "cuda":
+        return False
+    return pin_per_transfer(sum(module_bytes(m) for m in pipeline_modules(pipe).values()), host_bytes_available())
+
+
 def entry_point_blocks(model: torch.nn.Module) -> list[str] | None:
     """The children of an autoencoder to offload as blocks of their own, where its class lists none.
 
@@ -140,15 +147,14 @@ def apply_group_offload(pipe, device: str) -> None:
     from diffusers.models.modeling_utils import ModelMixin
 
     onload = torch.device(device)
-    modules = pipeline_modules(pipe)
     stream = onload.type == "cuda"
-    low_cpu = stream and pin_per_transfer(sum(module_bytes(m) for m in modules.values()), host_bytes_available())
+    low_cpu = group_offload_pins_per_transfer(pipe, device)
     if low_cpu:
         log.info("group offloading pins each group when it moves: the host cannot hold a pinned copy of every "
                  "weight beside the weights")
     common = dict(onload_device=onload, offload_device=torch.device("cpu"), use_stream=stream,
                   low_cpu_mem_usage=low_cpu)
-    for component in modules.values():
+    for component in pipeline_modules(pipe).values():
         if isinstance(component, ModelMixin):
             component.enable_group_offload(offload_type="block_level", num_blocks_per_group=1,
                                            block_modules=entry_point_blocks(component), **common)

@@ -9,7 +9,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -46,7 +46,7 @@ def generator(seed: int, *counters: int) -> torch.Generator:
 
 
 
-def lr_at(step: int, base: float, warmup: int, total: int, extended_from: list[int] = ()) -> float:
+def lr_at(step: int, base: float, warmup: int, total: int, extended_from: Sequence[int] = ()) -> float:
     """Linear warmup, then cosine decay to 10% of `base` at `total` steps. `extended_from`: the earlier
     totals of a finished stage continued to a longer one; a step decays to the first of them it lies before."""
     total = next((t for t in extended_from if step < t), total)
@@ -86,7 +86,7 @@ def _save_ckpt(path: Path, state: dict) -> None:
 
 def fit(stage_dir: Path, model: torch.nn.Module, loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
         settings: RunSettings, resume: bool, time_limit: float | None, ema: bool = True,
-        weight_decay: float = 0.0, extended_from: list[int] = ()) -> tuple[torch.nn.Module, bool]:
+        weight_decay: float = 0.0, extended_from: Sequence[int] = ()) -> tuple[torch.nn.Module, bool]:
     """The shared training loop: AdamW, warmup + cosine LR, grad clip 1, EMA, checkpoints, log.
 
     `loss_fn(step)` draws its own batch from (seed, step), so a resumed run repeats exactly what an
