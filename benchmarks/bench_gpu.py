@@ -9,9 +9,13 @@ files offline); each text encoder still runs one forward on random token ids ins
 its memory counts. Every (stage, mode) runs in its own process: peaks cannot hide each other and
 offload hooks never leak between modes.
 
-A job is `stage:preset:mode[:fp8]`: `fp8` stores the denoisers' weights in fp8 (`--weights fp8`,
+A job is `stage:preset:mode[:weights]`. `fp8` stores the denoisers' weights in fp8 (`--weights fp8`,
 `fvg.weight_storage.store_denoisers_in_fp8`, cast before the memory mode's hooks go on, as fvg
-orders it). The `speed` stage builds one video pipeline, places it whole and samples the same
+orders it). `torchao-int8wo` (`--quantize`) and `gguf-q8_0` (`--video-transformer FILE.gguf`, Wan
+only) apply to the animate stage: quantization happens while a checkpoint loads, so the built
+pipeline is saved to a temporary folder (the transformer also as a Q8_0 GGUF file in the original
+Wan layout, `fvg.families.wan.save_wan_gguf`) and loaded back through the family's own loader
+with that option, as `fvg generate` loads it. The `speed` stage builds one video pipeline, places it whole and samples the same
 anchored video with each attention backend and then with regional compilation (`fvg.speed`),
 recording seconds per step and each variant's largest difference from the default backend.
 
@@ -44,6 +48,8 @@ QWEN_IMAGE, PLANNER = "Qwen--Qwen-Image", "Qwen--Qwen2.5-7B-Instruct"
 VIDEO = {"wan2.1-1.3b": "Wan-AI--Wan2.1-T2V-1.3B-Diffusers", "wan2.2-5b": "Wan-AI--Wan2.2-TI2V-5B-Diffusers",
          "wan2.2-a14b": "Wan-AI--Wan2.2-T2V-A14B-Diffusers", "cogvideox1.5-5b": "THUDM--CogVideoX1.5-5B"}
 MODES = ("gpu", "model-offload", "group-offload", "sequential")
+WEIGHTS = ("native", "fp8", "torchao-int8wo", "gguf-q8_0")
+LOADED_WEIGHTS = ("torchao-int8wo", "gguf-q8_0")  # options that act while a checkpoint loads
 # (stage, preset, modes) in the order they run: the cheap and the essential first, under a time budget.
 DEFAULT_JOBS = [
     ("animate", "wan2.1-1.3b", ("gpu",)),
@@ -158,6 +164,7 @@ def run_job(stage: str, preset_name: str, mode: str, steps: int, toy: bool, weig
 
     from fvg.presets import get_preset
     from fvg.residency import apply_mode
+    from fvg.residency import module_bytes
     from fvg.weight_storage import store_denoisers_in_fp8
 
     device = "cpu" if toy else "cuda"
@@ -200,9 +207,12 @@ def run_job(stage: str, preset_name: str, mode: str, steps: int, toy: bool, weig
         record["build_s"] = round(time.perf_counter() - start, 1)
         if weights == "fp8":  # before the hooks, as fvg orders it (weight_storage's docstring)
             record["fp8_components"] = store_denoisers_in_fp8(pipe, torch.bfloat16 if not toy else torch.float32)
-        record["weights_gib"] = round(sum(
-            sum(t.numel() * t.element_size() for t in m.parameters()) for m in pipe.components.values()
-            if isinstance(m, torch.nn.Module)) / GIB, 2)
+        elif weights in LOADED_WEIGHTS:
+            t0 = time.perf_counter()
+            pipe = reload_with_weights(pipe, preset_name, weights, device, record)
+            record["save_and_load_s"] = round(time.perf_counter() - t0, 1)
+        record["weights_gib"] = round(sum(module_bytes(m) for m in pipe.components.values()
+                                          if isinstance(m, torch.nn.Module)) / GIB, 2)
         if mode == "gpu":
             pipe.to(device)
         else:
@@ -239,6 +249,47 @@ def run_job(stage: str, preset_name: str, mode: str, steps: int, toy: bool, weig
     record["torch"] = torch.__version__
     record["wall_s"] = round(time.perf_counter() - start, 1)
     return record
+
+
+def reload_with_weights(pipe, preset_name: str, weights: str, device: str, record: dict):
+    """`pipe` saved to a temporary folder and loaded back by its family's loader with `weights`
+    (`--quantize torchao-int8wo` or a Q8_0 GGUF video transformer): the path a checkpoint on disk takes.
+    The VAE's tiling is carried over; the folder is removed once loaded. A full-size build has no tokenizer
+    (no files offline): a tiny T5 tokenizer stands in, never called, since text goes in as embeddings."""
+    import gc
+    import shutil
+    import tempfile
+
+    import torch
+
+    from fvg.families import family_of
+    from fvg.families.wan import save_wan_gguf
+    from fvg.weight_storage import WeightStorage
+
+    family, dtype, tiled = family_of(pipe), pipe.transformer.dtype, pipe.vae.use_tiling
+    if pipe.tokenizer is None:  # the bench feeds embeddings; a loadable checkpoint needs some tokenizer files
+        from fvg.tiny import tiny_t5_tokenizer
+
+        pipe.register_modules(tokenizer=tiny_t5_tokenizer())
+    folder = Path(tempfile.mkdtemp(prefix="fvg-bench-"))
+    try:
+        pipe.save_pretrained(folder)
+        if weights == "gguf-q8_0":
+            gguf = folder / "transformer-Q8_0.gguf"
+            record["gguf_q8_0_tensors"] = len(save_wan_gguf(pipe.transformer, gguf))
+            storage = WeightStorage(video_transformer=str(gguf))
+        else:
+            storage = WeightStorage(quantize=weights)
+        del pipe
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        loaded = family.load_pipeline(str(folder), dtype, storage=storage.validate(device))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if tiled:
+        loaded.vae.enable_tiling()
+    return loaded
 
 
 TOY_BACKENDS = ("native", "_native_math")  # what a CPU can run
@@ -411,9 +462,14 @@ def main() -> None:
     else:
         jobs = [(s, p, *m.split(":")) for s, p, modes in DEFAULT_JOBS for m in modes]
     for job in jobs:
+        weights = (job[3:] or ("native",))[0]
         if len(job) not in (3, 4) or job[0] not in ("plan", "anchor", "animate", "speed") or job[1] not in VIDEO or \
-                job[2] not in MODES or job[3:] not in ((), ("fp8",)):
-            parser.error(f"bad job '{':'.join(job)}': stage:preset:mode[:fp8]")
+                job[2] not in MODES or weights not in WEIGHTS:
+            parser.error(f"bad job '{':'.join(job)}': stage:preset:mode[:{'|'.join(WEIGHTS[1:])}]")
+        if weights in LOADED_WEIGHTS and (job[0] != "animate" or
+                                          (weights == "gguf-q8_0" and job[1].startswith("cogvideox"))):
+            parser.error(f"bad job '{':'.join(job)}': {weights} applies to the animate stage"
+                         + (" of a Wan preset" if weights == "gguf-q8_0" else ""))
     if args.toy:
         jobs = [j for j in jobs if j[2] == "gpu"]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,21 @@ def test_toy_run_measures_every_stage_with_fp8_weights_and_the_speed_variants(tm
     assert "| anchor | wan2.2-5b | gpu | fp8 |" in table and "compile (eager):" in table
 
 
-@pytest.mark.parametrize("job", ["animate:wan2.2-5b:gpu:int4", "render:wan2.2-5b:gpu", "animate:wan2.2-5b:fast"])
+@pytest.mark.parametrize("weights", ["gguf-q8_0", "torchao-int8wo"])
+def test_toy_run_loads_quantized_weights_back_through_the_family_loader(tmp_path, weights):
+    pytest.importorskip({"gguf-q8_0": "gguf", "torchao-int8wo": "torchao"}[weights],
+                        reason="the optional quant extra: pip install 'fvg[quant]'")
+    proc = _bench(tmp_path, "--only", f"animate:wan2.1-1.3b:gpu:{weights},animate:wan2.1-1.3b:gpu", "--steps", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    quantized, native = [json.loads(line) for line in (tmp_path / "bench_gpu.jsonl").read_text().splitlines()]
+    assert "error" not in quantized and quantized["weights"] == weights and quantized["save_and_load_s"] >= 0
+    assert quantized["decoded"] and quantized["output_shape"] == native["output_shape"]
+    if weights == "gguf-q8_0":
+        assert quantized["gguf_q8_0_tensors"] > 0
+
+
+@pytest.mark.parametrize("job", ["animate:wan2.2-5b:gpu:int4", "render:wan2.2-5b:gpu", "animate:wan2.2-5b:fast",
+                                 "animate:cogvideox1.5-5b:gpu:gguf-q8_0", "anchor:wan2.2-5b:gpu:torchao-int8wo"])
 def test_a_bad_job_is_refused_in_one_line(tmp_path, job):
     proc = _bench(tmp_path, "--only", job)
     assert proc.returncode == 2 and f"bad job '{job}'" in proc.stderr.splitlines()[-1]

@@ -16,6 +16,7 @@ from fvg.io import FvgError
 from fvg.memory import (GIB, MODEL_CONFIGS, MODES, checkpoint_numels, estimate, meta_numels, safetensors_numels,
                         size_from_numels)
 from fvg.presets import get_preset
+from fvg.residency import module_bytes
 from fvg.weight_storage import WeightStorage
 
 # issue 12: parameters counted on the meta device from the published configs, in billions
@@ -65,20 +66,6 @@ def _wan_fp32_extra() -> int:
     return 2 * sum(p.numel() for n, p in model.named_parameters() if any(k in n.split(".") for k in keep))
 
 
-def held_bytes(module: torch.nn.Module) -> int:
-    """Bytes the module's parameters and buffers actually hold; a tensor subclass (torchao's quantized
-    weights) by the plain tensors it is made of."""
-    return sum(_tensor_bytes(t) for t in [*module.parameters(), *module.buffers()])
-
-
-def _tensor_bytes(t: torch.Tensor) -> int:
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(t, name)) for name in names)
-    return t.numel() * t.element_size()
-
-
-_bytes = held_bytes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -90,11 +77,11 @@ def test_tiny_weights_equal_the_built_models(dtype):
     video = get_family("wan").load_pipeline("builtin:tiny-wan", dtype)
     animate = est.stages[1]
     for name in ("transformer", "text_encoder", "vae"):
-        assert animate.model(name).bytes == _bytes(getattr(video, name)), name
+        assert animate.model(name).bytes == module_bytes(getattr(video, name)), name
     anchor_pipe = tiny_qwen_image_pipeline()  # built in float32 whatever the run dtype
     for name in ("transformer", "text_encoder", "vae"):
-        assert est.stages[0].model(name).bytes == _bytes(getattr(anchor_pipe, name)), name
-    assert est.stages[1].resident_bytes("gpu") == sum(_bytes(getattr(video, n)) for n in ("transformer", "text_encoder", "vae"))
+        assert est.stages[0].model(name).bytes == module_bytes(getattr(anchor_pipe, name)), name
+    assert est.stages[1].resident_bytes("gpu") == sum(module_bytes(getattr(video, n)) for n in ("transformer", "text_encoder", "vae"))
 
 
 def test_mini_weights_equal_the_loaded_models():
@@ -105,9 +92,9 @@ def test_mini_weights_equal_the_loaded_models():
     anchor, animate = est.stages[0], est.stages[1]
     for name in ("transformer", "text_encoder", "vae"):
         assert anchor.model(name).source == "safetensors"
-        assert anchor.model(name).bytes == _bytes(getattr(pipe.anchor_source.pipe, name)), name
+        assert anchor.model(name).bytes == module_bytes(getattr(pipe.anchor_source.pipe, name)), name
     for name in ("text_encoder", "vae"):
-        assert animate.model(name).bytes == _bytes(getattr(pipe.video_pipe, name)), name
+        assert animate.model(name).bytes == module_bytes(getattr(pipe.video_pipe, name)), name
     # the transformer carries the anchor LoRA: its parameters are counted with it (and its rotary buffers)
     transformer = pipe.video_pipe.transformer
     assert animate.model("transformer").numel == sum(t.numel() for t in [*transformer.parameters(),
@@ -358,17 +345,31 @@ SMALL_WAN_VAE = {"_class_name": "AutoencoderKLWan", "base_dim": 16, "z_dim": 16,
                  "num_res_blocks": 2, "temperal_downsample": [False, True, True]}
 
 
-def test_the_meta_decode_simulation_equals_the_cpu_measurement():
+@pytest.mark.parametrize("method,shape", [("decode", (1, 16, 3, 8, 8)), ("encode", (1, 3, 1, 64, 80))])
+def test_the_meta_vae_simulation_equals_the_cpu_measurement(method, shape):
     from diffusers import AutoencoderKLWan
 
-    from fvg.memory import meta_model, simulate_decode
+    from fvg import memory
 
     config = {k: v for k, v in SMALL_WAN_VAE.items() if k != "_class_name"}
     torch.manual_seed(0)
     vae = AutoencoderKLWan(**config).eval()
-    z = torch.randn(1, 16, 3, 8, 8)
-    measured = _measured_peak(vae, lambda: vae.decode(z), [z])
-    assert simulate_decode(meta_model(SMALL_WAN_VAE).eval(), (1, 16, 3, 8, 8), torch.float32) == measured
+    x = torch.randn(shape)
+    measured = _measured_peak(vae, lambda: getattr(vae, method)(x), [x])
+    simulate = getattr(memory, f"simulate_{method}")
+    assert simulate(memory.meta_model(SMALL_WAN_VAE).eval(), shape, torch.float32) == measured
+
+
+def test_model_offload_keeps_the_text_encoder_on_the_device_while_the_anchor_is_encoded():
+    """diffusers offloads the text encoder only when the transformer starts; the anchor's VAE encode comes
+    between them (on an H200, wan2.1-1.3b's model-offload stage peaked at 12.67 GiB there)."""
+    est = estimate(get_preset("wan2.1-1.3b"), torch.bfloat16)
+    animate = est.stages[1]
+    encode = next(p for p in animate.phases if p.what == "encode anchor")
+    both = animate.model("text_encoder").bytes + animate.model("vae").bytes
+    assert animate.resident_bytes("model-offload", encode) == both
+    assert animate.resident_bytes("group-offload", encode) == animate.model("vae").resident_bytes("group-offload")
+    assert 0 < encode.activation_bytes < 3 * GIB  # one 480x832 frame through the fp32 encoder
 
 
 @pytest.mark.parametrize("tiling,latent_frames,tolerance", [(False, 9, 0.01), (False, 21, 0.01), (True, 21, 0.15)])
@@ -395,7 +396,7 @@ def test_the_llm_planner_is_a_stage_of_its_own():
 
 
 # -- weight storage: fp8 layerwise casting, quantization, GGUF (fvg.storage_sizes) ---------------------
-# The estimate is checked against the bytes the models hold after the real conversion (`held_bytes`).
+# The estimate is checked against the bytes the models hold after the real conversion (`module_bytes`).
 
 FP8 = WeightStorage(weights="fp8")
 
@@ -425,8 +426,8 @@ def test_fp8_estimate_equals_the_bytes_after_layerwise_casting():
     video, anchor = pipe.video_pipe, pipe.anchor_source.pipe  # both cast by the pipeline, as a run does
     animate = est.stages[1]
     for name in ("transformer", "text_encoder", "vae"):
-        assert animate.model(name).bytes == held_bytes(getattr(video, name)), name
-    assert est.stages[0].model("transformer").bytes == held_bytes(anchor.transformer)
+        assert animate.model(name).bytes == module_bytes(getattr(video, name)), name
+    assert est.stages[0].model("transformer").bytes == module_bytes(anchor.transformer)
     wan = animate.model("transformer")
     assert wan.stored_as == "fp8" and animate.model("text_encoder").stored_as == "bfloat16"
     # not a uniform 1 byte: norms, embeddings, the modulation tables and the rotary buffers keep their dtype
@@ -451,9 +452,9 @@ def test_fp8_estimate_of_a_two_expert_checkpoint_on_disk(tmp_path):
     pipe = load_wan_pipeline(str(path), torch.bfloat16)
     assert store_denoisers_in_fp8(pipe, torch.bfloat16) == ["transformer", "transformer_2"]
     for name in ("transformer", "transformer_2", "text_encoder", "vae"):
-        assert animate.model(name).bytes == held_bytes(getattr(pipe, name)), name
+        assert animate.model(name).bytes == module_bytes(getattr(pipe, name)), name
     native = estimate(preset, torch.bfloat16).stages[0]
-    assert native.model("transformer").bytes == held_bytes(load_wan_pipeline(str(path), torch.bfloat16).transformer)
+    assert native.model("transformer").bytes == module_bytes(load_wan_pipeline(str(path), torch.bfloat16).transformer)
 
 
 def test_torchao_estimate_equals_the_quantized_bytes(tiny_wan_dir):
@@ -465,7 +466,7 @@ def test_torchao_estimate_equals_the_quantized_bytes(tiny_wan_dir):
     animate = estimate(preset, torch.bfloat16, storage=storage).stages[0]
     pipe = load_wan_pipeline(str(tiny_wan_dir), torch.bfloat16, storage=storage)
     for name in ("transformer", "text_encoder", "vae"):
-        assert animate.model(name).bytes == held_bytes(getattr(pipe, name)), name
+        assert animate.model(name).bytes == module_bytes(getattr(pipe, name)), name
     assert animate.model("transformer").stored_as == "torchao-int8wo" and animate.model("vae").stored_as == "float32"
 
 
@@ -508,17 +509,17 @@ def test_gguf_estimate_equals_the_loaded_bytes(tiny_wan_dir, tmp_path):
     from gguf import GGUFReader
 
     from fvg.families.wan import load_wan_pipeline
-    from test_quantization import write_wan_gguf
+    from fvg.families.wan import save_wan_gguf
 
     reference = load_wan_pipeline(str(tiny_wan_dir), torch.float32)
     path = tmp_path / "tiny-wan-Q8_0.gguf"
-    quantized = write_wan_gguf(reference.transformer, path)
+    quantized = save_wan_gguf(reference.transformer, path)
     storage = WeightStorage(video_transformer=str(path)).validate("cpu")
     preset = _video_only(str(tiny_wan_dir))
     for dtype in (torch.bfloat16, torch.float32):
         transformer = estimate(preset, dtype, storage=storage).stages[0].model("transformer")
         loaded = load_wan_pipeline(str(tiny_wan_dir), dtype, storage=storage).transformer
-        assert transformer.bytes == held_bytes(loaded) and transformer.source == "gguf"
+        assert transformer.bytes == module_bytes(loaded) and transformer.source == "gguf"
     # the Q8_0 tensors count their bytes in the file: 34 bytes per block of 32
     q8 = [t for t in GGUFReader(str(path)).tensors if t.tensor_type.name == "Q8_0"]
     assert len(q8) == len(quantized) > 0 and all(int(t.n_bytes) == int(t.n_elements) // 32 * 34 for t in q8)

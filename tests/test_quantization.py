@@ -19,7 +19,7 @@ from fvg.animate.cogvideox import AnchoredCogVideoXPipeline
 from fvg.anchor import DiffusersAnchorSource
 from fvg.animate.wan import AnchoredWanPipeline
 from fvg.cli import _BatchItemSpec, main
-from fvg.families.wan import _WAN_MODULES, load_wan_pipeline
+from fvg.families.wan import load_wan_pipeline, original_wan_key, save_wan_gguf
 from fvg.io import FvgError
 from fvg.pipeline import FactorizedPipeline
 from fvg.residency import apply_mode
@@ -312,47 +312,8 @@ def test_cli_rejects_bad_weight_options_in_one_line(tmp_path, capsys):
 
 
 # -- GGUF single-file transformers -------------------------------------------------------------------
-# The test writes a GGUF file the way community quantizations of Wan are laid out: the original Wan
-# key names (the inverse of diffusers' `convert_wan_transformer_to_diffusers`), Q8_0 where the row
-# length allows (blocks of 32), F32 elsewhere.
-
-_TOP = {"condition_embedder.time_embedder.linear_1": "time_embedding.0",
-        "condition_embedder.time_embedder.linear_2": "time_embedding.2",
-        "condition_embedder.text_embedder.linear_1": "text_embedding.0",
-        "condition_embedder.text_embedder.linear_2": "text_embedding.2",
-        "condition_embedder.time_proj": "time_projection.1", "proj_out": "head.head",
-        "scale_shift_table": "head.modulation", "patch_embedding": "patch_embedding"}
-_BLOCK = {**_WAN_MODULES, "attn1.norm_q": "self_attn.norm_q", "attn1.norm_k": "self_attn.norm_k",
-          "attn2.norm_q": "cross_attn.norm_q", "attn2.norm_k": "cross_attn.norm_k", "norm2": "norm3",
-          "scale_shift_table": "modulation"}
-
-
-def original_wan_key(key: str) -> str:
-    block = re.match(r"^blocks\.(\d+)\.(.+?)(\.weight|\.bias|)$", key)
-    if block:
-        return f"blocks.{block.group(1)}.{_BLOCK[block.group(2)]}{block.group(3)}"
-    top = re.match(r"^(.+?)(\.weight|\.bias|)$", key)
-    return _TOP[top.group(1)] + top.group(2)
-
-
-def write_wan_gguf(transformer, path):
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), "wan")
-    quantized = []
-    for key, value in transformer.state_dict().items():
-        array = value.float().numpy()
-        if array.ndim == 2 and array.shape[-1] % 32 == 0:
-            q8 = gguf.GGMLQuantizationType.Q8_0
-            writer.add_tensor(original_wan_key(key), gguf.quants.quantize(array, q8), raw_dtype=q8)
-            quantized.append(key)
-        else:
-            writer.add_tensor(original_wan_key(key), array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return quantized
+# fvg writes GGUF files the way community quantizations of Wan are laid out (`fvg.families.wan.save_wan_gguf`):
+# the original Wan key names, Q8_0 where the row length allows (blocks of 32), F32 elsewhere.
 
 
 def test_original_wan_keys_are_what_diffusers_converts_back():
@@ -369,7 +330,7 @@ def test_gguf_transformer_round_trip(wan_dir, tmp_path):
     from diffusers.quantizers.gguf.utils import GGUFParameter
 
     reference = load_wan_pipeline(str(wan_dir), torch.float32)
-    quantized = write_wan_gguf(reference.transformer, tmp_path / "tiny-wan-Q8_0.gguf")
+    quantized = save_wan_gguf(reference.transformer, tmp_path / "tiny-wan-Q8_0.gguf")
     assert "blocks.0.ffn.net.2.weight" in quantized
     storage = WeightStorage(video_transformer=str(tmp_path / "tiny-wan-Q8_0.gguf")).validate("cpu")
     pipe = load_wan_pipeline(str(wan_dir), torch.float32, storage=storage)
@@ -386,7 +347,7 @@ def test_a_gguf_file_of_another_model_or_no_gguf_is_one_line(wan_dir, tmp_path):
     transformer = tiny_wan_components()["transformer"]
     per_block = sum(key.startswith("blocks.0.") for key in transformer.state_dict())
     deeper = WanTransformer3DModel(**{**transformer.config, "num_layers": transformer.config.num_layers + 1})
-    write_wan_gguf(deeper, tmp_path / "deeper.gguf")  # one block more than the checkpoint's config
+    save_wan_gguf(deeper, tmp_path / "deeper.gguf")  # one block more than the checkpoint's config
     (tmp_path / "text.gguf").write_text("not a GGUF file")
     for name, message in (("deeper.gguf", f"does not match the video model's transformer config: {per_block} "
                                           "tensors beyond the config, 0 missing"),
@@ -404,8 +365,8 @@ def test_gguf_files_for_both_a14b_experts(tmp_path):
     components = tiny_wan_components()
     torch.manual_seed(5)
     low_noise = WanTransformer3DModel(**components["transformer"].config).eval()
-    write_wan_gguf(components["transformer"], tmp_path / "high.gguf")
-    write_wan_gguf(low_noise, tmp_path / "low.gguf")
+    save_wan_gguf(components["transformer"], tmp_path / "high.gguf")
+    save_wan_gguf(low_noise, tmp_path / "low.gguf")
     AnchoredWanPipeline(**components, transformer_2=low_noise, boundary_ratio=0.875).save_pretrained(tmp_path / "a14b")
     reference = load_wan_pipeline(str(tmp_path / "a14b"), torch.float32)
     storage = WeightStorage(video_transformer=str(tmp_path / "high.gguf"),
@@ -425,7 +386,7 @@ def test_anchor_lora_on_a_quantized_or_gguf_transformer(wan_dir, tmp_path, kind)
     pytest.importorskip("gguf" if kind == "gguf" else "torchao", reason="the optional quant extra")
     lora = write_lora(tmp_path / "anchor_lora.safetensors", seed=3)
     if kind == "gguf":
-        write_wan_gguf(load_wan_pipeline(str(wan_dir), torch.float32).transformer, tmp_path / "t.gguf")
+        save_wan_gguf(load_wan_pipeline(str(wan_dir), torch.float32).transformer, tmp_path / "t.gguf")
         storage = WeightStorage(video_transformer=str(tmp_path / "t.gguf"))
     else:
         storage = WeightStorage(quantize=kind)
@@ -444,7 +405,7 @@ def test_anchor_lora_on_a_quantized_or_gguf_transformer(wan_dir, tmp_path, kind)
 
 def test_gguf_through_the_cli(wan_dir, tmp_path, capsys):
     pytest.importorskip("gguf", reason="gguf is the optional quant extra: pip install 'fvg[quant]'")
-    write_wan_gguf(load_wan_pipeline(str(wan_dir), torch.float32).transformer, tmp_path / "t.gguf")
+    save_wan_gguf(load_wan_pipeline(str(wan_dir), torch.float32).transformer, tmp_path / "t.gguf")
     out = tmp_path / "run"
     # factorized: the builtin anchor model is not refused for the video transformer's GGUF file
     code = main(["generate", "a ball", "--preset", "tiny", "--steps", "2", "--video-model", str(wan_dir),

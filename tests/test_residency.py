@@ -184,3 +184,43 @@ def test_group_offload_onloads_every_vae_weight_from_encode_and_decode(family):
     hook = HookRegistry.check_if_exists_or_initialize(pipe.vae).get_hook("group_offloading")
     top = hook.group if hook is not None else None
     assert top is None or (not top.modules and not top.parameters and not top.buffers)
+
+
+def test_group_offload_moves_a_torchao_text_encoder_whole_and_samples_the_same(tmp_path):
+    """Leaf-level group offloading of transformers' torchao weights failed on an H200; such an encoder is
+    moved whole for its forward instead (`onload_for_forward`), while the torchao video transformer keeps
+    diffusers' block-level groups."""
+    pytest.importorskip("torchao", reason="torchao is the optional quant extra: pip install 'fvg[quant]'")
+    from diffusers.hooks import HookRegistry
+
+    from fvg.families.wan import load_wan_pipeline
+    from fvg.residency import ONLOAD_HOOK, apply_group_offload, holds_torchao_weights
+    from fvg.weight_storage import WeightStorage
+
+    AnchoredWanPipeline(**tiny_wan_components()).save_pretrained(tmp_path)
+    storage = WeightStorage(quantize="torchao-int8wo").validate("cpu")
+    plain, offloaded = (load_wan_pipeline(str(tmp_path), torch.bfloat16, storage=storage) for _ in range(2))
+    assert holds_torchao_weights(offloaded.text_encoder) and holds_torchao_weights(offloaded.transformer)
+    assert not holds_torchao_weights(offloaded.vae)
+    apply_group_offload(offloaded, "cpu")
+    encoder_hooks = HookRegistry.check_if_exists_or_initialize(offloaded.text_encoder)
+    assert encoder_hooks.get_hook(ONLOAD_HOOK) is not None
+    assert not any(HookRegistry.check_if_exists_or_initialize(m).get_hook("group_offloading")
+                   for m in offloaded.text_encoder.modules())
+    assert HookRegistry.check_if_exists_or_initialize(offloaded.transformer.blocks[0]).get_hook(
+        "group_offloading") is not None
+    assert torch.equal(_sample(plain), _sample(offloaded))
+
+
+def test_module_bytes_counts_quantized_weights_by_what_they_hold():
+    pytest.importorskip("torchao", reason="torchao is the optional quant extra: pip install 'fvg[quant]'")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from fvg.residency import holds_torchao_weights, module_bytes
+
+    layer = torch.nn.Linear(64, 32, bias=False, dtype=torch.bfloat16)
+    assert module_bytes(layer) == 64 * 32 * 2 and not holds_torchao_weights(layer)
+    quantize_(layer, Int8WeightOnlyConfig(version=2))
+    assert holds_torchao_weights(layer)
+    # int8 weights and one bf16 scale per output row (not 2 bytes a weight, as the wrapper's dtype would say)
+    assert 64 * 32 <= module_bytes(layer) <= 64 * 32 + 32 * 8

@@ -44,7 +44,7 @@ import math
 import re
 import struct
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -84,12 +84,15 @@ class ModelSize:
     second_leaf_bytes: int = 0  # the second-biggest leaf: with the biggest, the worst pair in flight
     transient_bytes: int = 0  # fp8 / quantized / GGUF: one layer's weight in the compute dtype during its forward
     stored_as: str = ""  # "bfloat16", "fp8", "torchao-int8wo", "GGUF", ... (the table's column)
+    whole_in_group_offload: bool = False  # a transformers model with torchao weights (fvg.residency.onload_for_forward)
 
     def _group_offload_bytes(self) -> int:
         """Block-level groups of one block (diffusers models): the non-block part plus two blocks in
         flight; leaf-level (transformers text encoders and LLMs, fvg.residency): two leaves in flight
-        (the two biggest, an upper bound);
-        a diffusers model without a top-level block list (a VAE) is onloaded whole."""
+        (the two biggest, an upper bound); a transformers model with torchao weights, and a diffusers
+        model without a top-level block list (a VAE), are onloaded whole."""
+        if self.whole_in_group_offload:
+            return self.bytes
         if self.leaf_level_groups:
             return self.largest_leaf_bytes + self.second_leaf_bytes
         if not self.largest_block_bytes:
@@ -297,7 +300,10 @@ def size_model(source: ModelSource, name: str, dtype: torch.dtype, conversion: C
         return size_from_bytes(name, numels, nbytes, "safetensors", groups, stored_as=_dtype_name(dtype))
     stored = convert(model, native_tensors(model, b, keep), conversion, b)
     kind = "gguf" if conversion.kind == "gguf" else "config"
-    return _size_stored(name, stored, kind, groups, conversion, dtype)
+    size = _size_stored(name, stored, kind, groups, conversion, dtype)
+    if groups and conversion.kind.startswith("torchao"):
+        return replace(size, whole_in_group_offload=True)
+    return size
 
 
 def _size_stored(name: str, stored: StoredTensors, source: str, leaf_level_groups: bool, conversion: Conversion,
@@ -544,14 +550,31 @@ def _attention_like_flash(query, key, value, *args, **kwargs):
 
 def simulate_decode(vae: torch.nn.Module, latent_shape: tuple[int, ...], dtype: torch.dtype) -> int:
     """Peak bytes of live tensors while a meta-device `vae.decode` runs on latents of `latent_shape`."""
+    return _simulate(vae.decode, vae, latent_shape, dtype)
+
+
+def simulate_encode(vae: torch.nn.Module, pixel_shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Peak bytes of live tensors while a meta-device `vae.encode` runs on pixels of `pixel_shape`."""
+    return _simulate(vae.encode, vae, pixel_shape, dtype)
+
+
+def _simulate(method, vae: torch.nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> int:
     from unittest import mock
 
-    latents = torch.zeros(latent_shape, device="meta", dtype=dtype)
-    tracker = LiveTensorBytes(ignore=[*vae.parameters(), *vae.buffers(), latents])
+    x = torch.zeros(shape, device="meta", dtype=dtype)
+    tracker = LiveTensorBytes(ignore=[*vae.parameters(), *vae.buffers(), x])
     with torch.no_grad(), mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _attention_like_flash), \
             tracker:
-        vae.decode(latents)
+        method(x)
     return tracker.peak
+
+
+def _vae_encode_anchor(vae_config: dict, height: int, width: int, tiling: bool) -> int:
+    """Activation bytes of encoding the anchor (one frame, float32, tiled where the decode is) with the video VAE."""
+    vae = meta_model(vae_config, torch.float32).eval()
+    if tiling:
+        vae.enable_tiling()
+    return simulate_encode(vae, (1, 3, 1, height, width), torch.float32)
 
 
 def _tile_overlap(size: int, tile: int, stride: int) -> float:
@@ -568,6 +591,10 @@ class Phase:
     model: str  # a ModelSize.name of the stage
     what: str
     activation_bytes: int
+    # models that `model-offload` still holds on the device during this phase: diffusers offloads a model when
+    # the next one in `model_cpu_offload_seq` starts, and the anchor's VAE encode comes after the text encoder
+    # but before the transformer, so the text encoder is still there (measured on an H200, BENCHMARKS.md)
+    left_over: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -585,7 +612,9 @@ class StageEstimate:
         if mode == "gpu":
             return sum(m.resident_bytes(mode) for m in self.models)
         phases = [phase] if phase else self.phases
-        return max(self.model(p.model).resident_bytes(mode) for p in phases)
+        return max(self.model(p.model).resident_bytes(mode) + (sum(
+            self.model(m).resident_bytes(mode) for m in p.left_over) if mode == "model-offload" else 0)
+            for p in phases)
 
     def activation_bytes(self) -> int:
         return max(p.activation_bytes for p in self.phases)
@@ -813,6 +842,7 @@ def estimate(preset: Preset, dtype: torch.dtype = torch.bfloat16, storage: Weigh
     text = _text_encoder_activation(configs["text_encoder"], 512 if preset.family == "wan" else 226, b)
     experts = [s.name for s in sizes if s.name.startswith("transformer")]
     phases = (Phase("text_encoder", "encode", text),
+              Phase("vae", "encode anchor", _vae_encode_anchor(vconf, h, w, tiling), left_over=("text_encoder",)),
               *(Phase(e, "denoise", denoise) for e in experts))
     stages.append(StageEstimate("animate", tuple(sizes), phases, note=f"{h}x{w}x{f}"))
     decode = _vae_decode(vconf, h, w, f, torch.float32, tiling)

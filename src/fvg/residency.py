@@ -51,8 +51,22 @@ def empty_device_cache(device: str) -> None:
 
 
 def module_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's parameters and buffers, wherever they are."""
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    """Bytes a module's parameters and buffers hold, wherever they are; a tensor subclass (torchao's
+    quantized weights) by the plain tensors it is made of, not by the dtype it computes in."""
+    return sum(_tensor_bytes(t) for t in (*module.parameters(), *module.buffers()))
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
+
+
+def holds_torchao_weights(module: torch.nn.Module) -> bool:
+    """Whether `--quantize torchao-*` converted some of the module's weights (checked by type, so torchao
+    need not be importable)."""
+    return any(type(p).__module__.startswith("torchao.") for p in module.parameters())
 
 
 def pipeline_modules(pipe) -> dict[str, torch.nn.Module]:
@@ -158,8 +172,38 @@ def apply_group_offload(pipe, device: str) -> None:
         if isinstance(component, ModelMixin):
             component.enable_group_offload(offload_type="block_level", num_blocks_per_group=1,
                                            block_modules=entry_point_blocks(component), **common)
+        elif holds_torchao_weights(component):
+            onload_for_forward(component, onload)
         else:
             apply_group_offloading(component, offload_type="leaf_level", **common)
+
+
+ONLOAD_HOOK = "fvg_onload_for_forward"
+
+
+def onload_for_forward(module: torch.nn.Module, device: torch.device) -> None:
+    """Keep `module` on the host and move it whole onto `device` for each forward, and back after (a diffusers hook).
+
+    For a transformers text encoder with torchao weights under group offloading. Leaf-level group
+    offloading of such an encoder failed on an H200 (torch 2.11, torchao 0.17, diffusers 0.42.1): moving
+    the pinned copy of an `Int8Tensor` onto the GPU inside diffusers' stream transfer raised "Attempted to
+    set the storage of a tensor on device cuda:0 to a storage on different device cpu", while the video
+    transformer's torchao blocks group-offloaded fine and `.to(device)` of the same encoder worked
+    (BENCHMARKS.md). The encoder runs once per prompt and int8 halves its bytes: one transfer per prompt,
+    and its weights (UMT5-XXL: 6.3 GiB) on the device while it runs."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class OnloadForForward(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            module.to(device)
+            return args, kwargs
+
+        def post_forward(self, module, output):
+            module.to("cpu")
+            return output
+
+    module.to("cpu")
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(OnloadForForward(), ONLOAD_HOOK)
 
 
 @dataclass

@@ -78,7 +78,10 @@ class Quantizer:
         if self.name == "torchao-int8wo":
             from torchao.quantization import Int8WeightOnlyConfig
 
-            return torchao_config(Int8WeightOnlyConfig())
+            # version 2 (`Int8Tensor`) explicitly: torchao 0.17's default is still version 1
+            # (`AffineQuantizedTensor`), which cannot be pinned, so group offloading with streams fails
+            # on it (measured on an H200, BENCHMARKS.md); 0.18 removed version 1.
+            return torchao_config(Int8WeightOnlyConfig(version=2))
         raise FvgError(f"unknown quantizer '{self.name}'")
 
 

@@ -87,6 +87,61 @@ def to_original_wan(state_dict: dict[str, torch.Tensor], alpha: float) -> dict[s
     return out
 
 
+# -- GGUF single files ------------------------------------------------------------------------------
+# Community quantizations of Wan (and ComfyUI) use the original key layout; diffusers converts it back
+# on load (`convert_wan_transformer_to_diffusers`). Writing that layout lets `--video-transformer` read
+# fvg's own files and lets hobbyist tools read a transformer fvg trained.
+
+_GGUF_TOP = {"condition_embedder.time_embedder.linear_1": "time_embedding.0",
+             "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+             "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+             "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+             "condition_embedder.time_proj": "time_projection.1", "proj_out": "head.head",
+             "scale_shift_table": "head.modulation", "patch_embedding": "patch_embedding"}
+_GGUF_BLOCK = {**_WAN_MODULES, "attn1.norm_q": "self_attn.norm_q", "attn1.norm_k": "self_attn.norm_k",
+               "attn2.norm_q": "cross_attn.norm_q", "attn2.norm_k": "cross_attn.norm_k", "norm2": "norm3",
+               "scale_shift_table": "modulation"}
+_GGUF_KEY = re.compile(r"^blocks\.(\d+)\.(.+?)(\.weight|\.bias|)$")
+
+
+def original_wan_key(key: str) -> str:
+    """A diffusers `WanTransformer3DModel` state-dict key in the original Wan layout."""
+    block = _GGUF_KEY.match(key)
+    if block:
+        return f"blocks.{block.group(1)}.{_GGUF_BLOCK[block.group(2)]}{block.group(3)}"
+    top = re.match(r"^(.+?)(\.weight|\.bias|)$", key)
+    return _GGUF_TOP[top.group(1)] + top.group(2)
+
+
+def save_wan_gguf(transformer, path) -> list[str]:
+    """Write `transformer` as a GGUF single file: Q8_0 (blocks of 32 int8 with one fp16 scale, 8.5 bits a
+    weight) for every 2-D weight whose rows split into blocks of 32, F32 for the rest, as the community's
+    Q8_0 files are laid out. Written to a temporary file and renamed. Returns the quantized keys."""
+    import os
+    from pathlib import Path
+
+    import gguf
+
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    writer = gguf.GGUFWriter(str(partial), "wan")
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    quantized = []
+    for key, value in transformer.state_dict().items():
+        array = value.detach().float().cpu().numpy()
+        if array.ndim == 2 and array.shape[-1] % 32 == 0:
+            writer.add_tensor(original_wan_key(key), gguf.quants.quantize(array, q8), raw_dtype=q8)
+            quantized.append(key)
+        else:
+            writer.add_tensor(original_wan_key(key), array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(partial, path)
+    return quantized
+
+
 # -- training --------------------------------------------------------------------------------------
 
 def flow_samplers(pipe, cfg, experts: list[str]) -> tuple[list[SigmaSampler], float]:
