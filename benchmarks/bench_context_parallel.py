@@ -5,7 +5,7 @@ head dim 128, A14B's FFN ratio) with fvg's per-frame modulation on every rank, r
 forward (timestep [B, F], latent frame 0 at 0) once whole on each rank, then enables diffusers' context
 parallelism through fvg (`fvg.parallel.enable_context_parallel`, the Wan family's plan) and runs it
 split. Rank 0 prints seconds per forward and the activation peak per rank (CUDA: `max_memory_allocated`
-less what was allocated before; CPU: not measured), both ways, and the largest difference between the
+less what was allocated before; CPU: the live tensors, counted), both ways, against `fvg memory`'s estimate, and the largest difference between the
 split and the whole output. Last line: `context-parallel N (MODE): X s vs Y s one process, max |diff| Z`.
 
     torchrun --nproc-per-node 2 benchmarks/bench_context_parallel.py                      # CPU, gloo, small
@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_wan_memory import build  # noqa: E402
 
 from fvg.families import get_family  # noqa: E402
+from fvg.memory import WanActivation  # noqa: E402
 from fvg.parallel import enable_context_parallel, init_context_parallel, validate_context_parallel  # noqa: E402
 
 GIB = 1024**3
@@ -47,11 +48,16 @@ def inputs(args, device: str, dtype: torch.dtype, degree: int):
     return latents, text, timestep
 
 
-def timed(model, latents, text, timestep, device: str, repeats: int) -> tuple[torch.Tensor, float, int | None]:
-    """(output, seconds per forward, activation peak bytes or None on CPU)."""
+def timed(model, latents, text, timestep, device: str, repeats: int) -> tuple[torch.Tensor, float, int]:
+    """(output, seconds per forward, activation peak bytes: CUDA's allocator; on CPU the live tensors of one
+    forward, counted by `fvg.memory.LiveTensorBytes`, collectives' buffers included)."""
+    from fvg.memory import LiveTensorBytes
+
     cuda = device.startswith("cuda")
     with torch.no_grad():
-        model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False)  # warm-up
+        tracker = LiveTensorBytes(ignore=[*model.parameters(), *model.buffers(), latents, text, timestep])
+        with tracker:  # also the warm-up
+            model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -62,7 +68,7 @@ def timed(model, latents, text, timestep, device: str, repeats: int) -> tuple[to
         if cuda:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / repeats
-    return out.float(), seconds, (torch.cuda.max_memory_allocated() - before) if cuda else None
+    return out.float(), seconds, (torch.cuda.max_memory_allocated() - before) if cuda else tracker.peak
 
 
 def main() -> None:
@@ -96,8 +102,12 @@ def main() -> None:
         print(f"{where}, {args.dtype}, dim {args.heads * 128}, {args.layers} layers, "
               f"{args.height}x{args.width}x{args.frames} ({tokens} tokens), {degree} process(es), "
               f"timesteps per {'frame' if timestep.shape[1] == latents.shape[2] else 'token'}")
-        if whole_peak is not None:
-            print(f"activation peak per rank: {whole_peak / GIB:.3f} GiB one process, {split_peak / GIB:.3f} GiB split")
+        estimate = WanActivation(dim=args.heads * 128, ffn_dim=round(args.heads * 128 * 13824 / 5120), vae_spatial=8)
+        per_token = timestep.shape[1] != latents.shape[2]
+        one, per_rank = (estimate.activation_bytes(args.height, args.width, args.frames, dtype.itemsize, n,
+                                                   args.mode, per_token) for n in (1, degree))
+        print(f"activation peak per rank: {whole_peak / GIB:.5f} GiB one process (estimate {one / GIB:.5f}), "
+              f"{split_peak / GIB:.5f} GiB split (estimate {per_rank / GIB:.5f}, ratio {per_rank / split_peak:.3f})")
         diff = (split - whole).abs().max().item()
         print(f"context-parallel {degree} ({args.mode}): {split_s:.4f} s vs {whole_s:.4f} s one process, "
               f"max |diff| {diff:.2e} (output scale {whole.abs().max().item():.2f})")

@@ -555,6 +555,21 @@ def test_fvg_memory_takes_the_weight_options_of_generate(capsys):
     assert "bnb-4bit" in out
 
 
+def test_fvg_memory_per_process_of_a_context_parallel_split(capsys):
+    """Every weight on every process; the video transformer's activations split (per frame where N divides
+    A14B's 21 latent frames, per token where it does not)."""
+    whole = estimate(get_preset("wan2.2-a14b"), torch.bfloat16).stages[1]
+    split = {n: estimate(get_preset("wan2.2-a14b"), torch.bfloat16, context_parallel=n).stages[1] for n in (3, 4)}
+    denoise = lambda stage: next(p for p in stage.phases if p.what == "denoise").activation_bytes  # noqa: E731
+    assert all(s.resident_bytes("gpu") == whole.resident_bytes("gpu") for s in split.values())
+    assert denoise(split[3]) < 0.5 * denoise(whole)  # 3 divides 21: per frame, a third of the tokens (+ all-to-all)
+    assert denoise(split[3]) < denoise(split[4]) < denoise(whole)  # 4 does not: per-token modulation costs more
+    code, out, err = run_cli(capsys, "memory", "--preset", "wan2.2-a14b", "--gpu-gib", "80", "--context-parallel", "3")
+    assert code == 0 and "context parallel 3 (ulysses): per process" in out + err, err
+    code, out, err = run_cli(capsys, "memory", "--preset", "cogvideox1.5-5b", "--gpu-gib", "80", "--context-parallel", "2")
+    assert code == 2 and err.strip().count("\n") == 0 and "no context-parallel plan" in err, err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--weights", "fp8", "--quantize", "torchao-int8wo"], "exclude each other"),
     (["--weights", "fp9"], "unknown --weights 'fp9'"),

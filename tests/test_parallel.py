@@ -188,3 +188,49 @@ def test_a_family_without_a_plan_is_refused():
     pipe = AnchoredCogVideoXPipeline(**tiny_cogvideox_components())
     with pytest.raises(FvgError, match="CogVideoX has no context-parallel plan .*CogVideoXTransformer3DModel"):
         cogvideox.check_context_parallel(pipe, 32, 32, 9, 2, "ulysses")
+
+
+@needs_gloo
+@pytest.mark.parametrize("shape", [
+    ("--frames", "13", "--height", "384", "--width", "384", "--heads", "4"),  # 4 latent frames: per frame
+    ("--frames", "9", "--height", "256", "--width", "512", "--heads", "6"),  # 3 latent frames: per token
+])
+def test_fvg_memory_per_rank_activation_against_two_processes(free_port, shape):
+    """`fvg memory --context-parallel N`'s per-rank activation (WanActivation) against the live tensors one
+    rank of a 2-process Ulysses forward holds (all-to-all buffers included), and the one-process forward."""
+    import re
+
+    proc = torchrun(free_port, str(ROOT / "benchmarks" / "bench_context_parallel.py"), *shape, "--dtype", "bfloat16",
+                    "--repeats", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("activation peak per rank"))
+    # "...: W GiB one process (estimate W'), S GiB split (estimate S', ratio R)"
+    whole, whole_est, split, split_est = [float(v) for v in re.findall(r"\d+\.\d+", line)[:4]]
+    assert abs(whole_est / whole - 1) < 0.15 and abs(split_est / split - 1) < 0.15, line
+    assert split < 0.7 * whole  # the split is real: each rank holds about half the tokens' activations
+
+
+@needs_gloo
+def test_eval_generate_splits_each_video_and_writes_once(tmp_path, free_port, outside_torchrun):
+    """`fvg eval generate --context-parallel 2` under torchrun: both ranks run every video (not a shard each),
+    rank 0 alone writes the videos, records and manifest; a rerun skips them on every rank alike."""
+    common = ["eval", "generate", "--suite", "minicompbench", "--preset", "tiny", "--limit", "1", "--categories",
+              "consistent_attr", "--modes", "t2v,factorized", "--seeds", "0", "--device", "cpu", "--frames", "13",
+              "--steps", "2"]
+    proc = torchrun(free_port, "-m", "fvg", *common, "-o", str(tmp_path / "cp"), "--context-parallel", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("2 generated, 0 already present, 0 failed") == 1  # rank 1 is quiet
+    manifest = [json.loads(x) for x in (tmp_path / "cp" / "manifest.jsonl").read_text().splitlines()]
+    assert [(e["mode"], e["status"]) for e in manifest] == [("t2v", "generated"), ("factorized", "generated")]
+    assert not list((tmp_path / "cp").glob("manifest.part-*"))
+    record = json.loads((tmp_path / "cp" / "records" / "factorized" / "seed0" / "consistent_attr" / "0001" /
+                         "run.json").read_text())
+    assert record["settings"]["context_parallel"]["degree"] == 2
+    again = torchrun(free_port, "-m", "fvg", *common, "-o", str(tmp_path / "cp"), "--context-parallel", "2")
+    assert again.returncode == 0 and "0 generated, 2 already present" in again.stderr, again.stderr[-3000:]
+    assert main([*common, "-o", str(tmp_path / "one")]) == 0
+    for mode in ("t2v", "factorized"):
+        video = Path(mode) / "seed0" / "consistent_attr" / "0001.mp4"
+        split, whole = read_mp4(tmp_path / "cp" / video), read_mp4(tmp_path / "one" / video)
+        assert split.shape == whole.shape == (13, 32, 32, 3)
+        assert np.abs(split.astype(int) - whole.astype(int)).max() <= 2, mode  # fp32 rounding, then the encoder

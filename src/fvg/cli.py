@@ -467,12 +467,16 @@ def memory(
     quantize: Optional[str] = QuantizeOpt,
     video_transformer: Optional[str] = VideoTransformerOpt,
     video_transformer_2: Optional[str] = VideoTransformer2Opt,
+    context_parallel: int = ContextParallelOpt,
+    context_parallel_mode: str = ContextParallelModeOpt,
 ):
     """Per-stage resident weights and activations of PRESET for each memory mode, without loading weights
-    (--weights, --quantize and GGUF transformers as `generate` would store them)."""
+    (--weights, --quantize and GGUF transformers as `generate` would store them; with --context-parallel N,
+    per process of the N)."""
     from fvg.animate.loading import resolve_dtype
     from fvg.memory import GIB, MODES, device_budget_bytes, estimate
     from fvg.families import get_family
+    from fvg.parallel import CP_MODES
     from fvg.presets import get_preset
 
     if memory_mode != "auto" and memory_mode not in MODES:
@@ -481,7 +485,10 @@ def memory(
     get_family(p.family).check_shape(p.height, p.width, p.num_frames)
     storage = WeightStorage(weights, quantize, video_transformer, video_transformer_2).validate("cuda", planning=True)
     budget = device_budget_bytes(gpu_gib)
-    est = estimate(p, resolve_dtype(dtype, "cuda"), storage=storage, vae_tiling=vae_tiling, planner=planner)
+    if context_parallel < 1 or context_parallel_mode not in CP_MODES:
+        raise FvgError(f"--context-parallel takes a degree >= 1 and --context-parallel-mode one of {', '.join(CP_MODES)}")
+    est = estimate(p, resolve_dtype(dtype, "cuda"), storage=storage, vae_tiling=vae_tiling, planner=planner,
+                   context_parallel=context_parallel, cp_mode=context_parallel_mode)
     modes = MODES if memory_mode == "auto" else (memory_mode,)
     gib = lambda n: f"{n / GIB:.2f}"  # noqa: E731
     from rich.table import Table

@@ -368,13 +368,27 @@ class WanActivation:
         grid = (height // self.vae_spatial // self.patch) * (width // self.vae_spatial // self.patch)
         return latent_frames(frames, self.vae_temporal) * grid
 
-    def activation_bytes(self, height: int, width: int, frames: int, b: int) -> int:
-        s, d = self.tokens(height, width, frames), self.dim
+    def activation_bytes(self, height: int, width: int, frames: int, b: int, context_parallel: int = 1,
+                         cp_mode: str = "ulysses", per_token: bool | None = None) -> int:
+        """Per process; `context_parallel` N > 1 (`fvg.parallel`): each rank's blocks hold S / N tokens, and the
+        attention exchange adds Ulysses' all-to-all buffers, 3 x [S/N, D] in bf16 and 5 in fp32 (measured on 2
+        gloo processes, benchmarks/bench_context_parallel.py; not derived), or ring's gathered keys and values
+        (2 x [S, D]; not measured: ring needs a CUDA attention kernel). Timesteps per token (`per_token`; by
+        default where N does not divide the latent frames, as the pipeline falls back): each rank holds its
+        tokens' modulation, [S/N, 6, D] in the run dtype and its fp32 sum with the block's table, and the fp32
+        time embedding [S/N, D], instead of the per-frame [F, 6, D]."""
+        n, d, f = context_parallel, self.dim, latent_frames(frames, self.vae_temporal)
+        s = self.tokens(height, width, frames) // n
         ffn = 4 * s * d * b + 2 * s * self.ffn_dim * b
         attention = 5 * s * d * b + (3 if b < 4 else 2) * s * d * 4
+        if n > 1:
+            attention += (3 if b < 4 else 5) * s * d * b if cp_mode == "ulysses" else 2 * n * s * d * b
         rope = 2 * s * self.head_dim * 4
         text = 3 * self.text_tokens * d * b
-        modulation = latent_frames(frames, self.vae_temporal) * 6 * d * 4
+        if (n > 1 and f % n) if per_token is None else per_token:
+            modulation = s * 6 * d * (b + 4) + s * d * 4
+        else:
+            modulation = f * 6 * d * 4
         return max(ffn, attention) + rope + text + modulation
 
 
@@ -705,12 +719,14 @@ def _text_encoder_activation(config: dict, tokens: int, b: int) -> int:
 
 
 def _denoiser_activation(family: str, config: dict, vae_config: dict, height: int, width: int, frames: int,
-                         b: int) -> int:
+                         b: int, context_parallel: int = 1, cp_mode: str = "ulysses") -> int:
     if family == "wan":
         spatial = vae_config.get("scale_factor_spatial") or 8
         act = WanActivation(dim=config["num_attention_heads"] * config["attention_head_dim"], ffn_dim=config["ffn_dim"],
                             vae_spatial=spatial, head_dim=config["attention_head_dim"], patch=config["patch_size"][-1])
-        return act.activation_bytes(height, width, frames, b)
+        return act.activation_bytes(height, width, frames, b, context_parallel, cp_mode)
+    if context_parallel > 1:
+        raise FvgError(f"--context-parallel: the {family} family has no context-parallel plan in diffusers")
     if family == "cogvideox":
         dim = config["num_attention_heads"] * config["attention_head_dim"]
         act = CogVideoXActivation(dim=dim, ffn_dim=4 * dim, text_tokens=config.get("max_text_seq_length", 226),
@@ -774,9 +790,14 @@ def _lora_numel(path: str | None) -> int:
 
 
 def estimate(preset: Preset, dtype: torch.dtype = torch.bfloat16, storage: WeightStorage | None = None,
-             vae_tiling: bool | None = None, planner: str | None = None) -> MemoryEstimate:
+             vae_tiling: bool | None = None, planner: str | None = None, context_parallel: int = 1,
+             cp_mode: str = "ulysses") -> MemoryEstimate:
     """Per-stage model sizes and activations for `preset` at its resolution and frame count, the
-    models stored as `storage` says (fp8, quantized, GGUF transformers; validated by the caller)."""
+    models stored as `storage` says (fp8, quantized, GGUF transformers; validated by the caller).
+
+    `context_parallel` N: per process of an N-way split video (`fvg.parallel`). Every rank holds all the
+    weights; the video transformer's activations are split (`WanActivation`); the text encoders, the VAE
+    and the anchor stage are counted whole (diffusers splits Qwen-Image's transformer too: an upper bound)."""
     if dtype not in DTYPE_BYTES:
         raise FvgError(f"unsupported dtype {dtype}")
     storage = storage or WeightStorage()
@@ -838,7 +859,10 @@ def estimate(preset: Preset, dtype: torch.dtype = torch.bfloat16, storage: Weigh
                  else s for s in sizes]
         notes.append(f"anchor LoRA: {lora:,} parameters per expert")
     tconf, vconf = configs["transformer"], configs["vae"]
-    denoise = _denoiser_activation(preset.family, tconf, vconf, h, w, f, b)
+    denoise = _denoiser_activation(preset.family, tconf, vconf, h, w, f, b, context_parallel, cp_mode)
+    if context_parallel > 1:
+        notes.append(f"context parallel {context_parallel} ({cp_mode}): per process; the video transformer's "
+                     f"activations split, every weight on every process")
     text = _text_encoder_activation(configs["text_encoder"], 512 if preset.family == "wan" else 226, b)
     experts = [s.name for s in sizes if s.name.startswith("transformer")]
     phases = (Phase("text_encoder", "encode", text),

@@ -13,7 +13,8 @@ from typing import List, Optional
 
 import typer
 
-from fvg.console import (ApiKeyEnvOpt, AttentionBackendOpt, CacheOpt, CompileOpt, PlanCacheOpt, PlannerModelOpt,
+from fvg.console import (ApiKeyEnvOpt, AttentionBackendOpt, CacheOpt, CompileOpt, ContextParallelModeOpt,
+                         ContextParallelOpt, PlanCacheOpt, PlannerModelOpt,
                          PlannerOpt, PlannerUrlOpt, console,
                          planner_options, progress_bar, run_app, setup_logging)
 from fvg.io import FvgError
@@ -76,8 +77,11 @@ def generate(
     attention_backend: Optional[str] = AttentionBackendOpt,
     compile: bool = CompileOpt,
     cache: str = CacheOpt,
+    context_parallel: int = ContextParallelOpt,
+    context_parallel_mode: str = ContextParallelModeOpt,
 ):
-    """Generate every (prompt, mode, seed) video of a suite; resumable; shard with `accelerate launch`."""
+    """Generate every (prompt, mode, seed) video of a suite; resumable; shard with `accelerate launch`, or split
+    each video over the processes with `torchrun ... --context-parallel N`."""
     from .generate import (GenerateSettings, check_config, distributed_state, parse_modes, parse_seeds, plan_jobs,
                            run_generation, shard)
     from .suites import load_suite
@@ -86,7 +90,8 @@ def generate(
         raise FvgError(f"--steps must be at least 1, got {steps}")
     from fvg.speed import SpeedOptions, validate_speed
 
-    validate_speed(SpeedOptions(attention_backend, compile, cache))  # before any folder is written
+    validate_speed(SpeedOptions(attention_backend, compile, cache, context_parallel,
+                                context_parallel_mode))  # before any folder is written
     the_suite = load_suite(suite, suite_dir, samples).select(_split(categories), limit)
     mode_list, seed_list = parse_modes(modes), parse_seeds(seeds)
     if dry_run:
@@ -98,16 +103,20 @@ def generate(
     settings = GenerateSettings(the_suite, mode_list, seed_list, out, preset, steps,
                                 {k: v for k, v in overrides.items() if v is not None}, device, dtype, cpu_offload,
                                 vae_tiling, planner_options(api_key_env, planner_url, plan_cache),
-                                attention_backend, compile, cache)
+                                attention_backend, compile, cache, context_parallel, context_parallel_mode)
     setup_logging("fvg.animate")  # says which LoRA each expert got when one was found on disk
     check_config(settings)  # before any progress bar: a refused folder is a one-line error
     state = distributed_state(device)
-    total = len(shard(plan_jobs(the_suite, mode_list, seed_list), state.process_index, state.num_processes))
-    label = f"rank {state.process_index}/{state.num_processes} videos" if state.num_processes > 1 else "videos"
+    sharded = state.num_processes > 1 and context_parallel == 1  # else one stream of videos, split or not
+    if context_parallel > 1 and not state.is_main_process:
+        console.quiet = True  # rank 0 speaks for all: the ranks run the same videos
+    total = len(shard(plan_jobs(the_suite, mode_list, seed_list), state.process_index if sharded else 0,
+                      state.num_processes if sharded else 1))
+    label = f"rank {state.process_index}/{state.num_processes} videos" if sharded else "videos"
     with progress_bar(disable=not state.is_main_process) as progress:
         task = progress.add_task(label, total=total)
         summary = run_generation(settings, on_video=lambda job, status: progress.advance(task), state=state)
-    who = f"rank {state.process_index}: " if state.num_processes > 1 else ""
+    who = f"rank {state.process_index}: " if sharded else ""
     console.print(f"{who}{summary.generated} generated, {summary.skipped} already present, {summary.failed} failed "
                   f"in {summary.seconds:.1f} s")
     for error in summary.errors[:5]:

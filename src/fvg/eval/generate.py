@@ -59,6 +59,8 @@ class GenerateSettings:
     attention_backend: str | None = None  # speed options (fvg.speed)
     compile: bool = False
     cache: str = "none"
+    context_parallel: int = 1  # torchrun processes that split each video (fvg.parallel); 1: shard the suite instead
+    context_parallel_mode: str = "ulysses"
 
 
 @dataclass
@@ -255,28 +257,37 @@ def distributed_state(device: str | None = None):
 def run_generation(settings: GenerateSettings, on_video: Callable[[VideoJob, str], None] | None = None,
                    state=None, pipe=None) -> GenerateSummary:
     """Generate this process's share of the suite; `state` is an accelerate `PartialState`. `pipe`: an
-    already loaded `FactorizedPipeline` of `settings.preset` (e.g. shared by several runs in one process)."""
+    already loaded `FactorizedPipeline` of `settings.preset` (e.g. shared by several runs in one process).
+
+    Processes shard the suite, one video each at a time; with `context_parallel` N (= the processes)
+    they split every video instead: all run every job, rank 0 decides which are done and alone writes."""
+    from fvg.parallel import broadcast_from_main, validate_context_parallel
     from fvg.pipeline import FactorizedPipeline
 
     state = state or distributed_state(settings.device)
-    rank, world = state.process_index, state.num_processes
+    split_videos = settings.context_parallel > 1
+    validate_context_parallel(settings.context_parallel, settings.context_parallel_mode)
+    rank, world = (0, 1) if split_videos else (state.process_index, state.num_processes)
+    main = state.is_main_process
     preset = get_preset(settings.preset, **settings.overrides)  # fail on a bad preset before any work
     config = check_config(settings)
     jobs = plan_jobs(settings.suite, settings.modes, settings.seeds)
     mine = shard(jobs, rank, world)
-    if state.is_main_process:
+    if main:
         write_json(settings.out / CONFIG, {**config, "updated": utc_timestamp()})
-    # One process: the pipeline's own default device. Several: each its own (cuda:<local rank>).
+    # One process, or one split video: the pipeline's own device choice (context parallelism takes
+    # cuda:<local rank>). Several sharding processes: each its own (cuda:<local rank>).
     device = settings.device or (str(state.device) if world > 1 else None)
     if (device or str(state.device)) == "cpu":
-        _set_cpu_threads(world)
+        _set_cpu_threads(state.num_processes)
     planner_options = dict(settings.planner_options)
     if world > 1:  # a local planner LLM would otherwise load on the default GPU in every process
         planner_options.setdefault("device", device)
     pipe = pipe or FactorizedPipeline.from_preset(
         settings.preset, device=device, dtype=settings.dtype, cpu_offload=settings.cpu_offload,
         vae_tiling=settings.vae_tiling, planner_options=planner_options, attention_backend=settings.attention_backend,
-        compile=settings.compile, cache=settings.cache, **settings.overrides)
+        compile=settings.compile, cache=settings.cache, context_parallel=settings.context_parallel,
+        context_parallel_mode=settings.context_parallel_mode, **settings.overrides)
     plans = _PlanStore(pipe, settings.out)
     start = time.perf_counter()
     entries: list[tuple[int, dict]] = []
@@ -286,9 +297,12 @@ def run_generation(settings: GenerateSettings, on_video: Callable[[VideoJob, str
     for group in _grouped(mine):
         plan = None
         for job in group:
+            # split videos: every rank must take the same branch, so rank 0's view of the folder decides
+            done = broadcast_from_main(mp4_is_valid(settings.out / job.video, preset.num_frames) if main else None) \
+                if split_videos else mp4_is_valid(settings.out / job.video, preset.num_frames)
             if fatal is not None:
                 status, error = "failed", f"not run: {fatal}"
-            elif mp4_is_valid(settings.out / job.video, preset.num_frames):
+            elif done:
                 status, error = "skipped", None
             else:
                 status, error = "generated", None
@@ -298,7 +312,8 @@ def run_generation(settings: GenerateSettings, on_video: Callable[[VideoJob, str
                         plan, plan_seconds = plans.get(group)
                     result = pipe(job.item.prompt, mode=job.mode, seed=job.seed, steps=settings.steps,
                                   plan=plan if job.mode != "t2v" else None)
-                    _save(result, job, settings.out, settings.suite, plan_seconds)
+                    if main or not split_videos:
+                        _save(result, job, settings.out, settings.suite, plan_seconds)
                 except FvgError as exc:  # a user mistake (missing model, bad option) fails every job alike
                     fatal, status, error = exc, "failed", str(exc)
                 except Exception as exc:  # e.g. out of memory on one prompt: record it, go on with the rest
@@ -309,9 +324,10 @@ def run_generation(settings: GenerateSettings, on_video: Callable[[VideoJob, str
             entries.append((job.order, _entry(job, settings.out, status, rank, error)))
             if on_video:
                 on_video(job, status)
-    _write_part(settings.out, rank, entries)
+    if main or not split_videos:
+        _write_part(settings.out, rank, entries)
     state.wait_for_everyone()  # every part is on disk before the main process merges them
-    manifest = merge_manifest(settings.out, world, settings.suite.name) if state.is_main_process else None
+    manifest = merge_manifest(settings.out, world, settings.suite.name) if main else None
     state.wait_for_everyone()
     if fatal is not None:
         raise fatal
