@@ -209,7 +209,7 @@ def run_job(stage: str, preset_name: str, mode: str, steps: int, toy: bool, weig
             record["fp8_components"] = store_denoisers_in_fp8(pipe, torch.bfloat16 if not toy else torch.float32)
         elif weights in LOADED_WEIGHTS:
             t0 = time.perf_counter()
-            pipe = reload_with_weights(pipe, preset_name, weights, device, record)
+            pipe = reload_with_weights(pipe, weights, device, record)
             record["save_and_load_s"] = round(time.perf_counter() - t0, 1)
         record["weights_gib"] = round(sum(module_bytes(m) for m in pipe.components.values()
                                           if isinstance(m, torch.nn.Module)) / GIB, 2)
@@ -251,7 +251,7 @@ def run_job(stage: str, preset_name: str, mode: str, steps: int, toy: bool, weig
     return record
 
 
-def reload_with_weights(pipe, preset_name: str, weights: str, device: str, record: dict):
+def reload_with_weights(pipe, weights: str, device: str, record: dict):
     """`pipe` saved to a temporary folder and loaded back by its family's loader with `weights`
     (`--quantize torchao-int8wo` or a Q8_0 GGUF video transformer): the path a checkpoint on disk takes.
     The VAE's tiling is carried over; the folder is removed once loaded. A full-size build has no tokenizer

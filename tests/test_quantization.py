@@ -414,3 +414,15 @@ def test_gguf_through_the_cli(wan_dir, tmp_path, capsys):
     record = json.loads((out / "run.json").read_text())
     assert record["settings"]["weights"]["video_transformer"] == str(tmp_path / "t.gguf")
     assert (out / "video.mp4").stat().st_size > 0 and (out / "anchor.png").is_file()
+
+
+def test_a_failed_gguf_write_leaves_no_file(tmp_path, monkeypatch):
+    gguf = pytest.importorskip("gguf", reason="gguf is the optional quant extra: pip install 'fvg[quant]'")
+
+    def broken(array, kind):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf.quants, "quantize", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_wan_gguf(tiny_wan_components()["transformer"], tmp_path / "t.gguf")
+    assert list(tmp_path.iterdir()) == []

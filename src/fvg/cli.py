@@ -476,7 +476,7 @@ def memory(
     from fvg.animate.loading import resolve_dtype
     from fvg.memory import GIB, MODES, device_budget_bytes, estimate
     from fvg.families import get_family
-    from fvg.parallel import CP_MODES
+    from fvg.parallel import check_context_parallel_options
     from fvg.presets import get_preset
 
     if memory_mode != "auto" and memory_mode not in MODES:
@@ -485,8 +485,7 @@ def memory(
     get_family(p.family).check_shape(p.height, p.width, p.num_frames)
     storage = WeightStorage(weights, quantize, video_transformer, video_transformer_2).validate("cuda", planning=True)
     budget = device_budget_bytes(gpu_gib)
-    if context_parallel < 1 or context_parallel_mode not in CP_MODES:
-        raise FvgError(f"--context-parallel takes a degree >= 1 and --context-parallel-mode one of {', '.join(CP_MODES)}")
+    check_context_parallel_options(context_parallel, context_parallel_mode)  # planning: no torchrun needed
     est = estimate(p, resolve_dtype(dtype, "cuda"), storage=storage, vae_tiling=vae_tiling, planner=planner,
                    context_parallel=context_parallel, cp_mode=context_parallel_mode)
     modes = MODES if memory_mode == "auto" else (memory_mode,)

@@ -59,12 +59,17 @@ def torchrun_world() -> TorchrunWorld | None:
         return None
 
 
-def validate_context_parallel(degree: int, mode: str = "ulysses") -> None:
-    """One-line FvgError for a degree or mode that cannot run in this process (before any model loads)."""
+def check_context_parallel_options(degree: int, mode: str = "ulysses") -> None:
+    """One-line FvgError for a degree or mode that does not exist (`fvg memory` plans with these too)."""
     if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
         raise FvgError(f"--context-parallel must be a whole number >= 1, got {degree}")
     if mode not in CP_MODES:
         raise FvgError(f"unknown context-parallel mode '{mode}': use one of {', '.join(CP_MODES)}")
+
+
+def validate_context_parallel(degree: int, mode: str = "ulysses") -> None:
+    """One-line FvgError for a degree or mode that cannot run in this process (before any model loads)."""
+    check_context_parallel_options(degree, mode)
     if degree == 1:
         return
     world = torchrun_world()
@@ -188,6 +193,6 @@ def split_anchor_model(pipe, degree: int) -> bool:
     return True
 
 
-__all__ = ["CP_MODES", "TorchrunWorld", "broadcast_from_main", "context_parallel_degree", "enable_context_parallel",
-           "init_context_parallel", "is_main_process", "split_anchor_model", "torchrun_world",
-           "validate_context_parallel"]
+__all__ = ["CP_MODES", "TorchrunWorld", "broadcast_from_main", "check_context_parallel_options",
+           "context_parallel_degree", "enable_context_parallel", "init_context_parallel", "is_main_process",
+           "split_anchor_model", "torchrun_world", "validate_context_parallel"]

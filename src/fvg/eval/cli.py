@@ -82,8 +82,8 @@ def generate(
 ):
     """Generate every (prompt, mode, seed) video of a suite; resumable; shard with `accelerate launch`, or split
     each video over the processes with `torchrun ... --context-parallel N`."""
-    from .generate import (GenerateSettings, check_config, distributed_state, parse_modes, parse_seeds, plan_jobs,
-                           run_generation, shard)
+    from .generate import (GenerateSettings, check_config, distributed_state, job_share, parse_modes, parse_seeds,
+                           plan_jobs, run_generation, shard)
     from .suites import load_suite
 
     if steps is not None and steps < 1:
@@ -107,11 +107,11 @@ def generate(
     setup_logging("fvg.animate")  # says which LoRA each expert got when one was found on disk
     check_config(settings)  # before any progress bar: a refused folder is a one-line error
     state = distributed_state(device)
-    sharded = state.num_processes > 1 and context_parallel == 1  # else one stream of videos, split or not
+    rank, world = job_share(state, context_parallel)
+    sharded = world > 1
     if context_parallel > 1 and not state.is_main_process:
         console.quiet = True  # rank 0 speaks for all: the ranks run the same videos
-    total = len(shard(plan_jobs(the_suite, mode_list, seed_list), state.process_index if sharded else 0,
-                      state.num_processes if sharded else 1))
+    total = len(shard(plan_jobs(the_suite, mode_list, seed_list), rank, world))
     label = f"rank {state.process_index}/{state.num_processes} videos" if sharded else "videos"
     with progress_bar(disable=not state.is_main_process) as progress:
         task = progress.add_task(label, total=total)

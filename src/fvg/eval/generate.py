@@ -104,6 +104,12 @@ def shard(jobs: list[VideoJob], rank: int, world: int) -> list[VideoJob]:
     return [j for j in jobs if j.group % world == rank]
 
 
+def job_share(state, context_parallel: int) -> tuple[int, int]:
+    """(rank, world) for `shard`: each process its share of the suite, or, when the processes split every
+    video (`context_parallel` > 1), all of them the whole suite."""
+    return (0, 1) if context_parallel > 1 else (state.process_index, state.num_processes)
+
+
 def _fingerprint(settings: GenerateSettings) -> dict:
     # What makes two runs' videos comparable: mixing presets or step counts in one folder would not be.
     overrides = {k: v for k, v in sorted(settings.overrides.items()) if v is not None}
@@ -267,8 +273,9 @@ def run_generation(settings: GenerateSettings, on_video: Callable[[VideoJob, str
     state = state or distributed_state(settings.device)
     split_videos = settings.context_parallel > 1
     validate_context_parallel(settings.context_parallel, settings.context_parallel_mode)
-    rank, world = (0, 1) if split_videos else (state.process_index, state.num_processes)
+    rank, world = job_share(state, settings.context_parallel)
     main = state.is_main_process
+    writes = main or not split_videos  # a split video has one writer
     preset = get_preset(settings.preset, **settings.overrides)  # fail on a bad preset before any work
     config = check_config(settings)
     jobs = plan_jobs(settings.suite, settings.modes, settings.seeds)
@@ -297,9 +304,9 @@ def run_generation(settings: GenerateSettings, on_video: Callable[[VideoJob, str
     for group in _grouped(mine):
         plan = None
         for job in group:
-            # split videos: every rank must take the same branch, so rank 0's view of the folder decides
-            done = broadcast_from_main(mp4_is_valid(settings.out / job.video, preset.num_frames) if main else None) \
-                if split_videos else mp4_is_valid(settings.out / job.video, preset.num_frames)
+            done = mp4_is_valid(settings.out / job.video, preset.num_frames) if writes else None
+            if split_videos:  # every rank must take the same branch: the writer's view of the folder decides
+                done = broadcast_from_main(done)
             if fatal is not None:
                 status, error = "failed", f"not run: {fatal}"
             elif done:
@@ -312,7 +319,7 @@ def run_generation(settings: GenerateSettings, on_video: Callable[[VideoJob, str
                         plan, plan_seconds = plans.get(group)
                     result = pipe(job.item.prompt, mode=job.mode, seed=job.seed, steps=settings.steps,
                                   plan=plan if job.mode != "t2v" else None)
-                    if main or not split_videos:
+                    if writes:
                         _save(result, job, settings.out, settings.suite, plan_seconds)
                 except FvgError as exc:  # a user mistake (missing model, bad option) fails every job alike
                     fatal, status, error = exc, "failed", str(exc)
@@ -324,7 +331,7 @@ def run_generation(settings: GenerateSettings, on_video: Callable[[VideoJob, str
             entries.append((job.order, _entry(job, settings.out, status, rank, error)))
             if on_video:
                 on_video(job, status)
-    if main or not split_videos:
+    if writes:
         _write_part(settings.out, rank, entries)
     state.wait_for_everyone()  # every part is on disk before the main process merges them
     manifest = merge_manifest(settings.out, world, settings.suite.name) if main else None

@@ -124,21 +124,24 @@ def save_wan_gguf(transformer, path) -> list[str]:
 
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    writer = gguf.GGUFWriter(str(partial), "wan")
     q8 = gguf.GGMLQuantizationType.Q8_0
     quantized = []
-    for key, value in transformer.state_dict().items():
-        array = value.detach().float().cpu().numpy()
-        if array.ndim == 2 and array.shape[-1] % 32 == 0:
-            writer.add_tensor(original_wan_key(key), gguf.quants.quantize(array, q8), raw_dtype=q8)
-            quantized.append(key)
-        else:
-            writer.add_tensor(original_wan_key(key), array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(partial, path)
+    try:
+        writer = gguf.GGUFWriter(str(partial), "wan")
+        for key, value in transformer.state_dict().items():
+            array = value.detach().float().cpu().numpy()
+            if array.ndim == 2 and array.shape[-1] % 32 == 0:
+                writer.add_tensor(original_wan_key(key), gguf.quants.quantize(array, q8), raw_dtype=q8)
+                quantized.append(key)
+            else:
+                writer.add_tensor(original_wan_key(key), array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)  # only a failed write leaves one
     return quantized
 
 
