@@ -29,7 +29,8 @@ from bench_wan_memory import build  # noqa: E402
 
 from fvg.families import get_family  # noqa: E402
 from fvg.memory import WanActivation  # noqa: E402
-from fvg.parallel import enable_context_parallel, init_context_parallel, validate_context_parallel  # noqa: E402
+from fvg.parallel import (enable_context_parallel, init_context_parallel, leave_process_group,  # noqa: E402
+                          validate_context_parallel)  # noqa: E402
 
 GIB = 1024**3
 
@@ -111,8 +112,8 @@ def main() -> None:
         diff = (split - whole).abs().max().item()
         print(f"context-parallel {degree} ({args.mode}): {split_s:.4f} s vs {whole_s:.4f} s one process, "
               f"max |diff| {diff:.2e} (output scale {whole.abs().max().item():.2f})")
-    if degree > 1:
-        dist.destroy_process_group()
+    del model  # the split model holds the process group (see leave_process_group)
+    leave_process_group()
 
 
 if __name__ == "__main__":

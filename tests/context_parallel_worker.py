@@ -19,6 +19,7 @@ from PIL import Image
 
 from fvg.animate.wan import AnchoredWanPipeline
 from fvg.families import get_family
+from fvg.parallel import leave_process_group
 import fvg.speed
 from fvg.speed import SpeedOptions, apply_speed, transformers, validate_speed
 from fvg.tiny import tiny_wan_components
@@ -121,7 +122,8 @@ def main(out_path: str) -> None:
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(findings, f)
-    dist.destroy_process_group()
+    del pipes  # the split models hold the process group (see leave_process_group)
+    leave_process_group()
 
 
 if __name__ == "__main__":

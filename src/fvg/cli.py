@@ -533,7 +533,12 @@ from fvg.miniworld.cli import register as _register_miniworld; _register_miniwor
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_app(app, argv)
+    code = run_app(app, argv)
+    if code == 0:  # under torchrun (--context-parallel) every rank arrives before any leaves
+        from fvg.parallel import leave_process_group
+
+        leave_process_group()
+    return code
 
 
 if __name__ == "__main__":

@@ -116,6 +116,25 @@ class _OneDimensionalTimestep(logging.Filter):
 _ONE_DIMENSIONAL_TIMESTEP = _OneDimensionalTimestep()  # one instance: adding it again is a no-op
 
 
+def leave_process_group() -> None:
+    """Wait for every rank, free what still holds the process group, and leave it (nothing outside one).
+
+    Why: diffusers keeps the group in the split model (its parallel config, on the model and on every
+    attention processor). A gloo group that outlives `destroy_process_group` is torn down at interpreter
+    exit instead, where a rank whose peer has already exited can die with "terminate called without an
+    active exception" (CI saw it; about one 2-process launch in 15 here). So callers drop their split
+    models first; the collection here frees the ones that only a reference cycle still keeps. Call it on
+    success only: a rank that failed exits without waiting, and torchrun stops the others."""
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def is_main_process() -> bool:
     """True outside a process group and on rank 0: the process that writes outputs."""
     import torch.distributed as dist
@@ -195,4 +214,4 @@ def split_anchor_model(pipe, degree: int) -> bool:
 
 __all__ = ["CP_MODES", "TorchrunWorld", "broadcast_from_main", "check_context_parallel_options",
            "context_parallel_degree", "enable_context_parallel", "init_context_parallel", "is_main_process",
-           "split_anchor_model", "torchrun_world", "validate_context_parallel"]
+           "leave_process_group", "split_anchor_model", "torchrun_world", "validate_context_parallel"]
