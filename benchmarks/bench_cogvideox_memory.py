@@ -38,43 +38,6 @@ def _status(field: str) -> int:
     raise RuntimeError(field)
 
 
-def live_tensor_peak_mode():
-    """A TorchDispatchMode tracking the peak bytes of live tensor storages created under it: exact and
-    independent of the allocator (weights and inputs made before are not counted)."""
-    import weakref
-
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    class LiveTensorPeak(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.refs, self.size, self.live, self.peak = {}, {}, 0, 0
-
-        def _release(self, key):
-            self.refs[key] -= 1
-            if self.refs[key] == 0:
-                self.live -= self.size.pop(key)
-                del self.refs[key]
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    storage = t.untyped_storage()
-                    key = (storage.data_ptr(), storage.nbytes())
-                    if key not in self.refs:
-                        self.refs[key], self.size[key] = 0, storage.nbytes()
-                        self.live += storage.nbytes()
-                        self.peak = max(self.peak, self.live)
-                    self.refs[key] += 1
-                    weakref.finalize(t, self._release, key)
-            return out
-
-    return LiveTensorPeak()
-
-
 def child(args) -> dict:
     import torch
 
@@ -142,7 +105,9 @@ def child(args) -> dict:
     seconds = time.perf_counter() - start
     peak = _status("VmHWM")
     saved_bytes = sum(saved.values())
-    tracker = live_tensor_peak_mode()  # a second call, under the tracker (it slows the ops down)
+    from fvg.memory import LiveTensorBytes
+
+    tracker = LiveTensorBytes()  # a second call, under the tracker (it slows the ops down)
     model.zero_grad(set_to_none=True)
     gc.collect()
     with tracker:

@@ -24,16 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cogvideox_memory import live_tensor_peak_mode  # noqa: E402
-
-from fvg.animate.wan import use_frame_modulation  # noqa: E402
+from fvg.animate.wan import use_frame_modulation
+from fvg.memory import LiveTensorBytes
 
 GIB = 1024**3
 
@@ -66,7 +63,7 @@ def measure(model, inputs, timestep, device: str) -> tuple[int, float]:
             model(**inputs, timestep=timestep, return_dict=False)
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - before, time.perf_counter() - start
-        mode = live_tensor_peak_mode()
+        mode = LiveTensorBytes()
         start = time.perf_counter()
         with mode:
             model(**inputs, timestep=timestep, return_dict=False)

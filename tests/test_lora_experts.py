@@ -153,3 +153,43 @@ def test_cli_reports_the_found_lora_and_records_it(two_expert_dir, tmp_path, cap
     assert code == 0 and "low-noise expert LoRA" in err and "anchor_lora_2.safetensors" in err
     settings = json.loads((out / "run.json").read_text())["settings"]
     assert settings["lora"] == str(first) and settings["lora_2"] == str(second)
+
+
+def test_a_fused_lora_serves_the_anchored_mode_and_the_baselines_get_the_exact_base_back(two_expert_dir, tmp_path):
+    """`fuse_lora` merges each expert's LoRA while a factorized video samples; switching to a baseline
+    restores the saved base weights bit for bit (PEFT's own unmerge subtracts, which leaves rounding)."""
+    import numpy as np
+
+    first, second = write_lora(tmp_path / "high.safetensors", seed=1), write_lora(tmp_path / "low.safetensors", seed=2)
+    options = dict(video_model=str(two_expert_dir), lora=str(first), lora_2=str(second))
+    fused = FactorizedPipeline.from_preset("tiny", fuse_lora=True, **options)
+    unfused = FactorizedPipeline.from_preset("tiny", fuse_lora=False, **options)
+    experts = [fused.video_pipe.transformer, fused.video_pipe.transformer_2]
+    base = [{k: v.clone() for k, v in m.state_dict().items()} for m in experts]
+    image = Image.new("RGB", (32, 32), (200, 40, 40))
+
+    plain_before = fused.animate("a red circle", None, 0, 2)
+    anchored = fused.animate("a red circle", image, 0, 2)
+    assert all(getattr(m, "_fvg_base_weights", None) is not None for m in experts)  # merged while anchored
+    changed = [k for k, v in experts[0].state_dict().items() if "base_layer" in k and not torch.equal(v, base[0][k])]
+    assert changed  # the merge is real: the adapted layers' weights moved
+    plain_after = fused.animate("a red circle", None, 0, 2)
+    for model, saved in zip(experts, base):
+        state = model.state_dict()
+        assert all(torch.equal(state[k], saved[k]) for k in saved)  # every tensor as before, bit for bit
+    np.testing.assert_array_equal(plain_before, plain_after)
+    np.testing.assert_array_equal(plain_after, unfused.animate("a red circle", None, 0, 2))
+    # the anchored mode: the same video as PEFT's unmerged forward, to float rounding
+    assert np.abs(anchored.astype(int) - unfused.animate("a red circle", image, 0, 2).astype(int)).max() <= 1
+    result = fused("a red circle moves right", mode="factorized", seed=0, steps=2)
+    assert result.settings["lora_fused"] is True and result.settings["fuse_lora"] is True
+
+
+def test_no_fusing_into_stored_or_streamed_weights(two_expert_dir, tmp_path):
+    from fvg.weight_storage import WeightStorage
+
+    lora = write_lora(tmp_path / "high.safetensors", seed=1)
+    pipe = FactorizedPipeline.from_preset("tiny", fuse_lora=True, lora=str(lora), storage=WeightStorage(weights="fp8"))
+    result = pipe("a red circle moves right", mode="factorized", seed=0, steps=2)
+    assert result.settings["lora_fused"] is False
+    assert getattr(pipe.video_pipe.transformer, "_fvg_base_weights", None) is None

@@ -170,7 +170,7 @@ def test_outside_torchrun_is_one_line(tmp_path, capsys, outside_torchrun):
     assert torchrun_world() is None
     assert run_cli(tmp_path, "--context-parallel", "2") == 2
     err = capsys.readouterr().err
-    assert "runs under torchrun, one process per part: torchrun --nproc-per-node 2 -m fvg generate" in err
+    assert "runs under torchrun, one process per part: torchrun --nproc-per-node 2 -m fvg COMMAND" in err
     assert "Traceback" not in err and not (tmp_path / "o").exists()
     image = tmp_path / "anchor.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)

@@ -123,3 +123,46 @@ def test_a_family_without_zero_padded_text_refuses_compaction():
     pipe = AnchoredCogVideoXPipeline(**tiny_cogvideox_components())
     with pytest.raises(FvgError, match="text compaction applies to Wan-family pipelines, not CogVideoX"):
         get_family("cogvideox").compact_text_padding(pipe)
+
+
+def test_the_text_encoder_runs_over_the_real_tokens_only():
+    """WanPipeline's prompt embeddings with the encoder trimmed to the longest real prompt equal the full
+    512-position run's (the pad outputs are zeros either way), and the encoder really saw the short batch."""
+    from diffusers import WanPipeline
+
+    from fvg.families.text_padding import TrimmedTextEncoding
+    from fvg.tiny import tiny_wan_components
+
+    pipe = WanPipeline(**tiny_wan_components())
+    prompts = ["a red circle", "a small blue square above a large red circle moves left", ""]
+    seen = []
+    with torch.no_grad():
+        want = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=LENGTH)[0]
+        trim = TrimmedTextEncoding(pipe.text_encoder)
+        again = TrimmedTextEncoding(pipe.text_encoder)  # a second instance (a shared encoder) does nothing
+        pipe.text_encoder.register_forward_pre_hook(
+            lambda _m, args, kwargs: seen.append(kwargs["input_ids"].shape), with_kwargs=True)
+        got = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=LENGTH)[0]
+    longest = max(len(pipe.tokenizer(p).input_ids) for p in prompts)
+    assert seen == [torch.Size([3, longest])] and longest < 20
+    assert got.shape == want.shape == (3, LENGTH, want.shape[2])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert got[:, longest:].abs().max() == 0 and want[:, :longest].abs().max() > 0
+    again.remove()
+    assert pipe.text_encoder._fvg_trimmed  # the first instance still holds
+    trim.remove()
+    assert not pipe.text_encoder._fvg_trimmed and len(pipe.text_encoder._forward_pre_hooks) == 1
+
+
+def test_compaction_covers_the_encoder_of_a_whole_pipeline():
+    from diffusers import WanPipeline
+
+    from fvg.families.text_padding import TrimmedTextEncoding
+    from fvg.tiny import tiny_wan_components
+
+    pipe = WanPipeline(**tiny_wan_components())
+    hooks = get_family("wan").compact_text_padding(pipe)
+    assert [type(h) for h in hooks] == [CompactTextPadding, TrimmedTextEncoding]
+    for hook in hooks:
+        hook.remove()
+    assert not pipe.text_encoder._forward_pre_hooks and not pipe.transformer._forward_pre_hooks

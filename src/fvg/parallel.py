@@ -75,7 +75,8 @@ def validate_context_parallel(degree: int, mode: str = "ulysses") -> None:
     world = torchrun_world()
     if world is None:
         raise FvgError(f"--context-parallel {degree} runs under torchrun, one process per part: torchrun "
-                       f"--nproc-per-node {degree} -m fvg generate ... --context-parallel {degree}")
+                       f"--nproc-per-node {degree} -m fvg COMMAND ... --context-parallel {degree} (COMMAND: this one, "
+                       "e.g. generate, animate, eval generate)")
     if world.world_size != degree:
         raise FvgError(f"--context-parallel {degree} does not match torchrun's {world.world_size} process(es) "
                        f"(WORLD_SIZE): launch with --nproc-per-node {degree}")

@@ -396,7 +396,7 @@ class FactorizedPipeline:
                 progress("animate", i + 1, steps)
                 return {}
         # The anchor LoRA serves the anchored mode; the baselines are the plain base model, as in the paper.
-        set_anchor_lora(pipe, anchor is not None)
+        set_anchor_lora(pipe, anchor is not None, fuse=self._fuses_lora())
         kwargs = self.family.call_arguments(pipe, p, anchored=anchor is not None)
         cache_key = MagCacheKey(p.video_model, (p.lora, p.lora_2), anchor is not None, steps)
         with self._speed.sampling(cache_key):
@@ -408,6 +408,13 @@ class FactorizedPipeline:
                 callback_on_step_end=callback, **kwargs,
             )
         return to_uint8(result.frames[0])
+
+    def _fuses_lora(self) -> bool:
+        """The preset's `fuse_lora`, where merging is safe: native weights (not fp8-stored, quantized or
+        GGUF, which a merge would corrupt or cannot take) and a video model placed whole (group offloading
+        streams copies of the weights that a merge would not reach)."""
+        return (self.preset.fuse_lora and self.storage.is_default
+                and self.residency.modes.get("animate") in ("gpu", "model-offload"))
 
     # -- the whole method ----------------------------------------------------------------------
 
@@ -463,6 +470,7 @@ class FactorizedPipeline:
             "device": self.device, "dtype": str(self.dtype).removeprefix("torch."),
             "memory": self.memory, "memory_modes": dict(self.residency.modes), "vae_tiling": self.vae_tiling,
             "weights": self.storage.record(),
+            "lora_fused": bool(anchor is not None and self.preset.lora and self._fuses_lora()),
             **self.speed.settings(),
         }
         if self.speed.context_parallel > 1 and anchor is not None and anchor.source != "file":

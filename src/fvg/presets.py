@@ -47,6 +47,11 @@ class Preset:
     # Sample over Wan's zero text padding through one kept row (fvg.families.text_padding): same output to
     # float rounding, faster. Off where outputs must stay bitwise equal to stock diffusers.
     compact_text: bool = False
+    # Merge the anchor LoRA into the video weights while a factorized video samples (one matmul per layer
+    # instead of PEFT's three; fvg.animate.loading.set_anchor_lora), restoring the saved base weights bit for
+    # bit for the baselines. Costs a copy of the LoRA's layers; only with native weights and the video
+    # model placed whole (gpu or model-offload). Same output to float rounding, faster.
+    fuse_lora: bool = False
 
     def steps_for(self, mode: str) -> int:
         return self.steps_factorized if mode == "factorized" else self.steps_baseline
@@ -106,7 +111,7 @@ PRESETS: dict[str, Preset] = {
             family="wan", video_model=str(MINI_WEIGHTS / "video"), anchor_model=str(MINI_WEIGHTS / "anchor"),
             lora=str(MINI_WEIGHTS / "anchor_lora.safetensors"), height=64, width=64, num_frames=17, fps=8,
             guidance_scale=4.0, needs_lora=True, steps_factorized=15, steps_baseline=50, anchor_steps=15,
-            anchor_guidance=4.0, compact_text=True,
+            anchor_guidance=4.0, compact_text=True, fuse_lora=True,
         ),
         Preset(
             name="tiny", description="random tiny instances of the real classes, built offline: smoke tests only",

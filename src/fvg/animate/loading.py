@@ -146,15 +146,52 @@ def load_expert_loras(pipe, lora: str | None, lora_2: str | None) -> None:
         load_anchor_lora(pipe, lora_2, "transformer_2")
 
 
-def set_anchor_lora(pipe, enabled: bool) -> None:
+def set_anchor_lora(pipe, enabled: bool, fuse: bool = False) -> None:
     """Switch the anchor LoRA on or off in each expert that has one (a no-op without any).
 
     Per expert because `pipe.enable_lora()` / `disable_lora()` raise on an expert without adapters,
-    which is the case for A14B run with `--lora-2 none`."""
+    which is the case for A14B run with `--lora-2 none`.
+
+    `fuse`: while on, the LoRA is merged into the weights (diffusers' `fuse_lora`), so each adapted layer
+    costs one matmul instead of PEFT's three. Switching off restores the base weights saved before the
+    merge, bit for bit: PEFT's own unmerge subtracts the delta again, which leaves rounding behind, and
+    the baselines must run the exact base model."""
     for name in ("transformer", "transformer_2"):
         model = getattr(pipe, name, None)
-        if model is not None and getattr(model, "_hf_peft_config_loaded", False):
-            model.enable_lora() if enabled else model.disable_lora()
+        if model is None or not getattr(model, "_hf_peft_config_loaded", False):
+            continue
+        if not (enabled and fuse):
+            _restore_base_weights(model)
+        if enabled:
+            model.enable_lora()
+            if fuse and getattr(model, "_fvg_base_weights", None) is None:
+                model._fvg_base_weights = {key: t.detach().clone() for key, t in _adapted_base_tensors(model)}
+                model.fuse_lora()
+        else:
+            model.disable_lora()
+
+
+def _adapted_base_tensors(model):
+    """(key, tensor) for the weight and bias of every layer a LoRA adapts: what merging changes."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module_name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            base = module.get_base_layer()
+            for attr in ("weight", "bias"):
+                if getattr(base, attr, None) is not None:
+                    yield (module_name, attr), getattr(base, attr)
+
+
+def _restore_base_weights(model) -> None:
+    saved = getattr(model, "_fvg_base_weights", None)
+    if saved is None:
+        return
+    model.unfuse_lora()  # PEFT's bookkeeping: the layers count as unmerged again
+    with torch.no_grad():
+        for key, tensor in _adapted_base_tensors(model):
+            tensor.copy_(saved[key])
+    model._fvg_base_weights = None
 
 
 def _looks_like_hub_id(path: str) -> bool:

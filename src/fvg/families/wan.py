@@ -174,10 +174,13 @@ class WanFamily(ModelFamily):
 
     def compact_text_padding(self, pipe) -> list:
         """Attend WanPipeline's 512-token zero padding exactly through one kept row (fvg.families.text_padding)
-        in every expert of `pipe` (any Wan pipeline: `mini`'s one-frame anchor model too); `.remove()` on each
-        undoes it. An attention backend without float masks skips it, with the reason logged: sampling is
-        then as before, only not faster."""
-        from fvg.families.text_padding import CompactTextPadding
+        in every expert of `pipe` (any Wan pipeline: `mini`'s one-frame anchor model too), and run its text
+        encoder over the real tokens only; `.remove()` on each undoes it. An attention backend without
+        float masks skips the attention side, with the reason logged: sampling is then as before, only not
+        faster."""
+        from fvg.families.text_padding import CompactTextPadding, TrimmedTextEncoding
+
+        encoder = [TrimmedTextEncoding(pipe.text_encoder)] if getattr(pipe, "text_encoder", None) is not None else []
 
         experts = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
         hooks = []
@@ -188,8 +191,8 @@ class WanFamily(ModelFamily):
             for hook in hooks:
                 hook.remove()
             logging.getLogger("fvg").warning("text padding not compacted: %s", error)
-            return []
-        return hooks
+            return encoder
+        return hooks + encoder
 
     def load_pipeline(self, model_id: str, dtype, flow_shift: float | None = None, devices: dict | None = None,
                       storage=None):
