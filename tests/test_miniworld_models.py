@@ -364,6 +364,9 @@ def test_an_extended_stage_replays_the_learning_rate_it_ran_with():
     # v5 continued v4's T2V stage to 11000: its log (runs/mini-v5/t2v/log.jsonl, steps 8010 and 11000)
     assert lr_at(8009, 1e-3, 200, 11000, [5000, 8000]) == 0.00025984409308262664
     assert lr_at(10999, 1e-3, 200, 11000, [5000, 8000]) == 0.00010000001903858862
+    # v6 continued v4's anchor stage to 26000 (runs/mini-v6/anchor/log.jsonl, steps 18010 and 26000)
+    assert lr_at(18009, 1e-3, 200, 26000, [12000, 18000]) == 0.000296745331450663
+    assert lr_at(25999, 1e-3, 200, 26000, [12000, 18000]) == 0.00010000000333612913
 
 
 def test_extension_settings_default_to_one_cosine_for_older_runs_and_are_validated():
@@ -371,7 +374,7 @@ def test_extension_settings_default_to_one_cosine_for_older_runs_and_are_validat
     from fvg.miniworld.settings import RunSettings
 
     full = RunSettings()
-    assert (full.anchor_extended_from, full.t2v_extended_from) == ([12000], [5000, 8000])
+    assert (full.anchor_extended_from, full.t2v_extended_from) == ([12000, 18000], [5000, 8000])
     old = {k: v for k, v in full.to_dict().items() if not k.endswith("_extended_from")}
     assert RunSettings.from_dict(old).t2v_extended_from == []  # a v3 manifest: one cosine
     for bad in ([11000], [6000, 5000], [0], [5000, 5000], 5000):

@@ -22,7 +22,7 @@ class RunSettings:
     seed: int = 0
     # data
     num_clips: int = 8000
-    lora_clips: int = 1000  # the LoRA stage's subset (fvg.train re-encodes these from the MP4s)
+    lora_clips: int = 4000  # v6 (v5: 1000): the LoRA stage's subset (fvg.train re-encodes these from the MP4s)
     # vae
     vae_clips: int = 1500  # clips held in memory as training material
     vae_steps: int = 8000
@@ -38,7 +38,7 @@ class RunSettings:
     # retrain it. Its architecture must be `model.vae`'s. Empty: train it.
     vae_source: str = ""
     # diffusion transformers (flow matching, fvg.families.flow_matching)
-    anchor_steps: int = 18000  # v3: 12000, v1: 10000
+    anchor_steps: int = 26000  # v6 (v4: 18000, v3: 12000, v1: 10000)
     anchor_batch: int = 32  # 32 first frames of 64 tokens (patch 2)
     # v3: 1e-3 (v1: 5e-4), with zero-initialised residual branches and logit-normal sigmas (the three
     # were measured together: docs/miniworld.md, "What moved the anchor model")
@@ -48,12 +48,12 @@ class RunSettings:
     t2v_steps: int = 11000  # v5 (v4: 8000, v3: 5000): 56M token-steps against the anchor model's 36.9M
     t2v_batch: int = 16
     t2v_lr: float = 1e-3
-    # v4 continued v3's finished stages and v5 v4's T2V stage: each ran its warmup + cosine to the first total
+    # v4 continued v3's finished stages, v5 v4's T2V stage and v6 v4's anchor stage: each ran its warmup + cosine to the first total
     # listed here, then resumed with the cosine stretched to the next total (the LR rises again at that step:
     # a warm restart), the last time to `*_steps`. A fresh run follows the same schedule
     # (`fvg.miniworld.loop.lr_at`); empty: one cosine over the whole stage. To continue a finished stage:
     # append its `*_steps`, then raise them.
-    anchor_extended_from: list[int] = field(default_factory=lambda: [12000])
+    anchor_extended_from: list[int] = field(default_factory=lambda: [12000, 18000])
     t2v_extended_from: list[int] = field(default_factory=lambda: [5000, 8000])
     warmup_steps: int = 200
     # How the transformer stages draw sigma before Wan's shift (fvg.families.flow_matching.SigmaSampler):
