@@ -50,6 +50,15 @@ def torchrun_env(monkeypatch):
     return pose
 
 
+def assert_same_video(split: np.ndarray, whole: np.ndarray) -> None:
+    """The split and the one-process video are the same up to fp32 rounding, which H.264 amplifies on the
+    tiny preset's noise-like frames: a few pixels can move by up to 10 levels, and rarely (when the ranks'
+    float sums order differently) a few percent of them; the mean stays under one level. A wrong prompt,
+    seed or anchor on a rank differs by about 11 levels on average (t2v against factorized here)."""
+    difference = np.abs(split.astype(int) - whole.astype(int))
+    assert difference.mean() < 1.0, f"mean difference {difference.mean():.3f} levels, max {difference.max()}"
+
+
 def torchrun(free_port, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), *args]
@@ -99,8 +108,7 @@ def test_cli_under_torchrun_writes_once_from_rank_0(tmp_path, free_port, outside
     assert main(["generate", *common, "-o", str(tmp_path / "one")]) == 0
     split, whole = read_mp4(tmp_path / "cp" / "video.mp4"), read_mp4(tmp_path / "one" / "video.mp4")
     assert split.shape == whole.shape == (13, 32, 32, 3)
-    # the same frames up to fp32 rounding (at most one uint8 step) and the encoder's reaction to it
-    assert np.abs(split.astype(int) - whole.astype(int)).max() <= 2
+    assert_same_video(split, whole)
 
 
 def test_only_the_main_process_saves(tmp_path, monkeypatch):
@@ -262,4 +270,4 @@ def test_eval_generate_splits_each_video_and_writes_once(tmp_path, free_port, ou
         video = Path(mode) / "seed0" / "consistent_attr" / "0001.mp4"
         split, whole = read_mp4(tmp_path / "cp" / video), read_mp4(tmp_path / "one" / video)
         assert split.shape == whole.shape == (13, 32, 32, 3)
-        assert np.abs(split.astype(int) - whole.astype(int)).max() <= 2, mode  # fp32 rounding, then the encoder
+        assert_same_video(split, whole)
