@@ -30,7 +30,7 @@ from bench_wan_memory import build  # noqa: E402
 from fvg.families import get_family  # noqa: E402
 from fvg.memory import WanActivation  # noqa: E402
 from fvg.parallel import (enable_context_parallel, init_context_parallel, leave_process_group,  # noqa: E402
-                          validate_context_parallel)  # noqa: E402
+                          validate_context_parallel)
 
 GIB = 1024**3
 

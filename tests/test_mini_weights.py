@@ -11,10 +11,11 @@ from fvg.miniworld import models
 from fvg.presets import get_preset
 
 # One prompt per category (the suite's first), seeds 0 and 1, at the preset's 15 steps. Measured on
-# exactly these 14 videos with the v6 weights: factorized 0.456 (v5: 0.408, v4: 0.398, v3: 0.393, v1: 0.322), the
-# true first frame animated 0.725 (v5: 0.630, v4: 0.594, v3: 0.612; docs/miniworld.md). The floors leave room for platform noise (BLAS differences move
-# a few pixels, and a check can flip) but not for broken weights: random-weight models leave the
-# frame noise, which fails nearly every check, and v1's weights score 0.322 factorized.
+# exactly these 14 videos with the v6 weights: factorized 0.456 (v5: 0.408, v4: 0.398, v3: 0.393, v1: 0.322),
+# the true first frame animated 0.725 (v5: 0.630, v4: 0.594, v3: 0.612; docs/miniworld.md). The floors leave
+# room for platform noise (BLAS differences move a few pixels, and a check can flip) but not for broken
+# weights: random-weight models leave the frame noise, which fails nearly every check, and v1's weights score
+# 0.322 factorized.
 FLOOR = 0.33
 FIRST_FRAME_FLOOR = 0.50
 # Frame 0 of a factorized video is the anchor's VAE reconstruction (about 26 dB from the anchor

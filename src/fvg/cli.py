@@ -534,7 +534,9 @@ from fvg.miniworld.cli import register as _register_miniworld; _register_miniwor
 
 def main(argv: list[str] | None = None) -> int:
     code = run_app(app, argv)
-    if code == 0:  # under torchrun (--context-parallel) every rank arrives before any leaves
+    # Under torchrun (--context-parallel) every rank arrives before any leaves. A command that never imported
+    # torch joined no process group, and importing it here (fvg.parallel does) would add a second to `--help`.
+    if code == 0 and "torch.distributed" in sys.modules:
         from fvg.parallel import leave_process_group
 
         leave_process_group()

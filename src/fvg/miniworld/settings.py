@@ -48,11 +48,11 @@ class RunSettings:
     t2v_steps: int = 11000  # v5 (v4: 8000, v3: 5000): 56M token-steps against the anchor model's 36.9M
     t2v_batch: int = 16
     t2v_lr: float = 1e-3
-    # v4 continued v3's finished stages, v5 v4's T2V stage and v6 v4's anchor stage: each ran its warmup + cosine to the first total
-    # listed here, then resumed with the cosine stretched to the next total (the LR rises again at that step:
-    # a warm restart), the last time to `*_steps`. A fresh run follows the same schedule
-    # (`fvg.miniworld.loop.lr_at`); empty: one cosine over the whole stage. To continue a finished stage:
-    # append its `*_steps`, then raise them.
+    # v4 continued v3's finished stages, v5 v4's T2V stage and v6 v4's anchor stage: each ran its warmup +
+    # cosine to the first total listed here, then resumed with the cosine stretched to the next total (the LR
+    # rises again at that step: a warm restart), the last time to `*_steps`. A fresh run follows the same
+    # schedule (`fvg.miniworld.loop.lr_at`); empty: one cosine over the whole stage. To continue a finished
+    # stage: append its `*_steps`, then raise them.
     anchor_extended_from: list[int] = field(default_factory=lambda: [12000, 18000])
     t2v_extended_from: list[int] = field(default_factory=lambda: [5000, 8000])
     warmup_steps: int = 200
@@ -69,7 +69,7 @@ class RunSettings:
     text_tokens: int = models.MAX_SEQUENCE_LENGTH
     ema_decay: float = 0.999
     # lora (fvg.train)
-    lora_steps: int = 3000  # v5 (v4: 1000): on the same 1000 clips; the true first frame animated 0.612 -> 0.629
+    lora_steps: int = 3000  # v5 (v4: 1000), on 1000 clips; v6 on 4000 (`lora_clips`)
     lora_batch: int = 8
     lora_rank: int = 16
     lora_lr: float = 5e-4
