@@ -11,12 +11,13 @@ offload hooks never leak between modes.
 
 A job is `stage:preset:mode[:weights]`. `fp8` stores the denoisers' weights in fp8 (`--weights fp8`,
 `fvg.weight_storage.store_denoisers_in_fp8`, cast before the memory mode's hooks go on, as fvg
-orders it). `torchao-int8wo` (`--quantize`) and `gguf-q8_0` (`--video-transformer FILE.gguf`, Wan
-only) apply to the animate stage: quantization happens while a checkpoint loads, so the built
-pipeline is saved to a temporary folder (the transformer also as a Q8_0 GGUF file in the original
-Wan layout, `fvg.families.wan.save_wan_gguf`) and loaded back through the family's own loader
-with that option, as `fvg generate` loads it. The `speed` stage builds one video pipeline, places it whole and samples the same
-anchored video with each attention backend and then with regional compilation (`fvg.speed`),
+orders it). `torchao-int8wo`, `bnb-8bit`, `bnb-4bit` (`--quantize`; bitsandbytes on CUDA only) and
+`gguf-q8_0` (`--video-transformer FILE.gguf`, Wan only) apply to the animate stage: quantization
+happens while a checkpoint loads, so the built pipeline is saved to a temporary folder (the
+transformer also as a Q8_0 GGUF file in the original Wan layout, `fvg.families.wan.save_wan_gguf`)
+and loaded back through the family's own loader with that option, as `fvg generate` loads it.
+The `speed` stage builds one video pipeline, places it whole and samples the same anchored video
+with each attention backend and then with regional compilation (`fvg.speed`),
 recording seconds per step and each variant's largest difference from the default backend.
 
 Recorded per job: peak device memory of the stage (`torch.cuda.max_memory_allocated`), seconds
@@ -48,8 +49,9 @@ QWEN_IMAGE, PLANNER = "Qwen--Qwen-Image", "Qwen--Qwen2.5-7B-Instruct"
 VIDEO = {"wan2.1-1.3b": "Wan-AI--Wan2.1-T2V-1.3B-Diffusers", "wan2.2-5b": "Wan-AI--Wan2.2-TI2V-5B-Diffusers",
          "wan2.2-a14b": "Wan-AI--Wan2.2-T2V-A14B-Diffusers", "cogvideox1.5-5b": "THUDM--CogVideoX1.5-5B"}
 MODES = ("gpu", "model-offload", "group-offload", "sequential")
-WEIGHTS = ("native", "fp8", "torchao-int8wo", "gguf-q8_0")
-LOADED_WEIGHTS = ("torchao-int8wo", "gguf-q8_0")  # options that act while a checkpoint loads
+WEIGHTS = ("native", "fp8", "torchao-int8wo", "bnb-8bit", "bnb-4bit", "gguf-q8_0")
+LOADED_WEIGHTS = ("torchao-int8wo", "bnb-8bit", "bnb-4bit", "gguf-q8_0")  # options that act while a checkpoint loads
+CUDA_ONLY_WEIGHTS = ("bnb-8bit", "bnb-4bit")  # bitsandbytes quantizes on the GPU
 # (stage, preset, modes) in the order they run: the cheap and the essential first, under a time budget.
 DEFAULT_JOBS = [
     ("animate", "wan2.1-1.3b", ("gpu",)),
@@ -253,7 +255,7 @@ def run_job(stage: str, preset_name: str, mode: str, steps: int, toy: bool, weig
 
 def reload_with_weights(pipe, weights: str, device: str, record: dict):
     """`pipe` saved to a temporary folder and loaded back by its family's loader with `weights`
-    (`--quantize torchao-int8wo` or a Q8_0 GGUF video transformer): the path a checkpoint on disk takes.
+    (`--quantize torchao-int8wo|bnb-8bit|bnb-4bit` or a Q8_0 GGUF video transformer): the path a checkpoint on disk takes.
     The VAE's tiling is carried over; the folder is removed once loaded. A full-size build has no tokenizer
     (no files offline): a tiny T5 tokenizer stands in, never called, since text goes in as embeddings."""
     import gc
@@ -442,6 +444,8 @@ def table(records: list[dict]) -> str:
 
 
 def main() -> None:
+    from fvg.weight_storage import QUANTIZERS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=2)
@@ -470,8 +474,10 @@ def main() -> None:
                                           (weights == "gguf-q8_0" and job[1].startswith("cogvideox"))):
             parser.error(f"bad job '{':'.join(job)}': {weights} applies to the animate stage"
                          + (" of a Wan preset" if weights == "gguf-q8_0" else ""))
+        if weights in QUANTIZERS and job[2] in QUANTIZERS[weights].failing_memory_modes:
+            parser.error(f"bad job '{':'.join(job)}': fvg refuses --memory {job[2]} with --quantize {weights}")
     if args.toy:
-        jobs = [j for j in jobs if j[2] == "gpu"]
+        jobs = [j for j in jobs if j[2] == "gpu" and (j[3:] or ("native",))[0] not in CUDA_ONLY_WEIGHTS]
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "bench_gpu.jsonl"
     records, start = [], time.perf_counter()

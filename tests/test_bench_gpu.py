@@ -51,7 +51,8 @@ def test_toy_run_loads_quantized_weights_back_through_the_family_loader(tmp_path
 
 
 @pytest.mark.parametrize("job", ["animate:wan2.2-5b:gpu:int4", "render:wan2.2-5b:gpu", "animate:wan2.2-5b:fast",
-                                 "animate:cogvideox1.5-5b:gpu:gguf-q8_0", "anchor:wan2.2-5b:gpu:torchao-int8wo"])
+                                 "animate:cogvideox1.5-5b:gpu:gguf-q8_0", "anchor:wan2.2-5b:gpu:torchao-int8wo",
+                                 "animate:wan2.1-1.3b:group-offload:bnb-4bit"])
 def test_a_bad_job_is_refused_in_one_line(tmp_path, job):
     proc = _bench(tmp_path, "--only", job)
     assert proc.returncode == 2 and f"bad job '{job}'" in proc.stderr.splitlines()[-1]

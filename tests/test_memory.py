@@ -555,6 +555,22 @@ def test_fvg_memory_takes_the_weight_options_of_generate(capsys):
     assert "bnb-4bit" in out
 
 
+def test_bitsandbytes_weights_are_planned_only_in_the_modes_they_run_under(capsys, monkeypatch):
+    """Group offloading fails for both bitsandbytes formats and sequential offload for NF4 (measured on an
+    H100, tests/test_cuda_quantization.py): `auto` and `fvg memory` never choose them."""
+    from fvg.memory import stage_modes
+
+    nf4 = estimate(get_preset("wan2.2-a14b"), storage=WeightStorage(quantize="bnb-4bit"))
+    assert nf4.modes == ("gpu", "model-offload")
+    assert estimate(get_preset("wan2.2-a14b"), storage=WeightStorage(quantize="bnb-8bit")).modes == (
+        "gpu", "model-offload", "sequential")
+    assert nf4.choose(int(2 * GIB)) is None  # group offloading would fit; NF4 cannot use it
+    modes, together = stage_modes(nf4, int(2 * GIB))
+    assert modes["anchor"] == modes["animate"] == "model-offload" and not together  # the least NF4 can hold
+    code, out, err = run_cli(capsys, "memory", "--preset", "wan2.2-a14b", "--gpu-gib", "2", "--quantize", "bnb-4bit")
+    assert code == 1 and out.splitlines()[-1].startswith("fits: no") and "group-offload" not in out, err
+
+
 def test_fvg_memory_per_process_of_a_context_parallel_split(capsys):
     """Every weight on every process; the video transformer's activations split (per frame where N divides
     A14B's 21 latent frames, per token where it does not)."""
@@ -577,6 +593,9 @@ def test_fvg_memory_per_process_of_a_context_parallel_split(capsys):
     (["--video-transformer", "model.safetensors"], "takes a .gguf file"),
     (["--video-transformer", "/nonexistent/wan.gguf"], "file not found"),
     (["--quantize", "torchao-int8wo", "--preset", "tiny"], "apply to checkpoints on disk, not builtin:tiny-qwen-image"),
+    (["--quantize", "bnb-4bit", "--memory", "group-offload"], "--memory group-offload does not work with --quantize bnb-4bit"),
+    (["--quantize", "bnb-4bit", "--memory", "sequential"], "--memory sequential does not work with --quantize bnb-4bit"),
+    (["--quantize", "bnb-8bit", "--memory", "group-offload"], "--memory group-offload does not work with --quantize bnb-8bit"),
 ])
 def test_bad_weight_options_are_one_line_and_exit_2(capsys, args, message):
     code, _, err = run_cli(capsys, "memory", "--preset", "wan2.1-1.3b", "--gpu-gib", "24", *args)

@@ -93,6 +93,11 @@ def test_auto_picks_the_fastest_mode_that_fits():
     assert choose_mode(sizes, 14 * GIB, 2 * GIB) == "model-offload"
     assert choose_mode(sizes, 8 * GIB, 2 * GIB) == "group-offload"
     assert choose_mode(sizes, 2 * GIB, 2 * GIB) == "sequential"
+    # modes the weights' storage cannot run under are skipped (bitsandbytes NF4: no group or sequential offload)
+    nf4 = ("group-offload", "sequential")
+    assert choose_mode(sizes, 14 * GIB, 2 * GIB, nf4) == "model-offload"
+    assert choose_mode(sizes, 2 * GIB, 2 * GIB, nf4) == "model-offload"  # nothing fits: the least it can hold
+    assert choose_mode(sizes, 8 * GIB, 2 * GIB, ("group-offload",)) == "sequential"
 
 
 def test_cpu_runs_everything_in_place_and_records_it():
@@ -224,3 +229,23 @@ def test_module_bytes_counts_quantized_weights_by_what_they_hold():
     assert holds_torchao_weights(layer)
     # int8 weights and one bf16 scale per output row (not 2 bytes a weight, as the wrapper's dtype would say)
     assert 64 * 32 <= module_bytes(layer) <= 64 * 32 + 32 * 8
+
+
+def test_onload_for_forward_moves_torchao_weights_and_the_inputs_under_inference_mode():
+    """Pipelines call the text encoder under `torch.inference_mode()`, where torchao's `Int8Tensor.to(device)`
+    raises a storage error (an H100 run of tests/test_cuda_quantization.py; here with the meta device), and
+    send its inputs to the device the encoder sits on before the hook runs: the host."""
+    pytest.importorskip("torchao", reason="torchao is the optional quant extra: pip install 'fvg[quant]'")
+    from diffusers.hooks import HookRegistry
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from fvg.residency import ONLOAD_HOOK, onload_for_forward
+
+    layer = torch.nn.Linear(64, 32, dtype=torch.bfloat16)
+    quantize_(layer, Int8WeightOnlyConfig(version=2))
+    onload_for_forward(layer, torch.device("meta"))
+    hook = HookRegistry.check_if_exists_or_initialize(layer).get_hook(ONLOAD_HOOK)
+    with torch.inference_mode():
+        args, kwargs = hook.pre_forward(layer, torch.ones(2, 64, dtype=torch.bfloat16), scale=torch.ones(1))
+    assert layer.weight.device.type == "meta" and args[0].device.type == "meta"
+    assert kwargs["scale"].device.type == "meta"

@@ -484,11 +484,12 @@ def memory(
     p = get_preset(preset, height=height, width=width, num_frames=frames)
     get_family(p.family).check_shape(p.height, p.width, p.num_frames)
     storage = WeightStorage(weights, quantize, video_transformer, video_transformer_2).validate("cuda", planning=True)
+    storage.check_memory_mode(memory_mode)
     budget = device_budget_bytes(gpu_gib)
     check_context_parallel_options(context_parallel, context_parallel_mode)  # planning: no torchrun needed
     est = estimate(p, resolve_dtype(dtype, "cuda"), storage=storage, vae_tiling=vae_tiling, planner=planner,
                    context_parallel=context_parallel, cp_mode=context_parallel_mode)
-    modes = MODES if memory_mode == "auto" else (memory_mode,)
+    modes = est.modes if memory_mode == "auto" else (memory_mode,)
     gib = lambda n: f"{n / GIB:.2f}"  # noqa: E731
     from rich.table import Table
 

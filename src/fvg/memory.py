@@ -656,9 +656,14 @@ class MemoryEstimate:
     def peak_bytes(self, mode: str) -> int:
         return max(s.peak_bytes(mode) for s in self.stages)
 
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The memory modes the stored weights run under, fastest first (`WeightStorage.failing_memory_modes`)."""
+        return self.storage.usable_memory_modes(MODES)
+
     def choose(self, budget_bytes: int) -> str | None:
         """The fastest mode whose peak over every stage fits the budget, or None."""
-        return next((m for m in MODES if self.peak_bytes(m) <= budget_bytes), None)
+        return next((m for m in self.modes if self.peak_bytes(m) <= budget_bytes), None)
 
 
 # FactorizedPipeline's stages and the estimate's stages they run (the video stage decodes too)
@@ -667,15 +672,17 @@ PIPELINE_STAGES = {"plan": ("plan",), "anchor": ("anchor",), "animate": ("animat
 
 def stage_modes(est: MemoryEstimate, free_bytes: int) -> tuple[dict[str, str], bool]:
     """`--memory auto`: per pipeline stage, the fastest mode whose estimated peak fits `free_bytes`
-    (`sequential` when none does), and whether every stage fits on the device at once in `gpu` mode
-    (then nothing is evicted between stages or videos). Sizes are the stored ones (`est.storage`)."""
+    (the one that holds the least when none does), and whether every stage fits on the device at once
+    in `gpu` mode (then nothing is evicted between stages or videos). Sizes are the stored ones
+    (`est.storage`); the planner's LLM is never quantized, so its stage may use every mode."""
     by_name = {s.name: s for s in est.stages}
     modes = {}
     for stage, parts in PIPELINE_STAGES.items():
         present = [by_name[p] for p in parts if p in by_name]
+        usable = MODES if stage == "plan" else est.modes
         if present:
-            modes[stage] = next((m for m in MODES if all(s.peak_bytes(m) <= free_bytes for s in present)),
-                                "sequential")
+            modes[stage] = next((m for m in usable if all(s.peak_bytes(m) <= free_bytes for s in present)),
+                                usable[-1])
     all_weights = sum(m.resident_bytes("gpu") for s in est.stages if s.name != "decode" for m in s.models)
     working = max((s.working_bytes(p) for s in est.stages for p in s.phases), default=0)
     return modes, all_weights + working <= free_bytes

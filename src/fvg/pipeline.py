@@ -236,10 +236,11 @@ class FactorizedPipeline:
         self.dtype = resolve_dtype(dtype, self.device)
         self.memory = "model-offload" if cpu_offload and memory == "auto" else memory
         self.storage = (storage or WeightStorage()).validate(self.device)
+        self.storage.check_memory_mode(self.memory)
         # Decoding 704p and larger videos in one piece needs tens of GiB: tile there unless told otherwise.
         self.vae_tiling = preset.height * preset.width >= 704 * 1280 if vae_tiling is None else vae_tiling
         self.planner_options = dict(planner_options or {})
-        self.residency = StageResidency(self.device, self.memory)
+        self.residency = StageResidency(self.device, self.memory, failing_modes=self.storage.failing_memory_modes)
         if self.memory == "auto" and self.device.startswith("cuda"):
             self._plan_auto_modes()
         self._planner = None

@@ -91,21 +91,21 @@ def apply_mode(pipe, mode: str, device: str) -> None:
         raise FvgError(f"unknown memory mode '{mode}'")
 
 
-def choose_mode(component_bytes: dict[str, int], free_bytes: int, activation_bytes: int) -> str:
-    """The fastest mode whose resident weights plus `activation_bytes` fit in `free_bytes`.
+def choose_mode(component_bytes: dict[str, int], free_bytes: int, activation_bytes: int,
+                failing: tuple[str, ...] = ()) -> str:
+    """The fastest mode whose resident weights plus `activation_bytes` fit in `free_bytes`, skipping the
+    `failing` modes (those the weights' storage does not run under, `WeightStorage.failing_memory_modes`).
 
     Resident weights per mode: `gpu` all components; `model-offload` the largest one; `group-offload`
     the largest one's non-block part plus two blocks in flight, taken as a tenth of it (blocks
-    hold over 90% of every diffusion transformer's and text encoder's weights here); else
-    `sequential`. `fvg memory` prints the same decision with exact block sizes."""
+    hold over 90% of every diffusion transformer's and text encoder's weights here); `sequential`
+    one layer. When none fits, the mode that holds the least. `fvg memory` prints the same decision
+    with exact block sizes."""
     largest = max(component_bytes.values(), default=0)
-    if sum(component_bytes.values()) + activation_bytes <= free_bytes:
-        return "gpu"
-    if largest + activation_bytes <= free_bytes:
-        return "model-offload"
-    if largest // 10 + activation_bytes <= free_bytes:
-        return "group-offload"
-    return "sequential"
+    resident = {"gpu": sum(component_bytes.values()), "model-offload": largest, "group-offload": largest // 10,
+                "sequential": 0}
+    usable = [mode for mode in resident if mode not in failing]
+    return next((m for m in usable if resident[m] + activation_bytes <= free_bytes), usable[-1])
 
 
 HOST_MARGIN = 4 * 2**30  # what the process and the OS keep besides the weights
@@ -182,24 +182,32 @@ ONLOAD_HOOK = "fvg_onload_for_forward"
 
 
 def onload_for_forward(module: torch.nn.Module, device: torch.device) -> None:
-    """Keep `module` on the host and move it whole onto `device` for each forward, and back after (a diffusers hook).
+    """Keep `module` on the host and move it whole onto `device` for each forward, with its inputs, and back
+    after (a diffusers hook).
 
     For a transformers text encoder with torchao weights under group offloading. Leaf-level group
     offloading of such an encoder failed on an H200 (torch 2.11, torchao 0.17, diffusers 0.42.1): moving
     the pinned copy of an `Int8Tensor` onto the GPU inside diffusers' stream transfer raised "Attempted to
-    set the storage of a tensor on device cuda:0 to a storage on different device cpu", while the video
-    transformer's torchao blocks group-offloaded fine and `.to(device)` of the same encoder worked
-    (BENCHMARKS.md). The encoder runs once per prompt and int8 halves its bytes: one transfer per prompt,
-    and its weights (UMT5-XXL: 6.3 GiB) on the device while it runs."""
+    set the storage of a tensor on device cuda:0 to a storage on different device cpu". The encoder runs
+    once per prompt and int8 halves its bytes: one transfer per prompt, and its weights (UMT5-XXL:
+    6.3 GiB) on the device while it runs.
+
+    The move runs outside inference mode: a pipeline calls the encoder under `torch.inference_mode()`, and
+    there torchao's `Int8Tensor.to(device)` raises that same storage error (seen on an H100, and on the CPU
+    with `.to("meta")`, torch 2.13 and torchao 0.18), while outside it the copy is plain. The inputs are
+    moved too: a pipeline sends them to the encoder's device, which is the host until this hook runs."""
+    from accelerate.utils import send_to_device
     from diffusers.hooks import HookRegistry, ModelHook
 
     class OnloadForForward(ModelHook):
         def pre_forward(self, module, *args, **kwargs):
-            module.to(device)
-            return args, kwargs
+            with torch.inference_mode(False):
+                module.to(device)
+            return send_to_device(args, device), send_to_device(kwargs, device)
 
         def post_forward(self, module, output):
-            module.to("cpu")
+            with torch.inference_mode(False):
+                module.to("cpu")
             return output
 
     module.to("cpu")
@@ -222,6 +230,7 @@ class StageResidency:
     memory: str = "auto"
     activation_bytes: dict[str, int] = field(default_factory=dict)  # stage -> estimate, for `auto`
     keep_resident: bool = False
+    failing_modes: tuple[str, ...] = ()  # modes the weights' storage does not run under: `auto` skips them
     modes: dict[str, str] = field(default_factory=dict)  # stage -> resolved mode
     _placed: dict[str, object] = field(default_factory=dict)  # stage -> what sits on the device
     _hooked: set[int] = field(default_factory=set)  # ids of pipelines whose offload hooks are installed
@@ -240,7 +249,7 @@ class StageResidency:
                 free, _total = torch.cuda.mem_get_info(torch.device(self.device))
                 sizes = {n: module_bytes(m) for n, m in pipeline_modules(pipe).items()} if hasattr(
                     pipe, "components") else {"model": module_bytes(pipe.loaded_model)}
-                mode = choose_mode(sizes, free, self.activation_bytes.get(stage, 0))
+                mode = choose_mode(sizes, free, self.activation_bytes.get(stage, 0), self.failing_modes)
                 log.info("memory mode for the %s stage: %s (%.1f GiB of weights, %.1f GiB free)", stage, mode,
                          sum(sizes.values()) / 2**30, free / 2**30)
             self.modes[stage] = mode

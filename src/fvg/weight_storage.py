@@ -18,8 +18,10 @@ checked before anything loads (`WeightStorage.validate`):
   transformers' for the text encoder). A small set that is honest about where it runs:
   `torchao-int8wo` (int8 weights, per-channel scales; runs on CPU and CUDA, tested here on
   tiny models), `bnb-8bit` and `bnb-4bit` (bitsandbytes LLM.int8 / NF4 with double
-  quantization; diffusers' bitsandbytes quantizers require a GPU). The packages are an optional
-  extra: `pip install 'fvg[quant]'`. Quantizing applies to checkpoints loaded from disk.
+  quantization; diffusers' bitsandbytes quantizers require a GPU; they run placed whole or one
+  model at a time, not under group or, for NF4, sequential offloading: `failing_memory_modes`).
+  The packages are an optional extra: `pip install 'fvg[quant]'`. Quantizing applies to checkpoints
+  loaded from disk.
 * `--video-transformer PATH.gguf` (`--video-transformer-2` for A14B's low-noise expert): the
   video transformer comes from a GGUF single file (the original Wan key layout, as the community
   quantizations ship it) and stays quantized in memory, dequantized per layer to the run dtype
@@ -58,6 +60,7 @@ class Quantizer:
     package: str  # import name, from the `quant` extra
     needs_gpu: bool
     summary: str
+    failing_memory_modes: tuple[str, ...] = ()  # `--memory` modes its weights do not run under
 
     def diffusers_config(self, compute_dtype: torch.dtype):
         from diffusers import BitsAndBytesConfig, TorchAoConfig
@@ -85,10 +88,17 @@ class Quantizer:
         raise FvgError(f"unknown quantizer '{self.name}'")
 
 
+# bitsandbytes' parameters carry their quantization state beside the data, and the offload hooks that
+# move parameters one by one lose it. Measured on an H100 (torch 2.11, diffusers 0.42.1, transformers 5.23,
+# bitsandbytes 0.50.2; tests/test_cuda_quantization.py): group offloading failed for both (NF4: "invalid
+# argument to getCurrentStream"; LLM.int8: "Expected a cuda device, but got: cpu"), and accelerate's
+# sequential offload failed for NF4 ("Cannot copy out of meta tensor": the state stays on the meta device).
+# Placing whole models (`gpu`, `model-offload`, evicting a stage and placing it again) works for both.
 QUANTIZERS = {q.name: q for q in (
     Quantizer("torchao-int8wo", "torchao", False, "int8 weights, per-channel scales (torchao); CPU and CUDA"),
-    Quantizer("bnb-8bit", "bitsandbytes", True, "LLM.int8 (bitsandbytes); CUDA"),
-    Quantizer("bnb-4bit", "bitsandbytes", True, "NF4 with double quantization (bitsandbytes); CUDA"),
+    Quantizer("bnb-8bit", "bitsandbytes", True, "LLM.int8 (bitsandbytes); CUDA", ("group-offload",)),
+    Quantizer("bnb-4bit", "bitsandbytes", True, "NF4 with double quantization (bitsandbytes); CUDA",
+              ("group-offload", "sequential")),
 )}
 
 
@@ -146,6 +156,21 @@ class WeightStorage:
         if self.weights == "fp8" and self.video_transformer is not None:
             raise FvgError("--weights fp8 does not apply to a GGUF transformer: its weights are already quantized")
         return self
+
+    @property
+    def failing_memory_modes(self) -> tuple[str, ...]:
+        """The memory modes this storage's quantized models do not run under (`auto` never picks them)."""
+        return QUANTIZERS[self.quantize].failing_memory_modes if self.quantize else ()
+
+    def usable_memory_modes(self, modes: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(m for m in modes if m not in self.failing_memory_modes)
+
+    def check_memory_mode(self, mode: str) -> None:
+        """One FvgError line when an explicit `--memory` mode cannot run this storage's models."""
+        if mode in self.failing_memory_modes:
+            raise FvgError(f"--memory {mode} does not work with --quantize {self.quantize}: the offload hooks lose "
+                           f"bitsandbytes' quantization state (measured on an H100); use another --memory mode "
+                           f"or --quantize torchao-int8wo")
 
     def for_anchor(self) -> "WeightStorage":
         """What applies to the text-to-image stage: fp8 and quantization (the GGUF files are video transformers)."""
