@@ -77,6 +77,7 @@ def test_bench_run_on_tiny_writes_scored_tables(tmp_path):
     assert "anchor" not in result.by_label()["t2v@2"].stage_seconds
     data = json.loads((out / "bench.json").read_text())
     assert data["setup"]["preset"] == "tiny" and data["setup"]["seeds"] == [0, 1]
+    assert data["setup"]["preset_overrides"] == sizes
     assert [c["label"] for c in data["configs"]] == ["t2v@2", "factorized@2", "factorized@1"]
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "bench.md").read_text()
@@ -140,7 +141,25 @@ def test_bench_cli_rejects_bad_input(tmp_path):
     assert main(["bench", "mini", "--out", str(tmp_path / "b"), "--configs", "t2v50"]) == 2
     assert main(["bench", "mini", "--out", str(tmp_path / "b"), "--seeds", "x"]) == 2
     assert main(["bench", "mini", "--out", str(tmp_path / "b"), "--limit", "0"]) == 2
+    assert main(["bench", "mini", "--out", str(tmp_path / "b"), "--set", "guidance=1"]) == 2
+    assert main(["bench", "mini", "--out", str(tmp_path / "b"), "--set", "anchor_steps=fast"]) == 2
+    assert main(["bench", "mini", "--out", str(tmp_path / "b"), "--set", "anchor_guidance"]) == 2
     assert not (tmp_path / "b").exists()
+
+
+def test_bench_cli_sets_preset_fields_for_every_configuration(tmp_path, capsys):
+    from fvg.cli import main
+
+    out = tmp_path / "b"
+    args = ["bench", "mini", "--preset", "tiny", "--out", str(out), "--configs", "t2v@1,factorized@1", "--seeds",
+            "0", "--limit", "1", "--threads", "1", "--set", "height=64", "--set", "width=64", "--set",
+            "num_frames=17", "--set", "guidance_scale=1"]
+    assert main(args) == 0, capsys.readouterr().err
+    data = json.loads((out / "bench.json").read_text())
+    assert data["setup"]["preset_overrides"] == {"height": 64, "width": 64, "num_frames": 17, "guidance_scale": 1.0}
+    for label in ("t2v@1", "factorized@1"):
+        run = json.loads(next((out / label / "records").rglob("run.json")).read_text())
+        assert run["settings"]["guidance_scale"] == 1.0, run["settings"]
 
 
 def test_gain_target_needs_the_bootstrap_interval_above_zero():

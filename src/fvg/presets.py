@@ -135,6 +135,27 @@ def get_preset(name: str, **overrides) -> Preset:
     return PRESETS[name].replace(**overrides)
 
 
+def preset_overrides(name: str, values: dict) -> dict:
+    """`--set FIELD=VALUE` values (already parsed, `fvg.train.config.parse_set`) checked against preset
+    `name`'s fields and their types: one FvgError line for an unknown field or a value of the wrong kind.
+    Integers are accepted where a float is expected (`guidance_scale=1`)."""
+    fields = {f.name: f.type for f in dataclasses.fields(Preset)}
+    get_preset(name)
+    checked = {}
+    for key, value in values.items():
+        kind = fields.get(key)
+        if kind is None or key == "name":
+            raise FvgError(f"--set {key}: not a preset field (choose from: {', '.join(sorted(set(fields) - {'name'}))})")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if "float" in kind and number:
+            value = float(value)
+        elif not (("int" in kind and isinstance(value, int) and not isinstance(value, bool))
+                  or ("bool" in kind and isinstance(value, bool)) or ("str" in kind and isinstance(value, str))):
+            raise FvgError(f"--set {key}={value!r}: expected {kind}")
+        checked[key] = value
+    return checked
+
+
 def validate_mode(mode: str) -> None:
     if mode not in MODES:
         raise FvgError(f"unknown mode '{mode}' (choose from: {', '.join(MODES)})")

@@ -96,9 +96,10 @@ class Quantizer:
 # Placing whole models (`gpu`, `model-offload`, evicting a stage and placing it again) works for both.
 QUANTIZERS = {q.name: q for q in (
     Quantizer("torchao-int8wo", "torchao", False, "int8 weights, per-channel scales (torchao); CPU and CUDA"),
-    Quantizer("bnb-8bit", "bitsandbytes", True, "LLM.int8 (bitsandbytes); CUDA", ("group-offload",)),
-    Quantizer("bnb-4bit", "bitsandbytes", True, "NF4 with double quantization (bitsandbytes); CUDA",
-              ("group-offload", "sequential")),
+    Quantizer("bnb-8bit", "bitsandbytes", True, "LLM.int8 (bitsandbytes); CUDA; no group offloading",
+              ("group-offload",)),
+    Quantizer("bnb-4bit", "bitsandbytes", True, "NF4 with double quantization (bitsandbytes); CUDA; gpu or "
+              "model-offload", ("group-offload", "sequential")),
 )}
 
 

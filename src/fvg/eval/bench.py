@@ -455,10 +455,11 @@ def contact_sheet(out: Path, suite, labels: list[str], configs: list[BenchConfig
     return path
 
 
-def _setup(preset: str, seeds: list[int], limit: int | None, threads: int) -> dict:
+def _setup(preset: str, seeds: list[int], limit: int | None, threads: int, overrides: dict) -> dict:
     from fvg.provenance import package_versions, utc_timestamp
 
-    return {"preset": preset, "suite": "minicompbench", "seeds": seeds, "limit_per_category": limit,
+    return {"preset": preset, "preset_overrides": overrides, "suite": "minicompbench", "seeds": seeds,
+            "limit_per_category": limit,
             "torch_threads": threads, "cpu_cores": os.cpu_count(), "load_average_1min_start": os.getloadavg()[0],
             **package_versions(), "started": utc_timestamp()}
 
@@ -492,7 +493,7 @@ def run_bench(out: str | Path, preset: str = "mini", configs: list[BenchConfig] 
                 for c in configs}
     for s in settings.values():
         check_config(s)  # a folder of other settings is refused before any model loads
-    setup = _setup(preset, seeds, limit, torch.get_num_threads())
+    setup = _setup(preset, seeds, limit, torch.get_num_threads(), dict(overrides or {}))
 
     start = time.perf_counter()
     pipe = FactorizedPipeline.from_preset(preset, **(overrides or {}))
