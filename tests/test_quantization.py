@@ -305,7 +305,8 @@ def test_builtin_models_cannot_be_quantized_or_replaced(monkeypatch):
 
 
 def test_cli_rejects_bad_weight_options_in_one_line(tmp_path, capsys):
-    code = main(["generate", "a ball", "--preset", "tiny", "--out", str(tmp_path / "o"), "--quantize", "bnb-4bit"])
+    code = main(["generate", "a ball", "--preset", "tiny", "--out", str(tmp_path / "o"), "--quantize", "bnb-4bit",
+                 "--device", "cpu"])  # explicit: on a GPU machine the default device is CUDA
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "needs a CUDA device" in err
     assert not (tmp_path / "o" / "video.mp4").exists()
