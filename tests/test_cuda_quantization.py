@@ -4,7 +4,7 @@ bitsandbytes quantizes only on CUDA, and group offloading with streams pins and 
 subclasses in ways a CPU never exercises (torchao's text encoder failed there, BENCHMARKS.md). So on a
 GPU machine: a tiny Wan pipeline (real classes) is saved, loaded back with each quantizer, and sampled
 once placed whole and once in each offload mode; the offloaded run must give the same latents, except
-in the modes fvg refuses for that quantizer, which must still fail (strict xfail). A stage evicted to the host and placed again (what `StageResidency` does between videos) must too.
+where the hooks raised when measured, which must still fail (strict xfail). A stage evicted to the host and placed again (what `StageResidency` does between videos) must too.
 
     python -m pytest tests/test_cuda_quantization.py      # on a machine with a CUDA GPU
 """
@@ -56,10 +56,13 @@ def placed_whole(wan_dir):
     return get
 
 
-# The combinations fvg refuses (`Quantizer.failing_memory_modes`) are expected to fail, strictly: once a
-# release of diffusers, accelerate or bitsandbytes makes one work, this test says so and the refusal can go.
-CASES = [pytest.param(q, mode, marks=pytest.mark.xfail(strict=True, reason="refused by fvg: fails upstream"))
-         if mode in QUANTIZERS[q].failing_memory_modes else (q, mode)
+# What raised on an H100 (BENCHMARKS.md), expected to keep failing, strictly: once a release of diffusers,
+# accelerate or bitsandbytes makes one work, this test says so and fvg's refusal can be reconsidered. fvg also
+# refuses LLM.int8 under model and sequential offload, which sample correctly here but keep the int8 matrices
+# on the device (`fvg.weight_storage`); this test calls the hooks directly, so it still checks their output.
+RAISES = {("bnb-8bit", "group-offload"), ("bnb-4bit", "group-offload"), ("bnb-4bit", "sequential")}
+CASES = [pytest.param(q, mode, marks=pytest.mark.xfail(strict=True, reason="fails upstream; fvg refuses it"))
+         if (q, mode) in RAISES else (q, mode)
          for q in QUANTIZERS for mode in ("model-offload", "group-offload", "sequential")]
 
 

@@ -556,14 +556,14 @@ def test_fvg_memory_takes_the_weight_options_of_generate(capsys):
 
 
 def test_bitsandbytes_weights_are_planned_only_in_the_modes_they_run_under(capsys, monkeypatch):
-    """Group offloading fails for both bitsandbytes formats and sequential offload for NF4 (measured on an
-    H100, tests/test_cuda_quantization.py): `auto` and `fvg memory` never choose them."""
+    """Group offloading fails for both bitsandbytes formats and sequential offload for NF4, and LLM.int8's
+    matrices stay on the device under every offload mode (measured on an H100, tests/test_cuda_quantization.py
+    and BENCHMARKS.md): `auto` and `fvg memory` never choose those modes."""
     from fvg.memory import stage_modes
 
     nf4 = estimate(get_preset("wan2.2-a14b"), storage=WeightStorage(quantize="bnb-4bit"))
     assert nf4.modes == ("gpu", "model-offload")
-    assert estimate(get_preset("wan2.2-a14b"), storage=WeightStorage(quantize="bnb-8bit")).modes == (
-        "gpu", "model-offload", "sequential")
+    assert estimate(get_preset("wan2.2-a14b"), storage=WeightStorage(quantize="bnb-8bit")).modes == ("gpu",)
     assert nf4.choose(int(2 * GIB)) is None  # group offloading would fit; NF4 cannot use it
     modes, together = stage_modes(nf4, int(2 * GIB))
     assert modes["anchor"] == modes["animate"] == "model-offload" and not together  # the least NF4 can hold
@@ -596,6 +596,7 @@ def test_fvg_memory_per_process_of_a_context_parallel_split(capsys):
     (["--quantize", "bnb-4bit", "--memory", "group-offload"], "--memory group-offload does not work with --quantize bnb-4bit"),
     (["--quantize", "bnb-4bit", "--memory", "sequential"], "--memory sequential does not work with --quantize bnb-4bit"),
     (["--quantize", "bnb-8bit", "--memory", "group-offload"], "--memory group-offload does not work with --quantize bnb-8bit"),
+    (["--quantize", "bnb-8bit", "--memory", "model-offload"], "use --memory gpu, or --quantize torchao-int8wo"),
 ])
 def test_bad_weight_options_are_one_line_and_exit_2(capsys, args, message):
     code, _, err = run_cli(capsys, "memory", "--preset", "wan2.1-1.3b", "--gpu-gib", "24", *args)

@@ -53,12 +53,13 @@ from torch.utils._pytree import tree_flatten
 
 from fvg.io import FvgError
 from fvg.presets import Preset
+from fvg.residency import MEMORY_MODES
 from fvg.storage_sizes import (NATIVE, Conversion, StoredTensors, conversion_for, convert, is_kept_fp32,
                                native_tensors, non_persistent_buffers)
 from fvg.weight_storage import WeightStorage, refuse_for_builtin
 
 GIB = 1024**3
-MODES = ("gpu", "model-offload", "group-offload", "sequential")
+MODES = MEMORY_MODES[1:]  # fastest first; `auto` chooses among them
 MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,

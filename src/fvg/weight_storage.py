@@ -18,8 +18,8 @@ checked before anything loads (`WeightStorage.validate`):
   transformers' for the text encoder). A small set that is honest about where it runs:
   `torchao-int8wo` (int8 weights, per-channel scales; runs on CPU and CUDA, tested here on
   tiny models), `bnb-8bit` and `bnb-4bit` (bitsandbytes LLM.int8 / NF4 with double
-  quantization; diffusers' bitsandbytes quantizers require a GPU; they run placed whole or one
-  model at a time, not under group or, for NF4, sequential offloading: `failing_memory_modes`).
+  quantization; diffusers' bitsandbytes quantizers require a GPU; NF4 runs placed whole or one model
+  at a time, LLM.int8 placed whole only: `failing_memory_modes`).
   The packages are an optional extra: `pip install 'fvg[quant]'`. Quantizing applies to checkpoints
   loaded from disk.
 * `--video-transformer PATH.gguf` (`--video-transformer-2` for A14B's low-noise expert): the
@@ -88,16 +88,20 @@ class Quantizer:
         raise FvgError(f"unknown quantizer '{self.name}'")
 
 
-# bitsandbytes' parameters carry their quantization state beside the data, and the offload hooks that
-# move parameters one by one lose it. Measured on an H100 (torch 2.11, diffusers 0.42.1, transformers 5.23,
-# bitsandbytes 0.50.2; tests/test_cuda_quantization.py): group offloading failed for both (NF4: "invalid
-# argument to getCurrentStream"; LLM.int8: "Expected a cuda device, but got: cpu"), and accelerate's
-# sequential offload failed for NF4 ("Cannot copy out of meta tensor": the state stays on the meta device).
-# Placing whole models (`gpu`, `model-offload`, evicting a stage and placing it again) works for both.
+# bitsandbytes' quantized layers keep state beside their parameters, and the offload hooks that move
+# parameters lose it or leave it behind. Measured on an H100 (torch 2.11, diffusers 0.42.1, transformers 5.23,
+# bitsandbytes 0.50.2; tests/test_cuda_quantization.py, benchmarks/bench_gpu.py): group offloading failed
+# for both formats (NF4: "invalid argument to getCurrentStream"; LLM.int8: "Expected a cuda device, but got:
+# cpu"), and accelerate's sequential offload failed for NF4 ("Cannot copy out of meta tensor": the state
+# stays on the meta device). LLM.int8 runs under model and sequential offload but offloads nothing: after its
+# first forward each `Linear8bitLt` holds its int8 matrix in `state.CB`, which `Module.to` (a parameter
+# walk) never moves, so the matrices stay on the device (wan2.1-1.3b under model-offload peaked at 11.95
+# GiB, above the 10.5 GiB of everything placed whole; BENCHMARKS.md). Placing whole models (`gpu`,
+# evicting a stage and placing it again) works for both, and NF4 under model-offload.
 QUANTIZERS = {q.name: q for q in (
     Quantizer("torchao-int8wo", "torchao", False, "int8 weights, per-channel scales (torchao); CPU and CUDA"),
-    Quantizer("bnb-8bit", "bitsandbytes", True, "LLM.int8 (bitsandbytes); CUDA; no group offloading",
-              ("group-offload",)),
+    Quantizer("bnb-8bit", "bitsandbytes", True, "LLM.int8 (bitsandbytes); CUDA; gpu mode only",
+              ("model-offload", "group-offload", "sequential")),
     Quantizer("bnb-4bit", "bitsandbytes", True, "NF4 with double quantization (bitsandbytes); CUDA; gpu or "
               "model-offload", ("group-offload", "sequential")),
 )}
@@ -169,9 +173,13 @@ class WeightStorage:
     def check_memory_mode(self, mode: str) -> None:
         """One FvgError line when an explicit `--memory` mode cannot run this storage's models."""
         if mode in self.failing_memory_modes:
+            from fvg.residency import MEMORY_MODES
+
+            usable = [m for m in MEMORY_MODES[1:] if m not in self.failing_memory_modes]
             raise FvgError(f"--memory {mode} does not work with --quantize {self.quantize}: the offload hooks lose "
-                           f"bitsandbytes' quantization state (measured on an H100); use another --memory mode "
-                           f"or --quantize torchao-int8wo")
+                           f"or leave behind bitsandbytes' quantization state (measured on an H100); use --memory "
+                           f"{' or '.join(usable)}, or "
+                           f"--quantize torchao-int8wo")
 
     def for_anchor(self) -> "WeightStorage":
         """What applies to the text-to-image stage: fp8 and quantization (the GGUF files are video transformers)."""
