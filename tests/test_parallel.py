@@ -51,12 +51,12 @@ def torchrun_env(monkeypatch):
 
 
 def assert_same_video(split: np.ndarray, whole: np.ndarray) -> None:
-    """The split and the one-process video are the same up to fp32 rounding, which H.264 amplifies on the
-    tiny preset's noise-like frames: a few pixels can move by up to 10 levels, and rarely (when the ranks'
-    float sums order differently) a few percent of them; the mean stays under one level. A wrong prompt,
-    seed or anchor on a rank differs by about 11 levels on average (t2v against factorized here)."""
+    """The split and the one-process video are the same up to fp32 rounding (a level here and there). The
+    MP4 writer once made this flaky: it converted frames to yuv420p differently from one encode to the next
+    (fixed in fvg.io.write_mp4, tests/test_video_io.py). A wrong prompt, seed or anchor on a rank differs
+    by about 11 levels on average (t2v against factorized here)."""
     difference = np.abs(split.astype(int) - whole.astype(int))
-    assert difference.mean() < 1.0, f"mean difference {difference.mean():.3f} levels, max {difference.max()}"
+    assert difference.max() <= 2, f"max difference {difference.max()} levels, mean {difference.mean():.3f}"
 
 
 def torchrun(free_port, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -271,7 +271,12 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int, crf: int = 
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             stream.options = {"crf": str(crf), "preset": "medium"}
             for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                # Converted to yuv420p here, one frame at a time: left to the encoder (PyAV's reformatter that
+                # lives with the codec context), the same frames encoded twice in one process could decode
+                # up to 13 levels apart, so a video depended on what the process had encoded before, not
+                # only on its seed (tests/test_video_io.py).
+                yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
+                for packet in stream.encode(yuv):
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
