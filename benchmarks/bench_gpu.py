@@ -255,8 +255,8 @@ def run_job(stage: str, preset_name: str, mode: str, steps: int, toy: bool, weig
 
 def reload_with_weights(pipe, weights: str, device: str, record: dict):
     """`pipe` saved to a temporary folder and loaded back by its family's loader with `weights`
-    (`--quantize torchao-int8wo|bnb-8bit|bnb-4bit` or a Q8_0 GGUF video transformer): the path a checkpoint on disk takes.
-    The VAE's tiling is carried over; the folder is removed once loaded. A full-size build has no tokenizer
+    (`--quantize torchao-int8wo|bnb-8bit|bnb-4bit` or a Q8_0 GGUF video transformer): the path a
+    checkpoint on disk takes. The VAE's tiling is carried over; the folder is removed once loaded. A full-size build has no tokenizer
     (no files offline): a tiny T5 tokenizer stands in, never called, since text goes in as embeddings."""
     import gc
     import shutil

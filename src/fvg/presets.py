@@ -145,7 +145,8 @@ def preset_overrides(name: str, values: dict) -> dict:
     for key, value in values.items():
         kind = fields.get(key)
         if kind is None or key == "name":
-            raise FvgError(f"--set {key}: not a preset field (choose from: {', '.join(sorted(set(fields) - {'name'}))})")
+            choices = ", ".join(sorted(set(fields) - {"name"}))
+            raise FvgError(f"--set {key}: not a preset field (choose from: {choices})")
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if "float" in kind and number:
             value = float(value)

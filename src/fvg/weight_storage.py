@@ -175,11 +175,10 @@ class WeightStorage:
         if mode in self.failing_memory_modes:
             from fvg.residency import MEMORY_MODES
 
-            usable = [m for m in MEMORY_MODES[1:] if m not in self.failing_memory_modes]
+            usable = " or ".join(self.usable_memory_modes(MEMORY_MODES[1:]))
             raise FvgError(f"--memory {mode} does not work with --quantize {self.quantize}: the offload hooks lose "
                            f"or leave behind bitsandbytes' quantization state (measured on an H100); use --memory "
-                           f"{' or '.join(usable)}, or "
-                           f"--quantize torchao-int8wo")
+                           f"{usable}, or --quantize torchao-int8wo")
 
     def for_anchor(self) -> "WeightStorage":
         """What applies to the text-to-image stage: fp8 and quantization (the GGUF files are video transformers)."""
