@@ -311,3 +311,22 @@ def test_absurd_video_sizes_are_refused_before_loading(tmp_path, capsys, args):
 def test_usage_errors_are_one_line_and_exit_2(capsys, argv, message):
     code, _, err = run_cli(capsys, *argv)
     assert code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("value,kinds,expected", [(1, (float,), 1.0), (2, (int,), 2), (True, (bool,), True),
+                                                   ("x", (str,), "x"), (["a"], (list,), ["a"]),
+                                                   (3, (bool, int, float), 3), (2.5, (int, float), 2.5)])
+def test_conform_reads_an_override_as_its_setting_type(value, kinds, expected):
+    from fvg.io import conform
+
+    result = conform(value, kinds)
+    assert result == expected and type(result) is type(expected)
+
+
+@pytest.mark.parametrize("value,kinds", [(True, (int,)), (True, (float,)), (2.5, (int,)), (3, (str,)), ("1", (float,)),
+                                         (None, (int,))])
+def test_conform_refuses_other_types(value, kinds):
+    from fvg.io import conform
+
+    with pytest.raises(ValueError):
+        conform(value, kinds)

@@ -601,3 +601,11 @@ def test_fvg_memory_per_process_of_a_context_parallel_split(capsys):
 def test_bad_weight_options_are_one_line_and_exit_2(capsys, args, message):
     code, _, err = run_cli(capsys, "memory", "--preset", "wan2.1-1.3b", "--gpu-gib", "24", *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_the_refusal_names_the_option_the_user_gave():
+    storage = WeightStorage(quantize="bnb-8bit")
+    with pytest.raises(FvgError, match=r"^--cpu-offload does not work with --quantize bnb-8bit: .* use --memory gpu"):
+        storage.check_memory_mode("model-offload", "--cpu-offload")
+    with pytest.raises(FvgError, match=r"^--memory model-offload does not work"):
+        storage.check_memory_mode("model-offload")

@@ -129,10 +129,24 @@ def test_training_feeds_frame0_tokens_at_timestep_zero(workdir, config):
     assert all(ts.shape == (2,) for ts in seen if ts.ndim == 1)
 
 
+def test_caption_dropout_trains_a_share_of_samples_on_the_empty_caption(workdir, config):
+    pipe = load_wan_pipeline("builtin:tiny-wan", torch.float32)
+    empty, _ = pipe.encode_prompt("", do_classifier_free_guidance=False, max_sequence_length=16, device="cpu")
+    seen = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["encoder_hidden_states"].detach().clone()) if torch.is_grad_enabled()
+        else None, with_kwargs=True)
+    train(config("dropout", max_steps=12, batch_size=2, caption_dropout=0.5), pipe=pipe)
+    rows = [row for text in seen for row in text]
+    dropped = [torch.equal(row, empty[0]) for row in rows]
+    assert len(rows) == 24 and 4 <= sum(dropped) <= 20  # about half, exactly the empty caption's embedding
+    assert len({tuple(row.flatten()[:8].tolist()) for row, d in zip(rows, dropped) if not d}) > 1  # real captions
+
+
 # -- resume ---------------------------------------------------------------------------------------------
 
 def test_resume_reproduces_the_uninterrupted_run(workdir, config):
-    kwargs = dict(max_steps=6, checkpoint_every=3, dropout=0.1, gradient_accumulation_steps=2,
+    kwargs = dict(max_steps=6, checkpoint_every=3, dropout=0.1, caption_dropout=0.5, gradient_accumulation_steps=2,
                   lr_scheduler="cosine", lr_warmup_steps=2, num_workers=1)
     full = train(config("full", **kwargs))
     # "interrupted" at step 3: a run folder holding only the step-3 checkpoint

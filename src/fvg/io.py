@@ -39,6 +39,21 @@ class FvgError(Exception):
     """A user-facing error: the CLI prints its message on one line and exits non-zero."""
 
 
+def conform(value: Any, kinds: tuple[type, ...]) -> Any:
+    """`value` read as a setting of one of `kinds` (bool, int, float, str, list, dict), or ValueError. The one
+    rule of every `--set`-style override (presets, training configs, mini runs): an int where a float is
+    expected becomes that float (`guidance_scale=1`), and a bool is never a number."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    for kind in kinds:
+        if kind is float and number:
+            return float(value)
+        if kind is int and number and isinstance(value, int):
+            return value
+        if kind in (bool, str, list, dict) and isinstance(value, kind):
+            return value
+    raise ValueError(f"{value!r} is not a {' or '.join(k.__name__ for k in kinds)}")
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to `target`; rename it onto `target` if the block succeeds."""

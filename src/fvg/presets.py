@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from fvg.io import FvgError
+from fvg.io import FvgError, conform
 
 MODES = ("t2v", "upsampled", "factorized")
 
@@ -147,13 +147,10 @@ def preset_overrides(name: str, values: dict) -> dict:
         if kind is None or key == "name":
             choices = ", ".join(sorted(set(fields) - {"name"}))
             raise FvgError(f"--set {key}: not a preset field (choose from: {choices})")
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if "float" in kind and number:
-            value = float(value)
-        elif not (("int" in kind and isinstance(value, int) and not isinstance(value, bool))
-                  or ("bool" in kind and isinstance(value, bool)) or ("str" in kind and isinstance(value, str))):
-            raise FvgError(f"--set {key}={value!r}: expected {kind}")
-        checked[key] = value
+        try:
+            checked[key] = conform(value, tuple(t for t in (bool, int, float, str) if t.__name__ in kind.split(" | ")))
+        except ValueError:
+            raise FvgError(f"--set {key}={value!r}: expected {kind}") from None
     return checked
 
 

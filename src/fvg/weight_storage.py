@@ -170,14 +170,15 @@ class WeightStorage:
     def usable_memory_modes(self, modes: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(m for m in modes if m not in self.failing_memory_modes)
 
-    def check_memory_mode(self, mode: str) -> None:
-        """One FvgError line when an explicit `--memory` mode cannot run this storage's models."""
+    def check_memory_mode(self, mode: str, asked_as: str | None = None) -> None:
+        """One FvgError line when an explicit `--memory` mode cannot run this storage's models; `asked_as`
+        names the option the user gave where it was not `--memory` (`--cpu-offload`)."""
         if mode in self.failing_memory_modes:
             from fvg.residency import MEMORY_MODES
 
             usable = " or ".join(self.usable_memory_modes(MEMORY_MODES[1:]))
-            raise FvgError(f"--memory {mode} does not work with --quantize {self.quantize}: the offload hooks lose "
-                           f"or leave behind bitsandbytes' quantization state (measured on an H100); use --memory "
+            raise FvgError(f"{asked_as or '--memory ' + mode} does not work with --quantize {self.quantize}: the offload "
+                           f"hooks lose or leave behind bitsandbytes' quantization state (measured on an H100); use --memory "
                            f"{usable}, or --quantize torchao-int8wo")
 
     def for_anchor(self) -> "WeightStorage":

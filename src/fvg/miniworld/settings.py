@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from fvg.io import FvgError, write_json
+from fvg.io import FvgError, conform, write_json
 
 from . import models
 from .models import MiniConfig
@@ -74,6 +74,11 @@ class RunSettings:
     lora_rank: int = 16
     lora_lr: float = 5e-4
     p_anchor: float = 1.0  # fvg.train's default: every sample anchored, as in the paper
+    # fvg.train's caption_dropout: the share of samples trained on the empty caption, so that guidance's
+    # unconditional branch (the empty negative prompt, anchor pinned) is something the LoRA learnt too
+    lora_caption_dropout: float = 0.0
+    lora_sigma_sampling: str = "uniform"  # fvg.train's timestep_sampling (uniform or logit_normal), then the shift
+    lora_sigma_logit_mean: float = 0.0  # logit_normal's mean: above 0 trains more at high noise
     # bookkeeping
     checkpoint_every: int = 250
     log_every: int = 10
@@ -81,8 +86,9 @@ class RunSettings:
     model: MiniConfig = field(default_factory=MiniConfig)
 
     def __post_init__(self):
-        if self.sigma_sampling not in ("uniform", "logit_normal"):
-            raise FvgError(f"unknown sigma_sampling '{self.sigma_sampling}' (uniform or logit_normal)")
+        for name in ("sigma_sampling", "lora_sigma_sampling"):
+            if getattr(self, name) not in ("uniform", "logit_normal"):
+                raise FvgError(f"unknown {name} '{getattr(self, name)}' (uniform or logit_normal)")
         for name in ("anchor", "t2v"):
             totals, steps = getattr(self, f"{name}_extended_from"), getattr(self, f"{name}_steps")
             if not isinstance(totals, list) or any(not isinstance(t, int) for t in totals) or \
@@ -95,8 +101,10 @@ class RunSettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunSettings":
-        # runs made before v3 recorded no sigma sampling (they drew uniformly), before v4 no extension
-        d = {"sigma_sampling": "uniform", "anchor_extended_from": [], "t2v_extended_from": [], **d}
+        # runs made before v3 recorded no sigma sampling (they drew uniformly), before v4 no extension, before
+        # v7 no LoRA caption dropout or LoRA sigma sampling (fvg.train's defaults then: none, uniform)
+        d = {"sigma_sampling": "uniform", "anchor_extended_from": [], "t2v_extended_from": [],
+             "lora_caption_dropout": 0.0, "lora_sigma_sampling": "uniform", "lora_sigma_logit_mean": 0.0, **d}
         model = MiniConfig.from_dict(d.pop("model"))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -135,10 +143,11 @@ def _apply(settings: RunSettings, overrides: dict) -> RunSettings:
         if parts[-1] not in target:
             raise FvgError(f"unknown mini training setting '{key}'")
         old = target[parts[-1]]
-        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if old is not None and type(old) is not type(value):
-            raise FvgError(f"mini training setting '{key}' expects {type(old).__name__}, got {value!r}")
+        if old is not None:
+            try:
+                value = conform(value, (type(old),))
+            except ValueError:
+                raise FvgError(f"mini training setting '{key}' expects {type(old).__name__}, got {value!r}") from None
         target[parts[-1]] = value
     return RunSettings.from_dict(d)
 

@@ -335,6 +335,8 @@ def lora_config(out: Path, s: RunSettings):
         output_dir=str(out / "lora"), cache_dir=str(out / "lora" / "cache"), height=SIZE, width=SIZE,
         num_frames=NUM_FRAMES, fps=FPS, max_sequence_length=s.text_tokens, num_workers=0,
         rank=s.lora_rank, alpha=float(s.lora_rank), p_anchor=s.p_anchor, flow_shift=s.model.flow_shift,
+        caption_dropout=s.lora_caption_dropout, timestep_sampling=s.lora_sigma_sampling,
+        logit_mean=s.lora_sigma_logit_mean,
         learning_rate=s.lora_lr, weight_decay=1e-4, lr_scheduler="constant_with_warmup",
         lr_warmup_steps=min(50, s.lora_steps), max_steps=s.lora_steps, batch_size=s.lora_batch,
         mixed_precision="no", gradient_checkpointing=False, seed=s.seed,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fvg.families import check_video_shape, family_names
-from fvg.io import FvgError, cache_dir
+from fvg.io import FvgError, cache_dir, conform
 
 try:
     import tomllib
@@ -57,6 +57,10 @@ class TrainConfig:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     # objective
     p_anchor: float = 1.0  # probability that a sample is anchored (the paper anchors every sample)
+    # share of samples trained on the empty caption, so that classifier-free guidance's unconditional branch
+    # (the empty negative prompt, with the anchor pinned) is something the LoRA learnt too (finetrainers'
+    # caption_dropout_p); 0: every sample keeps its caption
+    caption_dropout: float = 0.0
     flow_shift: float | None = None  # None: the checkpoint scheduler's flow_shift (Wan2.1: 3.0 at 480p)
     timestep_sampling: str = "uniform"  # "uniform" or "logit_normal", before the shift
     logit_mean: float = 0.0
@@ -103,6 +107,7 @@ class TrainConfig:
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         need(bool(self.target_modules), "target_modules is empty")
         need(0.0 <= self.p_anchor <= 1.0, f"p_anchor must be in [0, 1], got {self.p_anchor}")
+        need(0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         need(self.flow_shift is None or self.flow_shift > 0, "flow_shift must be positive")
         need(self.timestep_sampling in ("uniform", "logit_normal"),
              f"timestep_sampling must be 'uniform' or 'logit_normal', got '{self.timestep_sampling}'")
@@ -152,18 +157,12 @@ def coerce(base: TrainConfig, values: dict[str, Any], origin: str = "") -> Train
                 checked[key] = None
             continue
         expected = getattr(default, key)
-        if key == "flow_shift" or isinstance(expected, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            value = float(value) if ok else value
-        elif isinstance(expected, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(expected, int):
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif isinstance(expected, list):
-            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-        else:
-            value = str(value) if isinstance(value, Path) else value
-            ok = isinstance(value, str)
+        kind = float if key == "flow_shift" else type(expected)
+        try:
+            value = conform(str(value) if isinstance(value, Path) else value, (kind,))
+            ok = kind is not list or all(isinstance(v, str) for v in value)
+        except ValueError:
+            ok = False
         if not ok:
             raise FvgError(f"training setting '{key}'{origin} has the wrong type: {value!r} "
                            f"(expected {type(expected).__name__ if expected is not None else 'float'})")

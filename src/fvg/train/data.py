@@ -193,6 +193,15 @@ def pad_text(text: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([text, text.new_zeros(length - text.shape[0], text.shape[1])]) if text.shape[0] < length else text
 
 
+def drop_captions(text: torch.Tensor, empty: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Caption dropout: each sample's embedding [B, L, D] replaced by the empty caption's [L, D] with
+    probability `p`, drawn on `generator` (so a resumed run drops the same samples)."""
+    drop = torch.rand(text.shape[0], generator=generator) < p
+    if not drop.any():
+        return text
+    return torch.where(drop.view(-1, 1, 1).to(text.device), empty.to(text).expand_as(text), text)
+
+
 def build_cache(cfg, clips: list[Clip], pipe, accelerator) -> dict:
     """Encode every clip once (split across processes) or reuse the cache; returns its index.
 

@@ -36,7 +36,7 @@ from fvg.io import FvgError, sweep_stale_temps, write_json
 from fvg.provenance import package_versions, utc_timestamp
 from fvg.families import TrainingObjective, family_of, resolve_family
 from fvg.train.config import TrainConfig
-from fvg.train.data import CachedClips, build_cache, collate, find_clips
+from fvg.train.data import CachedClips, build_cache, collate, drop_captions, encode_captions, find_clips, pad_text
 from fvg.train.export import lora_stem, read_lora, write_lora
 from fvg.train.distributed import (ExpertCall, ExpertPair, deepspeed_plugin_from_env, keep_on_host, lora_state_dict,
                                    needs_expert_pair, resolve_wrap_classes)
@@ -330,6 +330,7 @@ class Trainer:
         weight_dtype = torch.bfloat16 if self.cfg.mixed_precision == "bf16" else torch.float32
         pipe, objective = self._setup_model(weight_dtype)
         data = self._setup_data(pipe)
+        self.empty_text = self._empty_caption(pipe)
         self._setup_validation(pipe, data.held_out)
         optim = self._setup_lora(pipe)
         step, position, resumed_from = self._resume()
@@ -389,6 +390,16 @@ class Trainer:
         dataset = CachedClips(index, train_entries, cfg.max_sequence_length)
         self.timings["data_cache"] = time.perf_counter() - tick
         return RunData(clips, skipped, index, train_entries, entries[-holdout:] if use_holdout else [], dataset)
+
+    def _empty_caption(self, pipe) -> torch.Tensor | None:
+        """The empty caption's embedding, padded as the cache's are, for caption dropout (None without it).
+        Encoded now, while the text encoder is still loaded; the unconditional branch of guidance at
+        sampling time encodes the same empty negative prompt."""
+        if self.cfg.caption_dropout <= 0:
+            return None
+        pipe.text_encoder.to(self.accelerator.device)
+        length = self.cfg.max_sequence_length
+        return pad_text(encode_captions(pipe, [""], length, self.accelerator.device)[0], length).cpu()
 
     def _setup_validation(self, pipe, held_out: list[dict]) -> None:
         """Encode the validation inputs now, so the text encoder can be dropped for training."""
@@ -527,6 +538,9 @@ class Trainer:
         step_losses = []
         for m in range(micro, micro + cfg.gradient_accumulation_steps):
             batch, position = next(batches)
+            if self.empty_text is not None:
+                batch["text"] = drop_captions(batch["text"], self.empty_text, cfg.caption_dropout,
+                                              step_generator(cfg.seed, 0xCA, m, acc.process_index))
             torch.manual_seed(step_seed(cfg.seed, 0xD0, m, acc.process_index))  # LoRA dropout
             with acc.accumulate(*self.prepared):
                 loss = objective.step_loss(model, sampler, batch, step_generator(cfg.seed, m, acc.process_index))
