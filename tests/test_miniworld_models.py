@@ -349,6 +349,34 @@ def test_noise_restoration_spans_the_vae_round_trip_to_the_pipelines_own_samplin
     assert all(0.0 <= r.mean <= 1.0 for r in rows)
 
 
+def test_video_noise_restoration_spans_the_vae_round_trip_to_anchored_sampling(tiny_run, capsys):
+    from fvg.cli import main
+    from fvg.miniworld.diagnose import animate_from_noise, video_noise_restoration
+    from fvg.miniworld.render import reference_clip
+
+    _, weights = tiny_run
+    pipe = models.load_video_pipeline(weights)
+    prompt = "a red circle moves right while a blue square moves up"
+    clip = reference_clip(prompt, 0)
+    pixels = torch.from_numpy(clip).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
+    x0 = pipe.encode_video(pixels)
+    # sigma 0: no denoising step, exactly the VAE's round trip of the whole clip.
+    np.testing.assert_array_equal(animate_from_noise(pipe, clip, prompt, 0.0, seed=0, steps=3),
+                                  pipe.decode_latents(x0, "np")[0])
+    # sigma 1: the pipeline's own anchored sampling of the true first frame from the same noise.
+    animated = animate_from_noise(pipe, clip, prompt, 1.0, seed=3, steps=3)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    video = pipe(prompt, negative_prompt="", anchor_latents=x0[:, :, :1], height=64, width=64, num_frames=17,
+                 num_inference_steps=3, guidance_scale=4.0, latents=noise, output_type="np").frames[0]
+    assert video.shape == animated.shape == (17, 64, 64, 3)
+    assert np.abs(animated - video).max() <= 1 / 255
+    rows = video_noise_restoration(pipe, sigmas=(0.0, 1.0), limit=1, seeds=(0,), steps=2)
+    assert [r.sigma for r in rows] == [0.0, 1.0] and set(rows[0].per_category) == set(CATEGORIES)
+    assert all(0.0 <= r.mean <= 1.0 for r in rows)
+    assert main(["miniworld", "diagnose", "--what", "video-noise", "--lora", "/nowhere.safetensors"]) == 2
+    assert "--lora /nowhere.safetensors: file not found" in capsys.readouterr().err
+
+
 def test_an_extended_stage_replays_the_learning_rate_it_ran_with():
     """v4 continued v3's finished stages (t2v 5000 -> 8000): the schedule a fresh run follows is the one the
     shipped run logged (values from runs/mini-v4/t2v/log.jsonl: the LR of the window's last step)."""

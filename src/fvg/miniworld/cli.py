@@ -126,20 +126,27 @@ def vae_preview(
 def diagnose(
     what: str = typer.Option("text,padding", "--what", help="Comma-separated: text (word order through the text "
                                                             "encoder), padding (the 512-token padding's cost), "
-                                                            "patch (a patch-1 video model's step time)."),
+                                                            "patch (a patch-1 video model's step time), "
+                                                            "noise (the anchor model from each noise level), "
+                                                            "video-noise (the video stage from each noise level)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Weights root (default: the shipped mini)."),
     run: Optional[Path] = typer.Option(None, "--run", help="noise: a training run's anchor model (its final "
                                                           "weights, else the latest checkpoint) instead of --weights."),
-    limit: int = typer.Option(3, "--limit", help="noise: the first N MiniCompBench prompts of each category."),
+    limit: int = typer.Option(3, "--limit", help="noise, video-noise: the first N MiniCompBench prompts of each "
+                                                 "category."),
+    lora: Optional[str] = typer.Option(None, "--lora", help="video-noise: an anchor LoRA file instead of the "
+                                                           "weights' own, or 'none' for the base model alone."),
 ):
     """Measurements behind the mini recipe (docs/miniworld.md, v2 diagnosis)."""
     from . import diagnose as d
 
     parts = [w.strip() for w in what.split(",") if w.strip()]
-    unknown = sorted(set(parts) - {"text", "padding", "patch", "noise"})
+    unknown = sorted(set(parts) - {"text", "padding", "patch", "noise", "video-noise"})
     if unknown or not parts:
         raise FvgError(f"unknown measurement(s) {', '.join(unknown) or '(none)'}: "
-                       "choose from text, padding, patch, noise")
+                       "choose from text, padding, patch, noise, video-noise")
+    if lora not in (None, "none") and not Path(lora).is_file():
+        raise FvgError(f"--lora {lora}: file not found")
     if limit < 1:
         raise FvgError(f"--limit must be at least 1, got {limit}")
     if "text" in parts:
@@ -160,6 +167,23 @@ def diagnose(
         for r in d.noise_restoration(pipe, limit=limit):
             typer.echo(f"noise: restored from sigma {r.sigma:.1f}: frame-0 score {r.mean:.3f} "
                        f"({', '.join(f'{k} {v:.2f}' for k, v in r.kinds.items())}){step}")
+    if "video-noise" in parts:
+        pipe = _video_pipeline(weights, lora)
+        for r in d.video_noise_restoration(pipe, limit=limit):
+            typer.echo(f"video-noise: animated from sigma {r.sigma:.1f}: score {r.mean:.3f} "
+                       f"({', '.join(f'{k} {v:.2f}' for k, v in r.kinds.items())})")
+
+
+def _video_pipeline(weights: Optional[Path], lora: Optional[str]):
+    """The anchored video pipeline with the weights' LoRA, another LoRA file, or none ('none')."""
+    from fvg.animate.loading import load_anchor_lora
+
+    from .models import load_video_pipeline
+
+    pipe = load_video_pipeline(weights, lora=lora is None)
+    if lora not in (None, "none"):
+        load_anchor_lora(pipe, lora)
+    return pipe
 
 
 def _anchor_pipeline(run: Optional[Path], weights: Optional[Path]):

@@ -13,6 +13,10 @@
   schedule and scored on the frame-0 checks. sigma = 1 is sampling from pure noise (the ladder's
   anchor-stills rung), sigma = 0 the VAE alone: where the score falls says which noise levels, and
   so which decisions (layout and counts at high sigma, outlines at low sigma), the model gets wrong.
+* `video-noise`: the same for the video stage. Each prompt's reference clip is encoded, latent frames
+  1-4 noised to sigma while frame 0 stays the clean anchor, denoised by the anchored video model and
+  scored on the whole video. sigma = 1 is the quality ladder's true-first-frame rung (without the MP4
+  round trip); where the score falls says at which noise levels the video model loses the scene.
 * `padding`: the share of a denoising step spent on WanPipeline's 512-token zero padding (one CFG
   step, batch 2, of each shipped transformer, 512 against 32 text tokens).
 """
@@ -157,6 +161,18 @@ class NoiseRestoration:
     kinds: dict[str, float]  # pass rate per kind of check
 
 
+def _schedule_from(pipe, steps: int, sigma: float):
+    """(a copy of the pipeline's scheduler set to `steps`, the index of its first step at or below `sigma`,
+    that step's sigma); the index is `steps` when no step starts that low (no step runs)."""
+    import copy
+
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(steps)
+    below = (scheduler.sigmas[:-1] <= sigma + 1e-6).nonzero()
+    start = int(below[0]) if len(below) else steps
+    return scheduler, start, float(scheduler.sigmas[start])
+
+
 @torch.no_grad()
 def restore_from_noise(pipe, frame: np.ndarray, caption: str, sigma: float, seed: int, steps: int = 15,
                        guidance: float = 4.0) -> np.ndarray:
@@ -166,18 +182,12 @@ def restore_from_noise(pipe, frame: np.ndarray, caption: str, sigma: float, seed
 
     A sigma below the schedule's last step runs no step. sigma = 1 is the pipeline's own sampling (from pure noise; the same noise gives the same image as
     `pipe(..., latents=noise)`); sigma = 0 runs no step (the VAE's round trip)."""
-    import copy
-
     vae, model = pipe.vae, pipe.transformer
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
     pixels = torch.from_numpy(frame).float().div(127.5).sub(1).permute(2, 0, 1)[None, :, None]
     x0 = (vae.encode(pixels).latent_dist.mode() - mean) / std
-    scheduler = copy.deepcopy(pipe.scheduler)
-    scheduler.set_timesteps(steps)
-    below = (scheduler.sigmas[:-1] <= sigma + 1e-6).nonzero()
-    start = int(below[0]) if len(below) else steps  # no step starts that low: the VAE's round trip
-    s0 = float(scheduler.sigmas[start])
+    scheduler, start, s0 = _schedule_from(pipe, steps, sigma)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     x = (1 - s0) * x0 + s0 * noise
     if start < steps:
@@ -210,6 +220,52 @@ def noise_restoration(pipe, sigmas=(0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0), limit: i
     for sigma in sigmas:
         scored = [score_first_frame(prompt, restore_from_noise(pipe, frame, caption, sigma, seed, steps, guidance))
                   for prompt, caption, frame, seed in cases]
+        summary = summarize(scored)
+        rows.append(NoiseRestoration(sigma, summary.mean, summary.per_category, summary.kinds))
+    return rows
+
+
+@torch.no_grad()
+def animate_from_noise(pipe, clip: np.ndarray, prompt: str, sigma: float, seed: int, steps: int = 15,
+                       guidance: float = 4.0) -> np.ndarray:
+    """`clip` [17, 64, 64, 3] uint8 encoded by the anchored video pipeline's VAE; latent frames 1-4 noised to
+    `sigma` while frame 0 stays the clean anchor (timestep 0), denoised with classifier-free guidance (negative
+    prompt "", as `mini` samples) from the first step of the `steps`-step schedule at or below `sigma`,
+    decoded: [17, 64, 64, 3] float in [0, 1]. sigma = 1 animates the true first frame from pure noise."""
+    pixels = torch.from_numpy(clip).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
+    x0 = pipe.encode_video(pixels)
+    scheduler, start, s0 = _schedule_from(pipe, steps, sigma)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    x = torch.cat([x0[:, :, :1], (1 - s0) * x0[:, :, 1:] + s0 * noise[:, :, 1:]], dim=2)
+    if start < steps:
+        scheduler.set_begin_index(start)
+        cond, uncond = pipe.encode_prompt(prompt, negative_prompt="", do_classifier_free_guidance=True,
+                                          max_sequence_length=models.MAX_SEQUENCE_LENGTH, device="cpu")
+        text = torch.cat([cond, uncond])
+        for t in scheduler.timesteps[start:]:
+            timestep = pipe.token_timesteps(t, x, anchored=True).expand(2, -1)
+            v = pipe.transformer(hidden_states=torch.cat([x, x]), timestep=timestep, encoder_hidden_states=text,
+                                 return_dict=False)[0]
+            v = v[1:] + guidance * (v[:1] - v[1:])
+            x = scheduler.step(v, t, x, return_dict=False)[0]
+            x = torch.cat([x0[:, :, :1], x[:, :, 1:]], dim=2)  # the anchor stays clean, as in AnchoredWanPipeline
+    return pipe.decode_latents(x, "np")[0]
+
+
+def video_noise_restoration(pipe, sigmas=(0.0, 0.4, 0.6, 0.8, 0.9, 1.0), limit: int = 2, seeds: tuple[int, ...] = (0, 1),
+                            steps: int = 15, guidance: float = 4.0) -> list[NoiseRestoration]:
+    """The whole-video score of animating MiniCompBench's reference clips from each noise level (frame 0 the
+    clean anchor throughout); the first `limit` prompts per category."""
+    from .render import reference_clip
+    from .score import score_video, summarize
+    from .suite import load_suite
+
+    cases = [(item.prompt, reference_clip(item.prompt, seed), seed)
+             for item in load_suite() if item.index <= limit for seed in seeds]
+    rows = []
+    for sigma in sigmas:
+        scored = [score_video(prompt, animate_from_noise(pipe, clip, prompt, sigma, seed, steps, guidance))
+                  for prompt, clip, seed in cases]
         summary = summarize(scored)
         rows.append(NoiseRestoration(sigma, summary.mean, summary.per_category, summary.kinds))
     return rows
