@@ -173,6 +173,22 @@ def _schedule_from(pipe, steps: int, sigma: float):
     return scheduler, start, float(scheduler.sigmas[start])
 
 
+def _guided_steps(pipe, scheduler, start: int, x: torch.Tensor, prompt: str, negative: str, guidance: float,
+                  timestep, pin=lambda x: x) -> torch.Tensor:
+    """The scheduler's steps from `start` on, with classifier-free guidance (prompt and negative batched);
+    `timestep(t, x)` is the model's timestep for that batch of 2, `pin(x)` restores what stays clean."""
+    scheduler.set_begin_index(start)
+    cond, uncond = pipe.encode_prompt(prompt, negative_prompt=negative, do_classifier_free_guidance=True,
+                                      max_sequence_length=models.MAX_SEQUENCE_LENGTH, device="cpu")
+    text = torch.cat([cond, uncond])
+    for t in scheduler.timesteps[start:]:
+        v = pipe.transformer(hidden_states=torch.cat([x, x]), timestep=timestep(t, x), encoder_hidden_states=text,
+                             return_dict=False)[0]
+        v = v[1:] + guidance * (v[:1] - v[1:])
+        x = pin(scheduler.step(v, t, x, return_dict=False)[0])
+    return x
+
+
 @torch.no_grad()
 def restore_from_noise(pipe, frame: np.ndarray, caption: str, sigma: float, seed: int, steps: int = 15,
                        guidance: float = 4.0) -> np.ndarray:
@@ -182,7 +198,7 @@ def restore_from_noise(pipe, frame: np.ndarray, caption: str, sigma: float, seed
 
     A sigma below the schedule's last step runs no step. sigma = 1 is the pipeline's own sampling (from pure noise; the same noise gives the same image as
     `pipe(..., latents=noise)`); sigma = 0 runs no step (the VAE's round trip)."""
-    vae, model = pipe.vae, pipe.transformer
+    vae = pipe.vae
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
     pixels = torch.from_numpy(frame).float().div(127.5).sub(1).permute(2, 0, 1)[None, :, None]
@@ -191,15 +207,7 @@ def restore_from_noise(pipe, frame: np.ndarray, caption: str, sigma: float, seed
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     x = (1 - s0) * x0 + s0 * noise
     if start < steps:
-        scheduler.set_begin_index(start)
-        cond, uncond = pipe.encode_prompt(caption, negative_prompt=" ", do_classifier_free_guidance=True,
-                                          max_sequence_length=models.MAX_SEQUENCE_LENGTH, device="cpu")
-        text = torch.cat([cond, uncond])
-        for t in scheduler.timesteps[start:]:
-            v = model(hidden_states=torch.cat([x, x]), timestep=t.expand(2), encoder_hidden_states=text,
-                      return_dict=False)[0]
-            v = v[1:] + guidance * (v[:1] - v[1:])
-            x = scheduler.step(v, t, x, return_dict=False)[0]
+        x = _guided_steps(pipe, scheduler, start, x, caption, " ", guidance, lambda t, x: t.expand(2))
     image = vae.decode(x * std + mean).sample[0, :, 0].clamp(-1, 1)
     return ((image + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
@@ -238,17 +246,9 @@ def animate_from_noise(pipe, clip: np.ndarray, prompt: str, sigma: float, seed: 
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     x = torch.cat([x0[:, :, :1], (1 - s0) * x0[:, :, 1:] + s0 * noise[:, :, 1:]], dim=2)
     if start < steps:
-        scheduler.set_begin_index(start)
-        cond, uncond = pipe.encode_prompt(prompt, negative_prompt="", do_classifier_free_guidance=True,
-                                          max_sequence_length=models.MAX_SEQUENCE_LENGTH, device="cpu")
-        text = torch.cat([cond, uncond])
-        for t in scheduler.timesteps[start:]:
-            timestep = pipe.token_timesteps(t, x, anchored=True).expand(2, -1)
-            v = pipe.transformer(hidden_states=torch.cat([x, x]), timestep=timestep, encoder_hidden_states=text,
-                                 return_dict=False)[0]
-            v = v[1:] + guidance * (v[:1] - v[1:])
-            x = scheduler.step(v, t, x, return_dict=False)[0]
-            x = torch.cat([x0[:, :, :1], x[:, :, 1:]], dim=2)  # the anchor stays clean, as in AnchoredWanPipeline
+        x = _guided_steps(pipe, scheduler, start, x, prompt, "", guidance,
+                          lambda t, x: pipe.token_timesteps(t, x, anchored=True).expand(2, -1),
+                          pin=lambda x: torch.cat([x0[:, :, :1], x[:, :, 1:]], dim=2))  # as AnchoredWanPipeline
     return pipe.decode_latents(x, "np")[0]
 
 
