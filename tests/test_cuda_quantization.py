@@ -4,7 +4,8 @@ bitsandbytes quantizes only on CUDA, and group offloading with streams pins and 
 subclasses in ways a CPU never exercises (torchao's text encoder failed there, BENCHMARKS.md). So on a
 GPU machine: a tiny Wan pipeline (real classes) is saved, loaded back with each quantizer, and sampled
 once placed whole and once in each offload mode; the offloaded run must give the same latents, except
-where the hooks raised when measured, which must still fail (strict xfail). A stage evicted to the host and placed again (what `StageResidency` does between videos) must too.
+where the hooks raised when measured, which must still fail (strict xfail). A stage evicted to the host
+and placed again (what `StageResidency` does between videos) must too.
 
     python -m pytest tests/test_cuda_quantization.py      # on a machine with a CUDA GPU
 """

@@ -236,7 +236,7 @@ class FactorizedPipeline:
         self.dtype = resolve_dtype(dtype, self.device)
         self.memory = "model-offload" if cpu_offload and memory == "auto" else memory
         self.storage = (storage or WeightStorage()).validate(self.device)
-        self.storage.check_memory_mode(self.memory, "--cpu-offload" if cpu_offload and memory == "auto" else None)
+        self.storage.check_memory_mode(self.memory, "--cpu-offload" if self.memory != memory else None)
         # Decoding 704p and larger videos in one piece needs tens of GiB: tile there unless told otherwise.
         self.vae_tiling = preset.height * preset.width >= 704 * 1280 if vae_tiling is None else vae_tiling
         self.planner_options = dict(planner_options or {})

@@ -177,9 +177,9 @@ class WeightStorage:
             from fvg.residency import MEMORY_MODES
 
             usable = " or ".join(self.usable_memory_modes(MEMORY_MODES[1:]))
-            raise FvgError(f"{asked_as or '--memory ' + mode} does not work with --quantize {self.quantize}: the offload "
-                           f"hooks lose or leave behind bitsandbytes' quantization state (measured on an H100); use --memory "
-                           f"{usable}, or --quantize torchao-int8wo")
+            raise FvgError(f"{asked_as or '--memory ' + mode} does not work with --quantize {self.quantize}: the "
+                           f"offload hooks lose or leave behind bitsandbytes' quantization state (measured on an "
+                           f"H100); use --memory {usable}, or --quantize torchao-int8wo")
 
     def for_anchor(self) -> "WeightStorage":
         """What applies to the text-to-image stage: fp8 and quantization (the GGUF files are video transformers)."""

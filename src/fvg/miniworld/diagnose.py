@@ -189,6 +189,17 @@ def _guided_steps(pipe, scheduler, start: int, x: torch.Tensor, prompt: str, neg
     return x
 
 
+def _by_sigma(sigmas, scores_at) -> list[NoiseRestoration]:
+    """One summarised row per noise level; `scores_at(sigma)` scores every case restored from it."""
+    from .score import summarize
+
+    rows = []
+    for sigma in sigmas:
+        summary = summarize(scores_at(sigma))
+        rows.append(NoiseRestoration(sigma, summary.mean, summary.per_category, summary.kinds))
+    return rows
+
+
 @torch.no_grad()
 def restore_from_noise(pipe, frame: np.ndarray, caption: str, sigma: float, seed: int, steps: int = 15,
                        guidance: float = 4.0) -> np.ndarray:
@@ -218,19 +229,15 @@ def noise_restoration(pipe, sigmas=(0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0), limit: i
     ladder's rendered rung) from each noise level; the first `limit` prompts per category."""
     from .grammar import first_frame_caption
     from .render import reference_clip
-    from .score import score_first_frame, summarize
+    from .score import score_first_frame
     from .suite import load_suite
 
     # (prompt, caption, true first frame, seed), rendered once for every sigma
     cases = [(item.prompt, first_frame_caption(item.prompt), reference_clip(item.prompt, seed)[0], seed)
              for item in load_suite() if item.index <= limit for seed in seeds]
-    rows = []
-    for sigma in sigmas:
-        scored = [score_first_frame(prompt, restore_from_noise(pipe, frame, caption, sigma, seed, steps, guidance))
-                  for prompt, caption, frame, seed in cases]
-        summary = summarize(scored)
-        rows.append(NoiseRestoration(sigma, summary.mean, summary.per_category, summary.kinds))
-    return rows
+    return _by_sigma(sigmas, lambda sigma: [
+        score_first_frame(prompt, restore_from_noise(pipe, frame, caption, sigma, seed, steps, guidance))
+        for prompt, caption, frame, seed in cases])
 
 
 @torch.no_grad()
@@ -252,20 +259,17 @@ def animate_from_noise(pipe, clip: np.ndarray, prompt: str, sigma: float, seed: 
     return pipe.decode_latents(x, "np")[0]
 
 
-def video_noise_restoration(pipe, sigmas=(0.0, 0.4, 0.6, 0.8, 0.9, 1.0), limit: int = 2, seeds: tuple[int, ...] = (0, 1),
-                            steps: int = 15, guidance: float = 4.0) -> list[NoiseRestoration]:
+def video_noise_restoration(pipe, sigmas=(0.0, 0.4, 0.6, 0.8, 0.9, 1.0), limit: int = 2,
+                            seeds: tuple[int, ...] = (0, 1), steps: int = 15,
+                            guidance: float = 4.0) -> list[NoiseRestoration]:
     """The whole-video score of animating MiniCompBench's reference clips from each noise level (frame 0 the
     clean anchor throughout); the first `limit` prompts per category."""
     from .render import reference_clip
-    from .score import score_video, summarize
+    from .score import score_video
     from .suite import load_suite
 
     cases = [(item.prompt, reference_clip(item.prompt, seed), seed)
              for item in load_suite() if item.index <= limit for seed in seeds]
-    rows = []
-    for sigma in sigmas:
-        scored = [score_video(prompt, animate_from_noise(pipe, clip, prompt, sigma, seed, steps, guidance))
-                  for prompt, clip, seed in cases]
-        summary = summarize(scored)
-        rows.append(NoiseRestoration(sigma, summary.mean, summary.per_category, summary.kinds))
-    return rows
+    return _by_sigma(sigmas, lambda sigma: [
+        score_video(prompt, animate_from_noise(pipe, clip, prompt, sigma, seed, steps, guidance))
+        for prompt, clip, seed in cases])
