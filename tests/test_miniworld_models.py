@@ -408,3 +408,32 @@ def test_extension_settings_default_to_one_cosine_for_older_runs_and_are_validat
     for bad in ([11000], [6000, 5000], [0], [5000, 5000], 5000):
         with pytest.raises(FvgError, match="t2v_extended_from must list earlier totals"):
             RunSettings(t2v_extended_from=bad)
+
+
+def test_workers_render_the_same_latents_and_rows_record_their_device(tiny_run, tmp_path):
+    out, _ = tiny_run
+    run = tmp_path / "run"
+    run.mkdir()
+    for part in ("data", "vae"):
+        (run / part).symlink_to(out / part)
+    settings.load_settings(run, "tiny")
+    mt.run(run, stage="latents", workers=2, device="cpu")
+    shards = sorted((out / "latents").glob("shard-*.safetensors"))
+    assert shards and [p.read_bytes() for p in shards] == [(run / "latents" / p.name).read_bytes() for p in shards]
+    assert json.loads((run / "latents" / "DONE.json").read_text())["device"] == "cpu"
+    rows = loop.read_log(out / "t2v" / "log.jsonl")
+    assert {r["device"] for r in rows} == {"cpu"}
+    assert json.loads((out / "t2v" / "DONE.json").read_text())["devices"] == ["cpu"]
+
+
+def test_cli_rejects_a_missing_device_and_bad_workers_in_one_line(tmp_path, capsys):
+    from fvg.cli import main
+
+    assert main(["miniworld", "train", "--out", str(tmp_path / "r"), "--stage", "t2v", "--workers", "0"]) == 2
+    assert "--workers must be a whole number of at least 1, got 0" in capsys.readouterr().err
+    assert main(["miniworld", "train", "--out", str(tmp_path / "r"), "--stage", "t2v", "--device", "tpu"]) == 2
+    assert "device 'tpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["miniworld", "train", "--out", str(tmp_path / "r"), "--stage", "t2v", "--device", "cuda"]) == 2
+        assert "sees no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before the run folder is made

@@ -52,6 +52,9 @@ def train(
                                                                            "weights/mini)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: all cores). On a "
                                                                   "machine shared with other jobs, 1 is much faster."),
+    device: str = typer.Option("cpu", "--device", help="Where the vae, latents, anchor and t2v stages train: cpu, "
+                                                       "cuda or cuda:N (lora: fvg train's device)."),
+    workers: int = typer.Option(1, "--workers", help="Processes that render clips for the vae and latents stages."),
 ):
     """Train the `mini` preset from scratch in resumable stages (docs/miniworld.md)."""
     from fvg.train.config import parse_set
@@ -67,7 +70,7 @@ def train(
 
         torch.set_num_threads(max(1, threads))
     run(out, stage=stage, resume=resume, profile=profile, overrides=parse_set(set_ or []), time_limit=time_limit,
-        weights_dir=weights_dir)
+        weights_dir=weights_dir, device=device, workers=workers)
 
 
 @miniworld_app.command()

@@ -84,14 +84,28 @@ def _save_ckpt(path: Path, state: dict) -> None:
         torch.save(state, str(tmp))
 
 
+def device_label(device: torch.device) -> str:
+    """"cpu", or "cuda (NVIDIA H100 80GB HBM3)": what a log row and a stage summary record."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
 def fit(stage_dir: Path, model: torch.nn.Module, loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
         settings: RunSettings, resume: bool, time_limit: float | None, ema: bool = True,
-        weight_decay: float = 0.0, extended_from: Sequence[int] = ()) -> tuple[torch.nn.Module, bool]:
+        weight_decay: float = 0.0, extended_from: Sequence[int] = (),
+        device: torch.device | str = "cpu") -> tuple[torch.nn.Module, bool]:
     """The shared training loop: AdamW, warmup + cosine LR, grad clip 1, EMA, checkpoints, log.
 
     `loss_fn(step)` draws its own batch from (seed, step), so a resumed run repeats exactly what an
-    uninterrupted one would. Returns (the model to export: EMA weights if `ema`, finished?)."""
+    uninterrupted one would. The model, its EMA and the optimizer live on `device`; a checkpoint
+    resumes on any device (it is read onto the host, then copied into place), so a stage begun on a
+    CPU can finish on a GPU and the other way round. Each log row records the device that ran it.
+    Returns (the model to export: EMA weights if `ema`, finished?)."""
     stage_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    model.to(device)
+    label = device_label(device)
     ckpt = stage_dir / "ckpt.pt"
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
@@ -137,7 +151,7 @@ def fit(stage_dir: Path, model: torch.nn.Module, loss_fn: Callable[[int], torch.
         if step % settings.log_every == 0 or step == steps:
             elapsed = elapsed0 + time.perf_counter() - start
             logger.write({"step": step, "loss": sum(window) / len(window), "lr": opt.param_groups[0]["lr"],
-                          "grad_norm": float(grad_norm), "elapsed_s": round(elapsed, 2)})
+                          "grad_norm": float(grad_norm), "elapsed_s": round(elapsed, 2), "device": label})
             if step % (settings.log_every * 20) == 0:
                 log.info("%s: step %d/%d loss %.4f (%.2f s/step)", stage_dir.name, step, steps,
                          sum(window) / len(window), (time.perf_counter() - start) / max(1, step - first_step))

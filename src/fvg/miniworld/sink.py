@@ -19,18 +19,19 @@ class PaddingSink:
     anchor model spends about half its compute on padding otherwise). Weights are untouched, so
     the saved model samples with the ordinary 512-token padding."""
 
-    def __init__(self, model, length: int):
-        self.length = length
+    def __init__(self, model, length: int, device: torch.device | str = "cpu"):
+        self.length, self.device = length, torch.device(device)
         self.bias: torch.Tensor | None = None
         for block in model.blocks:
             block.attn2.processor = BiasedCrossAttention(block.attn2.processor, self)
 
     def pack(self, embeds: list[torch.Tensor], text_dim: int) -> torch.Tensor:
-        """Text [B, L, D] with L = longest + 1 (at least one padding row each); sets the bias [B, 1, 1, L]."""
+        """Text [B, L, D] with L = longest + 1 (at least one padding row each), on the sink's device; sets
+        the bias [B, 1, 1, L] there too (once per batch, not once per block)."""
         counts = [e.shape[0] for e in embeds]
         width = min(self.length, max(counts) + 1)
         text = torch.zeros(len(embeds), width, text_dim)
         for row, e in enumerate(embeds):
             text[row, :e.shape[0]] = e
-        self.bias = padding_bias(counts, self.length, width)
-        return text
+        self.bias = padding_bias(counts, self.length, width).to(self.device)
+        return text.to(self.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -9,6 +10,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -16,7 +18,7 @@ import torch
 from fvg.io import FvgError, atomic_path, write_json
 
 from . import models
-from .loop import done, fit, generator, mark_done, read_log, skip_if_done
+from .loop import device_label, done, fit, generator, mark_done, read_log, skip_if_done
 from .settings import RunSettings, load_settings
 from .sink import PaddingSink
 
@@ -41,6 +43,22 @@ def render_clip(row: dict) -> np.ndarray:
     return render_video(scene)
 
 
+@contextlib.contextmanager
+def clip_renderer(workers: int = 1) -> Iterator[Callable[[list[dict]], np.ndarray]]:
+    """A function rows -> `render_clip` of each, stacked [N, 17, 64, 64, 3]; with `workers` > 1 it
+    renders in that many processes, started once for every call inside the block (rendering is
+    single-threaded numpy: a GPU run would otherwise wait on it). The same frames either way."""
+    if workers <= 1:
+        yield lambda rows: np.stack([render_clip(r) for r in rows])
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the parent may hold CUDA or OpenMP state a forked child must not inherit
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield lambda rows: np.stack(list(pool.map(render_clip, rows, chunksize=max(1, len(rows) // (4 * workers)))))
+
+
 def to_pixels(frames: np.ndarray) -> torch.Tensor:
     """uint8 [..., T, H, W, 3] -> float [..., 3, T, H, W] in [-1, 1]."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).float().div(127.5).sub(1.0)
@@ -62,21 +80,22 @@ def stage_data(out: Path, s: RunSettings, **_) -> None:
     mark_done(data, {"clips": len(rows), "seconds": round(time.perf_counter() - tick, 1)})
 
 
-def _vae_material(out: Path, s: RunSettings) -> tuple[np.ndarray, np.ndarray]:
+def _vae_material(out: Path, s: RunSettings, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Clips [N, 17, 64, 64, 3] uint8 and each clip's background colour [N, 3] (frame 0's median)."""
-    rows = dataset_rows(out)[: s.vae_clips]
-    clips = np.stack([render_clip(r) for r in rows])
+    with clip_renderer(workers) as render:
+        clips = render(dataset_rows(out)[: s.vae_clips])
     return clips, np.median(clips[:, 0].reshape(len(clips), -1, 3), axis=1)
 
 
-def stage_vae(out: Path, s: RunSettings, resume: bool = False, time_limit: float | None = None, **_) -> None:
+def stage_vae(out: Path, s: RunSettings, resume: bool = False, time_limit: float | None = None,
+              device: str = "cpu", workers: int = 1, **_) -> None:
     stage = out / "vae"
     if skip_if_done(out, "vae"):
         return
     if s.vae_source:
         _copy_vae(out, s)
         return
-    clips, backgrounds = _vae_material(out, s)
+    clips, backgrounds = _vae_material(out, s, workers)
     torch.manual_seed(s.seed)
     vae = models.build_vae(s.model.vae)
     n, frames, crop = len(clips), s.vae_frames, s.vae_crop
@@ -88,24 +107,25 @@ def stage_vae(out: Path, s: RunSettings, resume: bool = False, time_limit: float
         ys = torch.randint(0, SIZE - crop + 1, (s.vae_batch,), generator=g).tolist()
         xs = torch.randint(0, SIZE - crop + 1, (s.vae_batch,), generator=g).tolist()
         batch = np.stack([clips[i, t:t + frames, y:y + crop, x:x + crop] for i, t, y, x in zip(idx, t0, ys, xs)])
-        x = to_pixels(batch)
+        x = to_pixels(batch).to(device)
         posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
         recon = vae.decode(z).sample
         # Objects cover a few percent of the pixels: weight them up, or the flat background wins.
-        bg = to_pixels(backgrounds[idx][:, None, None, None, :])
+        bg = to_pixels(backgrounds[idx][:, None, None, None, :]).to(device)
         w = 1 + s.vae_object_weight * ((x - bg).abs().amax(dim=1, keepdim=True) > 0.05).float()
         w[:, :, 0] *= s.vae_first_frame_weight
         err = recon - x
         rec = ((err.pow(2) + err.abs()) * w).mean() / w.mean()
         return rec + s.vae_kl * posterior.kl().mean()
 
-    model, finished = fit(stage, vae, loss_fn, s.vae_steps, s.vae_lr, s, resume, time_limit, ema=False)
+    model, finished = fit(stage, vae, loss_fn, s.vae_steps, s.vae_lr, s, resume, time_limit, ema=False,
+                          device=device)
     if not finished:
         return
     model.save_pretrained(str(stage / "final"))
     quality = vae_quality(model, clips[-min(16, n):])
-    mark_done(stage, {"steps": s.vae_steps, **quality})
+    mark_done(stage, {"steps": s.vae_steps, **quality, "device": device_label(torch.device(device))})
     log.info("vae: done, %s", quality)
 
 
@@ -135,10 +155,10 @@ def vae_quality(vae, clips: np.ndarray) -> dict:
     from .score import quantize
 
     vae.eval()
-    x = to_pixels(clips)
+    x = to_pixels(clips).to(vae.device)
     recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
     mse = (recon - x).pow(2).mean().item()
-    frames = ((recon + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).movedim(1, -1).numpy()
+    frames = ((recon + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).movedim(1, -1).cpu().numpy()
     got = np.stack([quantize(f) for clip in frames for f in clip])
     want = np.stack([quantize(f) for clip in clips for f in clip])
     objects = want >= 2  # labels 0 and 1 are the two backgrounds
@@ -161,7 +181,7 @@ def text_parts(out: Path, s: RunSettings):
     return tokenizer, encoder
 
 
-def stage_latents(out: Path, s: RunSettings, **_) -> None:
+def stage_latents(out: Path, s: RunSettings, device: str = "cpu", workers: int = 1, **_) -> None:
     from diffusers import AutoencoderKLWan
     from safetensors.torch import load_file, save_file
 
@@ -171,44 +191,48 @@ def stage_latents(out: Path, s: RunSettings, **_) -> None:
     if skip_if_done(out, "latents", needs=("vae",)):
         return
     lat.mkdir(parents=True, exist_ok=True)
-    vae = AutoencoderKLWan.from_pretrained(str(out / "vae" / "final")).eval()
+    vae = AutoencoderKLWan.from_pretrained(str(out / "vae" / "final")).eval().to(device)
     rows = dataset_rows(out)
     tick = time.perf_counter()
-    for shard_no, start in enumerate(range(0, len(rows), SHARD)):
-        path = lat / f"shard-{shard_no:04d}.safetensors"
-        if path.is_file():
-            continue  # shards are written atomically: an existing one is complete
-        chunk, parts = rows[start:start + SHARD], []
-        with torch.no_grad():
-            for b in range(0, len(chunk), s.encode_batch):
-                x = to_pixels(np.stack([render_clip(r) for r in chunk[b:b + s.encode_batch]]))
-                parts.append(vae.encode(x).latent_dist.mode())
-        with atomic_path(path) as tmp:
-            save_file({"latents": torch.cat(parts).contiguous()}, str(tmp))
-        log.info("latents: %d/%d clips (%.0f s)", min(start + SHARD, len(rows)), len(rows), time.perf_counter() - tick)
+    # The latents are the training data: full fp32 convolutions on a GPU too (cuDNN's default TF32
+    # moved them up to 4e-3 from the CPU's, measured on an H100; without it they agree to rounding).
+    with clip_renderer(workers) as render, torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        for shard_no, start in enumerate(range(0, len(rows), SHARD)):
+            path = lat / f"shard-{shard_no:04d}.safetensors"
+            if path.is_file():
+                continue  # shards are written atomically: an existing one is complete
+            clips, parts = render(rows[start:start + SHARD]), []
+            with torch.no_grad():
+                for b in range(0, len(clips), s.encode_batch):
+                    x = to_pixels(clips[b:b + s.encode_batch]).to(device)
+                    parts.append(vae.encode(x).latent_dist.mode().cpu())
+            with atomic_path(path) as tmp:
+                save_file({"latents": torch.cat(parts).contiguous()}, str(tmp))
+            log.info("latents: %d/%d clips (%.0f s)", min(start + SHARD, len(rows)), len(rows),
+                     time.perf_counter() - tick)
     raw = torch.cat([load_file(str(p))["latents"] for p in sorted(lat.glob("shard-*.safetensors"))])
     mean = raw.mean(dim=(0, 2, 3, 4))
     std = raw.std(dim=(0, 2, 3, 4)).clamp_min(1e-4)
     vae.register_to_config(latents_mean=[round(float(v), 6) for v in mean],
                            latents_std=[round(float(v), 6) for v in std])
-    vae.save_pretrained(str(lat / "vae"))
+    vae.to("cpu").save_pretrained(str(lat / "vae"))
     write_json(lat / "stats.json", {"latents_mean": vae.config.latents_mean, "latents_std": vae.config.latents_std,
                                     "shape": list(raw.shape)})
 
     # Text: the pipeline's own encode_prompt embeddings (trimmed; padded to 512 with zeros on use).
     tokenizer, encoder = text_parts(out, s)
-    pipe = models.assemble_pipeline(tokenizer, encoder, vae, None, s.model.flow_shift)
+    pipe = models.assemble_pipeline(tokenizer, encoder.to(device), vae, None, s.model.flow_shift)
     texts = [""] + sorted({r["caption"] for r in rows} | {r["first_frame_caption"] for r in rows})
     index = {t: i for i, t in enumerate(texts)}
     embeds = []
     for b in range(0, len(texts), 64):
-        embeds += encode_captions(pipe, texts[b:b + 64], models.MAX_SEQUENCE_LENGTH, "cpu")
+        embeds += [e.cpu() for e in encode_captions(pipe, texts[b:b + 64], models.MAX_SEQUENCE_LENGTH, device)]
     lengths = torch.tensor([e.shape[0] for e in embeds])
     save_file({"embeds": torch.cat(embeds).contiguous(), "lengths": lengths,
                "prompt": torch.tensor([index[r["caption"]] for r in rows]),
                "caption": torch.tensor([index[r["first_frame_caption"]] for r in rows])}, str(lat / "text.safetensors"))
     mark_done(lat, {"clips": len(rows), "texts": len(texts), "max_tokens": int(lengths.max()),
-                     "seconds": round(time.perf_counter() - tick, 1)})
+                     "seconds": round(time.perf_counter() - tick, 1), "device": device_label(torch.device(device))})
 
 
 class LatentSet:
@@ -244,19 +268,21 @@ class LatentSet:
         return out
 
 
-def _train_transformer(out: Path, s: RunSettings, name: str, resume: bool, time_limit: float | None) -> None:
+def _train_transformer(out: Path, s: RunSettings, name: str, resume: bool, time_limit: float | None,
+                       device: str = "cpu") -> None:
     from fvg.families.flow_matching import SigmaSampler, draw_batch, masked_flow_loss
 
     stage = out / name
     if skip_if_done(out, name):
         return
     data = LatentSet(out)
+    latents = data.latents.to(device)  # indexed on the device: one host-to-device copy per run, not per step
     arch = s.model.anchor if name == "anchor" else s.model.t2v
     steps, batch, lr = (s.anchor_steps, s.anchor_batch, s.anchor_lr) if name == "anchor" else (
         s.t2v_steps, s.t2v_batch, s.t2v_lr)
     torch.manual_seed(s.seed + (1 if name == "anchor" else 2))
     model = models.build_transformer(arch, data.latents.shape[1], data.text_dim)
-    sink = PaddingSink(model, s.text_tokens)
+    sink = PaddingSink(model, s.text_tokens, device)
     sampler = SigmaSampler(shift=s.model.flow_shift, sampling=s.sigma_sampling, logit_mean=s.sigma_logit_mean,
                            logit_std=s.sigma_logit_std)
     text_ids = data.caption if name == "anchor" else data.prompt
@@ -266,7 +292,7 @@ def _train_transformer(out: Path, s: RunSettings, name: str, resume: bool, time_
     def loss_fn(step: int) -> torch.Tensor:
         g = generator(s.seed, salt, step)
         idx = torch.randint(0, len(data), (batch,), generator=g)
-        x0 = data.latents[idx]
+        x0 = latents[idx.to(latents.device)]
         if name == "anchor":
             x0 = x0[:, :, :1]  # latent frame 0 is the first frame encoded alone (causal VAE)
         drop = torch.rand(batch, generator=g) < s.caption_dropout
@@ -279,14 +305,15 @@ def _train_transformer(out: Path, s: RunSettings, name: str, resume: bool, time_
 
     extended_from = s.anchor_extended_from if name == "anchor" else s.t2v_extended_from
     final, finished = fit(stage, model, loss_fn, steps, lr, s, resume, time_limit, ema=True, weight_decay=0.01,
-                          extended_from=extended_from)
+                          extended_from=extended_from, device=device)
     if not finished:
         return
-    final.save_pretrained(str(stage / "final"))
+    final.to("cpu").save_pretrained(str(stage / "final"))
     rows = read_log(stage / "log.jsonl")
     mark_done(stage, {"steps": steps, "batch": batch, "params": sum(p.numel() for p in final.parameters()),
                        "tokens_per_sample": int(np.prod(x0_shape(data, name)[1:])) // math.prod(patch),
-                       "final_loss": _tail_mean(rows), "train_seconds": rows[-1]["elapsed_s"] if rows else None})
+                       "final_loss": _tail_mean(rows), "train_seconds": rows[-1]["elapsed_s"] if rows else None,
+                       "devices": sorted({r.get("device", "cpu") for r in rows})})
     assemble(out, name)
 
 
@@ -319,12 +346,14 @@ def assemble(out: Path, name: str) -> Path:
     return target
 
 
-def stage_anchor(out: Path, s: RunSettings, resume: bool = False, time_limit: float | None = None, **_) -> None:
-    _train_transformer(out, s, "anchor", resume, time_limit)
+def stage_anchor(out: Path, s: RunSettings, resume: bool = False, time_limit: float | None = None,
+                 device: str = "cpu", **_) -> None:
+    _train_transformer(out, s, "anchor", resume, time_limit, device)
 
 
-def stage_t2v(out: Path, s: RunSettings, resume: bool = False, time_limit: float | None = None, **_) -> None:
-    _train_transformer(out, s, "t2v", resume, time_limit)
+def stage_t2v(out: Path, s: RunSettings, resume: bool = False, time_limit: float | None = None,
+              device: str = "cpu", **_) -> None:
+    _train_transformer(out, s, "t2v", resume, time_limit, device)
 
 
 def lora_config(out: Path, s: RunSettings):

@@ -4,7 +4,9 @@
 
 Stages, in order (each skips when its output is complete; `--resume` continues an interrupted
 one from its last checkpoint; `--time-limit MIN` checkpoints and stops a training stage after
-MIN minutes so that a session can run part of a long stage):
+MIN minutes so that a session can run part of a long stage; `--device cuda` runs the vae, latents,
+anchor and t2v stages on a GPU, and a checkpoint written on one device resumes on another;
+`--workers N` renders clips in N processes):
 
     data      render the MiniWorld training set (MP4 + first-frame PNG + metadata.jsonl)
     vae       train the AutoencoderKLWan on short random crops of the clips
@@ -59,14 +61,14 @@ class _SideStage:
     Each of the two transformers gets half the threads: these small models run much faster on one
     thread each than on two threads taken in turns, and the two stages share nothing but the latents."""
 
-    def __init__(self, out: Path, name: str, resume: bool, time_limit: float | None):
+    def __init__(self, out: Path, name: str, resume: bool, time_limit: float | None, device: str = "cpu"):
         import subprocess
         import sys
 
         threads = torch.get_num_threads()
         mine = max(1, threads // 2)
         cmd = [sys.executable, "-m", "fvg", "miniworld", "train", "--out", str(out), "--stage", name,
-               "--threads", str(threads - mine)]
+               "--threads", str(threads - mine), "--device", device]
         if resume:
             cmd.append("--resume")
         if time_limit is not None:
@@ -99,12 +101,21 @@ RUNNERS = {"data": stage_data, "vae": stage_vae, "latents": stage_latents, "anch
 
 def run(out: str | Path, stage: str = "all", resume: bool = False, profile: str | None = None,
         overrides: dict | None = None, time_limit: float | None = None, weights_dir: str | Path | None = None,
-        parallel: bool = True) -> None:
+        parallel: bool = True, device: str = "cpu", workers: int = 1) -> None:
     """Run one stage or all of them in order (complete stages are skipped). With `parallel` and two or
     more torch threads, `all` trains the anchor and T2V transformers at once (they are independent),
-    the anchor in a child process, each on half the threads."""
+    the anchor in a child process, each on half the threads.
+
+    `device` places the stages this module trains itself (vae, latents, anchor, t2v). The lora stage
+    is `fvg train`'s, on accelerate's device (the GPU when there is one). `workers`: processes that
+    render clips for the vae and latents stages (the frames are the same for any number)."""
+    from fvg.pipeline import validate_device
+
     if stage != "all" and stage not in STAGES:
         raise FvgError(f"unknown stage '{stage}' (choose from: {', '.join(STAGES)}, all)")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise FvgError(f"--workers must be a whole number of at least 1, got {workers}")
+    validate_device(device)
     out = Path(out)
     settings = load_settings(out, profile, overrides)
     todo = STAGES if stage == "all" else (stage,)
@@ -118,10 +129,11 @@ def run(out: str | Path, stage: str = "all", resume: bool = False, profile: str 
         tick = time.perf_counter()
         if name == "anchor" and stage == "all" and parallel and not done(out / "anchor") \
                 and not done(out / "t2v") and torch.get_num_threads() >= 2:
-            side = _SideStage(out, "anchor", resume, left)  # runs beside t2v; joined after it
+            side = _SideStage(out, "anchor", resume, left, device)  # runs beside t2v; joined after it
             continue
         try:
-            RUNNERS[name](out, settings, resume=resume, time_limit=left, weights_dir=weights_dir)
+            RUNNERS[name](out, settings, resume=resume, time_limit=left, weights_dir=weights_dir, device=device,
+                          workers=workers)
         except BaseException:
             if side is not None:
                 side.stop()
