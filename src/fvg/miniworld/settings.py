@@ -45,16 +45,16 @@ class RunSettings:
     anchor_lr: float = 1e-3
     # v3: 5000 x 16 clips x 320 tokens = 25.6M token-steps, at least the anchor model's 12000 x 32 x 64
     # = 24.6M (the baseline gets at least the anchor model's compute); v1: 6000 (at 5e-4).
-    t2v_steps: int = 11000  # v5 (v4: 8000, v3: 5000): 56M token-steps against the anchor model's 36.9M
+    t2v_steps: int = 11000  # v5-v7 (v4: 8000, v3: 5000): 56.3M token-steps against the anchor model's 53.2M
     t2v_batch: int = 16
     t2v_lr: float = 1e-3
     # v4 continued v3's finished stages, v5 v4's T2V stage and v6 v4's anchor stage: each ran its warmup +
     # cosine to the first total listed here, then resumed with the cosine stretched to the next total (the LR
     # rises again at that step: a warm restart), the last time to `*_steps`. A fresh run follows the same
     # schedule (`fvg.miniworld.loop.lr_at`); empty: one cosine over the whole stage. To continue a finished
-    # stage: append its `*_steps`, then raise them.
+    # stage: append its `*_steps`, then raise them. v7's 8-layer T2V base was trained fresh: one cosine.
     anchor_extended_from: list[int] = field(default_factory=lambda: [12000, 18000])
-    t2v_extended_from: list[int] = field(default_factory=lambda: [5000, 8000])
+    t2v_extended_from: list[int] = field(default_factory=list)
     warmup_steps: int = 200
     # How the transformer stages draw sigma before Wan's shift (fvg.families.flow_matching.SigmaSampler):
     # "logit_normal" (v3, SD3's choice) puts more of the training on mid noise, where the layout is
