@@ -417,12 +417,14 @@ def test_workers_render_the_same_latents_and_rows_record_their_device(tiny_run, 
     for part in ("data", "vae"):
         (run / part).symlink_to(out / part)
     settings.load_settings(run, "tiny")
+    rows = stages.dataset_rows(out)
+    with stages.clip_renderer(2) as render:
+        assert np.array_equal(render(rows), np.stack([stages.render_clip(r) for r in rows]))
     mt.run(run, stage="latents", workers=2, device="cpu")
-    shards = sorted((out / "latents").glob("shard-*.safetensors"))
-    assert shards and [p.read_bytes() for p in shards] == [(run / "latents" / p.name).read_bytes() for p in shards]
+    # the same frames; the encoding may round differently at another torch thread count than the fixture's
+    torch.testing.assert_close(stages.LatentSet(run).latents, stages.LatentSet(out).latents, rtol=1e-5, atol=1e-5)
     assert json.loads((run / "latents" / "DONE.json").read_text())["device"] == "cpu"
-    rows = loop.read_log(out / "t2v" / "log.jsonl")
-    assert {r["device"] for r in rows} == {"cpu"}
+    assert {r["device"] for r in loop.read_log(out / "t2v" / "log.jsonl")} == {"cpu"}
     assert json.loads((out / "t2v" / "DONE.json").read_text())["devices"] == ["cpu"]
 
 
