@@ -18,9 +18,7 @@ import torch
 
 from fvg.miniworld import loop, settings, stages
 from fvg.miniworld import train as mt
-from fvg.miniworld.dataset import clip_seed, sample_clip
-from fvg.miniworld.grammar import first_frame_caption
-from fvg.miniworld.spec import CATEGORIES
+from fvg.miniworld.dataset import clip_row
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -28,13 +26,7 @@ CLIPS = 14
 
 
 def metadata_only(run, clips: int = CLIPS) -> None:
-    rows = []
-    for i in range(clips):
-        category, seed = CATEGORIES[i % len(CATEGORIES)], clip_seed(0, i)
-        prompt, _ = sample_clip(category, seed)
-        rows.append({"video": f"videos/{i + 1:06d}.mp4", "first_frame": f"first_frames/{i + 1:06d}.png",
-                     "caption": str(prompt), "first_frame_caption": first_frame_caption(prompt),
-                     "category": category, "seed": seed})
+    rows = [clip_row(i, 0)[0] for i in range(clips)]  # write_dataset's rows, without its MP4s and PNGs
     (run / "data").mkdir(parents=True)
     (run / "data" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     loop.mark_done(run / "data", {"clips": clips})

@@ -36,6 +36,21 @@ def sample_clip(category: str, seed: int) -> tuple[MiniPrompt, Scene]:
     return prompt, sample_scene(prompt, rng)
 
 
+def clip_row(index: int, seed: int, categories: tuple[str, ...] | list[str] = CATEGORIES) -> tuple[dict, Scene]:
+    """Clip `index` of the data set drawn from `seed`: its metadata.jsonl row and its scene."""
+    category, s = categories[index % len(categories)], clip_seed(seed, index)
+    prompt, scene = sample_clip(category, s)
+    name = f"{index + 1:06d}"
+    return {
+        "video": f"videos/{name}.mp4",
+        "first_frame": f"first_frames/{name}.png",
+        "caption": str(prompt),
+        "first_frame_caption": first_frame_caption(prompt),
+        "category": category,
+        "seed": s,
+    }, scene
+
+
 def write_dataset(
     out_dir: str | os.PathLike, num_clips: int, seed: int, categories: tuple[str, ...] | list[str] = CATEGORIES
 ) -> Path:
@@ -48,20 +63,11 @@ def write_dataset(
     out = Path(out_dir)
     rows = []
     for i in track(range(num_clips), description="Rendering MiniWorld clips", disable=num_clips < 100):
-        category, s = categories[i % len(categories)], clip_seed(seed, i)
-        prompt, scene = sample_clip(category, s)
+        row, scene = clip_row(i, seed, categories)
         frames = render_video(scene)
-        name = f"{i + 1:06d}"
-        write_mp4(out / "videos" / f"{name}.mp4", frames, FPS)
-        save_image(out / "first_frames" / f"{name}.png", frames[0])
-        rows.append({
-            "video": f"videos/{name}.mp4",
-            "first_frame": f"first_frames/{name}.png",
-            "caption": str(prompt),
-            "first_frame_caption": first_frame_caption(prompt),
-            "category": category,
-            "seed": s,
-        })
+        write_mp4(out / row["video"], frames, FPS)
+        save_image(out / row["first_frame"], frames[0])
+        rows.append(row)
     metadata = out / "metadata.jsonl"
     write_text(metadata, "".join(json.dumps(row) + "\n" for row in rows))
     return metadata

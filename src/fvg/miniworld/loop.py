@@ -91,6 +91,11 @@ def device_label(device: torch.device) -> str:
     return device.type
 
 
+def logged_devices(rows: list[dict]) -> list[str]:
+    """The devices a stage's log rows ran on (rows logged before devices were recorded ran on the CPU)."""
+    return sorted({r.get("device", "cpu") for r in rows})
+
+
 def fit(stage_dir: Path, model: torch.nn.Module, loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
         settings: RunSettings, resume: bool, time_limit: float | None, ema: bool = True,
         weight_decay: float = 0.0, extended_from: Sequence[int] = (),

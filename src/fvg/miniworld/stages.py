@@ -18,7 +18,7 @@ import torch
 from fvg.io import FvgError, atomic_path, write_json
 
 from . import models
-from .loop import device_label, done, fit, generator, mark_done, read_log, skip_if_done
+from .loop import device_label, done, fit, generator, logged_devices, mark_done, read_log, skip_if_done
 from .settings import RunSettings, load_settings
 from .sink import PaddingSink
 
@@ -125,7 +125,7 @@ def stage_vae(out: Path, s: RunSettings, resume: bool = False, time_limit: float
         return
     model.save_pretrained(str(stage / "final"))
     quality = vae_quality(model, clips[-min(16, n):])
-    mark_done(stage, {"steps": s.vae_steps, **quality, "device": device_label(torch.device(device))})
+    mark_done(stage, {"steps": s.vae_steps, **quality, "devices": logged_devices(read_log(stage / "log.jsonl"))})
     log.info("vae: done, %s", quality)
 
 
@@ -313,7 +313,7 @@ def _train_transformer(out: Path, s: RunSettings, name: str, resume: bool, time_
     mark_done(stage, {"steps": steps, "batch": batch, "params": sum(p.numel() for p in final.parameters()),
                        "tokens_per_sample": int(np.prod(x0_shape(data, name)[1:])) // math.prod(patch),
                        "final_loss": _tail_mean(rows), "train_seconds": rows[-1]["elapsed_s"] if rows else None,
-                       "devices": sorted({r.get("device", "cpu") for r in rows})})
+                       "devices": logged_devices(rows)})
     assemble(out, name)
 
 
