@@ -440,3 +440,68 @@ def test_cli_rejects_a_missing_device_and_bad_workers_in_one_line(tmp_path, caps
         assert main(["miniworld", "train", "--out", str(tmp_path / "r"), "--stage", "t2v", "--device", "cuda"]) == 2
         assert "sees no CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # refused before the run folder is made
+
+
+def test_reused_stages_ship_unchanged_beside_a_retrained_anchor_model(tiny_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from fvg.cli import main
+    from fvg.miniworld.reuse import reuse_stages
+
+    out, weights = tiny_run
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "data").symlink_to(out / "data")
+    settings.load_settings(run, "tiny", {"vae_source": str(weights / "video" / "vae"), "anchor_steps": 4})
+    for stage in ("vae", "latents"):  # the export's VAE, copied; its statistics measured again
+        mt.run(run, stage=stage)
+    with pytest.raises(FvgError, match="trained on its T2V base"):
+        reuse_stages(run, weights, ["lora"])
+    with pytest.raises(FvgError, match="choose from anchor, t2v, lora"):
+        reuse_stages(run, weights, ["vae"])
+    assert main(["miniworld", "reuse", "--out", str(run), "--weights", str(weights), "--stages", "t2v,lora"]) == 0
+    assert main(["miniworld", "reuse", "--out", str(run), "--weights", str(weights), "--stages", "t2v"]) == 2
+    mt.run(run, stage="all", weights_dir=tmp_path / "w")  # trains only the anchor model, then exports
+
+    shipped = tmp_path / "w"
+    from safetensors import safe_open
+
+    part = "video/transformer/diffusion_pytorch_model.safetensors"
+    assert (shipped / part).read_bytes() == (weights / part).read_bytes()
+    loras = [safe_open(str(w / "anchor_lora.safetensors"), "pt") for w in (shipped, weights)]
+    assert loras[0].metadata() == loras[1].metadata()  # (safetensors orders the header's metadata at random)
+    assert loras[0].keys() == loras[1].keys()
+    assert all(torch.equal(loras[0].get_tensor(k), loras[1].get_tensor(k)) for k in loras[1].keys())
+    new, old = (load_file(str(w / "anchor/transformer/diffusion_pytorch_model.safetensors")) for w in (shipped, weights))
+    assert any(not torch.equal(new[k], old[k]) for k in old)  # 4 steps instead of 3
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    old_manifest = json.loads((weights / "manifest.json").read_text())
+    assert manifest["settings"]["anchor_steps"] == 4 and manifest["stages"]["anchor"]["steps"] == 4
+    assert manifest["stages"]["t2v"] == {**old_manifest["stages"]["t2v"], "reused_from": str(weights.resolve())}
+    assert manifest["stages"]["lora"]["reused_from"] == str(weights.resolve())
+
+
+def test_reuse_refuses_a_run_that_would_not_have_trained_the_export(tiny_run, tmp_path):
+    from fvg.miniworld.reuse import reuse_stages
+
+    out, weights = tiny_run
+    other = tmp_path / "other"  # a T2V recipe of its own
+    other.mkdir()
+    (other / "data").symlink_to(out / "data")
+    settings.load_settings(other, "tiny", {"vae_source": str(weights / "video" / "vae"), "t2v_steps": 5})
+    for stage in ("vae", "latents"):
+        mt.run(other, stage=stage)
+    with pytest.raises(FvgError, match=r"t2v_steps \(5 here, 3 in the export\)"):
+        reuse_stages(other, weights, ["t2v", "lora"])
+    reuse_stages(other, weights, ["anchor"])  # the anchor model does not depend on the T2V recipe
+    assert (other / "pipelines" / "anchor" / "model_index.json").is_file() and loop.done(other / "anchor")
+
+    retrained = tmp_path / "retrained"  # its own VAE: the export's transformers learnt on other latents
+    retrained.mkdir()
+    (retrained / "data").symlink_to(out / "data")
+    settings.load_settings(retrained, "tiny", {"vae_steps": 2})
+    for stage in ("vae", "latents"):
+        mt.run(retrained, stage=stage)
+    with pytest.raises(FvgError, match="not this run's vae"):
+        reuse_stages(retrained, weights, ["t2v"])
+    assert not (retrained / "t2v").exists()

@@ -3,6 +3,7 @@
     fvg miniworld dataset --out data/mini --clips 1000 --seed 0
     fvg miniworld train --out runs/mini --stage all --resume
     fvg miniworld train --out runs/mini --stage t2v --resume --time-limit 60
+    fvg miniworld reuse --out runs/mini --stages t2v,lora
 """
 
 from __future__ import annotations
@@ -71,6 +72,22 @@ def train(
         torch.set_num_threads(max(1, threads))
     run(out, stage=stage, resume=resume, profile=profile, overrides=parse_set(set_ or []), time_limit=time_limit,
         weights_dir=weights_dir, device=device, workers=workers)
+
+
+@miniworld_app.command()
+def reuse(
+    out: Path = typer.Option(Path("runs/mini"), "--out", "-o", help="Run folder, its latents stage complete."),
+    stages: str = typer.Option(..., "--stages", help="Comma-separated stages to take from the export: anchor, "
+                                                     "t2v, lora."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="An export (default: the package's "
+                                                                   "weights/mini)."),
+):
+    """Take finished stages from an export instead of training them (a recipe change retrains one model)."""
+    from .reuse import reuse_stages
+
+    setup_logging("fvg.miniworld")
+    names = reuse_stages(out, weights, [s.strip() for s in stages.split(",") if s.strip()])
+    typer.echo(f"reused {', '.join(names)} from {weights or 'the shipped weights'} into {out}")
 
 
 @miniworld_app.command()

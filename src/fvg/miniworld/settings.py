@@ -131,6 +131,31 @@ def v1_settings() -> RunSettings:
 
 PROFILES: dict[str, Callable[[], RunSettings]] = {"full": RunSettings, "v1": v1_settings, "tiny": tiny_settings}
 
+# The settings that only one trained stage reads (dotted keys; a key names its whole sub-table). A stage reused
+# from an export (`fvg.miniworld.reuse`) lets a run differ from that export only in the settings of the stages
+# it does not reuse; every other setting shapes the data, the latents or more than one model. The VAE's settings
+# are not compared at all: its tensors are.
+STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "vae": ("vae_clips", "vae_steps", "vae_batch", "vae_frames", "vae_crop", "vae_lr", "vae_kl",
+            "vae_object_weight", "vae_first_frame_weight", "vae_source", "model.vae"),
+    "anchor": ("anchor_steps", "anchor_batch", "anchor_lr", "anchor_extended_from", "model.anchor"),
+    "t2v": ("t2v_steps", "t2v_batch", "t2v_lr", "t2v_extended_from", "model.t2v"),
+    "lora": ("lora_clips", "lora_steps", "lora_batch", "lora_rank", "lora_lr", "p_anchor", "lora_caption_dropout",
+             "lora_sigma_sampling", "lora_sigma_logit_mean"),
+}
+BOOKKEEPING_SETTINGS = ("profile", "checkpoint_every", "log_every", "encode_batch")  # no effect on any weight
+
+
+def flat_settings(d: dict, prefix: str = "") -> dict:
+    """A settings dict with nested tables flattened to dotted keys (`model.t2v.num_layers`)."""
+    flat = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
 
 def _apply(settings: RunSettings, overrides: dict) -> RunSettings:
     d = settings.to_dict()

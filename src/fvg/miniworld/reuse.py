@@ -1,0 +1,151 @@
+"""Reuse finished stages of an earlier export, so that a recipe change in one model retrains only that model.
+
+    fvg miniworld reuse --out runs/mini-v8 --weights src/fvg/weights/mini --stages t2v,lora
+
+An export (`fvg miniworld train --stage export`, the package's weights/mini) holds every model and, in
+manifest.json, the settings that trained them and each stage's summary. Reusing its anchor, t2v or lora stage
+writes that stage's outputs into a run folder as if the run had trained them (`anchor/final`, `t2v/final`,
+`pipelines/...`, the LoRA file, `DONE.json`), so `train --stage all --resume` skips it and a later export ships
+it unchanged, byte for byte.
+
+Decisions:
+* A stage is reused only into a run whose settings equal the export's everywhere except in the settings owned by
+  the stages it does not reuse (`settings.STAGE_SETTINGS`) and in bookkeeping. Otherwise the run's
+  settings.json, and the manifest its export writes, would describe a model that was never trained.
+* The transformers learnt on latents and embeddings of one VAE and one frozen text encoder, so the run's must be
+  the export's, tensor for tensor (the VAE's settings are not compared: a `vae_source` VAE has the recipe of
+  whichever run trained it). The latent statistics, measured again by the run's latents stage, may differ by
+  float rounding only.
+* The LoRA was trained on the export's T2V base, so it is reused only with that base.
+* The reused stage's DONE.json is the export's summary of it plus `reused_from`: the manifest keeps saying how
+  the model was trained (steps, losses, devices), and where this run took it from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from fvg.io import FvgError
+
+from . import models
+from .loop import done, mark_done
+from .settings import BOOKKEEPING_SETTINGS, STAGE_SETTINGS, RunSettings, flat_settings, load_settings
+
+log = logging.getLogger("fvg.miniworld")
+
+REUSABLE = ("anchor", "t2v", "lora")
+STATS_TOLERANCE = 1e-4  # latents_mean / latents_std: the same VAE over the same clips, at another thread count
+
+
+def reuse_stages(out: str | Path, weights: str | Path | None, names: list[str]) -> list[str]:
+    """Make `names` (anchor, t2v, lora) of run `out` the export `weights`'s (default: the package's weights/mini);
+    returns them in the order written. Refuses, naming the difference, when the run cannot have trained them."""
+    out, weights = Path(out), Path(weights or models.WEIGHTS_DIR)
+    unknown = [n for n in names if n not in REUSABLE]
+    if not names or unknown:
+        raise FvgError(f"cannot reuse stage(s) {', '.join(unknown) or '(none given)'}: "
+                       f"choose from {', '.join(REUSABLE)}")
+    names = [n for n in REUSABLE if n in names]
+    if not (out / "settings.json").is_file() or not done(out / "latents"):
+        raise FvgError(f"{out}: run the data, vae and latents stages first (the reused models are checked "
+                       "against the run's VAE and text encoder)")
+    manifest_path = weights / "manifest.json"
+    if not manifest_path.is_file():
+        raise FvgError(f"{weights} is not a mini export (no manifest.json)")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    theirs = RunSettings.from_dict(manifest["settings"])
+    mine = load_settings(out)
+    _check_settings(mine, theirs, names)
+    source = _where(weights)
+    if "lora" in names and "t2v" not in names and _reused_from(out / "t2v") != source:
+        raise FvgError(f"the LoRA in {weights} was trained on its T2V base: reuse t2v from there too")
+    for name in names:
+        stage = out / name
+        if stage.exists() and any(stage.iterdir()):
+            raise FvgError(f"{stage} is not empty: remove it to reuse the export's {name}")
+    parts = {"anchor": models.ANCHOR_SUBDIR, "t2v": models.VIDEO_SUBDIR}
+    for name in names:
+        if name in parts:
+            _check_frozen_parts(out, weights / parts[name])
+    for name in names:
+        if name == "lora":
+            target = out / "lora" / "lora" / models.LORA_FILE
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(models.lora_path(weights), target)
+        else:
+            pipeline = weights / parts[name]
+            _copy_tree(pipeline / "transformer", out / name / "final")
+            _copy_tree(pipeline, out / "pipelines" / parts[name])
+        mark_done(out / name, {**manifest["stages"][name], "reused_from": source})
+        log.info("%s: reused from %s", name, weights)
+    return names
+
+
+def _check_settings(mine: RunSettings, theirs: RunSettings, names: list[str]) -> None:
+    free = set(BOOKKEEPING_SETTINGS) | set(STAGE_SETTINGS["vae"])
+    free |= {key for stage, keys in STAGE_SETTINGS.items() if stage in REUSABLE and stage not in names for key in keys}
+    a, b = flat_settings(mine.to_dict()), flat_settings(theirs.to_dict())
+    differ = sorted(k for k in a.keys() | b.keys()
+                    if a.get(k) != b.get(k) and not any(k == f or k.startswith(f + ".") for f in free))
+    if differ:
+        shown = ", ".join(f"{k} ({a.get(k)!r} here, {b.get(k)!r} in the export)" for k in differ[:4])
+        raise FvgError(f"the run's settings differ from the export's in {shown}: "
+                       f"the reused {', '.join(names)} would not be what this run trains")
+
+
+def _check_frozen_parts(out: Path, pipeline: Path) -> None:
+    from safetensors.torch import load_file
+
+    for run_part, part in ((out / "latents" / "vae", "vae"), (out / "latents" / "text_encoder", "text_encoder")):
+        ours, theirs = _tensors(run_part, load_file), _tensors(pipeline / part, load_file)
+        if ours.keys() != theirs.keys() or any(not torch.equal(ours[k], theirs[k]) for k in ours):
+            raise FvgError(f"{pipeline / part} is not this run's {part} ({run_part}): the reused model learnt on "
+                           "another one")
+    ours = json.loads((out / "latents" / "vae" / "config.json").read_text(encoding="utf-8"))
+    theirs = json.loads((pipeline / "vae" / "config.json").read_text(encoding="utf-8"))
+    for key in ("latents_mean", "latents_std"):
+        gap = max(abs(x - y) for x, y in zip(ours[key], theirs[key]))
+        if len(ours[key]) != len(theirs[key]) or gap > STATS_TOLERANCE:
+            raise FvgError(f"the run's {key} differ from {pipeline / 'vae'}'s (by {gap:.2g}): not the same latents")
+    vocab = [json.loads((p / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+             for p in (out / "latents" / "tokenizer", pipeline / "tokenizer")]
+    if vocab[0] != vocab[1]:
+        raise FvgError(f"{pipeline / 'tokenizer'} is not this run's tokenizer")
+
+
+def _tensors(folder: Path, load_file) -> dict:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FvgError(f"{folder}: no safetensors weights")
+    return {k: v for f in files for k, v in load_file(str(f)).items()}
+
+
+def _where(weights: Path) -> str:
+    """How DONE.json (and so a manifest) names the export: relative to the working directory when inside it,
+    so that no machine's absolute path ships."""
+    resolved = weights.resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(resolved)
+
+
+def _reused_from(stage: Path) -> str | None:
+    path = stage / "DONE.json"
+    return json.loads(path.read_text(encoding="utf-8")).get("reused_from") if path.is_file() else None
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """Copy a folder whole or not at all: into a sibling temp folder, then rename."""
+    tmp = dst.with_name(dst.name + ".reuse-tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp)
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
