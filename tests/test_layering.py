@@ -20,7 +20,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # longest entry that matches a module decides its layer. "fvg" is the root package alone:
 # its names load lazily from the pipeline, so only the top may import from it.
 MINIWORLD_TRAINING = tuple(f"fvg.miniworld.{m}" for m in (
-    "models", "settings", "loop", "sink", "stages", "train", "curves", "diagnose", "cli"))
+    "models", "settings", "loop", "sink", "stages", "reuse", "train", "curves", "diagnose", "cli"))
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("io", ("fvg.io",)),
     ("base", ("fvg.console", "fvg.parallel", "fvg.provenance", "fvg.presets", "fvg.residency", "fvg.speed",
