@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -493,6 +494,11 @@ def test_reuse_refuses_a_run_that_would_not_have_trained_the_export(tiny_run, tm
         mt.run(other, stage=stage)
     with pytest.raises(FvgError, match=r"t2v_steps \(5 here, 3 in the export\)"):
         reuse_stages(other, weights, ["t2v", "lora"])
+    partial = tmp_path / "partial"
+    shutil.copytree(weights, partial)
+    (partial / "anchor_lora.safetensors").unlink()
+    with pytest.raises(FvgError, match="not a complete mini export .missing: anchor_lora.safetensors"):
+        reuse_stages(other, partial, ["t2v", "lora"])
     reuse_stages(other, weights, ["anchor"])  # the anchor model does not depend on the T2V recipe
     assert (other / "pipelines" / "anchor" / "model_index.json").is_file() and loop.done(other / "anchor")
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from fvg.io import FvgError
+from fvg.io import FvgError, read_json_object
 
 from . import models
 from .loop import done, mark_done
@@ -57,7 +57,13 @@ def reuse_stages(out: str | Path, weights: str | Path | None, names: list[str]) 
     manifest_path = weights / "manifest.json"
     if not manifest_path.is_file():
         raise FvgError(f"{weights} is not a mini export (no manifest.json)")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = read_json_object(manifest_path, "mini export manifest")
+    missing = [n for n in names if n not in manifest.get("stages", {})] + \
+        [sub for n, sub in (("anchor", models.ANCHOR_SUBDIR), ("t2v", models.VIDEO_SUBDIR)) if n in names
+         and not models.is_pipeline_dir(weights / sub)] + \
+        ([models.LORA_FILE] if "lora" in names and not models.lora_path(weights).is_file() else [])
+    if "settings" not in manifest or missing:
+        raise FvgError(f"{weights} is not a complete mini export (missing: {', '.join(missing) or 'settings'})")
     theirs = RunSettings.from_dict(manifest["settings"])
     mine = load_settings(out)
     _check_settings(mine, theirs, names)
