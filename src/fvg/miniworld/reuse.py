@@ -39,6 +39,7 @@ from .settings import BOOKKEEPING_SETTINGS, STAGE_SETTINGS, RunSettings, flat_se
 log = logging.getLogger("fvg.miniworld")
 
 REUSABLE = ("anchor", "t2v", "lora")
+PIPELINES = {"anchor": models.ANCHOR_SUBDIR, "t2v": models.VIDEO_SUBDIR}  # the stages that ship a WanPipeline
 STATS_TOLERANCE = 1e-4  # latents_mean / latents_std: the same VAE over the same clips, at another thread count
 
 
@@ -54,19 +55,8 @@ def reuse_stages(out: str | Path, weights: str | Path | None, names: list[str]) 
     if not (out / "settings.json").is_file() or not done(out / "latents"):
         raise FvgError(f"{out}: run the data, vae and latents stages first (the reused models are checked "
                        "against the run's VAE and text encoder)")
-    manifest_path = weights / "manifest.json"
-    if not manifest_path.is_file():
-        raise FvgError(f"{weights} is not a mini export (no manifest.json)")
-    manifest = read_json_object(manifest_path, "mini export manifest")
-    missing = [n for n in names if n not in manifest.get("stages", {})] + \
-        [sub for n, sub in (("anchor", models.ANCHOR_SUBDIR), ("t2v", models.VIDEO_SUBDIR)) if n in names
-         and not models.is_pipeline_dir(weights / sub)] + \
-        ([models.LORA_FILE] if "lora" in names and not models.lora_path(weights).is_file() else [])
-    if "settings" not in manifest or missing:
-        raise FvgError(f"{weights} is not a complete mini export (missing: {', '.join(missing) or 'settings'})")
-    theirs = RunSettings.from_dict(manifest["settings"])
-    mine = load_settings(out)
-    _check_settings(mine, theirs, names)
+    manifest = _read_export(weights, names)
+    _check_settings(load_settings(out), RunSettings.from_dict(manifest["settings"]), names)
     source = _where(weights)
     if "lora" in names and "t2v" not in names and _reused_from(out / "t2v") != source:
         raise FvgError(f"the LoRA in {weights} was trained on its T2V base: reuse t2v from there too")
@@ -74,22 +64,36 @@ def reuse_stages(out: str | Path, weights: str | Path | None, names: list[str]) 
         stage = out / name
         if stage.exists() and any(stage.iterdir()):
             raise FvgError(f"{stage} is not empty: remove it to reuse the export's {name}")
-    parts = {"anchor": models.ANCHOR_SUBDIR, "t2v": models.VIDEO_SUBDIR}
     for name in names:
-        if name in parts:
-            _check_frozen_parts(out, weights / parts[name])
+        if name in PIPELINES:
+            _check_frozen_parts(out, weights / PIPELINES[name])
     for name in names:
         if name == "lora":
             target = out / "lora" / "lora" / models.LORA_FILE
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(models.lora_path(weights), target)
         else:
-            pipeline = weights / parts[name]
+            pipeline = weights / PIPELINES[name]
             _copy_tree(pipeline / "transformer", out / name / "final")
-            _copy_tree(pipeline, out / "pipelines" / parts[name])
+            _copy_tree(pipeline, out / "pipelines" / PIPELINES[name])
         mark_done(out / name, {**manifest["stages"][name], "reused_from": source})
         log.info("%s: reused from %s", name, weights)
     return names
+
+
+def _read_export(weights: Path, names: list[str]) -> dict:
+    """The export's manifest, once every part that `names` take from it is there."""
+    path = weights / "manifest.json"
+    if not path.is_file():
+        raise FvgError(f"{weights} is not a mini export (no manifest.json)")
+    manifest = read_json_object(path, "mini export manifest")
+    missing = ([] if "settings" in manifest else ["settings"]) + \
+        [n for n in names if n not in manifest.get("stages", {})] + \
+        [PIPELINES[n] for n in names if n in PIPELINES and not models.is_pipeline_dir(weights / PIPELINES[n])] + \
+        ([models.LORA_FILE] if "lora" in names and not models.lora_path(weights).is_file() else [])
+    if missing:
+        raise FvgError(f"{weights} is not a complete mini export (missing: {', '.join(missing)})")
+    return manifest
 
 
 def _check_settings(mine: RunSettings, theirs: RunSettings, names: list[str]) -> None:
