@@ -444,6 +444,7 @@ def test_cli_rejects_a_missing_device_and_bad_workers_in_one_line(tmp_path, caps
 
 
 def test_reused_stages_ship_unchanged_beside_a_retrained_anchor_model(tiny_run, tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from fvg.cli import main
@@ -465,8 +466,6 @@ def test_reused_stages_ship_unchanged_beside_a_retrained_anchor_model(tiny_run, 
     mt.run(run, stage="all", weights_dir=tmp_path / "w")  # trains only the anchor model, then exports
 
     shipped = tmp_path / "w"
-    from safetensors import safe_open
-
     part = "video/transformer/diffusion_pytorch_model.safetensors"
     assert (shipped / part).read_bytes() == (weights / part).read_bytes()
     loras = [safe_open(str(w / "anchor_lora.safetensors"), "pt") for w in (shipped, weights)]

@@ -35,6 +35,11 @@ def skip_if_done(out: Path, name: str, needs: tuple[str, ...] = ()) -> bool:
     return False
 
 
+def done_info(path: Path) -> dict | None:
+    """What `mark_done` recorded for a finished stage, or None while it is unfinished."""
+    return json.loads((path / "DONE.json").read_text(encoding="utf-8")) if done(path) else None
+
+
 def mark_done(path: Path, info: dict) -> None:
     write_json(path / "DONE.json", {"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info})
 

@@ -33,7 +33,7 @@ import torch
 from fvg.io import FvgError, read_json_object
 
 from . import models
-from .loop import done, mark_done
+from .loop import done, done_info, mark_done
 from .settings import BOOKKEEPING_SETTINGS, STAGE_SETTINGS, RunSettings, flat_settings, load_settings
 
 log = logging.getLogger("fvg.miniworld")
@@ -109,18 +109,18 @@ def _check_settings(mine: RunSettings, theirs: RunSettings, names: list[str]) ->
 
 
 def _check_frozen_parts(out: Path, pipeline: Path) -> None:
-    from safetensors.torch import load_file
-
     for run_part, part in ((out / "latents" / "vae", "vae"), (out / "latents" / "text_encoder", "text_encoder")):
-        ours, theirs = _tensors(run_part, load_file), _tensors(pipeline / part, load_file)
+        ours, theirs = _tensors(run_part), _tensors(pipeline / part)
         if ours.keys() != theirs.keys() or any(not torch.equal(ours[k], theirs[k]) for k in ours):
             raise FvgError(f"{pipeline / part} is not this run's {part} ({run_part}): the reused model learnt on "
                            "another one")
     ours = json.loads((out / "latents" / "vae" / "config.json").read_text(encoding="utf-8"))
     theirs = json.loads((pipeline / "vae" / "config.json").read_text(encoding="utf-8"))
     for key in ("latents_mean", "latents_std"):
+        if len(ours[key]) != len(theirs[key]):
+            raise FvgError(f"the run's {key} has {len(ours[key])} channels, {pipeline / 'vae'}'s {len(theirs[key])}")
         gap = max(abs(x - y) for x, y in zip(ours[key], theirs[key]))
-        if len(ours[key]) != len(theirs[key]) or gap > STATS_TOLERANCE:
+        if gap > STATS_TOLERANCE:
             raise FvgError(f"the run's {key} differ from {pipeline / 'vae'}'s (by {gap:.2g}): not the same latents")
     vocab = [json.loads((p / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
              for p in (out / "latents" / "tokenizer", pipeline / "tokenizer")]
@@ -128,7 +128,9 @@ def _check_frozen_parts(out: Path, pipeline: Path) -> None:
         raise FvgError(f"{pipeline / 'tokenizer'} is not this run's tokenizer")
 
 
-def _tensors(folder: Path, load_file) -> dict:
+def _tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FvgError(f"{folder}: no safetensors weights")
@@ -146,8 +148,7 @@ def _where(weights: Path) -> str:
 
 
 def _reused_from(stage: Path) -> str | None:
-    path = stage / "DONE.json"
-    return json.loads(path.read_text(encoding="utf-8")).get("reused_from") if path.is_file() else None
+    return (done_info(stage) or {}).get("reused_from")
 
 
 def _copy_tree(src: Path, dst: Path) -> None:

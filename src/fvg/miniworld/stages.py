@@ -18,7 +18,7 @@ import torch
 from fvg.io import FvgError, atomic_path, write_json
 
 from . import models
-from .loop import device_label, done, fit, generator, logged_devices, mark_done, read_log, skip_if_done
+from .loop import device_label, done, done_info, fit, generator, logged_devices, mark_done, read_log, skip_if_done
 from .settings import RunSettings, load_settings
 from .sink import PaddingSink
 
@@ -417,7 +417,7 @@ def stage_export(out: Path, s: RunSettings, weights_dir: str | Path | None = Non
     shutil.copytree(out / "pipelines" / "video", staging / models.VIDEO_SUBDIR)
     shutil.copytree(out / "pipelines" / "anchor", staging / models.ANCHOR_SUBDIR)
     ship_lora(out / "lora" / "lora" / "anchor_lora.safetensors", staging / models.LORA_FILE)
-    stages = {n: json.loads((out / n / "DONE.json").read_text(encoding="utf-8")) for n in TRAINED}
+    stages = {n: done_info(out / n) for n in TRAINED}
     write_json(staging / "manifest.json", {"settings": s.to_dict(), "stages": stages,
                                            "bytes": models.shipped_size(staging)})
     size = models.shipped_size(staging)
