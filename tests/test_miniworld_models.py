@@ -403,9 +403,11 @@ def test_extension_settings_default_to_one_cosine_for_older_runs_and_are_validat
     from fvg.miniworld.settings import RunSettings
 
     full = RunSettings()
-    assert (full.anchor_extended_from, full.t2v_extended_from) == ([12000, 18000], [])
-    old = {k: v for k, v in full.to_dict().items() if not k.endswith("_extended_from")}
-    assert RunSettings.from_dict(old).t2v_extended_from == []  # a v3 manifest: one cosine
+    assert (full.anchor_extended_from, full.t2v_extended_from) == ([], [])  # v8: both trained fresh
+    v6 = RunSettings(anchor_extended_from=[12000, 18000])
+    assert RunSettings.from_dict(v6.to_dict()).anchor_extended_from == [12000, 18000]
+    old = {k: v for k, v in v6.to_dict().items() if not k.endswith("_extended_from")}
+    assert RunSettings.from_dict(old).anchor_extended_from == []  # a v3 manifest: one cosine
     for bad in ([11000], [6000, 5000], [0], [5000, 5000], 5000):
         with pytest.raises(FvgError, match="t2v_extended_from must list earlier totals"):
             RunSettings(t2v_extended_from=bad)

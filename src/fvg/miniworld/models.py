@@ -93,8 +93,9 @@ class MiniConfig:
     # v7: an 8-layer T2V base (v1-v6: 4). The video stage was the weakest rung and neither the anchor
     # LoRA's recipe nor sampling moved it; the deeper base did (docs/miniworld.md, "v7").
     t2v: TransformerConfig = field(default_factory=lambda: TransformerConfig(num_layers=8))
+    # v8: an 8-layer anchor model (v1-v7: 4); depth moved it as it moved the T2V base (docs/miniworld.md, "v8").
     # v3: patch 2 again (v2's patch 1 cost 2.4x per step and scored no better, docs/miniworld.md)
-    anchor: TransformerConfig = field(default_factory=TransformerConfig)
+    anchor: TransformerConfig = field(default_factory=lambda: TransformerConfig(num_layers=8))
     flow_shift: float = 2.0
 
     def to_dict(self) -> dict:

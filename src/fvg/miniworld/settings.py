@@ -38,22 +38,24 @@ class RunSettings:
     # retrain it. Its architecture must be `model.vae`'s. Empty: train it.
     vae_source: str = ""
     # diffusion transformers (flow matching, fvg.families.flow_matching)
-    anchor_steps: int = 26000  # v6 (v4: 18000, v3: 12000, v1: 10000)
+    # v8: the 8-layer anchor model's one cosine (v6-v7: 26000 on 4 layers, v4: 18000, v3: 12000, v1: 10000)
+    anchor_steps: int = 20000
     anchor_batch: int = 32  # 32 first frames of 64 tokens (patch 2)
     # v3: 1e-3 (v1: 5e-4), with zero-initialised residual branches and logit-normal sigmas (the three
     # were measured together: docs/miniworld.md, "What moved the anchor model")
     anchor_lr: float = 1e-3
     # v3: 5000 x 16 clips x 320 tokens = 25.6M token-steps, at least the anchor model's 12000 x 32 x 64
     # = 24.6M (the baseline gets at least the anchor model's compute); v1: 6000 (at 5e-4).
-    t2v_steps: int = 11000  # v5-v7 (v4: 8000, v3: 5000): 56.3M token-steps against the anchor model's 53.2M
+    t2v_steps: int = 11000  # v5-v8 (v4: 8000, v3: 5000): 56.3M token-steps, the anchor model's 41.0M (v6: 53.2M)
     t2v_batch: int = 16
     t2v_lr: float = 1e-3
     # v4 continued v3's finished stages, v5 v4's T2V stage and v6 v4's anchor stage: each ran its warmup +
     # cosine to the first total listed here, then resumed with the cosine stretched to the next total (the LR
     # rises again at that step: a warm restart), the last time to `*_steps`. A fresh run follows the same
     # schedule (`fvg.miniworld.loop.lr_at`); empty: one cosine over the whole stage. To continue a finished
-    # stage: append its `*_steps`, then raise them. v7's 8-layer T2V base was trained fresh: one cosine.
-    anchor_extended_from: list[int] = field(default_factory=lambda: [12000, 18000])
+    # stage: append its `*_steps`, then raise them. v7's 8-layer T2V base and v8's 8-layer anchor model were
+    # trained fresh: one cosine each (v6's 4-layer anchor model: [12000, 18000]).
+    anchor_extended_from: list[int] = field(default_factory=list)
     t2v_extended_from: list[int] = field(default_factory=list)
     warmup_steps: int = 200
     # How the transformer stages draw sigma before Wan's shift (fvg.families.flow_matching.SigmaSampler):
