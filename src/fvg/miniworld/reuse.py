@@ -23,7 +23,6 @@ Decisions:
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -114,15 +113,15 @@ def _check_frozen_parts(out: Path, pipeline: Path) -> None:
         if ours.keys() != theirs.keys() or any(not torch.equal(ours[k], theirs[k]) for k in ours):
             raise FvgError(f"{pipeline / part} is not this run's {part} ({run_part}): the reused model learnt on "
                            "another one")
-    ours = json.loads((out / "latents" / "vae" / "config.json").read_text(encoding="utf-8"))
-    theirs = json.loads((pipeline / "vae" / "config.json").read_text(encoding="utf-8"))
+    ours = read_json_object(out / "latents" / "vae" / "config.json", "VAE config")
+    theirs = read_json_object(pipeline / "vae" / "config.json", "VAE config")
     for key in ("latents_mean", "latents_std"):
         if len(ours[key]) != len(theirs[key]):
             raise FvgError(f"the run's {key} has {len(ours[key])} channels, {pipeline / 'vae'}'s {len(theirs[key])}")
         gap = max(abs(x - y) for x, y in zip(ours[key], theirs[key]))
         if gap > STATS_TOLERANCE:
             raise FvgError(f"the run's {key} differ from {pipeline / 'vae'}'s (by {gap:.2g}): not the same latents")
-    vocab = [json.loads((p / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    vocab = [read_json_object(p / "tokenizer.json", "tokenizer file")["model"]["vocab"]
              for p in (out / "latents" / "tokenizer", pipeline / "tokenizer")]
     if vocab[0] != vocab[1]:
         raise FvgError(f"{pipeline / 'tokenizer'} is not this run's tokenizer")
