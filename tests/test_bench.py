@@ -144,7 +144,34 @@ def test_bench_cli_rejects_bad_input(tmp_path):
     assert main(["bench", "mini", "--out", str(tmp_path / "b"), "--set", "guidance=1"]) == 2
     assert main(["bench", "mini", "--out", str(tmp_path / "b"), "--set", "anchor_steps=fast"]) == 2
     assert main(["bench", "mini", "--out", str(tmp_path / "b"), "--set", "anchor_guidance"]) == 2
+    assert main(["bench", "mini", "--out", str(tmp_path / "b"), "--prompts", str(tmp_path / "none")]) == 2
     assert not (tmp_path / "b").exists()
+
+
+def test_bench_on_held_out_prompts(tmp_path, capsys):
+    # `--prompts`: the same bench over a held-out suite; the setup names the folder, every video is of one of
+    # its prompts, and the folder cannot be resumed with the committed suite (the scores would mix).
+    from fvg.cli import main
+    from fvg.miniworld import load_suite
+
+    prompts = tmp_path / "held-out"
+    assert main(["miniworld", "suite", "--out", str(prompts), "--seed", "3", "--per-category", "2"]) == 0
+    held_out = load_suite(prompts)
+    out = tmp_path / "b"
+    args = ["bench", "mini", "--preset", "tiny", "--out", str(out), "--configs", "t2v@1", "--seeds", "0",
+            "--limit", "1", "--threads", "1", "--set", "height=64", "--set", "width=64", "--set", "num_frames=17"]
+    assert main(args + ["--prompts", str(prompts)]) == 0, capsys.readouterr().err
+    data = json.loads((out / "bench.json").read_text())
+    assert data["setup"]["prompts"] == str(prompts.resolve())
+    made = {json.loads(p.read_text())["prompt"] for p in (out / "t2v@1" / "records").rglob("run.json")}
+    assert made == {item.prompt for item in held_out if item.index == 1}
+    assert made.isdisjoint(item.prompt for item in load_suite())
+    assert main(args) == 2
+    assert "t2v@1 holds videos made with other settings (source" in capsys.readouterr().err
+    # The ladder resumes by path: a configuration new to the folder does not let other prompts reuse it.
+    assert main([a if a != "t2v@1" else "t2v@2" for a in args]) == 2
+    assert "ladder holds videos made with other settings (source" in capsys.readouterr().err
+    assert not (out / "t2v@2").exists()
 
 
 def test_bench_cli_sets_preset_fields_for_every_configuration(tmp_path, capsys):

@@ -94,6 +94,14 @@ def test_prompt_file_and_minicompbench(tmp_path):
 
     assert [f"t2v/seed0/{p.video_path}" for p in load_mini()] == [j.video for j in plan_jobs(mini, ["t2v"], [0])]
     assert mini.prompts == tuple(load_mini())  # one SuitePrompt type (fvg.io), category = folder in both
+    # --suite-dir: a held-out prompt folder in the same layout; its path is the suite's source.
+    from fvg.miniworld.suite import write_held_out_suite
+
+    held_out = load_suite("minicompbench", write_held_out_suite(tmp_path / "held-out", seed=4, per_category=2))
+    assert held_out.source == str((tmp_path / "held-out").resolve()) and mini.source == "fvg.miniworld"
+    assert held_out.categories == mini.categories and len(held_out.prompts) == 14
+    with pytest.raises(FvgError, match="prompt folder not found"):
+        load_suite("minicompbench", tmp_path / "missing")
 
 
 def test_sharding_covers_every_job_once_and_keeps_prompts_together(tmp_path):

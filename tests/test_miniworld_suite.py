@@ -36,6 +36,39 @@ def test_suite_files_and_layout():
     assert suite[0].video_path == "consistent_attr/0001.mp4"
 
 
+def test_the_committed_suite_is_the_sampler_s_and_held_out_suites_avoid_it(tmp_path, monkeypatch):
+    from fvg.miniworld import suite as suite_module
+    from fvg.miniworld.suite import FOLDERS, generate_suite, held_out_suite, write_held_out_suite
+
+    committed = load_suite()
+    assert generate_suite() == {c: [s.prompt for s in committed if s.category == FOLDERS[c]] for c in CATEGORIES}
+    held_out = held_out_suite(seed=1, per_category=10)
+    assert held_out == held_out_suite(seed=1, per_category=10)  # a seed names one suite
+    assert list(held_out) == list(CATEGORIES)
+    for category, prompts in held_out.items():
+        assert len(prompts) == len(set(prompts)) == 10
+        assert all(parse_prompt(p).category == category for p in prompts)
+    assert {p for ps in held_out.values() for p in ps}.isdisjoint(s.prompt for s in committed)
+
+    out = write_held_out_suite(tmp_path / "held-out", seed=1, per_category=10)
+    assert [s.prompt for s in load_suite(out)] == [p for ps in held_out.values() for p in ps]
+    made = json.loads((out / "suite.json").read_text())
+    assert (made["seed"], made["per_category"], made["prompts"]) == (1, 10, 70)
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{stem}.txt" for stem in PROMPT_FILES.values()] +
+                                                          ["suite.json"])
+    with pytest.raises(FvgError, match="not an empty folder"):
+        write_held_out_suite(out, seed=2)
+    with pytest.raises(FvgError, match="at least 1"):
+        write_held_out_suite(tmp_path / "none", per_category=0)
+    # A category with fewer distinct prompts than asked fails, and writes nothing.
+    one_prompt = parse_prompt(held_out["consistent_attr"][0])
+    monkeypatch.setattr(suite_module, "sample_prompt", lambda rng, category: one_prompt)
+    monkeypatch.setattr(suite_module, "MAX_DRAWS_PER_PROMPT", 3)
+    with pytest.raises(FvgError, match="distinct consistent_attr prompts"):
+        write_held_out_suite(tmp_path / "small", per_category=2)
+    assert not (tmp_path / "small").exists() and not list(tmp_path.glob(".small*"))
+
+
 def test_score_suite(tmp_path):
     suite = load_suite()
     rng = np.random.default_rng(0)

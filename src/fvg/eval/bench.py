@@ -175,6 +175,7 @@ def compute_targets(results: dict[str, ConfigResult], categories: list[str], com
 
 RENDERED, VAE_ROUND_TRIP, ANCHOR_STILLS = "rendered", "vae", "anchor-stills"
 LADDER_DIR = "ladder"
+LADDER_RECORD = "ladder.json"  # what the ladder's videos were made from (`check_ladder`)
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,29 @@ def ladder_rungs(configs: list[BenchConfig], steps: int) -> list[Rung]:
         if label in labels and all(r.label != label for r in rungs):
             rungs.append(Rung(label, measures, target))
     return rungs
+
+
+def check_ladder(out: Path, fingerprint: dict) -> None:
+    """Record what the ladder's videos are made from (OUT/ladder/ladder.json), or refuse a ladder made from
+    other prompts or models: its videos resume by path alone, so a second prompt set would be scored against
+    the first one's videos. Folders from before this record hold the committed suite's ladder."""
+    from fvg.io import read_json_object
+
+    from .suites import MINICOMPBENCH_SOURCE
+
+    path = out / LADDER_DIR / LADDER_RECORD
+    if path.is_file():
+        old = read_json_object(path, "bench ladder record")
+    elif (out / LADDER_DIR).is_dir():
+        old = {**fingerprint, "source": MINICOMPBENCH_SOURCE}
+    else:
+        old = fingerprint
+    differ = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+    if differ:
+        raise FvgError(f"{out / LADDER_DIR} holds videos made with other settings ({', '.join(differ)}: "
+                       f"{', '.join(str(old.get(k)) for k in differ)}): use another --out")
+    if not path.is_file():
+        write_json(path, fingerprint)
 
 
 def _rung_video(out: Path, rung: str, item, seed: int) -> Path:
@@ -455,11 +479,11 @@ def contact_sheet(out: Path, suite, labels: list[str], configs: list[BenchConfig
     return path
 
 
-def _setup(preset: str, seeds: list[int], limit: int | None, threads: int, overrides: dict) -> dict:
+def _setup(preset: str, seeds: list[int], limit: int | None, threads: int, overrides: dict, prompts: str) -> dict:
     from fvg.provenance import package_versions, utc_timestamp
 
-    return {"preset": preset, "preset_overrides": overrides, "suite": "minicompbench", "seeds": seeds,
-            "limit_per_category": limit,
+    return {"preset": preset, "preset_overrides": overrides, "suite": "minicompbench", "prompts": prompts,
+            "seeds": seeds, "limit_per_category": limit,
             "torch_threads": threads, "cpu_cores": os.cpu_count(), "load_average_1min_start": os.getloadavg()[0],
             **package_versions(), "started": utc_timestamp()}
 
@@ -468,9 +492,11 @@ def run_bench(out: str | Path, preset: str = "mini", configs: list[BenchConfig] 
               seeds: list[int] | None = None, limit: int | None = None, threads: int | None = None,
               overrides: dict | None = None,
               on_video: Callable[[str], None] | None = None,
-              on_config: Callable[[BenchConfig, int], None] | None = None, ladder: bool = True) -> BenchResult:
+              on_config: Callable[[BenchConfig, int], None] | None = None, ladder: bool = True,
+              prompt_dir: str | Path | None = None) -> BenchResult:
     """Generate, score and summarise every configuration; writes OUT/bench.{md,json,png} and OUT/report.*.
     `overrides`: preset fields (e.g. height/width/num_frames for a preset not made for MiniWorld).
+    `prompt_dir`: a MiniCompBench prompt folder instead of the committed suite (`fvg miniworld suite`).
     `ladder`: also the quality ladder's reference rungs and the variability measurement (OUT/ladder/).
     `on_config` is called with each configuration and ladder rung (both have `.label`) and its video count."""
     import torch
@@ -488,12 +514,14 @@ def run_bench(out: str | Path, preset: str = "mini", configs: list[BenchConfig] 
         if threads < 1:
             raise FvgError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
-    suite = load_suite("minicompbench", None, None).select(None, limit)
+    suite = load_suite("minicompbench", prompt_dir, None).select(None, limit)
     settings = {c.label: GenerateSettings(suite, [c.mode], seeds, out / c.label, preset, c.steps, dict(overrides or {}))
                 for c in configs}
     for s in settings.values():
         check_config(s)  # a folder of other settings is refused before any model loads
-    setup = _setup(preset, seeds, limit, torch.get_num_threads(), dict(overrides or {}))
+    if ladder:
+        check_ladder(out, {"source": suite.source, "preset": preset, "overrides": dict(overrides or {})})
+    setup = _setup(preset, seeds, limit, torch.get_num_threads(), dict(overrides or {}), suite.source)
 
     start = time.perf_counter()
     pipe = FactorizedPipeline.from_preset(preset, **(overrides or {}))

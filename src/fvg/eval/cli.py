@@ -44,7 +44,8 @@ def generate(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: OUT/<mode>/... in the benchmark's layout."),
     suite_dir: Optional[Path] = typer.Option(None, "--suite-dir",
                                              help="T2V-CompBench checkout (or its prompts/); VBench 2.0 full-info "
-                                                  "JSON or folder of <Dimension>.txt files."),
+                                                  "JSON or folder of <Dimension>.txt files; MiniCompBench: another "
+                                                  "prompt folder (`fvg miniworld suite`)."),
     preset: str = typer.Option(DEFAULT_PRESET, "--preset", "-p", help="Preset name (see `fvg presets`)."),
     modes: str = typer.Option("t2v,upsampled,factorized", "--modes", help="Comma-separated modes."),
     seeds: str = typer.Option("0", "--seeds", help="Seeds, e.g. 0,1,2,3,4 or 0-4; shared by all modes. VBench: "
@@ -179,7 +180,7 @@ def check(
     from fvg.io import read_json_object
 
     from .generate import CONFIG
-    from .suites import load_suite
+    from .suites import MINICOMPBENCH_SOURCE, load_suite
 
     if suite is None:
         if not (out / CONFIG).is_file():
@@ -190,7 +191,8 @@ def check(
             raise FvgError(f"{out / CONFIG} names no suite: pass --suite")
         if suite == "file":
             suite = config["source"]
-        elif suite in ("t2v-compbench", "vbench2") and suite_dir is None:
+        elif suite_dir is None and (suite in ("t2v-compbench", "vbench2") or
+                                    (suite == "minicompbench" and config["source"] != MINICOMPBENCH_SOURCE)):
             suite_dir = Path(config["source"])
     the_suite = load_suite(suite, suite_dir).select(_split(categories))
     # Absolute: the script changes folder before it uses them.
@@ -278,6 +280,8 @@ def bench_mini(
     configs: str = typer.Option("t2v@50,upsampled@50,factorized@50,factorized@15,t2v@15", "--configs",
                                 help="MODE@STEPS configurations to compare."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N prompts of each category."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="A MiniCompBench prompt folder other than the "
+                                           "committed suite, e.g. held-out prompts from `fvg miniworld suite`."),
     preset: str = typer.Option("mini", "--preset", "-p", help="A preset that makes MiniWorld videos."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: all cores)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="A preset field for every configuration, "
@@ -299,7 +303,8 @@ def bench_mini(
             tasks[config.label] = progress.add_task(config.label, total=total)
 
         result = run_bench(out, preset, config_list, seed_list, limit, threads, overrides,
-                           on_video=lambda label: progress.advance(tasks[label]), on_config=on_config)
+                           on_video=lambda label: progress.advance(tasks[label]), on_config=on_config,
+                           prompt_dir=prompts)
     typer.echo((out / "bench.md").read_text(encoding="utf-8"))
     console.print(f"cold start {result.cold_start_s:.2f} s; wrote {out / 'bench.md'}, bench.json, bench.png, report.*")
 

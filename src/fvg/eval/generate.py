@@ -111,18 +111,19 @@ def job_share(state, context_parallel: int) -> tuple[int, int]:
 
 
 def _fingerprint(settings: GenerateSettings) -> dict:
-    # What makes two runs' videos comparable: mixing presets or step counts in one folder would not be.
+    # What makes two runs' videos comparable: mixing presets or step counts in one folder would not be, nor
+    # prompt sets (the source: a held-out MiniCompBench folder and the committed one share names and layout).
     overrides = {k: v for k, v in sorted(settings.overrides.items()) if v is not None}
-    return {"suite": settings.suite.name, "layout": settings.suite.layout, "preset": settings.preset,
-            "steps": settings.steps, "overrides": overrides, "cache": settings.cache}  # a cache changes videos
+    return {"suite": settings.suite.name, "layout": settings.suite.layout, "source": settings.suite.source,
+            "preset": settings.preset, "steps": settings.steps, "overrides": overrides,
+            "cache": settings.cache}  # a cache changes videos
 
 
 def check_config(settings: GenerateSettings) -> dict:
     """The run config to write; FvgError if the output folder holds videos made with other settings."""
     path = settings.out / CONFIG
     fingerprint = _fingerprint(settings)
-    config = {"fvg_eval": 1, **fingerprint, "source": settings.suite.source, "modes": settings.modes,
-              "seeds": settings.seeds}
+    config = {"fvg_eval": 1, **fingerprint, "modes": settings.modes, "seeds": settings.seeds}
     if path.exists():
         old = _read_config(path)
         old.setdefault("cache", "none")  # folders written before the cache option

@@ -23,6 +23,7 @@ from pathlib import Path
 from fvg.io import FvgError, SuitePrompt, compbench_prompt_file, read_prompt_lines
 
 SUITES = ("t2v-compbench", "vbench2", "minicompbench")  # or a path to a .txt prompt list
+MINICOMPBENCH_SOURCE = "fvg.miniworld"  # Suite.source of the committed MiniCompBench; other prompt folders: their path
 VBENCH_NAME_CHARS = 180  # VBench's sampling script names videos by prompt[:180]
 VBENCH_SAMPLES = 3  # videos per prompt in VBench 2.0 ...
 VBENCH_DIVERSITY_SAMPLES = 20  # ... except for the Diversity dimension
@@ -97,7 +98,7 @@ def load_suite(suite: str, suite_dir: str | Path | None = None, samples: int | N
             raise FvgError("--suite vbench2 needs --suite-dir (VBench 2.0's full-info JSON or prompt folder)")
         return load_vbench2(suite_dir, samples)
     if suite == "minicompbench":
-        return load_minicompbench()
+        return load_minicompbench(suite_dir)
     path = Path(suite)
     if path.suffix == ".txt" or path.is_file():
         return load_prompt_list(path)
@@ -137,11 +138,17 @@ def load_prompt_list(path: str | Path) -> Suite:
     return Suite("file", "compbench", tuple(SuitePrompt(category, i, t) for i, t in enumerate(lines, 1)), str(path))
 
 
-def load_minicompbench() -> Suite:
-    """MiniWorld's MiniCompBench, in T2V-CompBench's layout (its prompts, as fvg.miniworld.suite reads them)."""
+def load_minicompbench(prompt_dir: str | Path | None = None) -> Suite:
+    """MiniWorld's MiniCompBench, in T2V-CompBench's layout (its prompts, as fvg.miniworld.suite reads them);
+    `prompt_dir`: another folder of its prompt files instead of the committed ones, such as a held-out suite
+    (`fvg miniworld suite`)."""
     from fvg.miniworld import load_suite as load_mini
 
-    return Suite("minicompbench", "compbench", tuple(load_mini()), "fvg.miniworld")
+    if prompt_dir is None:
+        return Suite("minicompbench", "compbench", tuple(load_mini()), MINICOMPBENCH_SOURCE)
+    if not Path(prompt_dir).is_dir():
+        raise FvgError(f"MiniCompBench prompt folder not found: {prompt_dir}")
+    return Suite("minicompbench", "compbench", tuple(load_mini(prompt_dir)), str(Path(prompt_dir).resolve()))
 
 
 def _samples_for(dimension: str, samples: int | None) -> int:

@@ -41,6 +41,20 @@ def dataset(
 
 
 @miniworld_app.command()
+def suite(
+    out: Path = typer.Option(..., "--out", "-o", help="New folder for the prompt files (T2V-CompBench's layout)."),
+    seed: int = typer.Option(1, "--seed", help="The sampler's seed (the committed suite's is 20240601)."),
+    per_category: int = typer.Option(10, "--per-category", help="Prompts per category."),
+):
+    """Write held-out MiniCompBench prompts: fresh ones per category, none in the committed suite
+    (score them with `fvg bench mini --prompts OUT`)."""
+    from .suite import load_suite, write_held_out_suite
+
+    path = write_held_out_suite(out, seed, per_category)
+    typer.echo(f"wrote {len(load_suite(path))} prompts in {path}")
+
+
+@miniworld_app.command()
 def train(
     out: Path = typer.Option(Path("runs/mini"), "--out", "-o", help="Run folder (all stages' outputs)."),
     stage: str = typer.Option("all", "--stage", help="data, vae, latents, anchor, t2v, lora, export or all."),
