@@ -236,6 +236,10 @@ def test_check_on_damaged_folders(tmp_path, capsys):
     (tmp_path / "eval.json").write_text('{"suite": "minicompbench", "source": "fvg.miniworld"}')
     assert main(["check", str(tmp_path)]) == 2
     _one_error_line(capsys, "no video folders")
+    # A held-out MiniCompBench is read from the folder its eval.json names.
+    (tmp_path / "eval.json").write_text(json.dumps({"suite": "minicompbench", "source": str(tmp_path / "gone")}))
+    assert main(["check", str(tmp_path)]) == 2
+    _one_error_line(capsys, f"prompt folder not found: {tmp_path / 'gone'}")
 
 
 @pytest.mark.parametrize("video_id, needle", [("9" * 5000 + ".png", "not a video id"), ("٣.png", "not a video id"),
