@@ -84,9 +84,9 @@ def held_out_suite(seed: int = HELD_OUT_SEED, per_category: int = HELD_OUT_PER_C
 
     Why: the recipe's choices (steps, guidance, which model to deepen) were all measured on the committed
     suite, so a gain there can be partly the suite's. Issue 11 found one that was: +0.051 on the suite,
-    +0.010 on 70 other prompts. The same sampler over another seed gives prompts nobody tuned on; about a
-    fifth of them are training captions, as about a fifth of the suite's are (the training set samples
-    the same grammar: 14 of seed 1's 70, 18 of the suite's 56)."""
+    +0.010 on 70 other prompts. The same sampler over another seed gives prompts nobody tuned on; some of
+    them are training captions, as some of the suite's are (the training set samples the same grammar: 14
+    of seed 1's 70, 18 of the suite's 56)."""
     return generate_suite(seed, per_category, exclude=frozenset(item.prompt for item in load_suite()))
 
 
