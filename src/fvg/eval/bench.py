@@ -212,6 +212,7 @@ def check_ladder(out: Path, fingerprint: dict) -> None:
     the first one's videos. Folders from before this record hold the committed suite's ladder."""
     from fvg.io import read_json_object
 
+    from .generate import refuse_other_settings
     from .suites import MINICOMPBENCH_SOURCE
 
     path = out / LADDER_DIR / LADDER_RECORD
@@ -221,10 +222,7 @@ def check_ladder(out: Path, fingerprint: dict) -> None:
         old = {**fingerprint, "source": MINICOMPBENCH_SOURCE}
     else:
         old = fingerprint
-    differ = [k for k in fingerprint if old.get(k) != fingerprint[k]]
-    if differ:
-        raise FvgError(f"{out / LADDER_DIR} holds videos made with other settings ({', '.join(differ)}: "
-                       f"{', '.join(str(old.get(k)) for k in differ)}): use another --out")
+    refuse_other_settings(out / LADDER_DIR, old, fingerprint)
     if not path.is_file():
         write_json(path, fingerprint)
 

@@ -127,15 +127,21 @@ def check_config(settings: GenerateSettings) -> dict:
     if path.exists():
         old = _read_config(path)
         old.setdefault("cache", "none")  # folders written before the cache option
-        differ = [k for k in fingerprint if old.get(k) != fingerprint[k]]
-        if differ:
-            raise FvgError(f"{settings.out} holds videos made with other settings ({', '.join(differ)}: "
-                           f"{', '.join(str(old.get(k)) for k in differ)}): use another --out")
+        refuse_other_settings(settings.out, old, fingerprint)
         config["modes"] = list(dict.fromkeys([*old.get("modes", []), *settings.modes]))
         config["seeds"] = list(dict.fromkeys([*old.get("seeds", []), *settings.seeds]))
     if (settings.out / MANIFEST).exists():  # merged into at the end: refuse a damaged one now, not after the work
         read_manifest(settings.out)
     return config
+
+
+def refuse_other_settings(folder: Path, old: dict, fingerprint: dict) -> None:
+    """FvgError naming each fingerprint field whose recorded value in `old` differs: a folder's videos
+    resume by path, so videos made with other settings must never be mixed in."""
+    differ = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+    if differ:
+        raise FvgError(f"{folder} holds videos made with other settings ({', '.join(differ)}: "
+                       f"{', '.join(str(old.get(k)) for k in differ)}): use another --out")
 
 
 def _read_config(path: Path) -> dict:
