@@ -84,6 +84,19 @@ def test_bench_run_on_tiny_writes_scored_tables(tmp_path):
     assert "| factorized@2 |" in md and "Cold start" in md
     assert (out / "report.md").is_file() and (out / "plots" / "minicompbench.png").is_file()
     _check_ladder(out, result, md, data)
+    # Every video's score row, configurations and rungs by label: a bench compared with itself moves nothing.
+    from fvg.eval.bench_compare import compare_benches
+
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert {r["mode"] for r in rows} == {"t2v@2", "factorized@2", "factorized@1", "rendered", "vae",
+                                         "anchor-stills", "first-frame@1"}
+    assert all(sum(r["mode"] == label for r in rows) == len(CATEGORIES) * 2 for label in ("t2v@2", "vae"))
+    same = compare_benches(out, out)
+    assert [c.label for c in same] == ["rendered", "vae", "anchor-stills", "first-frame@1", "t2v@2", "factorized@2",
+                                       "factorized@1"]
+    assert all(c.diff == 0 and c.pairs == len(CATEGORIES) * 2 and c.unpaired == 0 for c in same)
+    assert same[-1].new == pytest.approx(np.mean([r["metrics"]["minicompbench"] for r in rows
+                                                  if r["mode"] == "factorized@1"]))
     # Resume: nothing is generated again, the numbers are the same.
     stamps = {p: p.stat().st_mtime_ns for p in (out / "ladder").rglob("*.mp4")}
     again = run_bench(out, "tiny", configs, seeds=[0, 1], limit=1, threads=1, overrides=sizes)

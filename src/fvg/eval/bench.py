@@ -11,6 +11,8 @@ with the exact MiniCompBench evaluator, and writes
     OUT/bench.json   the same numbers, plus the setup (versions, threads, seeds, load average)
     OUT/bench.png    per-category bars per configuration, and seconds per video
     OUT/report.*     `fvg eval report`'s tables and paired comparisons (bootstrap CIs)
+    OUT/scores.jsonl every video's score row, configurations and ladder rungs (mode: their label),
+                     for `fvg eval report` and `fvg bench compare` (two benches, paired)
 
 Beside the configurations, the quality ladder (OUT/ladder/, resumable): the suite's scenes rendered
 exactly (the evaluator itself), the same clips through the VAE and back (the latent space's
@@ -28,6 +30,7 @@ Seeds are shared, so configurations differ only in mode and steps (paired compar
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -174,6 +177,7 @@ def compute_targets(results: dict[str, ConfigResult], categories: list[str], com
 # a valid MP4 is not made again (resumable).
 
 RENDERED, VAE_ROUND_TRIP, ANCHOR_STILLS = "rendered", "vae", "anchor-stills"
+SCORES = "scores.jsonl"  # every per-video score row of a bench
 LADDER_DIR = "ladder"
 LADDER_RECORD = "ladder.json"  # what the ladder's videos were made from (`check_ladder`)
 
@@ -561,6 +565,7 @@ def run_bench(out: str | Path, preset: str = "mini", configs: list[BenchConfig] 
                          summarise_ladder(rungs, lad_rows, suite.categories),
                          variability({**lad_rows, **var_rows}, t2v, factorized) if var_rows else None)
     write_report(report, out, plots=True)
+    write_text(out / SCORES, "".join(json.dumps(r) + "\n" for r in rows))
     if rungs:
         sheet = [r.label for r in rungs if r.label not in (VAE_ROUND_TRIP, ANCHOR_STILLS)]
         contact_sheet(out, suite, sheet, configs, out / "ladder.png", seeds[0])

@@ -309,6 +309,31 @@ def bench_mini(
     console.print(f"cold start {result.cold_start_s:.2f} s; wrote {out / 'bench.md'}, bench.json, bench.png, report.*")
 
 
+@bench_app.command("compare")
+def bench_compare(
+    base: Path = typer.Argument(..., help="The bench to compare against, e.g. the shipped weights' (an `fvg bench "
+                                          "mini --out` folder)."),
+    new: Path = typer.Argument(..., help="The bench of the change: the same prompts and seeds."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write compare.md and compare.json here."),
+):
+    """Two benches of the same prompts and seeds, paired video by video: NEW - BASE per configuration and
+    ladder rung, with 95% bootstrap intervals."""
+    from fvg.io import check_output_dir
+
+    from .bench_compare import compare_benches, to_markdown, write_comparison
+
+    if out is not None:
+        check_output_dir(out)
+    comparisons = compare_benches(base, new)
+    typer.echo(to_markdown(comparisons, base, new))
+    if out is not None:
+        try:
+            written = write_comparison(comparisons, base, new, out)
+        except OSError as exc:
+            raise FvgError(f"cannot write into {out}: {exc.strerror or exc}") from None
+        console.print(f"wrote {', '.join(str(p) for p in written)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m fvg.eval.cli`: the eval commands alone, with fvg's error convention (one line, exit 2)."""
     return run_app(eval_app, argv)

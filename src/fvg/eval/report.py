@@ -102,7 +102,7 @@ def bootstrap_ci(diffs: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, seed: int 
     return float(low), float(high)
 
 
-def _pair_key(row: dict) -> tuple:
+def pair_key(row: dict) -> tuple:
     return (row.get("source"), row["category"], row.get("index"), row.get("prompt"), row.get("seed"),
             row.get("sample"))
 
@@ -115,7 +115,7 @@ def paired(rows: list[dict], treatment: str, baseline: str) -> list[Comparison]:
             continue
         for metric, value in (row.get("metrics") or {}).items():
             if value is not None:
-                values[(metric, row["mode"])][_pair_key(row)] = float(value)
+                values[(metric, row["mode"])][pair_key(row)] = float(value)
     out = []
     for metric in sorted({m for m, _ in values}):
         a, b = values.get((metric, treatment), {}), values.get((metric, baseline), {})
