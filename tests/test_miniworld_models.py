@@ -378,6 +378,30 @@ def test_video_noise_restoration_spans_the_vae_round_trip_to_anchored_sampling(t
     assert "--lora /nowhere.safetensors: file not found" in capsys.readouterr().err
 
 
+def test_fit_gap_scores_the_training_clips_against_fresh_ones(tiny_run, capsys):
+    from fvg.cli import main
+    from fvg.miniworld import diagnose as d
+    from fvg.miniworld.dataset import clip_prompt
+
+    out, weights = tiny_run
+    s = settings.tiny_settings()
+    pipe = models.load_video_pipeline(weights, lora=False)
+    gaps, repeated = d.fit_gap(pipe, s.seed, s.num_clips, clips=4, sigmas=(0.5, 1.0))
+    assert [g.sigma for g in gaps] == [0.5, 1.0] and all(g.train > 0 and g.fresh > 0 for g in gaps)
+    assert gaps[0].ratio == pytest.approx(gaps[0].fresh / gaps[0].train)
+    assert 0 <= repeated <= 4
+    # The training clips are the run's own: its metadata rows, rebuilt from the data seed.
+    trained = [json.loads(line) for line in (out / "data" / "metadata.jsonl").read_text().splitlines()][:4]
+    z, text = d._clip_batch(pipe, trained)
+    assert gaps[1].train == pytest.approx(d._flow_loss(pipe.transformer, z, text, 1.0, seed=1), rel=1e-6)
+    assert [str(clip_prompt(i, s.seed)) for i in range(4)] == [r["caption"] for r in trained]
+    with pytest.raises(ValueError, match="another data seed"):
+        d.fit_gap(pipe, 777, s.num_clips)
+    assert main(["miniworld", "diagnose", "--what", "fit", "--weights", str(weights)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("fit: sigma 0.3: flow loss ") and "of the fresh clips' captions" in lines[-1]
+
+
 def test_an_extended_stage_replays_the_learning_rate_it_ran_with():
     """v4 continued v3's finished stages (t2v 5000 -> 8000): the schedule a fresh run follows is the one the
     shipped run logged (values from runs/mini-v4/t2v/log.jsonl: the LR of the window's last step)."""

@@ -162,7 +162,9 @@ def diagnose(
                                                             "encoder), padding (the 512-token padding's cost), "
                                                             "patch (a patch-1 video model's step time), "
                                                             "noise (the anchor model from each noise level), "
-                                                            "video-noise (the video stage from each noise level)."),
+                                                            "video-noise (the video stage from each noise level), "
+                                                            "fit (the T2V base's loss on training against fresh "
+                                                            "clips)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Weights root (default: the shipped mini)."),
     run: Optional[Path] = typer.Option(None, "--run", help="noise: a training run's anchor model (its final "
                                                           "weights, else the latest checkpoint) instead of --weights."),
@@ -175,10 +177,10 @@ def diagnose(
     from . import diagnose as d
 
     parts = [w.strip() for w in what.split(",") if w.strip()]
-    unknown = sorted(set(parts) - {"text", "padding", "patch", "noise", "video-noise"})
+    unknown = sorted(set(parts) - {"text", "padding", "patch", "noise", "video-noise", "fit"})
     if unknown or not parts:
         raise FvgError(f"unknown measurement(s) {', '.join(unknown) or '(none)'}: "
-                       "choose from text, padding, patch, noise, video-noise")
+                       "choose from text, padding, patch, noise, video-noise, fit")
     if lora not in (None, "none") and not Path(lora).is_file():
         raise FvgError(f"--lora {lora}: file not found")
     if limit < 1:
@@ -206,6 +208,17 @@ def diagnose(
         for r in d.video_noise_restoration(pipe, limit=limit):
             typer.echo(f"video-noise: animated from sigma {r.sigma:.1f}: score {r.mean:.3f} "
                        f"({', '.join(f'{k} {v:.2f}' for k, v in r.kinds.items())})")
+    if "fit" in parts:
+        from .models import read_manifest
+
+        settings = read_manifest(weights).get("settings") or {}
+        if not {"seed", "num_clips"} <= set(settings):
+            raise FvgError("fit: the weights' manifest.json names no data seed and clip count")
+        gaps, repeated = d.fit_gap(_video_pipeline(weights, "none"), settings["seed"], settings["num_clips"])
+        for g in gaps:
+            typer.echo(f"fit: sigma {g.sigma:.1f}: flow loss {g.train:.4f} on training clips, {g.fresh:.4f} on fresh "
+                       f"clips ({g.ratio:.3f}x)")
+        typer.echo(f"fit: {repeated} of the fresh clips' captions are training captions too")
 
 
 def _video_pipeline(weights: Optional[Path], lora: Optional[str]):

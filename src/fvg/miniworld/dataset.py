@@ -36,6 +36,12 @@ def sample_clip(category: str, seed: int) -> tuple[MiniPrompt, Scene]:
     return prompt, sample_scene(prompt, rng)
 
 
+def clip_prompt(index: int, seed: int, categories: tuple[str, ...] | list[str] = CATEGORIES) -> MiniPrompt:
+    """Clip `index`'s prompt alone, without its scene (drawn after the prompt from the same generator,
+    and most of the cost): the captions of a whole data set in a second."""
+    return sample_prompt(np.random.default_rng(clip_seed(seed, index)), categories[index % len(categories)])
+
+
 def clip_row(index: int, seed: int, categories: tuple[str, ...] | list[str] = CATEGORIES) -> tuple[dict, Scene]:
     """Clip `index` of the data set drawn from `seed`: its metadata.jsonl row and its scene."""
     category, s = categories[index % len(categories)], clip_seed(seed, index)

@@ -17,6 +17,11 @@
   1-4 noised to sigma while frame 0 stays the clean anchor, denoised by the anchored video model and
   scored on the whole video. sigma = 1 is the quality ladder's true-first-frame rung (without the MP4
   round trip); where the score falls says at which noise levels the video model loses the scene.
+* `fit`: does the T2V base generalise, or has it learnt its training clips? Its flow-matching loss at
+  fixed sigmas, with the same noise, on the first clips of its training set (rebuilt from the data seed
+  and indices in the weights' manifest) against as many fresh clips of the same grammar (another data
+  seed). A large gap would make more clips the lever; a small one says the model's capacity or the
+  task is. Reports how many fresh captions are also training captions (the grammar repeats short ones).
 * `padding`: the share of a denoising step spent on WanPipeline's 512-token zero padding (one CFG
   step, batch 2, of each shipped transformer, 512 against 32 text tokens).
 """
@@ -273,3 +278,63 @@ def video_noise_restoration(pipe, sigmas=(0.0, 0.4, 0.6, 0.8, 0.9, 1.0), limit: 
     return _by_sigma(sigmas, lambda sigma: [
         score_video(prompt, animate_from_noise(pipe, clip, prompt, sigma, seed, steps, guidance))
         for prompt, clip, seed in cases])
+
+
+@dataclass
+class FitGap:
+    sigma: float
+    train: float  # mean flow-matching loss on training clips
+    fresh: float  # on clips drawn from another data seed
+
+    @property
+    def ratio(self) -> float:
+        return self.fresh / self.train
+
+
+def _clip_batch(pipe, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised latents and text embeddings (padded to 512, as sampling pads them) of dataset rows."""
+    from .stages import render_clip, to_pixels
+
+    vae = pipe.vae
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    clips = np.stack([render_clip(r) for r in rows])
+    with torch.no_grad():
+        z = torch.cat([vae.encode(to_pixels(clips[b:b + 16])).latent_dist.mode() for b in range(0, len(rows), 16)])
+        text, _ = pipe.encode_prompt([r["caption"] for r in rows], do_classifier_free_guidance=False,
+                                     max_sequence_length=models.MAX_SEQUENCE_LENGTH)
+    return (z - mean) / std, text
+
+
+def _flow_loss(transformer, z: torch.Tensor, text: torch.Tensor, sigma: float, seed: int) -> float:
+    from fvg.families.flow_matching import noise_batch
+
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
+    losses = []
+    for b in range(0, len(z), 16):
+        n = len(z[b:b + 16])
+        nb = noise_batch(z[b:b + 16], torch.full((n,), sigma), noise[b:b + 16], torch.zeros(n, dtype=torch.bool))
+        with torch.no_grad():
+            pred = transformer(hidden_states=nb.model_input, timestep=nb.timestep,
+                               encoder_hidden_states=text[b:b + 16], return_dict=False)[0]
+        losses.append((pred - nb.target).pow(2).mean(dim=(1, 2, 3, 4)))
+    return float(torch.cat(losses).mean())
+
+
+def fit_gap(pipe, data_seed: int, num_clips: int, clips: int = 112, fresh_seed: int = 777,
+            sigmas=(0.3, 0.6, 0.8, 0.9, 1.0)) -> tuple[list[FitGap], int]:
+    """The T2V base's loss on its first `clips` training clips against `clips` fresh ones, per sigma, and how
+    many fresh captions are training captions too. `pipe`: a Wan pipeline holding the base without LoRA."""
+    from .dataset import clip_prompt, clip_row
+
+    if fresh_seed == data_seed:
+        raise ValueError("the fresh clips need another data seed than the training set's")
+    train = [clip_row(i, data_seed)[0] for i in range(min(clips, num_clips))]
+    fresh = [clip_row(i, fresh_seed)[0] for i in range(len(train))]
+    seen = {str(clip_prompt(i, data_seed)) for i in range(num_clips)}
+    sets = {"train": _clip_batch(pipe, train), "fresh": _clip_batch(pipe, fresh)}
+    gaps = []
+    for i, sigma in enumerate(sigmas):
+        loss = {name: _flow_loss(pipe.transformer, z, text, sigma, seed=i) for name, (z, text) in sets.items()}
+        gaps.append(FitGap(sigma, loss["train"], loss["fresh"]))
+    return gaps, sum(row["caption"] in seen for row in fresh)
