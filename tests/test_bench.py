@@ -97,6 +97,14 @@ def test_bench_run_on_tiny_writes_scored_tables(tmp_path):
     assert all(c.diff == 0 and c.pairs == len(CATEGORIES) * 2 and c.unpaired == 0 for c in same)
     assert same[-1].new == pytest.approx(np.mean([r["metrics"]["minicompbench"] for r in rows
                                                   if r["mode"] == "factorized@1"]))
+    assert all((out / r["video"]).is_file() for r in rows)  # relative to the bench folder
+    # Why objects are missing at frame 16, per label: the exact renders lose none.
+    from fvg.miniworld.diagnose import lost_objects
+
+    lost = {r.label: r for r in lost_objects(out)}
+    assert set(lost) == {r["mode"] for r in rows} and lost["rendered"].reasons == {}
+    assert lost["rendered"].objects == lost["t2v@2"].objects > 0
+    assert all(sum(r.reasons.values()) <= r.objects for r in lost.values())
     # Resume: nothing is generated again, the numbers are the same.
     stamps = {p: p.stat().st_mtime_ns for p in (out / "ladder").rglob("*.mp4")}
     again = run_bench(out, "tiny", configs, seeds=[0, 1], limit=1, threads=1, overrides=sizes)

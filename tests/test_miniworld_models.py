@@ -299,6 +299,8 @@ def test_diagnose_set_distance_ignores_order_and_cli_rejects_unknown():
         assert sorted(prompt.split()) == sorted(swapped.split()) and prompt != swapped
         assert sum(x != y for x, y in zip(prompt.split(), one_word.split())) == 1
     assert main(["miniworld", "diagnose", "--what", "bogus"]) == 2
+    assert main(["miniworld", "diagnose", "--what", "lost"]) == 2  # needs --bench
+    assert main(["miniworld", "diagnose", "--what", "text", "--bench", "runs"]) == 2
 
 
 def test_anchor_score_reads_final_weights_or_the_latest_checkpoint(tiny_run, tmp_path):

@@ -177,3 +177,27 @@ def test_shape_fidelity_orders_exact_blurred_wrong_and_missing():
     counted = "three blue circles and a purple square on a white background"
     one_circle = video_of("a large blue circle shrinks on a white background")[0]
     assert shape_fidelity(counted, one_circle) <= 0.25 + 1e-9  # one of four slots filled
+
+
+def test_why_missing_tells_a_vanished_colour_from_a_lost_outline(tmp_path):
+    import dataclasses
+
+    from fvg.miniworld.score import why_missing
+    from fvg.miniworld.spec import COLORS
+
+    prompt = "a red square and a blue circle move down"
+    scene = sample_scene(prompt, np.random.default_rng(1))
+    frames = render_video(scene)
+    assert why_missing(prompt, mp4_round_trip(tmp_path, frames)) == []  # everything found: nothing missing
+    # The square's last frame drawn as a circle of its size: its colour is there, in a circle's outline.
+    square = next(o for o in scene.objects if o.shape == "square")
+    rounded = tuple(dataclasses.replace(o, shape="circle") if o is square else o for o in scene.objects)
+    last = render_video(Scene(rounded, scene.background))[16]
+    assert why_missing(prompt, np.concatenate([frames[:16], last[None]])) == ["read as circle"]
+    # Painted over with the background: no red left.
+    gone = frames.copy()
+    red = np.abs(gone[16].astype(int) - COLORS["red"]).sum(-1) < 60
+    gone[16][red] = gone[16][0, 0]
+    assert why_missing(prompt, gone) == ["colour gone"]
+    with pytest.raises(FvgError, match="at least 17 frames"):
+        why_missing(prompt, frames[:5])

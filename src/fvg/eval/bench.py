@@ -11,8 +11,9 @@ with the exact MiniCompBench evaluator, and writes
     OUT/bench.json   the same numbers, plus the setup (versions, threads, seeds, load average)
     OUT/bench.png    per-category bars per configuration, and seconds per video
     OUT/report.*     `fvg eval report`'s tables and paired comparisons (bootstrap CIs)
-    OUT/scores.jsonl every video's score row, configurations and ladder rungs (mode: their label),
-                     for `fvg eval report` and `fvg bench compare` (two benches, paired)
+    OUT/scores.jsonl every video's score row, configurations and ladder rungs (mode: their label; video:
+                     its MP4, relative to OUT), for `fvg eval report`, `fvg bench compare` (two benches,
+                     paired) and `fvg miniworld diagnose --what lost`
 
 Beside the configurations, the quality ladder (OUT/ladder/, resumable): the suite's scenes rendered
 exactly (the evaluator itself), the same clips through the VAE and back (the latent space's
@@ -565,7 +566,8 @@ def run_bench(out: str | Path, preset: str = "mini", configs: list[BenchConfig] 
                          summarise_ladder(rungs, lad_rows, suite.categories),
                          variability({**lad_rows, **var_rows}, t2v, factorized) if var_rows else None)
     write_report(report, out, plots=True)
-    write_text(out / SCORES, "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(out / SCORES, "".join(json.dumps({**r, "video": os.path.relpath(r["video"], out)}) + "\n"
+                                     for r in rows))
     if rungs:
         sheet = [r.label for r in rungs if r.label not in (VAE_ROUND_TRIP, ANCHOR_STILLS)]
         contact_sheet(out, suite, sheet, configs, out / "ladder.png", seeds[0])
@@ -596,7 +598,7 @@ def _run_configs(pipe, configs: list[BenchConfig], settings: dict, videos: int, 
             raise FvgError(f"{config.label}: {summary.failed} video(s) failed, e.g. {summary.errors[0]}")
         score_run(s.out, s.out / "scores.jsonl", [METRIC])
         scored = [r for r in read_jsonl(s.out / "scores.jsonl") if r.get("mode") == config.mode]
-        rows += [{**r, "mode": config.label} for r in scored]
+        rows += [{**r, "mode": config.label, "video": str(s.out / r["video"])} for r in scored]
         entries = [e for e in read_jsonl(s.out / MANIFEST) if e.get("mode") == config.mode]
         runs.append((config, len(scored), *_mean_timings(entries), wall, summary.generated))
     return rows, runs

@@ -164,7 +164,8 @@ def diagnose(
                                                             "noise (the anchor model from each noise level), "
                                                             "video-noise (the video stage from each noise level), "
                                                             "fit (the T2V base's loss on training against fresh "
-                                                            "clips)."),
+                                                            "clips), lost (why a bench's objects are missing at "
+                                                            "frame 16; needs --bench)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Weights root (default: the shipped mini)."),
     run: Optional[Path] = typer.Option(None, "--run", help="noise: a training run's anchor model (its final "
                                                           "weights, else the latest checkpoint) instead of --weights."),
@@ -172,15 +173,18 @@ def diagnose(
                                                  "category."),
     lora: Optional[str] = typer.Option(None, "--lora", help="video-noise: an anchor LoRA file instead of the "
                                                            "weights' own, or 'none' for the base model alone."),
+    bench: Optional[Path] = typer.Option(None, "--bench", help="lost: an `fvg bench mini --out` folder."),
 ):
     """Measurements behind the mini recipe (docs/miniworld.md, v2 diagnosis)."""
     from . import diagnose as d
 
     parts = [w.strip() for w in what.split(",") if w.strip()]
-    unknown = sorted(set(parts) - {"text", "padding", "patch", "noise", "video-noise", "fit"})
+    unknown = sorted(set(parts) - {"text", "padding", "patch", "noise", "video-noise", "fit", "lost"})
     if unknown or not parts:
         raise FvgError(f"unknown measurement(s) {', '.join(unknown) or '(none)'}: "
-                       "choose from text, padding, patch, noise, video-noise, fit")
+                       "choose from text, padding, patch, noise, video-noise, fit, lost")
+    if ("lost" in parts) != (bench is not None):
+        raise FvgError("--what lost needs --bench DIR, and --bench is only for --what lost")
     if lora not in (None, "none") and not Path(lora).is_file():
         raise FvgError(f"--lora {lora}: file not found")
     if limit < 1:
@@ -219,6 +223,11 @@ def diagnose(
             typer.echo(f"fit: sigma {g.sigma:.1f}: flow loss {g.train:.4f} on training clips, {g.fresh:.4f} on fresh "
                        f"clips ({g.ratio:.3f}x)")
         typer.echo(f"fit: {repeated} of the fresh clips' captions are training captions too")
+    if "lost" in parts:
+        for r in d.lost_objects(bench):
+            missing = sum(r.reasons.values())
+            typer.echo(f"lost: {r.label}: {missing} of {r.objects} objects missing at frame 16"
+                       + (f" ({', '.join(f'{k} {n}' for k, n in r.reasons.items())})" if missing else ""))
 
 
 def _video_pipeline(weights: Optional[Path], lora: Optional[str]):

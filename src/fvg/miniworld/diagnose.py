@@ -22,6 +22,10 @@
   and indices in the weights' manifest) against as many fresh clips of the same grammar (another data
   seed). A large gap would make more clips the lever; a small one says the model's capacity or the
   task is. Reports how many fresh captions are also training captions (the grammar repeats short ones).
+* `lost`: why objects are missing from the last frame of a bench's videos. Per configuration and ladder
+  rung of an `fvg bench mini` folder, each single object whose frame-16 presence check fails is put in
+  one bin (`score.why_missing`): its colour gone (merged or faded), its colour there in another shape's
+  outline (rounded corners read as a circle), or a shapeless blob.
 * `padding`: the share of a denoising step spent on WanPipeline's 512-token zero padding (one CFG
   step, batch 2, of each shipped transformer, 512 against 32 text tokens).
 """
@@ -338,3 +342,28 @@ def fit_gap(pipe, data_seed: int, num_clips: int, clips: int = 112, fresh_seed: 
         loss = {name: _flow_loss(pipe.transformer, z, text, sigma, seed=i) for name, (z, text) in sets.items()}
         gaps.append(FitGap(sigma, loss["train"], loss["fresh"]))
     return gaps, sum(row["caption"] in seen for row in fresh)
+
+
+@dataclass
+class LostObjects:
+    label: str  # a configuration or ladder rung of the bench
+    objects: int  # single objects checked in the last frame
+    reasons: dict[str, int]  # `score.why_missing`'s reason -> objects, most frequent first
+
+
+def lost_objects(bench: Path) -> list[LostObjects]:
+    """`why_missing` over every video of an `fvg bench mini` folder (its scores.jsonl), per label."""
+    from collections import Counter
+
+    from fvg.eval.bench_compare import bench_rows
+
+    from .grammar import parse_prompt
+    from .score import why_missing
+
+    counts: dict[str, Counter] = {}
+    objects: Counter = Counter()
+    for row in bench_rows(bench):
+        p = parse_prompt(row["prompt"])
+        objects[row["mode"]] += sum(o.count == 1 for o in p.objects)
+        counts.setdefault(row["mode"], Counter()).update(why_missing(p, Path(bench) / row["video"]))
+    return [LostObjects(label, objects[label], dict(c.most_common())) for label, c in counts.items()]

@@ -165,13 +165,41 @@ def score_video(prompt: str | MiniPrompt, video: str | os.PathLike | np.ndarray)
     """Score one video against its prompt: an MP4 path, or frames [T, 64, 64, 3] (T >= 17),
     uint8 or float in [0, 1] as diffusers returns them."""
     p = parse_prompt(prompt) if isinstance(prompt, str) else prompt
-    frames = read_mp4(video) if isinstance(video, (str, os.PathLike)) else to_uint8(np.asarray(video))
-    if frames.ndim != 4 or frames.shape[0] <= LAST or frames.shape[1:] != (SIZE, SIZE, 3):
-        raise FvgError(f"a MiniWorld video has at least {LAST + 1} frames of {SIZE}x{SIZE} RGB, got {frames.shape}")
+    frames = _video(video)
     first, last = find_regions(frames[0]), find_regions(frames[LAST])
     checks = _checks(p, first, last)
     checks.append(_background_check(p.background, frames[0], frames[LAST]))
     return PromptScore(str(p), p.category, sum(c.passed for c in checks) / len(checks), checks)
+
+
+def _video(video: str | os.PathLike | np.ndarray) -> np.ndarray:
+    frames = read_mp4(video) if isinstance(video, (str, os.PathLike)) else to_uint8(np.asarray(video))
+    if frames.ndim != 4 or frames.shape[0] <= LAST or frames.shape[1:] != (SIZE, SIZE, 3):
+        raise FvgError(f"a MiniWorld video has at least {LAST + 1} frames of {SIZE}x{SIZE} RGB, got {frames.shape}")
+    return frames
+
+
+def why_missing(prompt: str | MiniPrompt, video: str | os.PathLike | np.ndarray) -> list[str]:
+    """A diagnostic, not part of the spec's score: for each single object whose presence check fails in the
+    last frame, what the frame holds of it. "colour gone": no region of its final colour large enough to be
+    an object (merged into another one, or faded); "read as <shape>": its colour's largest region fits that
+    other shape's outline best (corners rounded off make squares and triangles circles); "no shape fits": a
+    shapeless blob; "there": found, but claimed by another object of the same colour and shape. `video`: as
+    `score_video` takes it."""
+    p = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    frames = _video(video)
+    _, at16 = _track(p, find_regions(frames[0]), find_regions(frames[LAST]))
+    components = list(_components(quantize(frames[LAST])))
+    reasons = []
+    for i, (o, e) in enumerate(zip(p.objects, p.events)):
+        if o.count > 1 or at16[i] is not None:
+            continue
+        color = _final_color(o, e)
+        mine = [px for c, px in components if c == color and len(px) >= MIN_REGION]
+        region = _classify(max(mine, key=len), color) if mine else None
+        reasons.append("colour gone" if not mine else "no shape fits" if region is None else
+                       "there" if region.shape == o.shape else f"read as {region.shape}")
+    return reasons
 
 
 def score_first_frame(prompt: str | MiniPrompt, video: str | os.PathLike | np.ndarray) -> PromptScore:
