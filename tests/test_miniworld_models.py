@@ -398,7 +398,7 @@ def test_fit_gap_scores_the_training_clips_against_fresh_ones(tiny_run, capsys):
     assert gaps[1].train == pytest.approx(d._flow_loss(pipe.transformer, z, text, 1.0, seed=1), rel=1e-6)
     assert [str(clip_prompt(i, s.seed)) for i in range(4)] == [r["caption"] for r in trained]
     with pytest.raises(ValueError, match="another data seed"):
-        d.fit_gap(pipe, 777, s.num_clips)
+        d.fit_gap(pipe, 5, s.num_clips, fresh_seed=5)
     assert main(["miniworld", "diagnose", "--what", "fit", "--weights", str(weights)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("fit: sigma 0.3: flow loss ") and "of the fresh clips' captions" in lines[-1]

@@ -325,12 +325,14 @@ def _flow_loss(transformer, z: torch.Tensor, text: torch.Tensor, sigma: float, s
     return float(torch.cat(losses).mean())
 
 
-def fit_gap(pipe, data_seed: int, num_clips: int, clips: int = 112, fresh_seed: int = 777,
+def fit_gap(pipe, data_seed: int, num_clips: int, clips: int = 112, fresh_seed: int | None = None,
             sigmas=(0.3, 0.6, 0.8, 0.9, 1.0)) -> tuple[list[FitGap], int]:
-    """The T2V base's loss on its first `clips` training clips against `clips` fresh ones, per sigma, and how
-    many fresh captions are training captions too. `pipe`: a Wan pipeline holding the base without LoRA."""
+    """The T2V base's loss on its first `clips` training clips against `clips` fresh ones (drawn from
+    `fresh_seed`, by default data_seed + 777), per sigma, and how many fresh captions are training captions
+    too. `pipe`: a Wan pipeline holding the base without LoRA."""
     from .dataset import clip_prompt, clip_row
 
+    fresh_seed = data_seed + 777 if fresh_seed is None else fresh_seed
     if fresh_seed == data_seed:
         raise ValueError("the fresh clips need another data seed than the training set's")
     train = [clip_row(i, data_seed)[0] for i in range(min(clips, num_clips))]
