@@ -104,6 +104,7 @@ def test_bench_run_on_tiny_writes_scored_tables(tmp_path):
     lost = {r.label: r for r in lost_objects(out)}
     assert set(lost) == {r["mode"] for r in rows} and lost["rendered"].reasons == {}
     assert lost["rendered"].objects == lost["t2v@2"].objects > 0
+    assert lost["rendered"].found == {0: 1.0, 4: 1.0, 8: 1.0, 12: 1.0, 16: 1.0}
     assert all(sum(r.reasons.values()) <= r.objects for r in lost.values())
     # Resume: nothing is generated again, the numbers are the same.
     stamps = {p: p.stat().st_mtime_ns for p in (out / "ladder").rglob("*.mp4")}

@@ -404,6 +404,25 @@ def test_fit_gap_scores_the_training_clips_against_fresh_ones(tiny_run, capsys):
     assert lines[0].startswith("fit: sigma 0.3: flow loss ") and "of the fresh clips' captions" in lines[-1]
 
 
+def test_still_code_compares_the_anchor_frame_code_with_the_chunk_codes(tiny_run, capsys):
+    from fvg.cli import main
+    from fvg.miniworld import diagnose as d
+    from fvg.miniworld.dataset import clip_row
+    from fvg.miniworld.stages import render_clip, to_pixels
+
+    _, weights = tiny_run
+    vae = models.load_video_pipeline(weights, lora=False).vae
+    codes = d.still_code(vae, clips=4, seed=3)
+    assert [c.frame for c in codes] == [1, 2, 3, 4] and all(c.linear_r2 <= 1.0 for c in codes)
+    still = np.repeat(np.stack([render_clip(clip_row(i, 3)[0])[:1] for i in range(4)]), 17, axis=1)
+    with torch.no_grad():
+        z = vae.encode(to_pixels(still)).latent_dist.mode()
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
+    assert codes[0].mse == pytest.approx(float(((z[:, :, 1] - z[:, :, 0]) / std).pow(2).mean()), rel=1e-5)
+    assert main(["miniworld", "diagnose", "--what", "still-code", "--weights", str(weights)]) == 0
+    assert capsys.readouterr().out.count("still-code: latent frame") == 4
+
+
 def test_an_extended_stage_replays_the_learning_rate_it_ran_with():
     """v4 continued v3's finished stages (t2v 5000 -> 8000): the schedule a fresh run follows is the one the
     shipped run logged (values from runs/mini-v4/t2v/log.jsonl: the LR of the window's last step)."""

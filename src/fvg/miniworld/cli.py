@@ -165,7 +165,8 @@ def diagnose(
                                                             "video-noise (the video stage from each noise level), "
                                                             "fit (the T2V base's loss on training against fresh "
                                                             "clips), lost (why a bench's objects are missing at "
-                                                            "frame 16; needs --bench)."),
+                                                            "frame 16; needs --bench), still-code (the VAE's "
+                                                            "latent frame 0 against the later ones)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Weights root (default: the shipped mini)."),
     run: Optional[Path] = typer.Option(None, "--run", help="noise: a training run's anchor model (its final "
                                                           "weights, else the latest checkpoint) instead of --weights."),
@@ -179,10 +180,11 @@ def diagnose(
     from . import diagnose as d
 
     parts = [w.strip() for w in what.split(",") if w.strip()]
-    unknown = sorted(set(parts) - {"text", "padding", "patch", "noise", "video-noise", "fit", "lost"})
+    unknown = sorted(set(parts) - {"text", "padding", "patch", "noise", "video-noise", "fit", "lost",
+                                   "still-code"})
     if unknown or not parts:
         raise FvgError(f"unknown measurement(s) {', '.join(unknown) or '(none)'}: "
-                       "choose from text, padding, patch, noise, video-noise, fit, lost")
+                       "choose from text, padding, patch, noise, video-noise, fit, lost, still-code")
     if ("lost" in parts) != (bench is not None):
         raise FvgError("--what lost needs --bench DIR, and --bench is only for --what lost")
     if lora not in (None, "none") and not Path(lora).is_file():
@@ -227,7 +229,13 @@ def diagnose(
         for r in d.lost_objects(bench):
             missing = sum(r.reasons.values())
             typer.echo(f"lost: {r.label}: {missing} of {r.objects} objects missing at frame 16"
-                       + (f" ({', '.join(f'{k} {n}' for k, n in r.reasons.items())})" if missing else ""))
+                       + (f" ({', '.join(f'{k} {n}' for k, n in r.reasons.items())})" if missing else "")
+                       + "; found at frames " + "/".join(map(str, r.found)) + ": "
+                       + " ".join(f"{v:.2f}" for v in r.found.values()))
+    if "still-code" in parts:
+        for c in d.still_code(_video_pipeline(weights, "none").vae):
+            typer.echo(f"still-code: latent frame {c.frame} against latent frame 0 of still clips: "
+                       f"MSE {c.mse:.3f}, a per-pixel linear map explains R^2 {c.linear_r2:.3f}")
 
 
 def _video_pipeline(weights: Optional[Path], lora: Optional[str]):

@@ -26,6 +26,10 @@
   rung of an `fvg bench mini` folder, each single object whose frame-16 presence check fails is put in
   one bin (`score.why_missing`): its colour gone (merged or faded), its colour there in another shape's
   outline (rounded corners read as a circle), or a shapeless blob.
+* `still-code`: does the VAE code an unchanging scene alike in latent frame 0 (frame 0 encoded alone) and
+  in the later latent frames (4-frame chunks)? Still clips are encoded; each later latent frame is compared
+  with latent frame 0 (mean squared difference, and the share a per-pixel affine map explains). Where they
+  differ, an anchored video model must translate the anchor's code before it can carry an object forward.
 * `padding`: the share of a denoising step spent on WanPipeline's 512-token zero padding (one CFG
   step, batch 2, of each shipped transformer, 512 against 32 text tokens).
 """
@@ -295,19 +299,25 @@ class FitGap:
         return self.fresh / self.train
 
 
-def _clip_batch(pipe, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised latents and text embeddings (padded to 512, as sampling pads them) of dataset rows."""
-    from .stages import render_clip, to_pixels
+def _normalised_latents(vae, clips: np.ndarray) -> torch.Tensor:
+    """Clips [N, 17, 64, 64, 3] uint8 -> latents as the transformers see them (posterior mode, normalised)."""
+    from .stages import to_pixels
 
-    vae = pipe.vae
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
-    clips = np.stack([render_clip(r) for r in rows])
     with torch.no_grad():
-        z = torch.cat([vae.encode(to_pixels(clips[b:b + 16])).latent_dist.mode() for b in range(0, len(rows), 16)])
+        z = torch.cat([vae.encode(to_pixels(clips[b:b + 16])).latent_dist.mode() for b in range(0, len(clips), 16)])
+    return (z - mean) / std
+
+
+def _clip_batch(pipe, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised latents and text embeddings (padded to 512, as sampling pads them) of dataset rows."""
+    from .stages import render_clip
+
+    with torch.no_grad():
         text, _ = pipe.encode_prompt([r["caption"] for r in rows], do_classifier_free_guidance=False,
                                      max_sequence_length=models.MAX_SEQUENCE_LENGTH)
-    return (z - mean) / std, text
+    return _normalised_latents(pipe.vae, np.stack([render_clip(r) for r in rows])), text
 
 
 def _flow_loss(transformer, z: torch.Tensor, text: torch.Tensor, sigma: float, seed: int) -> float:
@@ -346,26 +356,71 @@ def fit_gap(pipe, data_seed: int, num_clips: int, clips: int = 112, fresh_seed: 
     return gaps, sum(row["caption"] in seen for row in fresh)
 
 
+SAMPLED_FRAMES = (0, 4, 8, 12, 16)  # frame 0, then the last frame of each latent frame's chunk
+
+
 @dataclass
 class LostObjects:
     label: str  # a configuration or ladder rung of the bench
     objects: int  # single objects checked in the last frame
     reasons: dict[str, int]  # `score.why_missing`'s reason -> objects, most frequent first
+    found: dict[int, float]  # frame -> share of the single objects that keep their colour found there
 
 
 def lost_objects(bench: Path) -> list[LostObjects]:
-    """`why_missing` over every video of an `fvg bench mini` folder (its scores.jsonl), per label."""
+    """`why_missing` over every video of an `fvg bench mini` folder (its scores.jsonl), per label, and where
+    in the video objects go missing: the share of single objects whose colour never changes (no "turns")
+    found, as a region of their colour and shape, at frames 0, 4, 8, 12 and 16."""
     from collections import Counter
 
     from fvg.eval.bench_compare import bench_rows
+    from fvg.io import read_mp4
 
     from .grammar import parse_prompt
-    from .score import why_missing
+    from .score import find_regions, why_missing
 
     counts: dict[str, Counter] = {}
     objects: Counter = Counter()
+    found: dict[str, list[np.ndarray]] = {}
     for row in bench_rows(bench):
         p = parse_prompt(row["prompt"])
+        frames = read_mp4(Path(bench) / row["video"])
         objects[row["mode"]] += sum(o.count == 1 for o in p.objects)
-        counts.setdefault(row["mode"], Counter()).update(why_missing(p, Path(bench) / row["video"]))
-    return [LostObjects(label, objects[label], dict(c.most_common())) for label, c in counts.items()]
+        counts.setdefault(row["mode"], Counter()).update(why_missing(p, frames))
+        regions = [{(r.color, r.shape) for r in find_regions(frames[t])} for t in SAMPLED_FRAMES]
+        found.setdefault(row["mode"], []).extend(
+            np.array([(o.color, o.shape) in at for at in regions], float) for o, e in zip(p.objects, p.events)
+            if o.count == 1 and (e is None or e.kind != "turns"))
+    return [LostObjects(label, objects[label], dict(c.most_common()),
+                        dict(zip(SAMPLED_FRAMES, np.mean(found[label], axis=0).round(4).tolist())))
+            for label, c in counts.items()]
+
+
+@dataclass
+class StillCode:
+    frame: int  # a latent frame after the first
+    mse: float  # its mean squared difference from latent frame 0 (normalised latents)
+    linear_r2: float  # the share of its variance that a per-pixel affine map of latent frame 0 explains
+
+
+def still_code(vae, clips: int = 64, seed: int = 777) -> list[StillCode]:
+    """How differently the VAE codes one unchanging scene in latent frame 0 (frame 0 encoded alone) and in
+    the later latent frames (4-frame chunks through the causal cache). Still clips (each a dataset clip's
+    frame 0 repeated) are encoded and normalised as the transformers see them. A video model anchored on
+    latent frame 0 has to translate this code into the other before it can carry an object forward: where
+    the two agree, carrying is a copy."""
+    from .dataset import clip_row
+    from .stages import render_clip
+
+    frames = np.stack([render_clip(clip_row(i, seed)[0])[:1] for i in range(clips)])
+    z = _normalised_latents(vae, np.repeat(frames, 17, axis=1))
+    per_pixel = z.permute(0, 2, 3, 4, 1)  # [N, F, h, w, C]
+    x = per_pixel[:, 0].reshape(-1, z.shape[1])
+    x1 = torch.cat([x, torch.ones(len(x), 1)], dim=1)
+    out = []
+    for k in range(1, z.shape[2]):
+        y = per_pixel[:, k].reshape(-1, z.shape[1])
+        fit = x1 @ torch.linalg.lstsq(x1, y).solution
+        r2 = 1 - float((fit - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+        out.append(StillCode(k, float((z[:, :, k] - z[:, :, 0]).pow(2).mean()), r2))
+    return out
