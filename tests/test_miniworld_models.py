@@ -404,6 +404,24 @@ def test_fit_gap_scores_the_training_clips_against_fresh_ones(tiny_run, capsys):
     assert lines[0].startswith("fit: sigma 0.3: flow loss ") and "of the fresh clips' captions" in lines[-1]
 
 
+def test_lost_objects_of_a_bench_whose_every_object_turns_colour(tmp_path, capsys):
+    """Objects that turn are left out of the by-frame shares: with nothing else, no share is reported."""
+    from fvg.cli import main
+    from fvg.io import write_mp4
+    from fvg.miniworld.diagnose import lost_objects
+    from fvg.miniworld.render import reference_clip
+
+    prompt = "a green square turns orange"
+    write_mp4(tmp_path / "ladder" / "rendered.mp4", reference_clip(prompt, 0), fps=8)
+    row = {"category": "dynamic_attr", "index": 1, "prompt": prompt, "mode": "rendered", "seed": 0,
+           "video": "ladder/rendered.mp4", "metrics": {"minicompbench": 1.0}}
+    (tmp_path / "scores.jsonl").write_text(json.dumps(row) + "\n")
+    (lost,) = lost_objects(tmp_path)
+    assert (lost.label, lost.objects, lost.reasons, lost.found) == ("rendered", 1, {}, {})
+    assert main(["miniworld", "diagnose", "--what", "lost", "--bench", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == "lost: rendered: 0 of 1 objects missing at frame 16"
+
+
 def test_still_code_compares_the_anchor_frame_code_with_the_chunk_codes(tiny_run, capsys):
     from fvg.cli import main
     from fvg.miniworld import diagnose as d

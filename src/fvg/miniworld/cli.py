@@ -230,8 +230,8 @@ def diagnose(
             missing = sum(r.reasons.values())
             typer.echo(f"lost: {r.label}: {missing} of {r.objects} objects missing at frame 16"
                        + (f" ({', '.join(f'{k} {n}' for k, n in r.reasons.items())})" if missing else "")
-                       + "; found at frames " + "/".join(map(str, r.found)) + ": "
-                       + " ".join(f"{v:.2f}" for v in r.found.values()))
+                       + (f"; found at frames {'/'.join(map(str, r.found))}: "
+                          + " ".join(f"{v:.2f}" for v in r.found.values()) if r.found else ""))
     if "still-code" in parts:
         for c in d.still_code(_video_pipeline(weights, "none").vae):
             typer.echo(f"still-code: latent frame {c.frame} against latent frame 0 of still clips: "

@@ -25,7 +25,8 @@
 * `lost`: why objects are missing from the last frame of a bench's videos. Per configuration and ladder
   rung of an `fvg bench mini` folder, each single object whose frame-16 presence check fails is put in
   one bin (`score.why_missing`): its colour gone (merged or faded), its colour there in another shape's
-  outline (rounded corners read as a circle), or a shapeless blob.
+  outline (rounded corners read as a circle), or a shapeless blob; and where in the video objects go
+  missing: the share of single objects that keep their colour found at frames 0, 4, 8, 12 and 16.
 * `still-code`: does the VAE code an unchanging scene alike in latent frame 0 (frame 0 encoded alone) and
   in the later latent frames (4-frame chunks)? Still clips are encoded; each later latent frame is compared
   with latent frame 0 (mean squared difference, and the share a per-pixel affine map explains). Where they
@@ -392,7 +393,8 @@ def lost_objects(bench: Path) -> list[LostObjects]:
             np.array([(o.color, o.shape) in at for at in regions], float) for o, e in zip(p.objects, p.events)
             if o.count == 1 and (e is None or e.kind != "turns"))
     return [LostObjects(label, objects[label], dict(c.most_common()),
-                        dict(zip(SAMPLED_FRAMES, np.mean(found[label], axis=0).round(4).tolist())))
+                        dict(zip(SAMPLED_FRAMES, np.mean(found[label], axis=0).round(4).tolist()))
+                        if found[label] else {})  # every single object turns colour, or none is single
             for label, c in counts.items()]
 
 

@@ -188,8 +188,8 @@ def why_missing(prompt: str | MiniPrompt, video: str | os.PathLike | np.ndarray)
     `score_video` takes it."""
     p = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     frames = _video(video)
-    _, at16 = _track(p, find_regions(frames[0]), find_regions(frames[LAST]))
-    components = list(_components(quantize(frames[LAST])))
+    components = list(_components(quantize(frames[LAST])))  # labelled once: for the regions and the colours
+    _, at16 = _track(p, find_regions(frames[0]), _regions(components))
     reasons = []
     for i, (o, e) in enumerate(zip(p.objects, p.events)):
         if o.count > 1 or at16[i] is not None:
