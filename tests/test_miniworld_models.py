@@ -36,6 +36,14 @@ def tiny_run(tmp_path_factory):
     return out, weights
 
 
+def run_beside(tiny_out: Path, folder: Path, overrides: dict) -> Path:
+    """A new run folder that shares the tiny run's data stage, with the tiny profile and `overrides`."""
+    folder.mkdir()
+    (folder / "data").symlink_to(tiny_out / "data")
+    settings.load_settings(folder, "tiny", overrides)
+    return folder
+
+
 # -- tokenizer and text encoder ---------------------------------------------------------------------
 
 def test_tokenizer_covers_vocabulary_prompts_and_captions(tmp_path):
@@ -221,10 +229,7 @@ def test_mini_preset_generates_from_exported_weights(tiny_run):
 
 def test_stage_time_limit_and_resume(tmp_path, tiny_run):
     out, _ = tiny_run
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "data").symlink_to(out / "data")
-    settings.load_settings(run, "tiny", {"vae_steps": 4, "checkpoint_every": 100})
+    run = run_beside(out, tmp_path / "run", {"vae_steps": 4, "checkpoint_every": 100})
     mt.run(run, stage="vae", time_limit=0.0)  # checkpoints after its first step and stops
     assert (run / "vae" / "ckpt.pt").is_file() and not (run / "vae" / "DONE.json").exists()
     assert [r["step"] for r in loop.read_log(run / "vae" / "log.jsonl")] == [1]
@@ -441,6 +446,65 @@ def test_still_code_compares_the_anchor_frame_code_with_the_chunk_codes(tiny_run
     assert capsys.readouterr().out.count("still-code: latent frame") == 4
 
 
+def test_still_consistency_measures_the_chunks_against_latent_frame_zero_per_channel():
+    frame0 = torch.tensor([1.0, 3.0]).view(2, 1, 1, 1, 1).expand(2, 2, 1, 1, 1).clone()  # channel var 2
+    frame0[:, 1] *= 2.0  # channel 1: var 8
+    same = frame0.expand(2, 2, 5, 1, 1)
+    assert float(stages.still_consistency(same)) == 0.0
+    moved = same.clone()
+    moved[:, :, 1:] += 2.0  # every later frame 2 away: 4/2 in channel 0, 4/8 in channel 1
+    assert float(stages.still_consistency(moved)) == pytest.approx((2.0 + 0.5) / 2)
+    moved.requires_grad_(True)
+    stages.still_consistency(moved).backward()
+    assert moved.grad[:, :, 0].abs().sum() == 0  # frame 0 is the target: only the chunks move
+
+
+def test_a_vae_fine_tuned_on_still_scenes_moves_its_chunks_toward_the_anchor_code(tiny_run, tmp_path):
+    out, weights = tiny_run
+    start = weights / "video" / "vae"
+    runs = {}
+    for name, weight in (("plain", 0.0), ("still", 30.0)):  # the same fine-tune with and without the term
+        runs[name] = run_beside(out, tmp_path / name, {"vae_source": str(start), "vae_still_steps": 12,
+                                                       "vae_still_lr": 3e-3, "vae_still_weight": weight})
+        mt.run(runs[name], stage="vae")
+    plain, still = (json.loads((runs[n] / "vae" / "DONE.json").read_text()) for n in ("plain", "still"))
+    assert still["still_code"] < plain["still_code"] and still["still_steps"] == 12
+    assert [r["step"] for r in loop.read_log(runs["still"] / "vae" / "still" / "log.jsonl")][-1] == 12
+    copied = models.load_video_pipeline(weights, lora=False).vae.state_dict()  # the first phase: the source
+    first = stages.load_trained_vae(str(runs["still"] / "vae" / "final"), settings.tiny_settings(), "x").state_dict()
+    assert all(torch.equal(first[k], v) for k, v in copied.items())
+    tuned = runs["still"] / "vae" / "still" / "final"
+    assert stages.trained_vae_dir(runs["still"], settings.load_settings(runs["still"])) == tuned
+    assert (tuned / "config.json").is_file()
+
+    # from random weights: the first phase trains, then the fine-tune continues it
+    fresh = run_beside(out, tmp_path / "fresh", {"vae_still_steps": 2, "checkpoint_every": 100})
+    mt.run(fresh, stage="vae", time_limit=0.0)  # stops after the first phase's first step
+    assert not (fresh / "vae" / "final").exists() and not (fresh / "vae" / "still").exists()
+    mt.run(fresh, stage="vae", resume=True)
+    assert [r["step"] for r in loop.read_log(fresh / "vae" / "log.jsonl")] == [1, 2, 3]
+    assert [r["step"] for r in loop.read_log(fresh / "vae" / "still" / "log.jsonl")] == [1, 2]
+    assert json.loads((fresh / "vae" / "DONE.json").read_text())["steps"] == 3
+
+    bad = run_beside(out, tmp_path / "bad", {"vae_source": str(tmp_path), "vae_still_steps": 2})
+    with pytest.raises(FvgError, match="vae_source .* is not a diffusers AutoencoderKLWan directory"):
+        mt.run(bad, stage="vae")
+
+
+def test_an_anchored_t2v_base_learns_no_loss_on_the_clean_first_frame(tiny_run, tmp_path):
+    out, _ = tiny_run
+    run = tmp_path / "run"
+    run.mkdir()
+    for stage in ("data", "vae", "latents"):
+        (run / stage).symlink_to(out / stage)
+    settings.load_settings(run, "tiny", {"t2v_p_anchor": 1.0})
+    mt.run(run, stage="t2v")
+    anchored = loop.read_log(run / "t2v" / "log.jsonl")
+    plain = loop.read_log(out / "t2v" / "log.jsonl")
+    assert anchored[0]["loss"] != plain[0]["loss"]  # the same batch and noise, frame 0 left out of the loss
+    assert json.loads((run / "t2v" / "DONE.json").read_text())["steps"] == 3
+
+
 def test_an_extended_stage_replays_the_learning_rate_it_ran_with():
     """v4 continued v3's finished stages (t2v 5000 -> 8000): the schedule a fresh run follows is the one the
     shipped run logged (values from runs/mini-v4/t2v/log.jsonl: the LR of the window's last step)."""
@@ -516,10 +580,7 @@ def test_reused_stages_ship_unchanged_beside_a_retrained_anchor_model(tiny_run, 
     from fvg.miniworld.reuse import reuse_stages
 
     out, weights = tiny_run
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "data").symlink_to(out / "data")
-    settings.load_settings(run, "tiny", {"vae_source": str(weights / "video" / "vae"), "anchor_steps": 4})
+    run = run_beside(out, tmp_path / "run", {"vae_source": str(weights / "video" / "vae"), "anchor_steps": 4})
     for stage in ("vae", "latents"):  # the export's VAE, copied; its statistics measured again
         mt.run(run, stage=stage)
     with pytest.raises(FvgError, match="trained on its T2V base"):
@@ -546,14 +607,31 @@ def test_reused_stages_ship_unchanged_beside_a_retrained_anchor_model(tiny_run, 
     assert manifest["stages"]["lora"]["reused_from"] == str(weights.resolve())
 
 
+def test_an_anchor_model_is_reused_with_its_own_vae_beside_a_new_video_vae(tiny_run, tmp_path):
+    from fvg.miniworld.curves import run_anchor_pipeline
+    from fvg.miniworld.reuse import reuse_stages
+
+    out, weights = tiny_run
+    run = run_beside(out, tmp_path / "run", {"vae_source": str(weights / "video" / "vae"), "vae_still_steps": 2})
+    for stage in ("vae", "latents"):  # a fine-tuned video VAE: the export's T2V base learnt on the old one
+        mt.run(run, stage=stage)
+    with pytest.raises(FvgError, match="is not this run's vae"):
+        reuse_stages(run, weights, ["t2v"])
+    assert reuse_stages(run, weights, ["anchor"]) == ["anchor"]
+    assert json.loads((run / "anchor" / "DONE.json").read_text())["vae"] == "the export's anchor VAE"
+    pipe, step = run_anchor_pipeline(run)
+    shipped = models.load_anchor_pipeline(weights).vae.state_dict()
+    assert step == 3 and all(torch.equal(v, shipped[k]) for k, v in pipe.vae.state_dict().items())
+    mt.run(run, stage="t2v")
+    assert "vae" not in json.loads((run / "t2v" / "DONE.json").read_text())
+
+
 def test_reuse_refuses_a_run_that_would_not_have_trained_the_export(tiny_run, tmp_path):
     from fvg.miniworld.reuse import reuse_stages
 
     out, weights = tiny_run
-    other = tmp_path / "other"  # a T2V recipe of its own
-    other.mkdir()
-    (other / "data").symlink_to(out / "data")
-    settings.load_settings(other, "tiny", {"vae_source": str(weights / "video" / "vae"), "t2v_steps": 5})
+    # a T2V recipe of its own
+    other = run_beside(out, tmp_path / "other", {"vae_source": str(weights / "video" / "vae"), "t2v_steps": 5})
     for stage in ("vae", "latents"):
         mt.run(other, stage=stage)
     with pytest.raises(FvgError, match=r"t2v_steps \(5 here, 3 in the export\)"):
@@ -566,10 +644,8 @@ def test_reuse_refuses_a_run_that_would_not_have_trained_the_export(tiny_run, tm
     reuse_stages(other, weights, ["anchor"])  # the anchor model does not depend on the T2V recipe
     assert (other / "pipelines" / "anchor" / "model_index.json").is_file() and loop.done(other / "anchor")
 
-    retrained = tmp_path / "retrained"  # its own VAE: the export's transformers learnt on other latents
-    retrained.mkdir()
-    (retrained / "data").symlink_to(out / "data")
-    settings.load_settings(retrained, "tiny", {"vae_steps": 2})
+    # its own VAE: the export's transformers learnt on other latents
+    retrained = run_beside(out, tmp_path / "retrained", {"vae_steps": 2})
     for stage in ("vae", "latents"):
         mt.run(retrained, stage=stage)
     with pytest.raises(FvgError, match="not this run's vae"):

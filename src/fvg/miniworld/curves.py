@@ -12,9 +12,9 @@ import torch
 from fvg.io import FvgError
 
 from . import models
-from .loop import read_log
+from .loop import done, read_log
 from .settings import load_settings
-from .stages import dataset_rows, render_clip, to_pixels, vae_quality
+from .stages import dataset_rows, render_clip, to_pixels, trained_vae_dir, vae_quality
 
 log = logging.getLogger("fvg.miniworld")
 
@@ -93,12 +93,12 @@ def vae_preview(out: str | Path, png: str | Path, clips: int = 4) -> dict:
 
     out = Path(out)
     s = load_settings(out)
-    final = out / "vae" / "final"
+    final = trained_vae_dir(out, s)
     if (final / "config.json").is_file():
         from diffusers import AutoencoderKLWan
 
-        vae, step = AutoencoderKLWan.from_pretrained(str(final)), s.vae_steps
-    else:
+        vae, step = AutoencoderKLWan.from_pretrained(str(final)), s.vae_steps + s.vae_still_steps
+    else:  # the first phase's latest checkpoint (a still-scene fine-tune in progress is not previewed)
         ckpt = out / "vae" / "ckpt.pt"
         if not ckpt.is_file():
             raise FvgError(f"no VAE in {out / 'vae'} yet")
@@ -153,13 +153,18 @@ def score_anchor_pipeline(pipe, limit: int = 3, seeds: tuple[int, ...] = (0,), s
 
 
 def run_anchor_pipeline(out: str | Path):
-    """(the one-frame WanPipeline of a run's anchor model, its step): the final weights, else the latest
-    checkpoint's EMA weights, with the run's frozen text encoder and VAE."""
-    from diffusers import AutoencoderKLWan
+    """(the one-frame WanPipeline of a run's anchor model, its step): the assembled pipeline of a finished (or
+    reused) stage, which holds the VAE the model learnt on; else the latest checkpoint's EMA weights, with the
+    run's frozen text encoder and VAE."""
+    from diffusers import AutoencoderKLWan, WanPipeline
 
     from .stages import text_parts
 
     out = Path(out)
+    assembled = out / "pipelines" / models.ANCHOR_SUBDIR
+    if done(out / "anchor") and (out / "anchor" / "final" / "config.json").is_file() and \
+            models.is_pipeline_dir(assembled):
+        return WanPipeline.from_pretrained(str(assembled)), load_settings(out).anchor_steps
     if not (out / "latents" / "DONE.json").is_file():
         raise FvgError(f"{out}: the latents stage is not complete (the anchor model needs its text encoder and VAE)")
     s = load_settings(out)

@@ -12,10 +12,14 @@ Decisions:
 * A stage is reused only into a run whose settings equal the export's everywhere except in the settings owned by
   the stages it does not reuse (`settings.STAGE_SETTINGS`) and in bookkeeping. Otherwise the run's
   settings.json, and the manifest its export writes, would describe a model that was never trained.
-* The transformers learnt on latents and embeddings of one VAE and one frozen text encoder, so the run's must be
-  the export's, tensor for tensor (the VAE's settings are not compared: a `vae_source` VAE has the recipe of
-  whichever run trained it). The latent statistics, measured again by the run's latents stage, may differ by
-  float rounding only.
+* The transformers learnt on latents and embeddings of one VAE and one frozen text encoder, so the run's text
+  encoder must be the export's, tensor for tensor. So must the run's VAE for the T2V base (the LoRA stage and
+  every later stage read the run's video pipeline, and the manifest's vae stage describes that VAE); the VAE's
+  settings are not compared: a `vae_source` VAE has the recipe of whichever run trained it. The latent
+  statistics, measured again by the run's latents stage, may differ by float rounding only.
+* The anchor model may keep a VAE of its own (v10: a video VAE fine-tuned for still scenes beside v8's anchor
+  model). Its pipeline ships the VAE it learnt on, and its output reaches the video model as an image, which the
+  video pipeline encodes with its own VAE. Its DONE.json then says so (`vae`: "the export's anchor VAE").
 * The LoRA was trained on the export's T2V base, so it is reused only with that base.
 * The reused stage's DONE.json is the export's summary of it plus `reused_from`: the manifest keeps saying how
   the model was trained (steps, losses, devices), and where this run took it from.
@@ -63,9 +67,10 @@ def reuse_stages(out: str | Path, weights: str | Path | None, names: list[str]) 
         stage = out / name
         if stage.exists() and any(stage.iterdir()):
             raise FvgError(f"{stage} is not empty: remove it to reuse the export's {name}")
-    for name in names:
-        if name in PIPELINES:
-            _check_frozen_parts(out, weights / PIPELINES[name])
+    own_vae = {name: name == "anchor" and not _same_tensors(out / "latents" / "vae", weights / PIPELINES[name] / "vae")
+               for name in names if name in PIPELINES}
+    for name in own_vae:
+        _check_frozen_parts(out, weights / PIPELINES[name], vae=not own_vae[name])
     for name in names:
         if name == "lora":
             target = out / "lora" / "lora" / models.LORA_FILE
@@ -75,7 +80,8 @@ def reuse_stages(out: str | Path, weights: str | Path | None, names: list[str]) 
             pipeline = weights / PIPELINES[name]
             _copy_tree(pipeline / "transformer", out / name / "final")
             _copy_tree(pipeline, out / "pipelines" / PIPELINES[name])
-        mark_done(out / name, {**manifest["stages"][name], "reused_from": source})
+        own = {"vae": "the export's anchor VAE"} if own_vae.get(name) else {}
+        mark_done(out / name, {**manifest["stages"][name], "reused_from": source, **own})
         log.info("%s: reused from %s", name, weights)
     return names
 
@@ -107,12 +113,28 @@ def _check_settings(mine: RunSettings, theirs: RunSettings, names: list[str]) ->
                        f"the reused {', '.join(names)} would not be what this run trains")
 
 
-def _check_frozen_parts(out: Path, pipeline: Path) -> None:
-    for run_part, part in ((out / "latents" / "vae", "vae"), (out / "latents" / "text_encoder", "text_encoder")):
-        ours, theirs = _tensors(run_part), _tensors(pipeline / part)
-        if ours.keys() != theirs.keys() or any(not torch.equal(ours[k], theirs[k]) for k in ours):
-            raise FvgError(f"{pipeline / part} is not this run's {part} ({run_part}): the reused model learnt on "
-                           "another one")
+def _same_tensors(a: Path, b: Path) -> bool:
+    ours, theirs = _tensors(a), _tensors(b)
+    return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def _check_frozen_parts(out: Path, pipeline: Path, vae: bool = True) -> None:
+    """Refuse a reused pipeline whose text encoder or tokenizer (and, with `vae`, VAE and latent statistics)
+    are not the run's."""
+    parts = (("vae",) if vae else ()) + ("text_encoder",)
+    for part in parts:
+        if not _same_tensors(out / "latents" / part, pipeline / part):
+            raise FvgError(f"{pipeline / part} is not this run's {part} ({out / 'latents' / part}): the reused "
+                           "model learnt on another one")
+    vocab = [read_json_object(p / "tokenizer.json", "tokenizer file")["model"]["vocab"]
+             for p in (out / "latents" / "tokenizer", pipeline / "tokenizer")]
+    if vocab[0] != vocab[1]:
+        raise FvgError(f"{pipeline / 'tokenizer'} is not this run's tokenizer")
+    if vae:
+        _check_statistics(out, pipeline)
+
+
+def _check_statistics(out: Path, pipeline: Path) -> None:
     ours = read_json_object(out / "latents" / "vae" / "config.json", "VAE config")
     theirs = read_json_object(pipeline / "vae" / "config.json", "VAE config")
     for key in ("latents_mean", "latents_std"):
@@ -121,10 +143,6 @@ def _check_frozen_parts(out: Path, pipeline: Path) -> None:
         gap = max(abs(x - y) for x, y in zip(ours[key], theirs[key]))
         if gap > STATS_TOLERANCE:
             raise FvgError(f"the run's {key} differ from {pipeline / 'vae'}'s (by {gap:.2g}): not the same latents")
-    vocab = [read_json_object(p / "tokenizer.json", "tokenizer file")["model"]["vocab"]
-             for p in (out / "latents" / "tokenizer", pipeline / "tokenizer")]
-    if vocab[0] != vocab[1]:
-        raise FvgError(f"{pipeline / 'tokenizer'} is not this run's tokenizer")
 
 
 def _tensors(folder: Path) -> dict:

@@ -37,6 +37,15 @@ class RunSettings:
     # vae/DONE.json), e.g. src/fvg/weights/mini/video/vae: a recipe change after the VAE need not
     # retrain it. Its architecture must be `model.vae`'s. Empty: train it.
     vae_source: str = ""
+    # The still-scene fine-tune, a second phase of the vae stage (vae/still/, from the first phase's VAE). The VAE
+    # codes frame 0 alone and later frames in 4-frame chunks, and learns two codes for one unchanging scene
+    # (`diagnose --what still-code`: MSE 1.4-2.0 between them), so a video model anchored on latent frame 0 must
+    # translate the anchor before it can carry it. Each step reconstructs `vae_batch` moving and `vae_batch`
+    # still crops (one frame held) and pulls the still crops' later latent frames toward latent frame 0
+    # (detached), with weight `vae_still_weight`. 0 steps: no second phase (the v1-v9 recipe).
+    vae_still_steps: int = 0
+    vae_still_lr: float = 2e-4
+    vae_still_weight: float = 0.1
     # diffusion transformers (flow matching, fvg.families.flow_matching)
     # v8: the 8-layer anchor model's one cosine (v6-v7: 26000 on 4 layers, v4: 18000, v3: 12000, v1: 10000)
     anchor_steps: int = 20000
@@ -57,6 +66,10 @@ class RunSettings:
     # trained fresh: one cosine each (v6's 4-layer anchor model: [12000, 18000]).
     anchor_extended_from: list[int] = field(default_factory=list)
     t2v_extended_from: list[int] = field(default_factory=list)
+    # The share of T2V-stage batches trained anchored (latent frame 0 clean, as the anchor LoRA trains). 0 keeps
+    # the T2V base a plain text-to-video model, the fair baseline; a pilot that measures the video stage alone
+    # without a LoRA stage (the first-frame rung with `--set lora=`) sets 1.
+    t2v_p_anchor: float = 0.0
     warmup_steps: int = 200
     # How the transformer stages draw sigma before Wan's shift (fvg.families.flow_matching.SigmaSampler):
     # "logit_normal" (v3, SD3's choice) puts more of the training on mid noise, where the layout is
@@ -139,9 +152,10 @@ PROFILES: dict[str, Callable[[], RunSettings]] = {"full": RunSettings, "v1": v1_
 # are not compared at all: its tensors are.
 STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "vae": ("vae_clips", "vae_steps", "vae_batch", "vae_frames", "vae_crop", "vae_lr", "vae_kl",
-            "vae_object_weight", "vae_first_frame_weight", "vae_source", "model.vae"),
+            "vae_object_weight", "vae_first_frame_weight", "vae_source", "vae_still_steps", "vae_still_lr",
+            "vae_still_weight", "model.vae"),
     "anchor": ("anchor_steps", "anchor_batch", "anchor_lr", "anchor_extended_from", "model.anchor"),
-    "t2v": ("t2v_steps", "t2v_batch", "t2v_lr", "t2v_extended_from", "model.t2v"),
+    "t2v": ("t2v_steps", "t2v_batch", "t2v_lr", "t2v_extended_from", "t2v_p_anchor", "model.t2v"),
     "lora": ("lora_clips", "lora_steps", "lora_batch", "lora_rank", "lora_lr", "p_anchor", "lora_caption_dropout",
              "lora_sigma_sampling", "lora_sigma_logit_mean"),
 }

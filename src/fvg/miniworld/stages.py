@@ -89,24 +89,79 @@ def _vae_material(out: Path, s: RunSettings, workers: int = 1) -> tuple[np.ndarr
 
 def stage_vae(out: Path, s: RunSettings, resume: bool = False, time_limit: float | None = None,
               device: str = "cpu", workers: int = 1, **_) -> None:
+    """Two phases: the VAE (trained for `vae_steps` from random weights, or copied from `vae_source`) in
+    vae/final, then, with `vae_still_steps`, its still-scene fine-tune in vae/still/final (`trained_vae_dir`)."""
     stage = out / "vae"
     if skip_if_done(out, "vae"):
         return
-    if s.vae_source:
-        _copy_vae(out, s)
-        return
-    clips, backgrounds = _vae_material(out, s, workers)
-    torch.manual_seed(s.seed)
-    vae = models.build_vae(s.model.vae)
+    tick = time.perf_counter()
+    plain = stage / "final"
+    info = {"source": s.vae_source} if s.vae_source else {"steps": s.vae_steps}  # a source as given: it ships
+    if s.vae_source and not (plain / "config.json").is_file():
+        load_trained_vae(s.vae_source, s, "vae_source").save_pretrained(str(plain))
+    clips, backgrounds = None, None
+    if not (plain / "config.json").is_file():
+        clips, backgrounds = _vae_material(out, s, workers)
+        torch.manual_seed(s.seed)
+        vae = models.build_vae(s.model.vae)
+        model, finished = fit(stage, vae, vae_loss(vae, clips, backgrounds, s, still_weight=0.0, device=device),
+                              s.vae_steps, s.vae_lr, s, resume, time_limit, ema=False, device=device)
+        if not finished:
+            return
+        model.save_pretrained(str(plain))
+    if s.vae_still_steps:
+        if clips is None:
+            clips, backgrounds = _vae_material(out, s, workers)
+        from diffusers import AutoencoderKLWan
+
+        left = None if time_limit is None else max(0.0, time_limit - (time.perf_counter() - tick) / 60)
+        vae = AutoencoderKLWan.from_pretrained(str(plain)).train()
+        model, finished = fit(stage / "still", vae, vae_loss(vae, clips, backgrounds, s, s.vae_still_weight, device),
+                              s.vae_still_steps, s.vae_still_lr, s, resume, left, ema=False, device=device)
+        if not finished:
+            return
+        model.save_pretrained(str(stage / "still" / "final"))
+        info["still_steps"] = s.vae_still_steps
+    from diffusers import AutoencoderKLWan
+
+    final = AutoencoderKLWan.from_pretrained(str(trained_vae_dir(out, s))).eval()
+    if clips is None:  # copied and not fine-tuned: measured on the dataset's last clips
+        clips = np.stack([render_clip(r) for r in dataset_rows(out)[-16:]])
+    quality = vae_quality(final, clips[-16:])
+    logs = [read_log(p / "log.jsonl") for p in (stage, stage / "still")]
+    mark_done(stage, {**info, **quality, "devices": logged_devices([r for rows in logs for r in rows])})
+    log.info("vae: done, %s", quality)
+
+
+def trained_vae_dir(out: Path, s: RunSettings) -> Path:
+    """The vae stage's result: the still-scene fine-tune when the recipe has one."""
+    return out / "vae" / ("still/final" if s.vae_still_steps else "final")
+
+
+def vae_loss(vae: torch.nn.Module, clips: np.ndarray, backgrounds: np.ndarray, s: RunSettings, still_weight: float,
+             device: str = "cpu") -> Callable[[int], torch.Tensor]:
+    """The VAE's training loss at a step, drawn from (seed, step): reconstruction of `vae_batch` moving crops
+    (all 17 frames: every cache state the VAE meets at inference), and with `still_weight` also of `vae_batch`
+    still crops, plus their `still_consistency`. Both phases draw from the same stream (salt 0xAE); the still
+    crops are drawn after the moving ones, so a zero weight keeps the first phase's draws."""
     n, frames, crop = len(clips), s.vae_frames, s.vae_crop
 
-    def loss_fn(step: int) -> torch.Tensor:
-        g = generator(s.seed, 0xAE, step)
+    def crops(g: torch.Generator, still: bool) -> tuple[np.ndarray, list[int]]:
         idx = torch.randint(0, n, (s.vae_batch,), generator=g).tolist()
         t0 = torch.randint(0, NUM_FRAMES - frames + 1, (s.vae_batch,), generator=g).tolist()
         ys = torch.randint(0, SIZE - crop + 1, (s.vae_batch,), generator=g).tolist()
         xs = torch.randint(0, SIZE - crop + 1, (s.vae_batch,), generator=g).tolist()
-        batch = np.stack([clips[i, t:t + frames, y:y + crop, x:x + crop] for i, t, y, x in zip(idx, t0, ys, xs)])
+        if still:  # one frame of the clip held for the whole crop
+            return np.stack([np.repeat(clips[i, t:t + 1, y:y + crop, x:x + crop], frames, axis=0)
+                             for i, t, y, x in zip(idx, t0, ys, xs)]), idx
+        return np.stack([clips[i, t:t + frames, y:y + crop, x:x + crop] for i, t, y, x in zip(idx, t0, ys, xs)]), idx
+
+    def loss_fn(step: int) -> torch.Tensor:
+        g = generator(s.seed, 0xAE, step)
+        batch, idx = crops(g, still=False)
+        if still_weight:
+            still, still_idx = crops(g, still=True)
+            batch, idx = np.concatenate([batch, still]), idx + still_idx
         x = to_pixels(batch).to(device)
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
@@ -117,45 +172,50 @@ def stage_vae(out: Path, s: RunSettings, resume: bool = False, time_limit: float
         w[:, :, 0] *= s.vae_first_frame_weight
         err = recon - x
         rec = ((err.pow(2) + err.abs()) * w).mean() / w.mean()
-        return rec + s.vae_kl * posterior.kl().mean()
+        loss = rec + s.vae_kl * posterior.kl().mean()
+        if still_weight:
+            loss = loss + still_weight * still_consistency(posterior.mean[s.vae_batch:])
+        return loss
 
-    model, finished = fit(stage, vae, loss_fn, s.vae_steps, s.vae_lr, s, resume, time_limit, ema=False,
-                          device=device)
-    if not finished:
-        return
-    model.save_pretrained(str(stage / "final"))
-    quality = vae_quality(model, clips[-min(16, n):])
-    mark_done(stage, {"steps": s.vae_steps, **quality, "devices": logged_devices(read_log(stage / "log.jsonl"))})
-    log.info("vae: done, %s", quality)
+    return loss_fn
 
 
-def _copy_vae(out: Path, s: RunSettings) -> None:
-    """The vae stage from an already trained VAE (`vae_source`), measured like a trained one."""
+def still_consistency(mean: torch.Tensor) -> torch.Tensor:
+    """For still crops' posterior means [B, C, F, h, w]: the squared distance of latent frames 1.. from latent
+    frame 0 (detached: the anchor's code is the target, the chunks move to it), per channel in units of that
+    channel's variance over the batch's frame 0 (latents are normalised per channel before the transformers
+    see them; the VAE's statistics are not known while it trains)."""
+    target = mean[:, :, :1].detach()
+    scale = target.var(dim=(0, 2, 3, 4), keepdim=True).clamp_min(1e-6)
+    return ((mean[:, :, 1:] - target).pow(2) / scale).mean()
+
+
+def load_trained_vae(path: str, s: RunSettings, setting: str):
+    """A trained AutoencoderKLWan directory named by `setting`, refused unless its architecture is `model.vae`'s."""
     from diffusers import AutoencoderKLWan
 
-    source = Path(s.vae_source)
+    source = Path(path)
     if not (source / "config.json").is_file():
-        raise FvgError(f"vae_source {source} is not a diffusers AutoencoderKLWan directory (no config.json)")
+        raise FvgError(f"{setting} {source} is not a diffusers AutoencoderKLWan directory (no config.json)")
     vae = AutoencoderKLWan.from_pretrained(str(source)).eval()
     want = models.build_vae(s.model.vae).config
     differ = [k for k in ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample")
               if list(np.atleast_1d(vae.config[k])) != list(np.atleast_1d(want[k]))]
     if differ:
-        raise FvgError(f"vae_source {source} differs from model.vae in {', '.join(differ)}")
-    vae.save_pretrained(str(out / "vae" / "final"))
-    quality = vae_quality(vae, np.stack([render_clip(r) for r in dataset_rows(out)[-16:]]))
-    mark_done(out / "vae", {"source": str(source), **quality})  # as given: the manifest ships it
-    log.info("vae: copied from %s, %s", source, quality)
+        raise FvgError(f"{setting} {source} differs from model.vae in {', '.join(differ)}")
+    return vae
 
 
 @torch.no_grad()
 def vae_quality(vae, clips: np.ndarray) -> dict:
-    """PSNR of full 17-frame clips through encode (mode) + decode, and the share of pixels whose
-    nearest palette colour survives: what the MiniWorld evaluator reads."""
+    """PSNR of full 17-frame clips through encode (mode) + decode, the share of pixels whose nearest
+    palette colour survives (what the MiniWorld evaluator reads), and `still_code`: `still_consistency`
+    of the clips' frame 0 held still (0 when the chunks code a still scene as latent frame 0 does)."""
     from .score import quantize
 
     vae.eval()
     x = to_pixels(clips).to(vae.device)
+    still = vae.encode(x[:, :, :1].expand_as(x).contiguous()).latent_dist.mode()
     recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
     mse = (recon - x).pow(2).mean().item()
     frames = ((recon + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).movedim(1, -1).cpu().numpy()
@@ -164,7 +224,8 @@ def vae_quality(vae, clips: np.ndarray) -> dict:
     objects = want >= 2  # labels 0 and 1 are the two backgrounds
     return {"psnr_db": round(10 * math.log10(4.0 / max(mse, 1e-12)), 2),
             "palette_agreement": round(float(np.mean(got == want)), 5),
-            "object_pixel_agreement": round(float(np.mean(got[objects] == want[objects])), 5)}
+            "object_pixel_agreement": round(float(np.mean(got[objects] == want[objects])), 5),
+            "still_code": round(float(still_consistency(still)), 5)}
 
 
 def text_parts(out: Path, s: RunSettings):
@@ -191,7 +252,7 @@ def stage_latents(out: Path, s: RunSettings, device: str = "cpu", workers: int =
     if skip_if_done(out, "latents", needs=("vae",)):
         return
     lat.mkdir(parents=True, exist_ok=True)
-    vae = AutoencoderKLWan.from_pretrained(str(out / "vae" / "final")).eval().to(device)
+    vae = AutoencoderKLWan.from_pretrained(str(trained_vae_dir(out, s))).eval().to(device)
     rows = dataset_rows(out)
     tick = time.perf_counter()
     # The latents are the training data: full fp32 convolutions on a GPU too (cuDNN's default TF32
@@ -298,7 +359,7 @@ def _train_transformer(out: Path, s: RunSettings, name: str, resume: bool, time_
         drop = torch.rand(batch, generator=g) < s.caption_dropout
         text = sink.pack([data.embeds[0 if d else i] for i, d in zip(text_ids[idx].tolist(), drop.tolist())],
                          data.text_dim)
-        nb = draw_batch(x0, sampler, 0.0, g, patch)
+        nb = draw_batch(x0, sampler, s.t2v_p_anchor if name == "t2v" else 0.0, g, patch)
         pred = model(hidden_states=nb.model_input, timestep=nb.timestep, encoder_hidden_states=text,
                      return_dict=False)[0]
         return masked_flow_loss(pred, nb.target, nb.frame_weight)
