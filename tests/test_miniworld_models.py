@@ -11,6 +11,7 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -651,3 +652,34 @@ def test_reuse_refuses_a_run_that_would_not_have_trained_the_export(tiny_run, tm
     with pytest.raises(FvgError, match="not this run's vae"):
         reuse_stages(retrained, weights, ["t2v"])
     assert not (retrained / "t2v").exists()
+
+
+class _LosslessVae:
+    """A VAE double that returns its input: the VAE rung then measures the evaluator and the MP4 alone."""
+    device, dtype = torch.device("cpu"), torch.float32
+
+    def encode(self, x):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: x))
+
+    def decode(self, z):
+        return SimpleNamespace(sample=z)
+
+
+def test_vae_rung_scores_round_trips_from_mp4_as_the_bench_does(tiny_run, tmp_path, capsys):
+    from fvg.cli import main
+    from fvg.miniworld import diagnose as d
+
+    _, weights = tiny_run
+    lossless = d.vae_rung(_LosslessVae(), seeds=(0, 1), limit=1)
+    assert lossless.videos == 14 and len(lossless.per_category) == 7
+    assert lossless.mean == 1.0  # the rendered rung: the evaluator passes its own clips through the MP4
+    tiny = d.vae_rung(models.load_video_pipeline(weights, lora=False).vae, seeds=(0, 1), limit=1)
+    assert tiny.videos == 14 and tiny.mean < 0.9  # three training steps: a VAE that loses the scene
+    assert tiny.mean == pytest.approx(float(np.mean(list(tiny.per_category.values()))))  # 2 videos per category
+
+    assert main(["miniworld", "diagnose", "--what", "still-code", "--vae", str(weights / "video" / "vae")]) == 0
+    assert capsys.readouterr().out.count("still-code: latent frame") == 4
+    assert main(["miniworld", "diagnose", "--what", "vae-rung", "--vae", str(tmp_path)]) == 2
+    assert "is not a diffusers AutoencoderKLWan directory" in capsys.readouterr().err
+    assert main(["miniworld", "diagnose", "--what", "text", "--vae", str(tmp_path)]) == 2
+    assert "--vae is only for --what still-code and vae-rung" in capsys.readouterr().err

@@ -166,7 +166,8 @@ def diagnose(
                                                             "fit (the T2V base's loss on training against fresh "
                                                             "clips), lost (why a bench's objects are missing at "
                                                             "frame 16; needs --bench), still-code (the VAE's "
-                                                            "latent frame 0 against the later ones)."),
+                                                            "latent frame 0 against the later ones), vae-rung "
+                                                            "(the quality ladder's VAE rung)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Weights root (default: the shipped mini)."),
     run: Optional[Path] = typer.Option(None, "--run", help="noise: a training run's anchor model (its final "
                                                           "weights, else the latest checkpoint) instead of --weights."),
@@ -175,16 +176,22 @@ def diagnose(
     lora: Optional[str] = typer.Option(None, "--lora", help="video-noise: an anchor LoRA file instead of the "
                                                            "weights' own, or 'none' for the base model alone."),
     bench: Optional[Path] = typer.Option(None, "--bench", help="lost: an `fvg bench mini --out` folder."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="still-code, vae-rung: an AutoencoderKLWan directory "
+                                                          "(e.g. a run's vae/still/final) instead of the weights' "
+                                                          "VAE. still-code normalises by its latents_mean/std: "
+                                                          "a run's latents/vae has them measured."),
 ):
     """Measurements behind the mini recipe (docs/miniworld.md, v2 diagnosis)."""
     from . import diagnose as d
 
     parts = [w.strip() for w in what.split(",") if w.strip()]
     unknown = sorted(set(parts) - {"text", "padding", "patch", "noise", "video-noise", "fit", "lost",
-                                   "still-code"})
+                                   "still-code", "vae-rung"})
     if unknown or not parts:
         raise FvgError(f"unknown measurement(s) {', '.join(unknown) or '(none)'}: "
-                       "choose from text, padding, patch, noise, video-noise, fit, lost, still-code")
+                       "choose from text, padding, patch, noise, video-noise, fit, lost, still-code, vae-rung")
+    if vae is not None and not {"still-code", "vae-rung"} & set(parts):
+        raise FvgError("--vae is only for --what still-code and vae-rung")
     if ("lost" in parts) != (bench is not None):
         raise FvgError("--what lost needs --bench DIR, and --bench is only for --what lost")
     if lora not in (None, "none") and not Path(lora).is_file():
@@ -232,10 +239,28 @@ def diagnose(
                        + (f" ({', '.join(f'{k} {n}' for k, n in r.reasons.items())})" if missing else "")
                        + (f"; found at frames {'/'.join(map(str, r.found))}: "
                           + " ".join(f"{v:.2f}" for v in r.found.values()) if r.found else ""))
+    the_vae = None
+    if {"still-code", "vae-rung"} & set(parts):
+        the_vae = _vae(vae) if vae is not None else _video_pipeline(weights, "none").vae
     if "still-code" in parts:
-        for c in d.still_code(_video_pipeline(weights, "none").vae):
+        for c in d.still_code(the_vae):
             typer.echo(f"still-code: latent frame {c.frame} against latent frame 0 of still clips: "
                        f"MSE {c.mse:.3f}, a per-pixel linear map explains R^2 {c.linear_r2:.3f}")
+
+
+    if "vae-rung" in parts:
+        r = d.vae_rung(the_vae)
+        typer.echo(f"vae-rung: {r.mean:.4f} over {r.videos} videos ("
+                   + ", ".join(f"{k} {v:.3f}" for k, v in r.per_category.items()) + ")")
+
+
+def _vae(path: Path):
+    """An AutoencoderKLWan directory, refused in one line when it is not one."""
+    from diffusers import AutoencoderKLWan
+
+    if not (path / "config.json").is_file():
+        raise FvgError(f"--vae {path} is not a diffusers AutoencoderKLWan directory (no config.json)")
+    return AutoencoderKLWan.from_pretrained(str(path)).eval()
 
 
 def _video_pipeline(weights: Optional[Path], lora: Optional[str]):

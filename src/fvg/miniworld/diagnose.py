@@ -31,6 +31,10 @@
   in the later latent frames (4-frame chunks)? Still clips are encoded; each later latent frame is compared
   with latent frame 0 (mean squared difference, and the share a per-pixel affine map explains). Where they
   differ, an anchored video model must translate the anchor's code before it can carry an object forward.
+* `vae-rung`: the quality ladder's VAE rung for any VAE (`--vae DIR`, e.g. a run's vae/still/final), without
+  a bench: MiniCompBench's reference clips, seeds 0, 1 and 2, encoded (posterior mode), decoded, written as
+  MP4 and scored from the files, as `fvg bench mini` scores that rung. The screen for a VAE recipe: a VAE
+  that loses here caps every rung below it.
 * `padding`: the share of a denoising step spent on WanPipeline's 512-token zero padding (one CFG
   step, batch 2, of each shipped transformer, 512 against 32 text tokens).
 """
@@ -426,3 +430,34 @@ def still_code(vae, clips: int = 64, seed: int = 777) -> list[StillCode]:
         r2 = 1 - float((fit - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
         out.append(StillCode(k, float((z[:, :, k] - z[:, :, 0]).pow(2).mean()), r2))
     return out
+
+
+@dataclass
+class VaeRung:
+    mean: float  # the MiniWorld score over every (prompt, seed)
+    per_category: dict[str, float]
+    videos: int
+
+
+def vae_rung(vae, seeds: tuple[int, ...] = (0, 1, 2), limit: int | None = None) -> VaeRung:
+    """The quality ladder's VAE rung (`fvg.eval.bench`'s `vae` videos) for `vae`: each MiniCompBench prompt's
+    reference clip per seed (the first `limit` prompts per category; all: the bench's), round-tripped, written
+    as an MP4 (its compression is part of what the bench scores) and scored from the file."""
+    import tempfile
+
+    from fvg.io import write_mp4
+
+    from .render import reference_clip
+    from .score import score_video
+    from .spec import FPS
+    from .suite import load_suite
+
+    by_category: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for item in load_suite():
+            for seed in seeds if limit is None or item.index <= limit else ():
+                path = Path(tmp) / f"{item.category}-{item.index}-{seed}.mp4"
+                write_mp4(path, models.vae_round_trip(vae, reference_clip(item.prompt, seed)), fps=FPS)
+                by_category.setdefault(item.category, []).append(score_video(item.prompt, path).score)
+    scores = [s for v in by_category.values() for s in v]
+    return VaeRung(float(np.mean(scores)), {c: float(np.mean(v)) for c, v in by_category.items()}, len(scores))

@@ -67,10 +67,10 @@ def reuse_stages(out: str | Path, weights: str | Path | None, names: list[str]) 
         stage = out / name
         if stage.exists() and any(stage.iterdir()):
             raise FvgError(f"{stage} is not empty: remove it to reuse the export's {name}")
-    own_vae = {name: name == "anchor" and not _same_tensors(out / "latents" / "vae", weights / PIPELINES[name] / "vae")
-               for name in names if name in PIPELINES}
-    for name in own_vae:
-        _check_frozen_parts(out, weights / PIPELINES[name], vae=not own_vae[name])
+    same_vae = {name: _same_tensors(out / "latents" / "vae", weights / PIPELINES[name] / "vae")
+                for name in names if name in PIPELINES}
+    for name, same in same_vae.items():
+        _check_frozen_parts(out, weights / PIPELINES[name], same_vae=same, own_vae_allowed=name == "anchor")
     for name in names:
         if name == "lora":
             target = out / "lora" / "lora" / models.LORA_FILE
@@ -80,7 +80,7 @@ def reuse_stages(out: str | Path, weights: str | Path | None, names: list[str]) 
             pipeline = weights / PIPELINES[name]
             _copy_tree(pipeline / "transformer", out / name / "final")
             _copy_tree(pipeline, out / "pipelines" / PIPELINES[name])
-        own = {"vae": "the export's anchor VAE"} if own_vae.get(name) else {}
+        own = {"vae": "the export's anchor VAE"} if not same_vae.get(name, True) else {}
         mark_done(out / name, {**manifest["stages"][name], "reused_from": source, **own})
         log.info("%s: reused from %s", name, weights)
     return names
@@ -118,19 +118,20 @@ def _same_tensors(a: Path, b: Path) -> bool:
     return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def _check_frozen_parts(out: Path, pipeline: Path, vae: bool = True) -> None:
-    """Refuse a reused pipeline whose text encoder or tokenizer (and, with `vae`, VAE and latent statistics)
-    are not the run's."""
-    parts = (("vae",) if vae else ()) + ("text_encoder",)
-    for part in parts:
-        if not _same_tensors(out / "latents" / part, pipeline / part):
+def _check_frozen_parts(out: Path, pipeline: Path, same_vae: bool, own_vae_allowed: bool) -> None:
+    """Refuse a reused pipeline whose text encoder or tokenizer are not the run's, or whose VAE (`same_vae`:
+    compared by the caller) is not, unless `own_vae_allowed`: the anchor's output reaches the video model as an
+    image, so it keeps the VAE it learnt on. A shared VAE must also share the latent statistics."""
+    for part, same in (("vae", same_vae or own_vae_allowed),
+                       ("text_encoder", _same_tensors(out / "latents" / "text_encoder", pipeline / "text_encoder"))):
+        if not same:
             raise FvgError(f"{pipeline / part} is not this run's {part} ({out / 'latents' / part}): the reused "
                            "model learnt on another one")
     vocab = [read_json_object(p / "tokenizer.json", "tokenizer file")["model"]["vocab"]
              for p in (out / "latents" / "tokenizer", pipeline / "tokenizer")]
     if vocab[0] != vocab[1]:
         raise FvgError(f"{pipeline / 'tokenizer'} is not this run's tokenizer")
-    if vae:
+    if same_vae:
         _check_statistics(out, pipeline)
 
 

@@ -91,43 +91,42 @@ def stage_vae(out: Path, s: RunSettings, resume: bool = False, time_limit: float
               device: str = "cpu", workers: int = 1, **_) -> None:
     """Two phases: the VAE (trained for `vae_steps` from random weights, or copied from `vae_source`) in
     vae/final, then, with `vae_still_steps`, its still-scene fine-tune in vae/still/final (`trained_vae_dir`)."""
+    from diffusers import AutoencoderKLWan
+
     stage = out / "vae"
     if skip_if_done(out, "vae"):
         return
     tick = time.perf_counter()
     plain = stage / "final"
     info = {"source": s.vae_source} if s.vae_source else {"steps": s.vae_steps}  # a source as given: it ships
+    vae, clips, backgrounds = None, None, None
     if s.vae_source and not (plain / "config.json").is_file():
-        load_trained_vae(s.vae_source, s, "vae_source").save_pretrained(str(plain))
-    clips, backgrounds = None, None
+        vae = load_trained_vae(s.vae_source, s, "vae_source")
+        vae.save_pretrained(str(plain))
     if not (plain / "config.json").is_file():
         clips, backgrounds = _vae_material(out, s, workers)
         torch.manual_seed(s.seed)
         vae = models.build_vae(s.model.vae)
-        model, finished = fit(stage, vae, vae_loss(vae, clips, backgrounds, s, still_weight=0.0, device=device),
-                              s.vae_steps, s.vae_lr, s, resume, time_limit, ema=False, device=device)
+        vae, finished = fit(stage, vae, vae_loss(vae, clips, backgrounds, s, still_weight=0.0, device=device),
+                            s.vae_steps, s.vae_lr, s, resume, time_limit, ema=False, device=device)
         if not finished:
             return
-        model.save_pretrained(str(plain))
+        vae.save_pretrained(str(plain))
+    if vae is None:  # the first phase finished in an earlier run
+        vae = AutoencoderKLWan.from_pretrained(str(plain))
     if s.vae_still_steps:
         if clips is None:
             clips, backgrounds = _vae_material(out, s, workers)
-        from diffusers import AutoencoderKLWan
-
         left = None if time_limit is None else max(0.0, time_limit - (time.perf_counter() - tick) / 60)
-        vae = AutoencoderKLWan.from_pretrained(str(plain)).train()
-        model, finished = fit(stage / "still", vae, vae_loss(vae, clips, backgrounds, s, s.vae_still_weight, device),
-                              s.vae_still_steps, s.vae_still_lr, s, resume, left, ema=False, device=device)
+        vae, finished = fit(stage / "still", vae, vae_loss(vae, clips, backgrounds, s, s.vae_still_weight, device),
+                            s.vae_still_steps, s.vae_still_lr, s, resume, left, ema=False, device=device)
         if not finished:
             return
-        model.save_pretrained(str(stage / "still" / "final"))
+        vae.save_pretrained(str(stage / "still" / "final"))
         info["still_steps"] = s.vae_still_steps
-    from diffusers import AutoencoderKLWan
-
-    final = AutoencoderKLWan.from_pretrained(str(trained_vae_dir(out, s))).eval()
     if clips is None:  # copied and not fine-tuned: measured on the dataset's last clips
         clips = np.stack([render_clip(r) for r in dataset_rows(out)[-16:]])
-    quality = vae_quality(final, clips[-16:])
+    quality = vae_quality(vae, clips[-16:])
     logs = [read_log(p / "log.jsonl") for p in (stage, stage / "still")]
     mark_done(stage, {**info, **quality, "devices": logged_devices([r for rows in logs for r in rows])})
     log.info("vae: done, %s", quality)
