@@ -243,6 +243,20 @@ def rendered_clip(item, seed: int) -> np.ndarray:
     return reference_clip(item.prompt, seed)
 
 
+def vae_round_trip(vae, frames: np.ndarray) -> np.ndarray:
+    """frames [T, H, W, 3] uint8 -> the VAE's encode (posterior mode) + decode, uint8 (the quality ladder's VAE
+    rung)."""
+    import torch
+
+    from fvg.io import to_uint8
+
+    x = torch.from_numpy(frames).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
+    with torch.no_grad():
+        x = x.to(vae.device, vae.dtype)
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    return to_uint8(((y[0].permute(1, 2, 3, 0).float().cpu().numpy() + 1) / 2))
+
+
 def learned_anchor(pipe, out: Path, factorized: str | None, item, seed: int):
     """The anchor factorized mode made for (prompt, seed): read back from its run's records when that
     configuration ran (the very image its videos started from), else made the same way."""
@@ -274,7 +288,6 @@ def make_ladder_videos(pipe, out: Path, suite, seeds: list[int], steps: int, fac
     from PIL import Image
 
     from fvg.io import mp4_is_valid, write_mp4
-    from fvg.miniworld import models
 
     fps, frames_n = pipe.preset.fps, pipe.preset.num_frames
     made = []
@@ -288,7 +301,7 @@ def make_ladder_videos(pipe, out: Path, suite, seeds: list[int], steps: int, fac
                     if rung == RENDERED:
                         frames = rendered_clip(item, seed)
                     elif rung == VAE_ROUND_TRIP:
-                        frames = models.vae_round_trip(pipe.video_pipe.vae, rendered_clip(item, seed))
+                        frames = vae_round_trip(pipe.video_pipe.vae, rendered_clip(item, seed))
                     elif rung == ANCHOR_STILLS:
                         anchor = np.asarray(learned_anchor(pipe, out, factorized, item, seed))
                         frames = np.repeat(anchor[None], frames_n, axis=0)

@@ -445,6 +445,7 @@ def vae_rung(vae, seeds: tuple[int, ...] = (0, 1, 2), limit: int | None = None) 
     as an MP4 (its compression is part of what the bench scores) and scored from the file."""
     import tempfile
 
+    from fvg.eval.bench import vae_round_trip
     from fvg.io import write_mp4
 
     from .render import reference_clip
@@ -457,7 +458,7 @@ def vae_rung(vae, seeds: tuple[int, ...] = (0, 1, 2), limit: int | None = None) 
         for item in load_suite():
             for seed in seeds if limit is None or item.index <= limit else ():
                 path = Path(tmp) / f"{item.category}-{item.index}-{seed}.mp4"
-                write_mp4(path, models.vae_round_trip(vae, reference_clip(item.prompt, seed)), fps=FPS)
+                write_mp4(path, vae_round_trip(vae, reference_clip(item.prompt, seed)), fps=FPS)
                 by_category.setdefault(item.category, []).append(score_video(item.prompt, path).score)
     scores = [s for v in by_category.values() for s in v]
     return VaeRung(float(np.mean(scores)), {c: float(np.mean(v)) for c, v in by_category.items()}, len(scores))

@@ -26,10 +26,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from fvg.io import FvgError, to_uint8
+from fvg.io import FvgError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights" / "mini"
 VIDEO_SUBDIR = "video"
@@ -241,16 +240,6 @@ def assemble_pipeline(tokenizer, text_encoder, vae, transformer, flow_shift: flo
 
 
 # -- the shipped weights --------------------------------------------------------------------------
-
-def vae_round_trip(vae, frames: np.ndarray) -> np.ndarray:
-    """frames [T, H, W, 3] uint8 -> the VAE's encode (posterior mode) + decode, uint8 (the quality ladder's VAE
-    rung)."""
-    x = torch.from_numpy(frames).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
-    with torch.no_grad():
-        x = x.to(vae.device, vae.dtype)
-        y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-    return to_uint8(((y[0].permute(1, 2, 3, 0).float().cpu().numpy() + 1) / 2))
-
 
 def weights_dir() -> Path:
     return WEIGHTS_DIR
