@@ -241,26 +241,17 @@ def diagnose(
                           + " ".join(f"{v:.2f}" for v in r.found.values()) if r.found else ""))
     the_vae = None
     if {"still-code", "vae-rung"} & set(parts):
-        the_vae = _vae(vae) if vae is not None else _video_pipeline(weights, "none").vae
+        from .stages import load_vae_dir
+
+        the_vae = load_vae_dir(vae, "--vae") if vae is not None else _video_pipeline(weights, "none").vae
     if "still-code" in parts:
         for c in d.still_code(the_vae):
             typer.echo(f"still-code: latent frame {c.frame} against latent frame 0 of still clips: "
                        f"MSE {c.mse:.3f}, a per-pixel linear map explains R^2 {c.linear_r2:.3f}")
-
-
     if "vae-rung" in parts:
         r = d.vae_rung(the_vae)
         typer.echo(f"vae-rung: {r.mean:.4f} over {r.videos} videos ("
                    + ", ".join(f"{k} {v:.3f}" for k, v in r.per_category.items()) + ")")
-
-
-def _vae(path: Path):
-    """An AutoencoderKLWan directory, refused in one line when it is not one."""
-    from diffusers import AutoencoderKLWan
-
-    if not (path / "config.json").is_file():
-        raise FvgError(f"--vae {path} is not a diffusers AutoencoderKLWan directory (no config.json)")
-    return AutoencoderKLWan.from_pretrained(str(path)).eval()
 
 
 def _video_pipeline(weights: Optional[Path], lora: Optional[str]):

@@ -91,8 +91,6 @@ def stage_vae(out: Path, s: RunSettings, resume: bool = False, time_limit: float
               device: str = "cpu", workers: int = 1, **_) -> None:
     """Two phases: the VAE (trained for `vae_steps` from random weights, or copied from `vae_source`) in
     vae/final, then, with `vae_still_steps`, its still-scene fine-tune in vae/still/final (`trained_vae_dir`)."""
-    from diffusers import AutoencoderKLWan
-
     stage = out / "vae"
     if skip_if_done(out, "vae"):
         return
@@ -113,7 +111,7 @@ def stage_vae(out: Path, s: RunSettings, resume: bool = False, time_limit: float
             return
         vae.save_pretrained(str(plain))
     if vae is None:  # the first phase finished in an earlier run
-        vae = AutoencoderKLWan.from_pretrained(str(plain))
+        vae = load_vae_dir(plain, "vae/final")
     if s.vae_still_steps:
         if clips is None:
             clips, backgrounds = _vae_material(out, s, workers)
@@ -191,18 +189,23 @@ def still_consistency(mean: torch.Tensor) -> torch.Tensor:
 
 def load_trained_vae(path: str, s: RunSettings, setting: str):
     """A trained AutoencoderKLWan directory named by `setting`, refused unless its architecture is `model.vae`'s."""
-    from diffusers import AutoencoderKLWan
-
     source = Path(path)
-    if not (source / "config.json").is_file():
-        raise FvgError(f"{setting} {source} is not a diffusers AutoencoderKLWan directory (no config.json)")
-    vae = AutoencoderKLWan.from_pretrained(str(source)).eval()
+    vae = load_vae_dir(source, setting)
     want = models.build_vae(s.model.vae).config
     differ = [k for k in ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample")
               if list(np.atleast_1d(vae.config[k])) != list(np.atleast_1d(want[k]))]
     if differ:
         raise FvgError(f"{setting} {source} differs from model.vae in {', '.join(differ)}")
     return vae
+
+
+def load_vae_dir(path: str | Path, what: str):
+    """An AutoencoderKLWan directory (`what` names where it came from), refused in one line when it is not one."""
+    from diffusers import AutoencoderKLWan
+
+    if not (Path(path) / "config.json").is_file():
+        raise FvgError(f"{what} {path} is not a diffusers AutoencoderKLWan directory (no config.json)")
+    return AutoencoderKLWan.from_pretrained(str(path)).eval()
 
 
 @torch.no_grad()
