@@ -29,6 +29,31 @@ def test_autopipeline_loads_qwen_image_and_keeps_every_candidate(qwen_image_dir)
     np.testing.assert_array_equal(np.asarray(again.image), np.asarray(result.candidates[1].image))
 
 
+def test_loader_follows_the_dir_and_a_video_pipeline_skips_the_auto_tables(qwen_image_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    wan_dir = tmp_path / "one-frame-wan"
+    wan_dir.mkdir()
+    (wan_dir / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    other_dir = tmp_path / "not-in-the-tables"
+    other_dir.mkdir()
+    (other_dir / "model_index.json").write_text(json.dumps({"_class_name": "QwenImageEditPipeline"}))
+    probe = (
+        "import sys\n"
+        "from fvg.anchor import _pipeline_loader\n"
+        "names = [_pipeline_loader(p).__name__ for p in sys.argv[1:]]\n"
+        "print(*names, 'diffusers.pipelines.auto_pipeline' in sys.modules)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", probe, str(wan_dir)], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["DiffusionPipeline", "False"]
+    run = subprocess.run([sys.executable, "-c", probe, str(qwen_image_dir), str(other_dir), "some-org/some-model"],
+                         capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["AutoPipelineForText2Image", "DiffusionPipeline", "AutoPipelineForText2Image",
+                                  "True"]
+
+
 def test_candidate_selection_is_validated(qwen_image_dir):
     source = DiffusersAnchorSource.from_pretrained(str(qwen_image_dir), dtype=None, steps=1)
     with pytest.raises(FvgError, match="out of range"):

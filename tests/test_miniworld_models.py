@@ -247,13 +247,19 @@ def test_missing_weights_explain_how_to_train(tmp_path):
         models.require_weights(tmp_path)
 
 
-def test_cli_dataset_and_unknown_stage(tmp_path):
+def test_cli_dataset_and_unknown_stage(tmp_path, capsys):
     from fvg.cli import main
 
     assert main(["miniworld", "dataset", "--out", str(tmp_path / "d"), "--clips", "3", "--seed", "1"]) == 0
     rows = (tmp_path / "d" / "metadata.jsonl").read_text().splitlines()
     assert len(rows) == 3 and (tmp_path / "d" / json.loads(rows[0])["video"]).is_file()
     assert main(["miniworld", "train", "--out", str(tmp_path / "r"), "--stage", "nope"]) == 2
+    # a later stage or the status of a folder that is no run: one line, and no folder left behind
+    capsys.readouterr()
+    assert main(["miniworld", "train", "--out", str(tmp_path / "r"), "--stage", "t2v", "--resume"]) == 2
+    assert main(["miniworld", "status", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.count("is not a mini training run (no settings.json)") == 2
+    assert not (tmp_path / "r").exists()
 
 
 def test_padding_sink_matches_full_padding():

@@ -82,20 +82,34 @@ class FileAnchorSource:
         return AnchorResult([AnchorCandidate(image, None)], source="file", model=str(path))
 
 
-def _is_video_pipeline_dir(model_id: str) -> bool:
-    """A local diffusers dir whose pipeline class AutoPipelineForText2Image cannot resolve (e.g. WanPipeline)."""
+def _pipeline_loader(model_id: str):
+    """`DiffusionPipeline` for a local diffusers dir whose pipeline class AutoPipelineForText2Image cannot
+    resolve (MiniWorld's anchor model, a one-frame WanPipeline), else `AutoPipelineForText2Image`.
+
+    A video pipeline (its `__call__` takes `num_frames`) is recognised by its own class, so the mini preset
+    never imports diffusers' auto-pipeline tables (about 1 s of every `fvg generate`, which loads a dozen
+    pipeline modules it does not use); other names are looked up in those tables."""
     import json
 
+    import diffusers
+
     index = Path(model_id) / "model_index.json"
-    if not index.is_file():
-        return False
-    try:
-        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-    except (OSError, ValueError):
-        return False
+    name = ""
+    if index.is_file():
+        try:
+            name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+        except (OSError, ValueError):
+            name = ""
+    if not name:
+        return diffusers.AutoPipelineForText2Image
+    named = getattr(diffusers, name, None)
+    if named is not None and "num_frames" in inspect.signature(named.__call__).parameters:
+        return diffusers.DiffusionPipeline
     from diffusers.pipelines.auto_pipeline import AUTO_TEXT2IMAGE_PIPELINES_MAPPING
 
-    return name not in {cls.__name__ for cls in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.values()}
+    if name in {cls.__name__ for cls in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.values()}:
+        return diffusers.AutoPipelineForText2Image
+    return diffusers.DiffusionPipeline
 
 
 @dataclass(frozen=True)
@@ -150,13 +164,9 @@ class DiffusersAnchorSource:
                         storage=None, **kwargs) -> "DiffusersAnchorSource":
         """`storage` (`fvg.weight_storage.WeightStorage`): `--quantize` quantizes the T2I transformer and
         text encoder while loading, `--weights fp8` stores the transformer in fp8 (no GGUF here)."""
-        from diffusers import AutoPipelineForText2Image, DiffusionPipeline
-
         from fvg.weight_storage import from_pretrained_arguments, store_denoisers_in_fp8
 
-        # AutoPipelineForText2Image does not know video pipelines: a local one-frame Wan model
-        # (MiniWorld's anchor model, a WanPipeline dir) loads as what its model_index.json names.
-        loader = DiffusionPipeline if _is_video_pipeline_dir(model_id) else AutoPipelineForText2Image
+        loader = _pipeline_loader(model_id)
         pipe = load_or_explain(loader.from_pretrained, model_id, dtype=dtype,
                                **from_pretrained_arguments(storage and storage.for_anchor(), model_id, dtype))
         if storage is not None and storage.weights == "fp8":

@@ -112,6 +112,8 @@ def status(out: Path = typer.Option(Path("runs/mini"), "--out", "-o")):
     from .loop import read_log
     from .train import STAGES
 
+    if not (out / "settings.json").is_file():
+        raise FvgError(f"{out} is not a mini training run (no settings.json)")
     for name in STAGES:
         done = out / name / "DONE.json"
         if done.is_file():
