@@ -99,7 +99,7 @@ def _pipeline_loader(model_id: str):
         try:
             name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
         except (OSError, ValueError):
-            name = ""
+            pass  # unreadable: treated as a hub id
     if not name:
         return diffusers.AutoPipelineForText2Image
     named = getattr(diffusers, name, None)

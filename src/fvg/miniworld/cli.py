@@ -110,10 +110,10 @@ def status(out: Path = typer.Option(Path("runs/mini"), "--out", "-o")):
     import json
 
     from .loop import read_log
+    from .settings import require_run
     from .train import STAGES
 
-    if not (out / "settings.json").is_file():
-        raise FvgError(f"{out} is not a mini training run (no settings.json)")
+    require_run(out)
     for name in STAGES:
         done = out / name / "DONE.json"
         if done.is_file():

@@ -195,6 +195,13 @@ def _apply(settings: RunSettings, overrides: dict) -> RunSettings:
     return RunSettings.from_dict(d)
 
 
+def require_run(out: Path, hint: str = "") -> None:
+    """Refuse, in one line, a folder that is no mini training run (no settings.json): a mistyped --out would
+    otherwise be created, or read as a run with nothing done."""
+    if not (Path(out) / "settings.json").is_file():
+        raise FvgError(f"{out} is not a mini training run (no settings.json){hint}")
+
+
 def load_settings(out: Path, profile: str | None = None, overrides: dict | None = None) -> RunSettings:
     """The run's settings: RUN/settings.json if it exists (the profile it was made with wins), else the
     profile's defaults; `overrides` (dotted keys, e.g. `t2v_steps` or `model.flow_shift`) are applied

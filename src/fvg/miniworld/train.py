@@ -45,7 +45,7 @@ import torch
 from fvg.io import FvgError
 
 from .loop import done
-from .settings import load_settings
+from .settings import load_settings, require_run
 from .stages import (
     stage_anchor, stage_data, stage_export, stage_latents, stage_lora, stage_t2v, stage_vae,
 )
@@ -117,10 +117,8 @@ def run(out: str | Path, stage: str = "all", resume: bool = False, profile: str 
         raise FvgError(f"--workers must be a whole number of at least 1, got {workers}")
     validate_device(device)
     out = Path(out)
-    if stage not in ("all", "data") and not (out / "settings.json").is_file():
-        # a mistyped --out would otherwise leave a new folder behind and blame a missing stage
-        raise FvgError(f"{out} is not a mini training run (no settings.json): start one with "
-                       f"`fvg miniworld train --out {out}` (all stages) or `--stage data`")
+    if stage not in ("all", "data"):
+        require_run(out, hint=f": start one with `fvg miniworld train --out {out}` (all stages) or `--stage data`")
     settings = load_settings(out, profile, overrides)
     todo = STAGES if stage == "all" else (stage,)
     deadline = None if time_limit is None else time.perf_counter() + time_limit * 60
