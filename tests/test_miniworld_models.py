@@ -262,6 +262,27 @@ def test_cli_dataset_and_unknown_stage(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_status_reports_done_stages_loss_logs_and_lora_checkpoints(tmp_path, capsys):
+    from fvg.cli import main
+    from fvg.train.trainer import STATE_FILE
+
+    run = tmp_path / "r"
+    settings.load_settings(run, "tiny", {})
+    loop.mark_done(run / "data", {"clips": 3})
+    (run / "vae").mkdir()
+    (run / "vae" / "log.jsonl").write_text(json.dumps({"step": 7, "loss": 0.25, "elapsed_s": 12.0}) + "\n")
+    for step in (2, 10):  # the later one only counts once its trainer state is written
+        (run / "lora" / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+    (run / "lora" / "checkpoints" / "step_000002" / STATE_FILE).write_text("{}")
+    capsys.readouterr()
+    assert main(["miniworld", "status", "--out", str(run)]) == 0
+    lines = {line.split()[0]: line.split(None, 1)[1] for line in capsys.readouterr().out.splitlines()}
+    assert lines["data"].startswith("done") and "'clips': 3" in lines["data"]
+    assert lines["vae"] == "step 7 loss 0.2500 after 12 s"
+    assert lines["lora"].startswith("checkpoint step_000002")
+    assert lines["t2v"] == "-" and lines["export"] == "-"
+
+
 def test_padding_sink_matches_full_padding():
     """Training packs text to its longest prompt + 1 with a logit bias: the same outputs as 512 zeros."""
     torch.manual_seed(0)

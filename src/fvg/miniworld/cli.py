@@ -107,22 +107,26 @@ def reuse(
 @miniworld_app.command()
 def status(out: Path = typer.Option(Path("runs/mini"), "--out", "-o")):
     """Which stages of a run are complete, and where the unfinished one stands."""
-    import json
+    from fvg.train.trainer import checkpoint_dirs
 
-    from .loop import read_log
+    from .loop import done_info, read_log
     from .settings import require_run
     from .train import STAGES
 
     require_run(out)
     for name in STAGES:
-        done = out / name / "DONE.json"
-        if done.is_file():
-            typer.echo(f"{name:8s} done   {json.loads(done.read_text())}")
+        info = done_info(out / name)
+        if info is not None:
+            typer.echo(f"{name:8s} done   {info}")
             continue
         rows = read_log(out / name / "log.jsonl")
+        # the LoRA stage is `fvg train`, which keeps no loss log here, only its resumable checkpoints
+        lora_checkpoints = checkpoint_dirs(out / name)
         if rows:
             r = rows[-1]
             typer.echo(f"{name:8s} step {r['step']} loss {r['loss']:.4f} after {r['elapsed_s']:.0f} s")
+        elif lora_checkpoints:
+            typer.echo(f"{name:8s} checkpoint {lora_checkpoints[-1].name} (resume with --resume)")
         else:
             typer.echo(f"{name:8s} -")
 

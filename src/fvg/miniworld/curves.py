@@ -165,7 +165,7 @@ def run_anchor_pipeline(out: str | Path):
     if done(out / "anchor") and (out / "anchor" / "final" / "config.json").is_file() and \
             models.is_pipeline_dir(assembled):
         return WanPipeline.from_pretrained(str(assembled)), load_settings(out).anchor_steps
-    if not (out / "latents" / "DONE.json").is_file():
+    if not done(out / "latents"):
         raise FvgError(f"{out}: the latents stage is not complete (the anchor model needs its text encoder and VAE)")
     s = load_settings(out)
     tokenizer, encoder = text_parts(out, s)
