@@ -120,13 +120,11 @@ def status(out: Path = typer.Option(Path("runs/mini"), "--out", "-o")):
             typer.echo(f"{name:8s} done   {info}")
             continue
         rows = read_log(out / name / "log.jsonl")
-        # the LoRA stage is `fvg train`, which keeps no loss log here, only its resumable checkpoints
-        lora_checkpoints = checkpoint_dirs(out / name)
         if rows:
             r = rows[-1]
             typer.echo(f"{name:8s} step {r['step']} loss {r['loss']:.4f} after {r['elapsed_s']:.0f} s")
-        elif lora_checkpoints:
-            typer.echo(f"{name:8s} checkpoint {lora_checkpoints[-1].name} (resume with --resume)")
+        elif checkpoints := checkpoint_dirs(out / name):  # the lora stage (`fvg train`) keeps no loss log here
+            typer.echo(f"{name:8s} checkpoint {checkpoints[-1].name} (resume with --resume)")
         else:
             typer.echo(f"{name:8s} -")
 
