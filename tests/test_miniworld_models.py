@@ -158,10 +158,17 @@ def test_settings_overrides_persist_and_reject_unknown_keys(tmp_path):
 
 # -- the recipe end to end ----------------------------------------------------------------------------
 
-def test_all_stages_complete_and_write_curves(tiny_run):
-    out, _ = tiny_run
+def test_all_stages_complete_and_write_curves(tiny_run, capsys):
+    from fvg.cli import main
+
+    out, weights = tiny_run
     for name in ("data", "vae", "latents", "anchor", "t2v", "lora"):
         assert (out / name / "DONE.json").is_file(), name
+    export = loop.done_info(out / "export")  # where the weights went, though --weights-dir put them elsewhere
+    assert export["weights_dir"] == str(weights) and export["bytes"] == models.shipped_size(weights)
+    capsys.readouterr()
+    assert main(["miniworld", "status", "--out", str(out)]) == 0
+    assert f"'weights_dir': '{weights}'" in capsys.readouterr().out.splitlines()[-1]
     assert "stage anchor:" in (out / "anchor.stage.log").read_text()  # the anchor stage ran beside t2v
     for name in ("vae", "anchor", "t2v"):
         rows = loop.read_log(out / name / "log.jsonl")

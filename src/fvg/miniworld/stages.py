@@ -490,5 +490,8 @@ def stage_export(out: Path, s: RunSettings, weights_dir: str | Path | None = Non
     if target.exists():
         shutil.rmtree(target)
     os.replace(staging, target)
+    # Recorded in the run folder too, so `fvg miniworld status` says where a run's weights went (`--weights-dir`
+    # may put them anywhere). Not a skip marker: `all` exports again each time, the copy is cheap.
+    mark_done(out / "export", {"weights_dir": str(target), "bytes": size})
     log.info("export: %s (%.1f MB)", target, size / 2**20)
     return target

@@ -145,6 +145,6 @@ def run(out: str | Path, stage: str = "all", resume: bool = False, profile: str 
             side = None
             if not done(out / "anchor"):
                 return  # stopped by the time limit
-        if name not in ("export",) and not done(out / name):
+        if not done(out / name):
             return  # stopped by the time limit
         log.info("stage %s: %.0f s", name, time.perf_counter() - tick)
