@@ -158,6 +158,61 @@ def test_two_experts_switch_at_the_boundary_with_anchor(components, anchor_image
     assert torch.equal(latents[:, :, :1], pipe.encode_anchor(anchor_image, 32, 32))
 
 
+def _record_inputs(transformer):
+    seen = []
+
+    def hook(_module, args, kwargs):
+        seen.append((kwargs["hidden_states"].detach().clone(), kwargs["timestep"].detach().clone()))
+
+    return seen, transformer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("strength", [0.5, 0.8])
+def test_still_start_noises_the_still_anchor_as_stock_video_to_video(components, anchor_image, strength):
+    """The still start's first model input is diffusers' video-to-video start for the anchor held still, with
+    frame 0 pinned to the clean anchor; it runs the same later timesteps."""
+    from diffusers import WanVideoToVideoPipeline
+
+    ours = AnchoredWanPipeline(**components)
+    seen, handle = _record_inputs(ours.transformer)
+    latents = run(ours, anchor=anchor_image, guidance_scale=1.0, num_inference_steps=10, still_strength=strength)
+    handle.remove()
+    stock = WanVideoToVideoPipeline(**components)
+    stock_seen, handle = _record_inputs(stock.transformer)
+    call = {k: v for k, v in CALL.items() if k not in ("num_frames", "num_inference_steps")}  # v2v: frames given
+    stock(**call, num_inference_steps=10, video=[anchor_image] * 9, strength=strength, guidance_scale=1.0,
+          generator=torch.Generator().manual_seed(1))
+    handle.remove()
+    assert len(seen) == len(stock_seen) == int(10 * strength)
+    first, stock_first = seen[0][0], stock_seen[0][0]
+    assert torch.equal(first[:, :, 1:], stock_first[:, :, 1:])
+    assert torch.equal(first[:, :, :1], ours.encode_anchor(anchor_image, 32, 32))
+    for (_, ts), (_, stock_ts) in zip(seen, stock_seen):
+        assert torch.all(ts[:, 0] == 0) and torch.all(ts[:, 1:] == stock_ts)
+    assert torch.equal(latents[:, :, :1], ours.encode_anchor(anchor_image, 32, 32))
+
+
+def test_still_latent_starts_with_the_anchor_latent(components, anchor_image):
+    pipe = AnchoredWanPipeline(**components)
+    still = pipe.encode_still(anchor_image, 32, 32, 9)
+    assert still.shape == (1, 16, 3, 4, 4)
+    torch.testing.assert_close(still[:, :, :1], pipe.encode_anchor(anchor_image, 32, 32), rtol=1e-5, atol=1e-5)
+
+
+def test_still_start_rejects_what_it_cannot_run(components, anchor_image):
+    pipe = AnchoredWanPipeline(**components)
+    anchor_latents = pipe.encode_anchor(anchor_image, 32, 32)
+    with pytest.raises(ValueError, match="needs `anchor`"):
+        run(pipe, anchor_latents=anchor_latents, still_strength=0.5)
+    with pytest.raises(ValueError, match="needs `anchor`"):
+        run(pipe, still_strength=0.5)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+            run(pipe, anchor=anchor_image, still_strength=bad)
+    with pytest.raises(ValueError, match="leaves no step"):
+        run(pipe, anchor=anchor_image, still_strength=0.2)  # int(3 * 0.2) = 0 steps
+
+
 def test_bad_shapes_are_rejected(components):
     pipe = AnchoredWanPipeline(**components)
     with pytest.raises(ValueError, match="4n\\+1"):
@@ -236,3 +291,29 @@ def test_anchor_lora_is_active_only_in_the_anchored_mode(tmp_path, trained_lora)
     np.testing.assert_array_equal(plain.animate("a red circle", None, 0, 2), with_lora.animate("a red circle", None, 0, 2))
     # the anchored mode runs with the LoRA
     assert not np.array_equal(plain.animate("a red circle", image, 0, 2), with_lora.animate("a red circle", image, 0, 2))
+
+
+# -- the still start through FactorizedPipeline ----------------------------------------------------
+
+def test_still_start_runs_the_later_steps_of_factorized_videos_only():
+    from fvg.pipeline import FactorizedPipeline
+
+    pipe = FactorizedPipeline.from_preset("tiny", device="cpu", still_strength=0.6)
+    for mode, expected in (("factorized", [1, 2, 3]), ("t2v", [1, 2, 3, 4, 5])):
+        calls = []
+        out = pipe("a red circle moves right", mode=mode, steps=5,
+                   progress=lambda stage, i, n: calls.append((i, n)) if stage == "animate" else None)
+        assert [i for i, _ in calls] == expected and {n for _, n in calls} == {len(expected)}
+        assert out.frames.shape == (9, 32, 32, 3) and out.settings["still_strength"] == 0.6
+
+
+@pytest.mark.parametrize("preset, strength, message", [
+    ("tiny-cogvideox", 0.5, "applies to Wan-family pipelines, not CogVideoX"),
+    ("tiny", 0.0, "must be in \\(0, 1\\], got 0.0"),
+    ("tiny", 1.5, "must be in \\(0, 1\\], got 1.5"),
+])
+def test_still_start_settings_are_refused_before_models_load(preset, strength, message):
+    from fvg.pipeline import FactorizedPipeline
+
+    with pytest.raises(FvgError, match=message):
+        FactorizedPipeline.from_preset(preset, device="cpu", still_strength=strength)

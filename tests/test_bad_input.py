@@ -302,6 +302,19 @@ def test_absurd_video_sizes_are_refused_before_loading(tmp_path, capsys, args):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--still-strength", "0"], "error: still_strength must be in (0, 1], got 0.0"),
+    (["--still-strength", "1.5"], "error: still_strength must be in (0, 1], got 1.5"),
+    (["--still-strength", "0.5", "--preset", "tiny-cogvideox"],
+     "error: still_strength applies to Wan-family pipelines, not CogVideoX"),
+])
+def test_bad_still_strength_is_refused_before_loading(tmp_path, capsys, args, message):
+    code = main(["generate", "a red circle", "--preset", "tiny", "--out", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == message, err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["generate", "x", "--bogus"], "error: No such option: --bogus (Possible options: --out) (see: fvg generate --help)"),
     (["miniworld", "anchor-score", "--threads", "1"], "error: No such option: --threads"),

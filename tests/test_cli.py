@@ -71,6 +71,19 @@ def test_batch_layout_and_resume(tmp_path, capsys):
     assert read_mp4(out / "0002.mp4").shape == (9, 32, 32, 3)
 
 
+def test_still_start_batch_is_redone_only_when_the_option_changes(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moves left\n")
+    out = tmp_path / "batch"
+    redo, skip = "1 generated, 0 already present", "nothing to do: all 1 videos"
+    for args, expected in (([], redo), (["--still-strength", "0.5"], redo), (["--still-strength", "0.5"], skip),
+                           ([], redo)):
+        code, _, err = run_cli(capsys, "generate", "--prompts", prompts, *FAST, "--out", out, *args)
+        assert code == 0 and expected in err, err
+        assert json.loads((out / "0001.run.json").read_text())["settings"]["still_strength"] == (
+            0.5 if args else None)
+
+
 def test_modes_share_the_seed_noise(tmp_path, capsys):
     """Paired comparisons: the same prompt and seed give t2v the same video twice, another seed differs."""
     a, b, c = (tmp_path / n for n in "abc")

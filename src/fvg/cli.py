@@ -58,6 +58,9 @@ FpsOpt = typer.Option(None, "--fps")
 DeviceOpt = typer.Option(None, "--device", help="cuda, cpu, ... (default: cuda if available).")
 DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16 or float16.")
 CpuOffloadOpt = typer.Option(False, "--cpu-offload", help="Same as --memory model-offload.")
+StillStrengthOpt = typer.Option(None, "--still-strength", help="Factorized videos start from the anchor held "
+                                "still, noised for the last fraction of the steps (0-1]; an option, not the "
+                                "paper's method (Wan family).")
 
 
 def _pick(cls, params: dict, **overrides):
@@ -104,6 +107,7 @@ class _PipelineOptions:
     cache: str = "none"
     context_parallel: int = 1
     context_parallel_mode: str = "ulysses"
+    still_strength: Optional[float] = None
 
     def load(self):
         from fvg.pipeline import FactorizedPipeline
@@ -118,7 +122,7 @@ class _PipelineOptions:
             planner_options=planner_options(self.api_key_env, self.planner_url, self.plan_cache),
             lora=self.lora, lora_2=self.lora_2, video_model=self.video_model, anchor_model=self.anchor_model,
             planner=self.planner, planner_model=self.planner_model, height=self.height, width=self.width,
-            num_frames=self.frames, fps=self.fps,
+            num_frames=self.frames, fps=self.fps, still_strength=self.still_strength,
         )
 
 
@@ -167,6 +171,7 @@ class _BatchItemSpec:
         if not pipe.storage.is_default:  # fp8/quantized/GGUF videos are not the native ones (older records lack it)
             settings["weights"] = pipe.storage.record()
         settings["cache"] = pipe.speed.cache  # a step cache changes the video
+        settings["still_strength"] = pipe.preset.still_strength
         return cls(mode, seed, pipe.preset.steps_for(mode) if steps is None else steps, settings,
                    (num_candidates, select) if mode == "factorized" else None)
 
@@ -184,7 +189,7 @@ def _is_done(out: Path, stem: str, prompt: str, spec: _BatchItemSpec) -> bool:
     if (record.get("prompt"), record.get("mode"), record.get("seed"), record.get("steps")) != \
             (prompt, spec.mode, spec.seed, spec.steps):
         return False
-    recorded = {"cache": "none", **record["settings"]}  # records from before the cache option
+    recorded = {"cache": "none", "still_strength": None, **record["settings"]}  # records from before these options
     if any(recorded.get(k) != v for k, v in spec.settings.items()):
         return False
     if spec.candidates is not None:
@@ -321,6 +326,7 @@ def generate(
     cache: str = CacheOpt,
     context_parallel: int = ContextParallelOpt,
     context_parallel_mode: str = ContextParallelModeOpt,
+    still_strength: Optional[float] = StillStrengthOpt,
 ):
     """Generate a video (or a batch with --prompts) with the factorized method or a baseline."""
     _generate(prompt, prompts, out, anchor, _pick(_CallOptions, locals()), _pick(_PipelineOptions, locals()))
@@ -431,6 +437,7 @@ def animate(
     cache: str = CacheOpt,
     context_parallel: int = ContextParallelOpt,
     context_parallel_mode: str = ContextParallelModeOpt,
+    still_strength: Optional[float] = StillStrengthOpt,
 ):
     """Stage 3 alone: animate PROMPT from your own anchor image (one candidate, no planner)."""
     _generate(prompt, None, out, anchor, _pick(_CallOptions, locals()), _pick(_PipelineOptions, locals()))

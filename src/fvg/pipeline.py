@@ -230,6 +230,11 @@ class FactorizedPipeline:
         self.speed = validate_speed(SpeedOptions(attention_backend, compile, cache, context_parallel,
                                                  context_parallel_mode))
         self.family = get_family(preset.family)
+        if preset.still_strength is not None:
+            if not self.family.still_start:
+                raise FvgError(f"still_strength applies to Wan-family pipelines, not {self.family.label}")
+            if not 0.0 < preset.still_strength <= 1.0:
+                raise FvgError(f"still_strength must be in (0, 1], got {preset.still_strength}")
         self.device = validate_device(device) if device else default_device()
         if self.speed.context_parallel > 1:  # joins torchrun's process group; each rank its own GPU
             self.device = init_context_parallel(self.speed.context_parallel, self.device)
@@ -394,12 +399,13 @@ class FactorizedPipeline:
         callback = None
         if progress is not None:
             def callback(_pipe, i, _t, kwargs):
-                progress("animate", i + 1, steps)
+                progress("animate", i + 1, _pipe.num_timesteps)  # fewer than `steps` from a still start
                 return {}
         # The anchor LoRA serves the anchored mode; the baselines are the plain base model, as in the paper.
         set_anchor_lora(pipe, anchor is not None, fuse=self._fuses_lora())
         kwargs = self.family.call_arguments(pipe, p, anchored=anchor is not None)
-        cache_key = MagCacheKey(p.video_model, (p.lora, p.lora_2), anchor is not None, steps)
+        cache_key = MagCacheKey(p.video_model, (p.lora, p.lora_2), anchor is not None, steps,
+                                kwargs.get("still_strength"))
         with self._speed.sampling(cache_key):
             result = pipe(
                 prompt=prompt, negative_prompt=p.negative_prompt or None, anchor=anchor,

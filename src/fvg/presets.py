@@ -52,6 +52,9 @@ class Preset:
     # bit for the baselines. Costs a copy of the LoRA's layers; only with native weights and the video
     # model placed whole (gpu or model-offload). Same output to float rounding, faster.
     fuse_lora: bool = False
+    # An option, not the paper's method (Wan family): factorized sampling starts from the anchor held still,
+    # noised to where the last `int(steps * still_strength)` steps begin (`AnchoredWanPipeline`); None: from noise.
+    still_strength: float | None = None
 
     def steps_for(self, mode: str) -> int:
         return self.steps_factorized if mode == "factorized" else self.steps_baseline

@@ -178,9 +178,11 @@ class MagCacheKey:
     loras: tuple[str | None, ...]
     anchored: bool
     steps: int
+    still_strength: float | None = None  # a still start runs fewer, later steps
 
     def digest(self) -> str:
-        text = json.dumps([self.video_model, list(self.loras), self.anchored, self.steps])
+        parts = [self.video_model, list(self.loras), self.anchored, self.steps]
+        text = json.dumps(parts if self.still_strength is None else [*parts, self.still_strength])
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

@@ -235,6 +235,13 @@ class AnchoredWanPipeline(WanPipeline):
         return (latent.float() - mean) * inv_std
 
     @torch.no_grad()
+    def encode_still(self, image: Image.Image | torch.Tensor, height: int, width: int, num_frames: int) -> torch.Tensor:
+        """The latent [1, C, f, h, w] of `image` held still for `num_frames` frames (its frame 0 is the
+        anchor's latent: the causal VAE encodes the first frame alone)."""
+        pixels = self.video_processor.preprocess(image, height=height, width=width)
+        return self.encode_video(pixels.unsqueeze(2).expand(-1, -1, num_frames, -1, -1)).to(self._execution_device)
+
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, output_type: str = "np"):
         latents = latents.to(get_module_execution_device(self.vae), dtype=self.vae.dtype)
         mean, inv_std = self._latent_stats(latents.device, latents.dtype)
@@ -293,10 +300,18 @@ class AnchoredWanPipeline(WanPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
         modulation: str = "frame",
+        still_strength: float | None = None,
     ):
         """Generate a video; with `anchor` (an image) or `anchor_latents` (from `encode_anchor`),
         latent frame 0 is pinned to it at timestep 0 throughout sampling. `modulation`: "frame"
-        (one timestep row per latent frame, the default) or "token" (diffusers' per-token layout)."""
+        (one timestep row per latent frame, the default) or "token" (diffusers' per-token layout).
+
+        `still_strength` (an option, not the paper's method, which starts every frame from noise): start from
+        the anchor held still for `num_frames` frames, VAE-encoded and noised to where the last
+        `int(num_inference_steps * still_strength)` steps begin, as diffusers' video-to-video `strength`.
+        The later latent frames are chunk codes of the VAE, so a still scene's are right from the first step;
+        the model only has to move what the prompt moves. Needs `anchor` (the image: the still is encoded
+        from pixels)."""
         # Mirrors WanPipeline.__call__ step by step; the differences are marked "anchor:".
         if modulation not in ("frame", "token"):
             raise ValueError(f"modulation must be 'frame' or 'token', got {modulation!r}")
@@ -309,6 +324,11 @@ class AnchoredWanPipeline(WanPipeline):
         if height % multiple or width % multiple:
             raise ValueError(f"height and width must be multiples of {multiple} for this model, got {height}x{width}")
         anchored = anchor is not None or anchor_latents is not None  # anchor: the method's input
+        if still_strength is not None:
+            if anchor is None:
+                raise ValueError("still_strength needs `anchor`, the image: the still video is encoded from pixels")
+            if not 0.0 < still_strength <= 1.0:
+                raise ValueError(f"still_strength must be in (0, 1], got {still_strength}")
         if anchored and patch[0] != 1:
             raise ValueError("anchoring needs a temporal patch size of 1 (one latent frame per token row)")
         if self.config.boundary_ratio is not None and guidance_scale_2 is None:
@@ -349,6 +369,15 @@ class AnchoredWanPipeline(WanPipeline):
             anchor_latents = anchor_latents.to(device, torch.float32).expand(latents.shape[0], -1, -1, -1, -1)
             if anchor_latents.shape[2:] != (1, *latents.shape[3:]) or anchor_latents.shape[1] != latents.shape[1]:
                 raise ValueError(f"anchor latent {tuple(anchor_latents.shape)} does not fit latents {tuple(latents.shape)}")
+        first_step = 0
+        if still_strength is not None:  # still start: the noise drawn above is the noise added to the still
+            first_step = num_inference_steps - min(int(num_inference_steps * still_strength), num_inference_steps)
+            if first_step == num_inference_steps:
+                raise ValueError(f"still_strength {still_strength} leaves no step of {num_inference_steps} to run")
+            still = self.encode_still(anchor, height, width, num_frames).expand(latents.shape[0], -1, -1, -1, -1)
+            timesteps = timesteps[first_step:]
+            self.scheduler.set_begin_index(first_step)
+            latents = self.scheduler.add_noise(still.to(latents.device), latents, timesteps[:1])
         # 2-D timesteps only where needed; per frame where the model allows it (no [B, seq, 6, dim] tensor).
         two_d = anchored or self.config.expand_timesteps
         per_frame = modulation == "frame" and self.supports_frame_modulation
@@ -356,7 +385,8 @@ class AnchoredWanPipeline(WanPipeline):
         expand = self.frame_timesteps if per_frame else self.token_timesteps
 
         self._num_timesteps = len(timesteps)
-        self.scheduler.set_begin_index(0)
+        if still_strength is None:
+            self.scheduler.set_begin_index(0)
         boundary = None
         if self.config.boundary_ratio is not None:
             boundary = self.config.boundary_ratio * self.scheduler.config.num_train_timesteps
@@ -376,7 +406,7 @@ class AnchoredWanPipeline(WanPipeline):
                 model_input = latents.to(transformer_dtype)
                 # anchor: timestep 0 on latent frame 0, t on the other frames (per frame or per token)
                 timestep = expand(t, latents, anchored) if two_d else t.expand(latents.shape[0])
-                cache_kwargs = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]),
+                cache_kwargs = {"step_index": i, "sigma": float(self.scheduler.sigmas[first_step + i]),
                                 "num_inference_steps": self._num_timesteps}
                 with model.cache_context("cond", **cache_kwargs):
                     noise_pred = model(hidden_states=model_input, timestep=timestep,

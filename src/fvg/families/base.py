@@ -113,6 +113,8 @@ class ModelFamily(ABC):
     lora_converters: ClassVar[dict[str, LoraConverter]] = {}
     lora_method: ClassVar[str] = "anchor LoRA: clean latent frame 0 at timestep 0 (Factorized Video Generation)"
     memory: ClassVar[MemoryFacts | None] = None  # memory facts: the slot is documented above, not filled yet
+    # Whether the anchored pipeline can start from the anchor held still (`Preset.still_strength`).
+    still_start: ClassVar[bool] = False
 
     # -- identity and shapes -------------------------------------------------------------------
 

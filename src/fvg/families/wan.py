@@ -171,6 +171,7 @@ class WanFamily(ModelFamily):
     keywords = ("wan",)
     tiny_model_id = "builtin:tiny-wan"
     lora_converters = {"wan": to_original_wan}
+    still_start = True
 
     def compact_text_padding(self, pipe) -> list:
         """Attend WanPipeline's 512-token zero padding exactly through one kept row (fvg.families.text_padding)
@@ -204,9 +205,12 @@ class WanFamily(ModelFamily):
         return tiny_wan_components(seed)
 
     def call_arguments(self, pipe, preset, anchored: bool) -> dict:
+        kwargs = {}
         if pipe.config.boundary_ratio is not None:  # Wan2.2-A14B's low-noise expert
-            return {"guidance_scale_2": preset.guidance_scale_2}
-        return {}
+            kwargs["guidance_scale_2"] = preset.guidance_scale_2
+        if anchored and preset.still_strength is not None:  # the baselines have no anchor to hold still
+            kwargs["still_strength"] = preset.still_strength
+        return kwargs
 
     def check_context_parallel(self, pipe, height: int, width: int, num_frames: int, degree: int, mode: str) -> None:
         """diffusers' Wan plan splits the video tokens (not the text) into `degree` equal chunks; Ulysses also
