@@ -222,8 +222,7 @@ class AnchoredWanPipeline(WanPipeline):
         Encoded as a one-frame video (Wan's causal VAE maps the first frame to latent frame 0
         on its own) and taken at the posterior mode, as `WanImageToVideoPipeline` does.
         """
-        pixels = self.video_processor.preprocess(image, height=height, width=width)
-        return self.encode_video(pixels.unsqueeze(2)).to(self._execution_device)
+        return self.encode_still(image, height, width, num_frames=1)
 
     @torch.no_grad()
     def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -329,6 +328,8 @@ class AnchoredWanPipeline(WanPipeline):
                 raise ValueError("still_strength needs `anchor`, the image: the still video is encoded from pixels")
             if not 0.0 < still_strength <= 1.0:
                 raise ValueError(f"still_strength must be in (0, 1], got {still_strength}")
+            if int(num_inference_steps * still_strength) == 0:
+                raise ValueError(f"still_strength {still_strength} leaves no step of {num_inference_steps} to run")
         if anchored and patch[0] != 1:
             raise ValueError("anchoring needs a temporal patch size of 1 (one latent frame per token row)")
         if self.config.boundary_ratio is not None and guidance_scale_2 is None:
@@ -358,7 +359,10 @@ class AnchoredWanPipeline(WanPipeline):
             negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
+        # still start: only the last int(steps * still_strength) steps run, as diffusers' video-to-video
+        first_step = 0 if still_strength is None else num_inference_steps - int(num_inference_steps * still_strength)
+        timesteps = self.scheduler.timesteps[first_step:]
+        self.scheduler.set_begin_index(first_step)
         latents = self.prepare_latents(
             batch_size * num_videos_per_prompt, self.transformer_config.in_channels, height, width, num_frames,
             torch.float32, device, generator, latents,
@@ -369,14 +373,8 @@ class AnchoredWanPipeline(WanPipeline):
             anchor_latents = anchor_latents.to(device, torch.float32).expand(latents.shape[0], -1, -1, -1, -1)
             if anchor_latents.shape[2:] != (1, *latents.shape[3:]) or anchor_latents.shape[1] != latents.shape[1]:
                 raise ValueError(f"anchor latent {tuple(anchor_latents.shape)} does not fit latents {tuple(latents.shape)}")
-        first_step = 0
         if still_strength is not None:  # still start: the noise drawn above is the noise added to the still
-            first_step = num_inference_steps - min(int(num_inference_steps * still_strength), num_inference_steps)
-            if first_step == num_inference_steps:
-                raise ValueError(f"still_strength {still_strength} leaves no step of {num_inference_steps} to run")
             still = self.encode_still(anchor, height, width, num_frames).expand(latents.shape[0], -1, -1, -1, -1)
-            timesteps = timesteps[first_step:]
-            self.scheduler.set_begin_index(first_step)
             latents = self.scheduler.add_noise(still.to(latents.device), latents, timesteps[:1])
         # 2-D timesteps only where needed; per frame where the model allows it (no [B, seq, 6, dim] tensor).
         two_d = anchored or self.config.expand_timesteps
@@ -385,8 +383,6 @@ class AnchoredWanPipeline(WanPipeline):
         expand = self.frame_timesteps if per_frame else self.token_timesteps
 
         self._num_timesteps = len(timesteps)
-        if still_strength is None:
-            self.scheduler.set_begin_index(0)
         boundary = None
         if self.config.boundary_ratio is not None:
             boundary = self.config.boundary_ratio * self.scheduler.config.num_train_timesteps
