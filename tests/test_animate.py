@@ -317,3 +317,12 @@ def test_still_start_settings_are_refused_before_models_load(preset, strength, m
 
     with pytest.raises(FvgError, match=message):
         FactorizedPipeline.from_preset(preset, device="cpu", still_strength=strength)
+
+
+def test_still_start_that_leaves_no_step_is_refused_before_sampling():
+    from fvg.pipeline import FactorizedPipeline
+
+    pipe = FactorizedPipeline.from_preset("tiny", device="cpu", still_strength=0.5)
+    with pytest.raises(FvgError, match="still_strength 0.5 leaves none of 1 steps to run"):
+        pipe("a red circle moves right", steps=1)
+    assert pipe._video_pipe is None  # nothing loaded

@@ -307,6 +307,8 @@ def test_absurd_video_sizes_are_refused_before_loading(tmp_path, capsys, args):
     (["--still-strength", "1.5"], "error: still_strength must be in (0, 1], got 1.5"),
     (["--still-strength", "0.5", "--preset", "tiny-cogvideox"],
      "error: still_strength applies to Wan-family pipelines, not CogVideoX"),
+    (["--still-strength", "0.5", "--steps", "1"],
+     "error: still_strength 0.5 leaves none of 1 steps to run: raise it or the steps"),
 ])
 def test_bad_still_strength_is_refused_before_loading(tmp_path, capsys, args, message):
     code = main(["generate", "a red circle", "--preset", "tiny", "--out", str(tmp_path / "o"), *args])

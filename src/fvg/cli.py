@@ -243,6 +243,7 @@ def _generate(prompt: Optional[str], prompts: Optional[Path], out: Optional[Path
     prompt_list = read_prompt_lines(prompts) if prompts else [prompt]
     out_dir = check_output_dir(out or _default_out(prompt))
     pipe = options.load()
+    pipe.check_still_start(call.mode, call.steps)
     if anchor is not None:
         pipe.anchor_from_image(anchor)  # validate the image before any model loads
     if pipe.preset.output_is_noise:

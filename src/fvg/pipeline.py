@@ -416,6 +416,14 @@ class FactorizedPipeline:
             )
         return to_uint8(result.frames[0])
 
+    def check_still_start(self, mode: str, steps: int | None) -> None:
+        """A still start runs the last int(steps * still_strength) steps of a factorized video: refuse none
+        (the CLI calls it before any model loads)."""
+        steps = self.preset.steps_for(mode) if steps is None else steps
+        still = self.preset.still_strength
+        if mode == "factorized" and still is not None and int(steps * still) == 0:
+            raise FvgError(f"still_strength {still} leaves none of {steps} steps to run: raise it or the steps")
+
     def _fuses_lora(self) -> bool:
         """The preset's `fuse_lora`, where merging is safe: native weights (not fp8-stored, quantized or
         GGUF, which a merge would corrupt or cannot take) and a video model placed whole (group offloading
@@ -437,6 +445,7 @@ class FactorizedPipeline:
             raise FvgError(f"an anchor image only applies to mode 'factorized', not '{mode}'")
         validate_call(seed, num_candidates, selected, steps, guidance_scale)
         steps = self.preset.steps_for(mode) if steps is None else steps
+        self.check_still_start(mode, steps)
         timings: dict[str, float] = {}
         warnings: list[str] = []
 
