@@ -249,6 +249,28 @@ def test_stage_time_limit_and_resume(tmp_path, tiny_run):
     mt.run(run, stage="vae")  # complete: skipped
 
 
+def test_a_finished_stage_carried_without_its_pipeline_gets_it_back(tiny_run, tmp_path):
+    """runs-carry keeps a finished transformer as final/ + DONE.json; the stage assembles its pipeline again."""
+    from diffusers import WanTransformer3DModel
+
+    out, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run, symlinks=True, ignore=shutil.ignore_patterns("pipelines", "lora", "ckpt.pt"))
+    mt.run(run, stage="t2v")
+    video = run / "pipelines" / models.VIDEO_SUBDIR
+    assert models.is_pipeline_dir(video) and not (run / "pipelines" / models.ANCHOR_SUBDIR).exists()
+    rebuilt = WanTransformer3DModel.from_pretrained(str(video / "transformer")).state_dict()
+    original = WanTransformer3DModel.from_pretrained(str(out / "pipelines" / models.VIDEO_SUBDIR / "transformer"))
+    assert all(torch.equal(rebuilt[k], v) for k, v in original.state_dict().items())
+    shutil.rmtree(run / "t2v" / "final")
+    shutil.rmtree(video)
+    with pytest.raises(FvgError, match="marked done but .*final is missing"):
+        mt.run(run, stage="t2v")
+    loop.mark_done(run / "anchor", {**loop.done_info(run / "anchor"), "reused_from": "an export"})
+    with pytest.raises(FvgError, match="fvg miniworld reuse --out .* --stages anchor"):
+        mt.run(run, stage="anchor")
+
+
 def test_missing_weights_explain_how_to_train(tmp_path):
     with pytest.raises(FvgError, match="fvg miniworld train"):
         models.require_weights(tmp_path)

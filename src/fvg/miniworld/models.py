@@ -33,6 +33,7 @@ from fvg.io import FvgError
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights" / "mini"
 VIDEO_SUBDIR = "video"
 ANCHOR_SUBDIR = "anchor"
+PIPELINE_SUBDIRS = {"anchor": ANCHOR_SUBDIR, "t2v": VIDEO_SUBDIR}  # the stages that ship a WanPipeline
 LORA_FILE = "anchor_lora.safetensors"
 MAX_SHIPPED_BYTES = 40 * 1024 * 1024
 

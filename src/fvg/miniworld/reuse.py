@@ -42,7 +42,6 @@ from .settings import BOOKKEEPING_SETTINGS, STAGE_SETTINGS, RunSettings, flat_se
 log = logging.getLogger("fvg.miniworld")
 
 REUSABLE = ("anchor", "t2v", "lora")
-PIPELINES = {"anchor": models.ANCHOR_SUBDIR, "t2v": models.VIDEO_SUBDIR}  # the stages that ship a WanPipeline
 STATS_TOLERANCE = 1e-4  # latents_mean / latents_std: the same VAE over the same clips, at another thread count
 
 
@@ -67,19 +66,20 @@ def reuse_stages(out: str | Path, weights: str | Path | None, names: list[str]) 
         stage = out / name
         if stage.exists() and any(stage.iterdir()):
             raise FvgError(f"{stage} is not empty: remove it to reuse the export's {name}")
-    same_vae = {name: _same_tensors(out / "latents" / "vae", weights / PIPELINES[name] / "vae")
-                for name in names if name in PIPELINES}
+    same_vae = {name: _same_tensors(out / "latents" / "vae", weights / models.PIPELINE_SUBDIRS[name] / "vae")
+                for name in names if name in models.PIPELINE_SUBDIRS}
     for name, same in same_vae.items():
-        _check_frozen_parts(out, weights / PIPELINES[name], same_vae=same, own_vae_allowed=name == "anchor")
+        _check_frozen_parts(out, weights / models.PIPELINE_SUBDIRS[name], same_vae=same,
+                            own_vae_allowed=name == "anchor")
     for name in names:
         if name == "lora":
             target = out / "lora" / "lora" / models.LORA_FILE
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(models.lora_path(weights), target)
         else:
-            pipeline = weights / PIPELINES[name]
+            pipeline = weights / models.PIPELINE_SUBDIRS[name]
             _copy_tree(pipeline / "transformer", out / name / "final")
-            _copy_tree(pipeline, out / "pipelines" / PIPELINES[name])
+            _copy_tree(pipeline, out / "pipelines" / models.PIPELINE_SUBDIRS[name])
         own = {"vae": "the export's anchor VAE"} if not same_vae.get(name, True) else {}
         mark_done(out / name, {**manifest["stages"][name], "reused_from": source, **own})
         log.info("%s: reused from %s", name, weights)
@@ -94,7 +94,8 @@ def _read_export(weights: Path, names: list[str]) -> dict:
     manifest = read_json_object(path, "mini export manifest")
     missing = ([] if "settings" in manifest else ["settings"]) + \
         [n for n in names if n not in manifest.get("stages", {})] + \
-        [PIPELINES[n] for n in names if n in PIPELINES and not models.is_pipeline_dir(weights / PIPELINES[n])] + \
+        [sub for n, sub in models.PIPELINE_SUBDIRS.items()
+         if n in names and not models.is_pipeline_dir(weights / sub)] + \
         ([models.LORA_FILE] if "lora" in names and not models.lora_path(weights).is_file() else [])
     if missing:
         raise FvgError(f"{weights} is not a complete mini export (missing: {', '.join(missing)})")

@@ -337,6 +337,7 @@ def _train_transformer(out: Path, s: RunSettings, name: str, resume: bool, time_
 
     stage = out / name
     if skip_if_done(out, name):
+        restore_pipeline(out, name)
         return
     data = LatentSet(out)
     latents = data.latents.to(device)  # indexed on the device: one host-to-device copy per run, not per step
@@ -392,6 +393,24 @@ def _tail_mean(rows: list[dict], frac: float = 0.05) -> float | None:
     return round(sum(r["loss"] for r in rows[-k:]) / k, 5)
 
 
+def restore_pipeline(out: Path, name: str) -> None:
+    """A finished stage whose pipeline folder is gone gets it back from `NAME/final`.
+
+    Why: a finished transformer travels between machines as its `final/` weights, DONE.json and log
+    (runs-carry/), a quarter of the resumable checkpoint's size; the pipeline is the same frozen parts around it.
+    A reused stage is not rebuilt here: its pipeline may hold a VAE of its own (reuse.py), so `fvg miniworld
+    reuse` writes it again."""
+    if models.is_pipeline_dir(out / "pipelines" / models.PIPELINE_SUBDIRS[name]):
+        return
+    if "reused_from" in (done_info(out / name) or {}):
+        raise FvgError(f"{out}: the reused {name} stage's pipeline is missing: run `fvg miniworld reuse --out {out} "
+                       f"--stages {name}` again")
+    if not (out / name / "final" / "config.json").is_file():
+        raise FvgError(f"{out}: the {name} stage is marked done but {out / name / 'final'} is missing")
+    log.info("%s: complete; its pipeline is missing, assembled again from %s", name, out / name / "final")
+    assemble(out, name)
+
+
 def assemble(out: Path, name: str) -> Path:
     """RUN/pipelines/{video,anchor}: a WanPipeline from the tokenizer, frozen encoder, VAE (with its
     latent statistics) and the stage's final transformer."""
@@ -402,7 +421,7 @@ def assemble(out: Path, name: str) -> Path:
     vae = AutoencoderKLWan.from_pretrained(str(out / "latents" / "vae"))
     transformer = WanTransformer3DModel.from_pretrained(str(out / name / "final"))
     pipe = models.assemble_pipeline(tokenizer, encoder, vae, transformer, s.model.flow_shift)
-    target = out / "pipelines" / ("video" if name == "t2v" else "anchor")
+    target = out / "pipelines" / models.PIPELINE_SUBDIRS[name]
     if target.exists():
         shutil.rmtree(target)
     pipe.save_pretrained(str(target))
