@@ -3,6 +3,7 @@ checkpoints (weights_only), a JSONL loss log, and the stages' DONE.json bookkeep
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -101,6 +102,21 @@ def logged_devices(rows: list[dict]) -> list[str]:
     return sorted({r.get("device", "cpu") for r in rows})
 
 
+# Called every `log_every` steps by each `fit` in this process. `train.run` registers one while the T2V stage
+# trains beside the anchor stage's child process, to take that child's threads once it has finished.
+_BETWEEN_STEPS: list[Callable[[], None]] = []
+
+
+@contextlib.contextmanager
+def between_steps(fn: Callable[[], None]):
+    """Run `fn` between training steps (every `log_every` steps) while the context is open."""
+    _BETWEEN_STEPS.append(fn)
+    try:
+        yield
+    finally:
+        _BETWEEN_STEPS.remove(fn)
+
+
 def fit(stage_dir: Path, model: torch.nn.Module, loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
         settings: RunSettings, resume: bool, time_limit: float | None, ema: bool = True,
         weight_decay: float = 0.0, extended_from: Sequence[int] = (),
@@ -166,6 +182,8 @@ def fit(stage_dir: Path, model: torch.nn.Module, loss_fn: Callable[[int], torch.
                 log.info("%s: step %d/%d loss %.4f (%.2f s/step)", stage_dir.name, step, steps,
                          sum(window) / len(window), (time.perf_counter() - start) / max(1, step - first_step))
             window = []
+            for fn in _BETWEEN_STEPS:
+                fn()
         if step % settings.checkpoint_every == 0 or step == steps:
             checkpoint()
         if time_limit is not None and time.perf_counter() - start > time_limit * 60 and step < steps:

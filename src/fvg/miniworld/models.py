@@ -93,7 +93,11 @@ class MiniConfig:
     text: TextConfig = field(default_factory=TextConfig)
     # v7: an 8-layer T2V base (v1-v6: 4). The video stage was the weakest rung and neither the anchor
     # LoRA's recipe nor sampling moved it; the deeper base did (docs/miniworld.md, "v7").
-    t2v: TransformerConfig = field(default_factory=lambda: TransformerConfig(num_layers=8))
+    # v11: 6 heads (dim 192) and ffn 768 (v7-v10: 4 heads, dim 128, ffn 512). Depth past 8 layers (v9) and a
+    # still-scene VAE (v10) did not move the video stage; width did, and more with more training
+    # (docs/miniworld.md, "v11").
+    t2v: TransformerConfig = field(
+        default_factory=lambda: TransformerConfig(num_attention_heads=6, ffn_dim=768, num_layers=8))
     # v8: an 8-layer anchor model (v1-v7: 4); depth moved it as it moved the T2V base (docs/miniworld.md, "v8").
     # v3: patch 2 again (v2's patch 1 cost 2.4x per step and scored no better, docs/miniworld.md)
     anchor: TransformerConfig = field(default_factory=lambda: TransformerConfig(num_layers=8))

@@ -57,7 +57,7 @@ class RunSettings:
     anchor_lr: float = 1e-3
     # v3: 5000 x 16 clips x 320 tokens = 25.6M token-steps, at least the anchor model's 12000 x 32 x 64
     # = 24.6M (the baseline gets at least the anchor model's compute); v1: 6000 (at 5e-4).
-    t2v_steps: int = 11000  # v5-v8 (v4: 8000, v3: 5000): 56.3M token-steps, the anchor model's 41.0M (v6: 53.2M)
+    t2v_steps: int = 11000  # v5-v11 (v4: 8000, v3: 5000): 56.3M token-steps, the anchor model's 41.0M (v6: 53.2M)
     t2v_batch: int = 16
     t2v_lr: float = 1e-3
     # v4 continued v3's finished stages, v5 v4's T2V stage and v6 v4's anchor stage: each ran its warmup +
