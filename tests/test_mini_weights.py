@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from fvg.miniworld import models
 from fvg.presets import get_preset
@@ -56,6 +57,13 @@ def test_mini_loads_as_the_wan_classes(mini_pipe):
     assert isinstance(video.text_encoder, UMT5EncoderModel)
     assert isinstance(mini_pipe.anchor_source.pipe, WanPipeline)
     assert any("lora" in name for name, _ in video.transformer.named_parameters())
+    # the preset's CPU speed options reach both models: guidance batched, the VAEs' CPU kernels installed
+    assert mini_pipe.anchor_source.call_kwargs == {"batch_guidance": True}
+    assert isinstance(mini_pipe.anchor_source.pipe, AnchoredWanPipeline)
+    assert mini_pipe.family.call_arguments(video, mini_pipe.preset, anchored=True)["batch_guidance"] is True
+    for vae in (video.vae, mini_pipe.anchor_source.pipe.vae):
+        conv = next(m for m in vae.modules() if isinstance(m, torch.nn.Conv3d))
+        assert "_conv_forward" in conv.__dict__
 
 
 def _first_prompt_per_category():

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fvg.anchor import AnchorResult, DiffusersAnchorSource, FileAnchorSource, fit_to_resolution
+from fvg.anchor import VIDEO_STYLE, AnchorResult, DiffusersAnchorSource, FileAnchorSource, fit_to_resolution
 from fvg.animate.loading import (count_experts, default_device, load_expert_loras, resolve_dtype, resolve_lora_2,
                                  set_anchor_lora)
 from fvg.families import family_of, get_family
+from fvg.families.cpu_vae import CpuVaeKernels
 from fvg.io import FvgError, check_image_size, save_image, sweep_stale_temps, to_rgb, to_uint8, write_json, write_mp4
 from fvg.parallel import broadcast_from_main, init_context_parallel, is_main_process, split_anchor_model
 from fvg.plan import Plan, make_planner
@@ -327,10 +328,19 @@ class FactorizedPipeline:
             else:  # loaded on the host: `make_anchor` places it for the anchor stage only
                 self._anchor_source = DiffusersAnchorSource.from_pretrained(
                     p.anchor_model, dtype=self.dtype, device="cpu", storage=self.storage.for_anchor(), **kwargs)
+            # a one-frame video model (`mini`'s anchor model) is batched as the video model is; a text-to-image
+            # pipeline (Qwen-Image, FLUX, ...) guides as its own code does
+            if p.batch_guidance and self._anchor_source.style is VIDEO_STYLE:
+                source = self._anchor_source
+                pipe, call_kwargs = family_of(source.pipe).guidance_batching(source.pipe)
+                self._anchor_source = DiffusersAnchorSource(pipe, model_id=source.model_id, call_kwargs=call_kwargs,
+                                                            **kwargs)
             if self.speed.context_parallel > 1:  # the anchor model splits too where diffusers can (else it runs whole)
                 self._anchor_split = split_anchor_model(self._anchor_source.pipe, self.speed.context_parallel)
             if p.compact_text:  # `mini`'s anchor model is a one-frame Wan
                 family_of(self._anchor_source.pipe).compact_text_padding(self._anchor_source.pipe)
+            if p.cpu_vae_kernels:
+                CpuVaeKernels(self._anchor_source.pipe.vae)
         return self._anchor_source
 
     @property
@@ -352,6 +362,8 @@ class FactorizedPipeline:
             self._speed = apply_speed(pipe, self.speed, self.family)  # after the anchored pipeline swapped classes
             if p.compact_text:  # after apply_speed: it checks the attention backend apply_speed set
                 self.family.compact_text_padding(pipe)
+            if p.cpu_vae_kernels:
+                CpuVaeKernels(pipe.vae)
             self._video_pipe = pipe  # on the host until the animate stage places it
         return self._video_pipe
 

@@ -52,6 +52,14 @@ class Preset:
     # bit for the baselines. Costs a copy of the LoRA's layers; only with native weights and the video
     # model placed whole (gpu or model-offload). Same output to float rounding, faster.
     fuse_lora: bool = False
+    # Classifier-free guidance's two predictions in one transformer call on a batch of two, in the anchor model
+    # and the video model alike (`AnchoredWanPipeline(batch_guidance=True)`): faster where per-call overhead
+    # dominates (small models), twice the peak activations. Same output to float rounding.
+    batch_guidance: bool = False
+    # The VAE's convolutions through oneDNN and Wan's RMS norm as a plain sum of squares on a CPU
+    # (fvg.families.cpu_vae): PyTorch's CPU defaults are 2.5-25x slower on small VAEs. Same output to float
+    # rounding; no effect on a GPU.
+    cpu_vae_kernels: bool = False
     # An option, not the paper's method (Wan family): factorized sampling starts from the anchor held still,
     # noised to where the last `int(steps * still_strength)` steps begin (`AnchoredWanPipeline`); None: from noise.
     still_strength: float | None = None
@@ -114,7 +122,7 @@ PRESETS: dict[str, Preset] = {
             family="wan", video_model=str(MINI_WEIGHTS / "video"), anchor_model=str(MINI_WEIGHTS / "anchor"),
             lora=str(MINI_WEIGHTS / "anchor_lora.safetensors"), height=64, width=64, num_frames=17, fps=8,
             guidance_scale=4.0, needs_lora=True, steps_factorized=15, steps_baseline=50, anchor_steps=15,
-            anchor_guidance=4.0, compact_text=True, fuse_lora=True,
+            anchor_guidance=4.0, compact_text=True, fuse_lora=True, batch_guidance=True, cpu_vae_kernels=True,
         ),
         Preset(
             name="tiny", description="random tiny instances of the real classes, built offline: smoke tests only",

@@ -149,8 +149,11 @@ class DiffusersAnchorSource:
     name = "diffusers"
 
     def __init__(self, pipe, model_id: str | None = None, steps: int = 50, guidance_scale: float = 4.0,
-                 native_area: int | None = None, negative_prompt: str = " "):
+                 native_area: int | None = None, negative_prompt: str = " ", call_kwargs: dict | None = None):
+        """`call_kwargs`: extra keyword arguments of every pipeline call (recorded in the anchor's settings),
+        e.g. `batch_guidance` for a one-frame Wan model (`ModelFamily.guidance_batching`)."""
         self.pipe = pipe
+        self.call_kwargs = dict(call_kwargs or {})
         self.model_id = model_id
         self.steps = steps
         self.guidance_scale = guidance_scale
@@ -176,7 +179,7 @@ class DiffusersAnchorSource:
     def _generate_one(self, caption: str, height: int, width: int, seed: int) -> Image.Image:
         generator = torch.Generator("cpu").manual_seed(seed)
         kwargs = dict(prompt=caption, height=height, width=width, num_inference_steps=self.steps,
-                      generator=generator)
+                      generator=generator, **self.call_kwargs)
         if self.style.guidance_arg is not None:
             kwargs[self.style.guidance_arg] = self.guidance_scale
         if self.style.negative_prompt and self.guidance_scale > 1:  # true CFG runs only with a negative prompt
@@ -201,4 +204,6 @@ class DiffusersAnchorSource:
                 progress(i + 1, num_candidates)
         settings = {"steps": self.steps, "guidance_scale": self.guidance_scale, "generation_size": [gen_h, gen_w],
                     "call_style": self.style.family, "guidance_arg": self.style.guidance_arg}
+        if self.call_kwargs:
+            settings["call_kwargs"] = dict(self.call_kwargs)
         return AnchorResult(candidates, selected, "diffusers", self.model_id, caption, settings)

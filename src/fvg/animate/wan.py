@@ -300,6 +300,7 @@ class AnchoredWanPipeline(WanPipeline):
         max_sequence_length: int = 512,
         modulation: str = "frame",
         still_strength: float | None = None,
+        batch_guidance: bool = False,
     ):
         """Generate a video; with `anchor` (an image) or `anchor_latents` (from `encode_anchor`),
         latent frame 0 is pinned to it at timestep 0 throughout sampling. `modulation`: "frame"
@@ -310,7 +311,14 @@ class AnchoredWanPipeline(WanPipeline):
         `int(num_inference_steps * still_strength)` steps begin, as diffusers' video-to-video `strength`.
         The later latent frames are chunk codes of the VAE, so a still scene's are right from the first step;
         the model only has to move what the prompt moves. Needs `anchor` (the image: the still is encoded
-        from pixels)."""
+        from pixels).
+
+        `batch_guidance`: run the conditional and unconditional predictions of classifier-free guidance as one
+        transformer call on a batch of two (context "cond_uncond", as diffusers' CogVideoX pipeline does)
+        instead of WanPipeline's two calls. The same prediction to float rounding. WanPipeline calls them apart
+        so that peak activations stay those of one batch, which is what large models need; a small model on a
+        CPU is bound by per-call overhead instead (`mini`: 1.4x per step for the one-frame anchor model, 1.1x
+        for the video model; BENCHMARKS.md). Off by default: the stock path, bitwise."""
         # Mirrors WanPipeline.__call__ step by step; the differences are marked "anchor:".
         if modulation not in ("frame", "token"):
             raise ValueError(f"modulation must be 'frame' or 'token', got {modulation!r}")
@@ -323,6 +331,10 @@ class AnchoredWanPipeline(WanPipeline):
         if height % multiple or width % multiple:
             raise ValueError(f"height and width must be multiples of {multiple} for this model, got {height}x{width}")
         anchored = anchor is not None or anchor_latents is not None  # anchor: the method's input
+        if batch_guidance and prompt_embeds is not None and negative_prompt_embeds is not None \
+                and prompt_embeds.shape != negative_prompt_embeds.shape:
+            raise ValueError(f"batch_guidance stacks the prompt and negative prompt embeddings: their shapes "
+                             f"{tuple(prompt_embeds.shape)} and {tuple(negative_prompt_embeds.shape)} differ")
         if still_strength is not None:
             if anchor is None:
                 raise ValueError("still_strength needs `anchor`, the image: the still video is encoded from pixels")
@@ -404,11 +416,20 @@ class AnchoredWanPipeline(WanPipeline):
                 timestep = expand(t, latents, anchored) if two_d else t.expand(latents.shape[0])
                 cache_kwargs = {"step_index": i, "sigma": float(self.scheduler.sigmas[first_step + i]),
                                 "num_inference_steps": self._num_timesteps}
-                with model.cache_context("cond", **cache_kwargs):
-                    noise_pred = model(hidden_states=model_input, timestep=timestep,
-                                       encoder_hidden_states=prompt_embeds, attention_kwargs=attention_kwargs,
-                                       return_dict=False)[0]
-                if self.do_classifier_free_guidance:
+                if batch_guidance and self.do_classifier_free_guidance:
+                    with model.cache_context("cond_uncond", **cache_kwargs):
+                        both = model(hidden_states=torch.cat([model_input, model_input]),
+                                     timestep=torch.cat([timestep, timestep]),
+                                     encoder_hidden_states=torch.cat([prompt_embeds, negative_prompt_embeds]),
+                                     attention_kwargs=attention_kwargs, return_dict=False)[0]
+                    noise_pred, noise_uncond = both.chunk(2)
+                    noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
+                else:
+                    with model.cache_context("cond", **cache_kwargs):
+                        noise_pred = model(hidden_states=model_input, timestep=timestep,
+                                           encoder_hidden_states=prompt_embeds, attention_kwargs=attention_kwargs,
+                                           return_dict=False)[0]
+                if self.do_classifier_free_guidance and not batch_guidance:
                     with model.cache_context("uncond", **cache_kwargs):
                         noise_uncond = model(hidden_states=model_input, timestep=timestep,
                                              encoder_hidden_states=negative_prompt_embeds,

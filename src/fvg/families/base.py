@@ -148,6 +148,12 @@ class ModelFamily(ABC):
         anchored call cannot take."""
         return {}
 
+    def guidance_batching(self, pipe) -> tuple[object, dict]:
+        """(`pipe` or a pipeline over the same components, call arguments) that run classifier-free guidance's two
+        predictions in one transformer call (`Preset.batch_guidance`). The base: the pipeline as it is, which
+        for a family whose pipelines already batch them (CogVideoX) is the answer."""
+        return pipe, {}
+
     def compact_text_padding(self, pipe) -> list:
         """Sampling-time compaction of `pipe`'s zero-padded text (`Preset.compact_text`), as removable hooks.
         Only families whose pipelines pad text with zeros have it; the base refuses in one line."""

@@ -204,8 +204,21 @@ class WanFamily(ModelFamily):
 
         return tiny_wan_components(seed)
 
+    def guidance_batching(self, pipe) -> tuple[object, dict]:
+        """WanPipeline runs the two predictions apart; `AnchoredWanPipeline` (which without an anchor is WanPipeline)
+        batches them on request. A plain WanPipeline, e.g. `mini`'s one-frame anchor model as loaded, is rebuilt
+        over the same components."""
+        from fvg.animate.wan import AnchoredWanPipeline
+
+        if not isinstance(pipe, AnchoredWanPipeline):
+            pipe = AnchoredWanPipeline(**pipe.components, boundary_ratio=pipe.config.boundary_ratio,
+                                       expand_timesteps=pipe.config.expand_timesteps)
+        return pipe, {"batch_guidance": True}
+
     def call_arguments(self, pipe, preset, anchored: bool) -> dict:
         kwargs = {}
+        if preset.batch_guidance:
+            kwargs.update(self.guidance_batching(pipe)[1])
         if pipe.config.boundary_ratio is not None:  # Wan2.2-A14B's low-noise expert
             kwargs["guidance_scale_2"] = preset.guidance_scale_2
         if anchored and preset.still_strength is not None:  # the baselines have no anchor to hold still
