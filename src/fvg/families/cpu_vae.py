@@ -14,8 +14,8 @@ a decode, neither of them for a reason of the model's:
   `x.square().sum(1).sqrt()` (0.08 against 1.7 ms for [1, 16, 4, 64, 64]). The replacement computes the same
   quantity, x / max(||x||, eps), in the same dtype rules (fp32 for half inputs, as diffusers does).
 
-Together they take a `mini` video decode from about 0.13-0.18 s to 0.05-0.07 s (BENCHMARKS.md, "The VAE's
-CPU kernels"), the same in every mode: a fixed cost of every video, baseline and method alike. Outputs move
+Together they take a `mini` video decode from about 0.20 s to 0.045 s on 2 threads (BENCHMARKS.md, "The VAE's
+CPU kernels and batched guidance"), the same in every mode: a fixed cost of every video, baseline and method alike. Outputs move
 by float rounding only (decoded pixels by at most one 8-bit level; tested). Both swaps act only on CPU
 float32 inputs and fall back to the stock code otherwise, so a VAE moved to a GPU runs diffusers' own path.
 Opt-in per preset (`Preset.cpu_vae_kernels`): outputs that must stay bitwise equal to stock diffusers keep
@@ -59,7 +59,6 @@ class CpuVaeKernels:
     def __init__(self, vae: torch.nn.Module):
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
 
-        self.vae = vae
         self.convs = [m for m in vae.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
         self.norms = [m for m in vae.modules() if isinstance(m, WanRMS_norm)]
         for conv in self.convs:

@@ -217,8 +217,8 @@ class WanFamily(ModelFamily):
 
     def call_arguments(self, pipe, preset, anchored: bool) -> dict:
         kwargs = {}
-        if preset.batch_guidance:
-            kwargs.update(self.guidance_batching(pipe)[1])
+        if preset.batch_guidance:  # the video pipeline is an AnchoredWanPipeline already (load_wan_pipeline)
+            kwargs["batch_guidance"] = True
         if pipe.config.boundary_ratio is not None:  # Wan2.2-A14B's low-noise expert
             kwargs["guidance_scale_2"] = preset.guidance_scale_2
         if anchored and preset.still_strength is not None:  # the baselines have no anchor to hold still
