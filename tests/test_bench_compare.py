@@ -50,6 +50,26 @@ def test_compare_counts_videos_only_one_bench_made(tmp_path):
     assert got.base == pytest.approx(0.3) and got.diff == pytest.approx(0.1)
 
 
+def test_compare_pools_benches_of_other_seeds_and_refuses_overlaps(tmp_path, capsys):
+    from fvg.cli import main
+
+    one = {"prompts": ("a red circle moves up",)}
+    base = _bench(tmp_path / "base", {"t2v@50": [0.2, 0.4]}, seeds=(0, 1), **one)
+    base_more = _bench(tmp_path / "base-23", {"t2v@50": [0.6, 0.0]}, seeds=(2, 3), **one)
+    new = _bench(tmp_path / "new", {"t2v@50": [0.3, 0.5]}, seeds=(0, 1), **one)
+    new_more = _bench(tmp_path / "new-23", {"t2v@50": [0.7, 0.1]}, seeds=(2, 3), **one)
+    (got,) = compare_benches([base, base_more], [new, new_more])
+    assert got.pairs == 4 and got.unpaired == 0
+    assert got.base == pytest.approx(0.3) and got.diff == pytest.approx(0.1)  # every pair 0.1 apart
+    assert main(["bench", "compare", str(base), str(new), "--base-also", str(base_more), "--new-also",
+                 str(new_more), "--out", str(tmp_path / "cmp")]) == 0
+    assert f"BASE {base} + {base_more}, NEW {new} + {new_more}:" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["new"] == [str(new), str(new_more)]
+    with pytest.raises(FvgError, match="both hold t2v@50 of 'a red circle moves up' at seed 0: pool benches of "
+                                       "other seeds only"):
+        compare_benches([base, new], new_more)
+
+
 def test_compare_refuses_benches_that_do_not_pair(tmp_path):
     base = _bench(tmp_path / "base", {"t2v@50": [0.2, 0.4]}, seeds=(0,))
     other_prompts = _bench(tmp_path / "held-out", {"t2v@50": [0.2, 0.4]}, seeds=(0,), prompts=("a cat", "a dog"))

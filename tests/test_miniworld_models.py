@@ -602,6 +602,21 @@ def test_extension_settings_default_to_one_cosine_for_older_runs_and_are_validat
             RunSettings(t2v_extended_from=bad)
 
 
+def test_lora_decay_reaches_fvg_train_and_older_runs_read_constant(tmp_path):
+    from fvg.io import FvgError
+    from fvg.miniworld.settings import RunSettings
+
+    assert stages.lora_config(tmp_path, RunSettings()).lr_scheduler == "constant_with_warmup"
+    cfg = stages.lora_config(tmp_path, RunSettings(lora_steps=8000, lora_decay_steps=2000))
+    assert (cfg.lr_scheduler, cfg.lr_decay_steps, cfg.lr_warmup_steps, cfg.max_steps) == (
+        "warmup_stable_decay", 2000, 50, 8000)
+    old = {k: v for k, v in RunSettings().to_dict().items() if k != "lora_decay_steps"}
+    assert RunSettings.from_dict(old).lora_decay_steps == 0  # a v12 run: a constant rate
+    for bad in (-1, 2951):
+        with pytest.raises(FvgError, match="lora_decay_steps must be in"):
+            RunSettings(lora_decay_steps=bad)
+
+
 def test_workers_render_the_same_latents_and_rows_record_their_device(tiny_run, tmp_path):
     out, _ = tiny_run
     run = tmp_path / "run"

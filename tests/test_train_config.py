@@ -40,6 +40,9 @@ def test_unknown_keys_are_named(tmp_path):
     ('data = "x"\np_anchor = 1.5\n', "p_anchor"),
     ('rank = 4\n', "no training data"),
     ('data = "x"\nrank = [\n', "cannot parse"),
+    ('data = "x"\nlr_scheduler = "warmup_stable_decay"\n', "lr_decay_steps <= max_steps - lr_warmup_steps"),
+    ('data = "x"\nlr_scheduler = "warmup_stable_decay"\nmax_steps = 100\nlr_decay_steps = 1\n', "<= max_steps"),
+    ('data = "x"\nlr_decay_steps = 100\n', "read by warmup_stable_decay only"),
 ])
 def test_mistakes_are_one_line_errors(tmp_path, text, message):
     with pytest.raises(FvgError, match=message):
@@ -68,3 +71,38 @@ def test_shipped_training_configs_parse(name):
     if name != "tiny":
         assert (cfg.rank, cfg.max_steps, cfg.p_anchor, cfg.num_frames) == (256, 6000, 1.0, 81)
     assert cfg.expert == ("both" if name == "wan2.2-a14b" else "transformer")
+
+
+def _lrs(scheduler, steps):
+    out = []
+    for _ in range(steps):
+        out.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return out
+
+
+def _optimizer():
+    import torch
+
+    return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+
+
+def test_warmup_stable_decay_continues_a_constant_run():
+    """A constant_with_warmup run resumed into warmup_stable_decay anneals as if planned from the start."""
+    from fvg.train.trainer import make_lr_scheduler
+
+    constant = TrainConfig(data="x", lr_scheduler="constant_with_warmup", lr_warmup_steps=5, max_steps=20)
+    annealed = TrainConfig(data="x", lr_scheduler="warmup_stable_decay", lr_warmup_steps=5, lr_decay_steps=10,
+                           max_steps=30).validate()
+    planned = _lrs(make_lr_scheduler(annealed, _optimizer()), 30)
+    first = make_lr_scheduler(constant, _optimizer())
+    assert _lrs(first, 20) == planned[:20]
+    assert planned[:5] == pytest.approx([i * 1e-4 * 2 for i in range(5)]) and planned[5:20] == [1e-3] * 15
+    decay = planned[20:]
+    assert all(a > b for a, b in zip(decay, decay[1:])) and decay[0] == pytest.approx(1e-3) and decay[-1] < 3e-5
+
+    continued = make_lr_scheduler(annealed, first.optimizer)  # what a resume builds, then loads the state into
+    continued.load_state_dict(first.state_dict())
+    continued.optimizer.param_groups[0]["lr"] = first.get_last_lr()[0]  # restored with the optimiser's state
+    assert _lrs(continued, 10) == pytest.approx(decay)

@@ -11,7 +11,8 @@ its variance on MiniWorld, so a change between two weights shows at a size that 
 
 A video pairs with one of the other bench when the prompt, its category and index, and the seed are the
 same; prompts or seeds only one bench ran are left out and counted. Two benches of different prompt
-sets share no pair and are refused.
+sets share no pair and are refused. Either side may be several benches of other seeds, pooled (`--base-also`,
+`--new-also`: a bench of seeds 3-5 added to one of 0-2); a video two of them both hold is refused.
 """
 
 from __future__ import annotations
@@ -43,14 +44,32 @@ class LabelComparison:
     by_category: dict[str, float]  # new - base per category
 
 
-def bench_rows(folder: Path) -> list[dict]:
-    path = Path(folder) / SCORES
-    if not Path(folder).is_dir():
-        raise FvgError(f"{folder} is not a folder: give two `fvg bench mini --out` folders")
-    if not path.is_file():
-        raise FvgError(f"{folder} has no {SCORES}: run its `fvg bench mini` command again (it resumes, "
-                       "generates nothing new, and writes the file)")
-    return load_rows([path])
+def _folders(side: Path | list[Path]) -> list[Path]:
+    return [Path(side)] if isinstance(side, (str, Path)) else [Path(f) for f in side]
+
+
+def side_name(side: Path | list[Path]) -> str:
+    """One side's folders as the report names them: `runs/a + runs/b`."""
+    return " + ".join(str(f) for f in _folders(side))
+
+
+def bench_rows(side: Path | list[Path]) -> list[dict]:
+    """The score rows of one side: one bench, or several of other seeds pooled."""
+    rows, origin = [], {}
+    for folder in _folders(side):
+        path = folder / SCORES
+        if not folder.is_dir():
+            raise FvgError(f"{folder} is not a folder: give two `fvg bench mini --out` folders")
+        if not path.is_file():
+            raise FvgError(f"{folder} has no {SCORES}: run its `fvg bench mini` command again (it resumes, "
+                           "generates nothing new, and writes the file)")
+        for row in load_rows([path]):
+            key = (row["mode"], pair_key(row))
+            if origin.setdefault(key, folder) != folder:
+                raise FvgError(f"{origin[key]} and {folder} both hold {row['mode']} of '{row.get('prompt')}' at "
+                               f"seed {row.get('seed')}: pool benches of other seeds only")
+            rows.append(row)
+    return rows
 
 
 def _ordered_labels(rows: list[dict]) -> list[str]:
@@ -66,12 +85,13 @@ def _values(rows: list[dict], label: str) -> dict[tuple, float]:
             if r["mode"] == label and r["metrics"].get(METRIC) is not None}
 
 
-def compare_benches(base_dir: Path, new_dir: Path) -> list[LabelComparison]:
+def compare_benches(base_dir: Path | list[Path], new_dir: Path | list[Path]) -> list[LabelComparison]:
+    """NEW - BASE per label both ran; each side one bench folder or a list of them (other seeds, pooled)."""
     base_rows, new_rows = bench_rows(base_dir), bench_rows(new_dir)
     base_labels = {r["mode"] for r in base_rows}
     labels = [label for label in _ordered_labels(new_rows) if label in base_labels]
     if not labels:
-        raise FvgError(f"{base_dir} and {new_dir} share no configuration or ladder rung")
+        raise FvgError(f"{side_name(base_dir)} and {side_name(new_dir)} share no configuration or ladder rung")
     tagged = ([{**r, "mode": f"{r['mode']} {BASE}"} for r in base_rows] +
               [{**r, "mode": f"{r['mode']} {NEW}"} for r in new_rows])
     out = []
@@ -79,7 +99,8 @@ def compare_benches(base_dir: Path, new_dir: Path) -> list[LabelComparison]:
         old, now = _values(base_rows, label), _values(new_rows, label)
         keys = [k for k in now if k in old]
         if not keys:
-            raise FvgError(f"{label}: no video of {new_dir} has the prompt and seed of one in {base_dir} "
+            raise FvgError(f"{label}: no video of {side_name(new_dir)} has the prompt and seed of one in "
+                           f"{side_name(base_dir)} "
                            "(benches of other prompt sets or seeds do not pair)")
         comps = {c.category: c for c in paired(tagged, f"{label} {NEW}", f"{label} {BASE}") if c.metric == METRIC}
         pooled = comps[ALL]
@@ -90,9 +111,9 @@ def compare_benches(base_dir: Path, new_dir: Path) -> list[LabelComparison]:
     return out
 
 
-def to_markdown(comparisons: list[LabelComparison], base_dir: Path, new_dir: Path) -> str:
+def to_markdown(comparisons: list[LabelComparison], base_dir: Path | list[Path], new_dir: Path | list[Path]) -> str:
     cats = sorted({c for x in comparisons for c in x.by_category})
-    lines = [f"BASE {base_dir}, NEW {new_dir}: mean MiniCompBench score over the videos both made, and NEW - BASE "
+    lines = [f"BASE {side_name(base_dir)}, NEW {side_name(new_dir)}: mean MiniCompBench score over the videos both made, and NEW - BASE "
              "paired per (prompt, seed) with its 95% bootstrap interval.", "",
              "| configuration or rung | BASE | NEW | NEW - BASE (95% CI) | " +
              " | ".join(c.replace("_", " ") for c in cats) + " | pairs | unpaired |",
@@ -106,9 +127,11 @@ def to_markdown(comparisons: list[LabelComparison], base_dir: Path, new_dir: Pat
     return "\n".join(lines) + "\n"
 
 
-def write_comparison(comparisons: list[LabelComparison], base_dir: Path, new_dir: Path, out: Path) -> list[Path]:
+def write_comparison(comparisons: list[LabelComparison], base_dir: Path | list[Path], new_dir: Path | list[Path],
+                     out: Path) -> list[Path]:
     out = Path(out)
     write_text(out / "compare.md", to_markdown(comparisons, base_dir, new_dir))
-    write_json(out / "compare.json", {"base": str(base_dir), "new": str(new_dir), "metric": METRIC,
+    write_json(out / "compare.json", {"base": [str(f) for f in _folders(base_dir)],
+                                      "new": [str(f) for f in _folders(new_dir)], "metric": METRIC,
                                       "comparisons": [asdict(c) for c in comparisons]})
     return [out / "compare.md", out / "compare.json"]

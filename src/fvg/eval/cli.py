@@ -314,6 +314,10 @@ def bench_compare(
     base: Path = typer.Argument(..., help="The bench to compare against, e.g. the shipped weights' (an `fvg bench "
                                           "mini --out` folder)."),
     new: Path = typer.Argument(..., help="The bench of the change: the same prompts and seeds."),
+    base_also: Optional[list[Path]] = typer.Option(None, "--base-also", help="Another bench of BASE's weights on "
+                                                   "other seeds, pooled with it (repeatable)."),
+    new_also: Optional[list[Path]] = typer.Option(None, "--new-also", help="Another bench of NEW's weights on "
+                                                  "other seeds, pooled with it (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write compare.md and compare.json here."),
 ):
     """Two benches of the same prompts and seeds, paired video by video: NEW - BASE per configuration and
@@ -324,6 +328,7 @@ def bench_compare(
 
     if out is not None:
         check_output_dir(out)
+    base, new = [base, *(base_also or [])], [new, *(new_also or [])]
     comparisons = compare_benches(base, new)
     typer.echo(to_markdown(comparisons, base, new))
     if out is not None:

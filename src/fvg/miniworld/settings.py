@@ -86,10 +86,12 @@ class RunSettings:
     text_tokens: int = models.MAX_SEQUENCE_LENGTH
     ema_decay: float = 0.999
     # lora (fvg.train)
-    lora_steps: int = 3000  # v5 (v4: 1000), on 1000 clips; v6 on 4000 (`lora_clips`)
+    lora_steps: int = 6000  # v12, the paper's count (v5-v11: 3000, v4: 1000); on 4000 clips since v6 (`lora_clips`)
     lora_batch: int = 8
     lora_rank: int = 16
     lora_lr: float = 5e-4
+    # the last N steps anneal the rate to zero (fvg.train's warmup_stable_decay); 0: constant after the warmup
+    lora_decay_steps: int = 0
     p_anchor: float = 1.0  # fvg.train's default: every sample anchored, as in the paper
     # fvg.train's caption_dropout: the share of samples trained on the empty caption, so that guidance's
     # unconditional branch (the empty negative prompt, anchor pinned) is something the LoRA learnt too
@@ -112,6 +114,13 @@ class RunSettings:
                     [*totals, steps] != sorted(set([*totals, steps])) or (totals and totals[0] <= 0):
                 raise FvgError(f"{name}_extended_from must list earlier totals in increasing order, each positive "
                                f"and below {name}_steps ({steps}), got {totals}")
+        if not 0 <= self.lora_decay_steps <= self.lora_steps - self.lora_warmup_steps:
+            raise FvgError(f"lora_decay_steps must be in [0, {self.lora_steps - self.lora_warmup_steps}] "
+                           f"(lora_steps after the warmup), got {self.lora_decay_steps}")
+
+    @property
+    def lora_warmup_steps(self) -> int:
+        return min(50, self.lora_steps)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -119,9 +128,11 @@ class RunSettings:
     @classmethod
     def from_dict(cls, d: dict) -> "RunSettings":
         # runs made before v3 recorded no sigma sampling (they drew uniformly), before v4 no extension, before
-        # v7 no LoRA caption dropout or LoRA sigma sampling (fvg.train's defaults then: none, uniform)
+        # v7 no LoRA caption dropout or LoRA sigma sampling (fvg.train's defaults then: none, uniform), before
+        # v13 no LoRA decay (a constant rate)
         d = {"sigma_sampling": "uniform", "anchor_extended_from": [], "t2v_extended_from": [],
-             "lora_caption_dropout": 0.0, "lora_sigma_sampling": "uniform", "lora_sigma_logit_mean": 0.0, **d}
+             "lora_caption_dropout": 0.0, "lora_sigma_sampling": "uniform", "lora_sigma_logit_mean": 0.0,
+             "lora_decay_steps": 0, **d}
         model = MiniConfig.from_dict(d.pop("model"))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -158,8 +169,8 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
             "vae_still_weight", "model.vae"),
     "anchor": ("anchor_steps", "anchor_batch", "anchor_lr", "anchor_extended_from", "model.anchor"),
     "t2v": ("t2v_steps", "t2v_batch", "t2v_lr", "t2v_extended_from", "t2v_p_anchor", "model.t2v"),
-    "lora": ("lora_clips", "lora_steps", "lora_batch", "lora_rank", "lora_lr", "p_anchor", "lora_caption_dropout",
-             "lora_sigma_sampling", "lora_sigma_logit_mean"),
+    "lora": ("lora_clips", "lora_steps", "lora_batch", "lora_rank", "lora_lr", "lora_decay_steps", "p_anchor",
+             "lora_caption_dropout", "lora_sigma_sampling", "lora_sigma_logit_mean"),
 }
 BOOKKEEPING_SETTINGS = ("profile", "checkpoint_every", "log_every", "encode_batch")  # no effect on any weight
 

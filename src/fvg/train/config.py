@@ -27,7 +27,10 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as the `tomli` packa
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 EXPERTS = ("transformer", "transformer_2", "both")
 FAMILIES = ("auto", *family_names())
-LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# diffusers' get_scheduler names, and transformers' warmup-stable-decay (the last `lr_decay_steps` steps anneal the
+# rate to zero with a cosine; before them it is constant_with_warmup's, so a constant run continues into one)
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                "warmup_stable_decay")
 
 
 def default_cache_dir() -> str:
@@ -72,6 +75,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     lr_scheduler: str = "constant_with_warmup"
     lr_warmup_steps: int = 100
+    lr_decay_steps: int = 0  # warmup_stable_decay only: the annealed tail
     max_steps: int = 6000
     batch_size: int = 1  # per process
     gradient_accumulation_steps: int = 1
@@ -118,6 +122,13 @@ class TrainConfig:
         need(self.lr_scheduler in LR_SCHEDULES,
              f"lr_scheduler must be one of {', '.join(LR_SCHEDULES)}, got '{self.lr_scheduler}'")
         need(self.lr_warmup_steps >= 0, "lr_warmup_steps must be >= 0")
+        if self.lr_scheduler == "warmup_stable_decay":
+            need(0 < self.lr_decay_steps <= self.max_steps - self.lr_warmup_steps,
+                 f"warmup_stable_decay needs 0 < lr_decay_steps <= max_steps - lr_warmup_steps "
+                 f"({self.max_steps - self.lr_warmup_steps}), got {self.lr_decay_steps}")
+        else:
+            need(self.lr_decay_steps == 0, f"lr_decay_steps is read by warmup_stable_decay only, not "
+                                           f"'{self.lr_scheduler}'")
         need(self.max_steps > 0 and self.batch_size > 0 and self.gradient_accumulation_steps > 0,
              "max_steps, batch_size and gradient_accumulation_steps must be positive")
         need(self.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0 disables clipping)")

@@ -95,6 +95,23 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
+def make_lr_scheduler(cfg: TrainConfig, optimizer):
+    """The config's LR schedule: diffusers' `get_scheduler`, or transformers' warmup-stable-decay.
+
+    warmup_stable_decay's warmup and stable phase are constant_with_warmup's step for step, and a LambdaLR
+    checkpoint holds only its step count, so a run trained with constant_with_warmup resumes into it with a
+    larger `max_steps` and anneals over the new steps as if it had been planned from the start."""
+    if cfg.lr_scheduler == "warmup_stable_decay":
+        from transformers.optimization import get_wsd_schedule
+
+        return get_wsd_schedule(optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_decay_steps=cfg.lr_decay_steps,
+                                num_training_steps=cfg.max_steps, decay_type="cosine")
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                         num_training_steps=cfg.max_steps)
+
+
 def find_checkpoint(output_dir: str | Path, resume: str) -> Path | None:
     if resume == "latest":
         found = checkpoint_dirs(output_dir)
@@ -429,7 +446,6 @@ class Trainer:
         `fvg.train.distributed` says why a pair rather than one expert after the other). An untrained
         second expert stays on the host for good: validation streams it block by block (`keep_on_host`)."""
         from accelerate.utils import DistributedType
-        from diffusers.optimization import get_scheduler
 
         cfg, acc = self.cfg, self.accelerator
         self.experts_unwrapped = [getattr(pipe, name) for name in self.experts]
@@ -445,8 +461,7 @@ class Trainer:
         params = [p for m in self.experts_unwrapped for p in m.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         # Not passed to prepare(): accelerate would step it once per process per step.
-        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                     num_training_steps=cfg.max_steps)
+        lr_scheduler = make_lr_scheduler(cfg, optimizer)
         fsdp_plugin = getattr(acc.state, "fsdp_plugin", None)
         pair = needs_expert_pair(acc.distributed_type, getattr(fsdp_plugin, "fsdp_version", None), len(self.experts))
         if fsdp_plugin is not None and acc.distributed_type == DistributedType.FSDP:
