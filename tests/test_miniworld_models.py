@@ -612,9 +612,10 @@ def test_lora_decay_reaches_fvg_train_and_older_runs_read_constant(tmp_path):
         "warmup_stable_decay", 2000, 50, 8000)
     old = {k: v for k, v in RunSettings().to_dict().items() if k != "lora_decay_steps"}
     assert RunSettings.from_dict(old).lora_decay_steps == 0  # a v12 run: a constant rate
-    for bad in (-1, 2951):
-        with pytest.raises(FvgError, match="lora_decay_steps must be in"):
-            RunSettings(lora_decay_steps=bad)
+    for bad in (-1, 951):  # past lora_steps after the 50-step warmup
+        with pytest.raises(FvgError, match=r"lora_decay_steps must be in \[0, 950\]"):
+            RunSettings(lora_steps=1000, lora_decay_steps=bad)
+    assert RunSettings(lora_steps=1000, lora_decay_steps=950).lora_decay_steps == 950
 
 
 def test_workers_render_the_same_latents_and_rows_record_their_device(tiny_run, tmp_path):

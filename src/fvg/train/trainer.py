@@ -99,8 +99,8 @@ def make_lr_scheduler(cfg: TrainConfig, optimizer):
     """The config's LR schedule: diffusers' `get_scheduler`, or transformers' warmup-stable-decay.
 
     warmup_stable_decay's warmup and stable phase are constant_with_warmup's step for step, and a LambdaLR
-    checkpoint holds only its step count, so a run trained with constant_with_warmup resumes into it with a
-    larger `max_steps` and anneals over the new steps as if it had been planned from the start."""
+    checkpoint holds its step and base rate, not its rate function, so a run trained with constant_with_warmup
+    resumes into it with a larger `max_steps` and anneals over the new steps as if planned from the start."""
     if cfg.lr_scheduler == "warmup_stable_decay":
         from transformers.optimization import get_wsd_schedule
 
