@@ -18,9 +18,8 @@ from fvg.presets import get_preset
 # above v11 on both (factorized@15 0.679 against 0.661, the true first frame 0.809 against 0.774; BENCHMARKS.md):
 # 14 videos are few (v11's 14 were measured on diffusers' stock sampling path, before `cpu_vae_kernels` and
 # `batch_guidance`). The floors leave room for platform noise (BLAS differences move a few pixels, and a check
-# flips: one flip moves the mean by about 0.01) but not for broken
-# weights or a step back to v8's scores: random-weight models leave the frame noise, which fails
-# nearly every check.
+# flips: one flip moves the mean by about 0.01) but not for broken weights or a step back to v8's scores:
+# random-weight models leave the frame noise, which fails nearly every check.
 FLOOR = 0.63
 FIRST_FRAME_FLOOR = 0.80
 # Frame 0 of a factorized video is the anchor's VAE reconstruction (about 26 dB from the anchor

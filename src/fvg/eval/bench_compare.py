@@ -113,8 +113,8 @@ def compare_benches(base_dir: Path | list[Path], new_dir: Path | list[Path]) -> 
 
 def to_markdown(comparisons: list[LabelComparison], base_dir: Path | list[Path], new_dir: Path | list[Path]) -> str:
     cats = sorted({c for x in comparisons for c in x.by_category})
-    lines = [f"BASE {side_name(base_dir)}, NEW {side_name(new_dir)}: mean MiniCompBench score over the videos both made, and NEW - BASE "
-             "paired per (prompt, seed) with its 95% bootstrap interval.", "",
+    lines = [f"BASE {side_name(base_dir)}, NEW {side_name(new_dir)}: mean MiniCompBench score over the videos both "
+             "made, and NEW - BASE paired per (prompt, seed) with its 95% bootstrap interval.", "",
              "| configuration or rung | BASE | NEW | NEW - BASE (95% CI) | " +
              " | ".join(c.replace("_", " ") for c in cats) + " | pairs | unpaired |",
              "|---" * (len(cats) + 6) + "|"]
