@@ -618,6 +618,43 @@ def test_lora_decay_reaches_fvg_train_and_older_runs_read_constant(tmp_path):
     assert RunSettings(lora_steps=1000, lora_decay_steps=950).lora_decay_steps == 950
 
 
+def test_a_grown_lora_continues_the_first_phase_and_ships(tiny_run, tmp_path):
+    from fvg.miniworld.settings import RunSettings
+    from fvg.train.export import read_lora
+
+    out, _ = tiny_run
+    run = tmp_path / "run"
+    run.mkdir()
+    for part in ("data", "vae", "latents", "anchor", "t2v", "pipelines"):
+        (run / part).symlink_to(out / part)
+    s = settings.load_settings(run, "tiny", {"lora_grow_rank": 8, "lora_grow_steps": 2})
+    mt.run(run, stage="lora")
+    grown = stages.lora_config(run, s, grown=True)  # it needs the first phase's file
+    assert (grown.rank, grown.alpha, grown.max_steps, grown.seed, grown.lr_scheduler) == (
+        8, 8.0, 2, s.seed + 1, "constant_with_warmup")
+    assert grown.init_lora == str(run / "lora" / "lora" / models.LORA_FILE)
+    done = json.loads((run / "lora" / "DONE.json").read_text())
+    assert done["steps"] == 4 and done["lora"] == str(stages.lora_file(run, s))
+    assert {k: (v["steps"], v["rank"]) for k, v in done["phases"].items()} == {"first": (2, 4), "grown": (2, 8)}
+    tensors, config, info = read_lora(stages.lora_file(run, s))
+    assert config["r"] == 8 and info["steps"] == 2
+    assert tensors["blocks.0.attn1.to_q.lora_A.weight"].shape[0] == 8
+    first, _, _ = read_lora(run / "lora" / "lora" / models.LORA_FILE)
+    assert first["blocks.0.attn1.to_q.lora_A.weight"].shape[0] == 4
+    # resumed: the first phase, whose LoRA has its steps, is not trained again
+    (run / "lora" / "DONE.json").unlink()
+    mt.run(run, stage="lora", resume=True)
+    assert json.loads((run / "lora" / "DONE.json").read_text())["phases"]["first"]["trained_before"] is True
+    mt.run(run, stage="export", weights_dir=tmp_path / "weights")
+    assert read_lora(models.lora_path(tmp_path / "weights"))[1]["r"] == 8
+    # older runs read no growth; the two settings go together, above lora_rank
+    old = {k: v for k, v in RunSettings().to_dict().items() if not k.startswith("lora_grow")}
+    assert (RunSettings.from_dict(old).lora_grow_rank, RunSettings.from_dict(old).lora_grow_steps) == (0, 0)
+    for bad in ({"lora_grow_rank": 64}, {"lora_grow_steps": 100}, {"lora_grow_rank": 16, "lora_grow_steps": 100}):
+        with pytest.raises(FvgError, match="lora_grow_rank and lora_grow_steps go together"):
+            RunSettings(**bad)
+
+
 def test_workers_render_the_same_latents_and_rows_record_their_device(tiny_run, tmp_path):
     out, _ = tiny_run
     run = tmp_path / "run"

@@ -109,6 +109,54 @@ def test_lora_metadata_and_checkpoint_export(trained, workdir, tmp_path):
         export_checkpoint(tmp_path, tmp_path / "x")
 
 
+def test_a_lora_grown_from_a_file_starts_as_the_file(trained, config):
+    """init_lora: rank 8 (alpha 16, scale 2) into rank 16 (alpha 16, scale 1) computes what the file does, and a
+    run from it trains the extra ranks from zero."""
+    from peft import LoraConfig
+
+    from fvg.train.export import start_from_lora
+
+    _, result, pipe = trained
+    path = result.lora_files["transformer.diffusers"]
+    grown = load_wan_pipeline("builtin:tiny-wan", torch.float32).transformer
+    grown.add_adapter(LoraConfig(r=16, lora_alpha=16.0, init_lora_weights=True,
+                                 target_modules=["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]))
+    assert start_from_lora(grown, path, alpha=16.0) == 8
+    torch.testing.assert_close(transformer_output(grown), transformer_output(pipe.transformer))
+    torch.testing.assert_close(transformer_output(grown, anchored=False),
+                               transformer_output(pipe.transformer, anchored=False))
+
+    run = train(config("grown", rank=16, alpha=16.0, init_lora=str(path), max_steps=2, learning_rate=1e-4),
+                pipe=load_wan_pipeline("builtin:tiny-wan", torch.float32))
+    started, _, _ = read_lora(path)
+    after, config_dict, _ = read_lora(run.lora_files["transformer.diffusers"])
+    assert config_dict["r"] == 16 and after.keys() == started.keys()
+    b = "blocks.0.attn1.to_q.lora_B.weight"
+    assert after[b].shape == (started[b].shape[0], 16)
+    # two Adam steps move a weight by at most about 2 x lr; the file's B is doubled (scale 2 -> 1)
+    torch.testing.assert_close(after[b][:, :8], 2 * started[b], atol=3e-4, rtol=0)
+    assert 0 < after[b][:, 8:].abs().max() <= 3e-4
+
+
+def test_init_lora_refuses_a_file_it_cannot_hold(trained, config, tmp_path):
+    from peft import LoraConfig
+
+    from fvg.train.export import start_from_lora
+
+    path = trained[1].lora_files["transformer.diffusers"]
+    smaller = load_wan_pipeline("builtin:tiny-wan", torch.float32).transformer
+    smaller.add_adapter(LoraConfig(r=4, lora_alpha=4.0, target_modules=["to_q", "to_k", "to_v", "to_out.0",
+                                                                         "ffn.net.0.proj", "ffn.net.2"]))
+    with pytest.raises(FvgError, match="a larger rank"):
+        start_from_lora(smaller, path, alpha=4.0)
+    fewer = load_wan_pipeline("builtin:tiny-wan", torch.float32).transformer
+    fewer.add_adapter(LoraConfig(r=8, lora_alpha=8.0, target_modules=["to_q"]))
+    with pytest.raises(FvgError, match="not adapted in this run"):
+        start_from_lora(fewer, path, alpha=8.0)
+    with pytest.raises(FvgError, match="init_lora: no such file"):
+        config("x", init_lora=str(tmp_path / "missing.safetensors")).validate()
+
+
 # -- anchoring as the transformer sees it ------------------------------------------------------------
 
 def test_training_feeds_frame0_tokens_at_timestep_zero(workdir, config):

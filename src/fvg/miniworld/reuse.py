@@ -38,6 +38,7 @@ from fvg.io import FvgError, read_json_object
 from . import models
 from .loop import done, done_info, mark_done
 from .settings import BOOKKEEPING_SETTINGS, STAGE_SETTINGS, RunSettings, flat_settings, load_settings
+from .stages import lora_file
 
 log = logging.getLogger("fvg.miniworld")
 
@@ -73,7 +74,7 @@ def reuse_stages(out: str | Path, weights: str | Path | None, names: list[str]) 
                             own_vae_allowed=name == "anchor")
     for name in names:
         if name == "lora":
-            target = out / "lora" / "lora" / models.LORA_FILE
+            target = lora_file(out, load_settings(out))
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(models.lora_path(weights), target)
         else:

@@ -92,6 +92,10 @@ class RunSettings:
     lora_lr: float = 5e-4
     # the last N steps anneal the rate to zero (fvg.train's warmup_stable_decay); 0: constant after the warmup
     lora_decay_steps: int = 0
+    # then grow the LoRA to this rank (fvg.train's init_lora: the extra ranks start at zero, so it starts as the
+    # trained LoRA) and train it `lora_grow_steps` more, at the same rate and data; 0, 0: no growth
+    lora_grow_rank: int = 0
+    lora_grow_steps: int = 0
     p_anchor: float = 1.0  # fvg.train's default: every sample anchored, as in the paper
     # fvg.train's caption_dropout: the share of samples trained on the empty caption, so that guidance's
     # unconditional branch (the empty negative prompt, anchor pinned) is something the LoRA learnt too
@@ -117,6 +121,11 @@ class RunSettings:
         if not 0 <= self.lora_decay_steps <= self.lora_steps - self.lora_warmup_steps:
             raise FvgError(f"lora_decay_steps must be in [0, {self.lora_steps - self.lora_warmup_steps}] "
                            f"(lora_steps after the warmup), got {self.lora_decay_steps}")
+        if (self.lora_grow_steps > 0) != (self.lora_grow_rank > 0) or self.lora_grow_steps < 0 or \
+                (self.lora_grow_rank and self.lora_grow_rank <= self.lora_rank):
+            raise FvgError(f"lora_grow_rank and lora_grow_steps go together: a rank above lora_rank "
+                           f"({self.lora_rank}) and a positive step count, or both 0; got {self.lora_grow_rank} and "
+                           f"{self.lora_grow_steps}")
 
     @property
     def lora_warmup_steps(self) -> int:
@@ -129,10 +138,10 @@ class RunSettings:
     def from_dict(cls, d: dict) -> "RunSettings":
         # runs made before v3 recorded no sigma sampling (they drew uniformly), before v4 no extension, before
         # v7 no LoRA caption dropout or LoRA sigma sampling (fvg.train's defaults then: none, uniform), before
-        # v13 no LoRA decay (a constant rate)
+        # v13 no LoRA decay (a constant rate), before v14 no LoRA growth
         d = {"sigma_sampling": "uniform", "anchor_extended_from": [], "t2v_extended_from": [],
              "lora_caption_dropout": 0.0, "lora_sigma_sampling": "uniform", "lora_sigma_logit_mean": 0.0,
-             "lora_decay_steps": 0, **d}
+             "lora_decay_steps": 0, "lora_grow_rank": 0, "lora_grow_steps": 0, **d}
         model = MiniConfig.from_dict(d.pop("model"))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -169,8 +178,8 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
             "vae_still_weight", "model.vae"),
     "anchor": ("anchor_steps", "anchor_batch", "anchor_lr", "anchor_extended_from", "model.anchor"),
     "t2v": ("t2v_steps", "t2v_batch", "t2v_lr", "t2v_extended_from", "t2v_p_anchor", "model.t2v"),
-    "lora": ("lora_clips", "lora_steps", "lora_batch", "lora_rank", "lora_lr", "lora_decay_steps", "p_anchor",
-             "lora_caption_dropout", "lora_sigma_sampling", "lora_sigma_logit_mean"),
+    "lora": ("lora_clips", "lora_steps", "lora_batch", "lora_rank", "lora_lr", "lora_decay_steps", "lora_grow_rank",
+             "lora_grow_steps", "p_anchor", "lora_caption_dropout", "lora_sigma_sampling", "lora_sigma_logit_mean"),
 }
 BOOKKEEPING_SETTINGS = ("profile", "checkpoint_every", "log_every", "encode_batch")  # no effect on any weight
 

@@ -438,10 +438,12 @@ def stage_t2v(out: Path, s: RunSettings, resume: bool = False, time_limit: float
     _train_transformer(out, s, "t2v", resume, time_limit, device)
 
 
-def lora_config(out: Path, s: RunSettings):
+def lora_config(out: Path, s: RunSettings, grown: bool = False):
+    """fvg.train's settings for the lora stage; `grown`: for its second phase (`lora_grow_steps` at
+    `lora_grow_rank`, from the first phase's LoRA, in lora/grown/; a constant rate and the next data order)."""
     from fvg.train.config import TrainConfig
 
-    return TrainConfig(
+    cfg = TrainConfig(
         model=str((out / "pipelines" / "video").resolve()), data=str((out / "data" / "lora_metadata.jsonl").resolve()),
         output_dir=str(out / "lora"), cache_dir=str(out / "lora" / "cache"), height=SIZE, width=SIZE,
         num_frames=NUM_FRAMES, fps=FPS, max_sequence_length=s.text_tokens, num_workers=0,
@@ -456,21 +458,54 @@ def lora_config(out: Path, s: RunSettings):
         checkpoint_every=max(1, min(s.checkpoint_every, s.lora_steps)), checkpoints_keep=2, validation_every=0,
         log_with="none",
     ).validate()
+    if not grown:
+        return cfg
+    return cfg.replace(
+        output_dir=str(out / "lora" / "grown"), rank=s.lora_grow_rank, alpha=float(s.lora_grow_rank),
+        init_lora=str(out / "lora" / "lora" / models.LORA_FILE), lr_scheduler="constant_with_warmup", lr_decay_steps=0,
+        lr_warmup_steps=min(50, s.lora_grow_steps), max_steps=s.lora_grow_steps, seed=s.seed + 1,
+        checkpoint_every=max(1, min(s.checkpoint_every, s.lora_grow_steps)),
+    ).validate()
+
+
+def lora_file(out: Path, s: RunSettings) -> Path:
+    """The lora stage's result: the grown LoRA when the recipe grows one."""
+    return out / "lora" / ("grown/lora" if s.lora_grow_steps else "lora") / models.LORA_FILE
+
+
+def _trained_steps(path: Path) -> int:
+    from fvg.train.export import read_lora
+
+    return int(read_lora(path)[2].get("steps", -1)) if path.is_file() else -1
 
 
 def stage_lora(out: Path, s: RunSettings, resume: bool = False, **_) -> None:
+    """The anchor LoRA by fvg.train (`lora_steps` at `lora_rank`), then, with `lora_grow_steps`, grown to
+    `lora_grow_rank` and trained on. A first phase whose LoRA has its steps is not trained again."""
     from fvg.animate.wan import AnchoredWanPipeline
     from fvg.train.trainer import train as run_training
 
     stage = out / "lora"
     if skip_if_done(out, "lora", needs=("t2v",)):
         return
-    cfg = lora_config(out, s)
-    pipe = AnchoredWanPipeline.from_pretrained(cfg.model, dtype=torch.float32)
-    result = run_training(cfg, resume="latest" if resume else None, pipe=pipe)
-    losses = result.losses
-    mark_done(stage, {"steps": result.step, "lora": str(result.lora_files.get("transformer.diffusers")),
-                       "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 5) if losses else None})
+    info = {}
+    for grown in (False, True) if s.lora_grow_steps else (False,):
+        cfg = lora_config(out, s, grown)
+        steps = cfg.max_steps
+        first_file = Path(cfg.output_dir) / "lora" / models.LORA_FILE
+        if not grown and s.lora_grow_steps and _trained_steps(first_file) == steps:
+            log.info("lora: the first phase's %d steps are done", steps)
+            info["first"] = {"steps": steps, "rank": cfg.rank, "trained_before": True}
+            continue
+        # the trainer takes a pipeline over (adapters, no text encoder): each phase loads its own
+        pipe = AnchoredWanPipeline.from_pretrained(cfg.model, dtype=torch.float32)
+        losses = run_training(cfg, resume="latest" if resume else None, pipe=pipe).losses
+        info["grown" if grown else "first"] = {
+            "steps": steps, "rank": cfg.rank,
+            "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 5) if losses else None}
+    last = info.get("grown", info.get("first", {}))
+    mark_done(stage, {"steps": s.lora_steps + s.lora_grow_steps, "lora": str(lora_file(out, s)),
+                      "final_loss": last.get("final_loss"), "phases": info})
 
 
 def ship_lora(src: Path, dst: Path) -> None:
@@ -500,7 +535,7 @@ def stage_export(out: Path, s: RunSettings, weights_dir: str | Path | None = Non
         shutil.rmtree(staging)
     shutil.copytree(out / "pipelines" / "video", staging / models.VIDEO_SUBDIR)
     shutil.copytree(out / "pipelines" / "anchor", staging / models.ANCHOR_SUBDIR)
-    ship_lora(out / "lora" / "lora" / "anchor_lora.safetensors", staging / models.LORA_FILE)
+    ship_lora(lora_file(out, s), staging / models.LORA_FILE)
     stages = {n: done_info(out / n) for n in TRAINED}
     write_json(staging / "manifest.json", {"settings": s.to_dict(), "stages": stages,
                                            "bytes": models.shipped_size(staging)})

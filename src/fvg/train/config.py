@@ -58,6 +58,9 @@ class TrainConfig:
     alpha: float = 256.0  # scale = alpha / rank; the paper does not state alpha, alpha = rank keeps scale 1
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    # a LoRA file written by fvg train (diffusers keys) to start from instead of PEFT's zero adapter; a file of
+    # lower rank fills the first ranks and the others start at zero, so step 0 is the file's model ("growing" a LoRA)
+    init_lora: str = ""
     # objective
     p_anchor: float = 1.0  # probability that a sample is anchored (the paper anchors every sample)
     # share of samples trained on the empty caption, so that classifier-free guidance's unconditional branch
@@ -110,6 +113,9 @@ class TrainConfig:
         need(self.rank > 0 and self.alpha > 0, "rank and alpha must be positive")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         need(bool(self.target_modules), "target_modules is empty")
+        need(not self.init_lora or Path(self.init_lora).is_file(), f"init_lora: no such file: {self.init_lora}")
+        need(not self.init_lora or self.expert != "both",
+             "init_lora starts one expert: train expert 'transformer' or 'transformer_2', one run each")
         need(0.0 <= self.p_anchor <= 1.0, f"p_anchor must be in [0, 1], got {self.p_anchor}")
         need(0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         need(self.flow_shift is None or self.flow_shift > 0, "flow_shift must be positive")

@@ -83,6 +83,38 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     return tensors, config, json.loads(header.get("fvg", "{}"))
 
 
+def start_from_lora(model, path: str | Path, alpha: float) -> int:
+    """Set `model`'s freshly added adapter (PEFT's init: A random, B zero) to the LoRA in `path`; returns its rank.
+
+    A file of rank r0 at most the run's rank r fills ranks 0..r0-1, its B rescaled from the file's scale
+    alpha0 / r0 to the run's alpha / r, so the adapted model computes exactly what the file's does. The other
+    ranks keep PEFT's init: with B zero they change nothing, and the gradient reaches them through B, as it
+    reaches a new adapter. Modules the file lacks start at PEFT's init too. A file module that this run does
+    not adapt, or a rank above the run's, is refused: it would silently drop part of the file."""
+    tensors, config, _ = read_lora(path)
+    if config.get("alpha_pattern") or config.get("rank_pattern"):
+        raise FvgError(f"init_lora {path}: per-module ranks or alphas are not supported")
+    params = dict(model.named_parameters())
+    file_rank = 0
+    for key, tensor in tensors.items():
+        side = "A" if ".lora_A." in key else "B"
+        name = key.replace(f".lora_{side}.weight", f".lora_{side}.default.weight")
+        param = params.get(name)
+        if param is None:
+            raise FvgError(f"init_lora {path}: {key} is not adapted in this run (target_modules, or another model)")
+        rank_dim, other_dim = (0, 1) if side == "A" else (1, 0)
+        file_rank = tensor.shape[rank_dim]
+        if tensor.shape[other_dim] != param.shape[other_dim] or file_rank > param.shape[rank_dim]:
+            raise FvgError(f"init_lora {path}: {key} has shape {tuple(tensor.shape)}, this run's is "
+                           f"{tuple(param.shape)} (a larger rank, or another model)")
+        file_alpha = float(config.get("lora_alpha") or file_rank)  # diffusers assumes alpha = rank without a header
+        value = tensor if side == "A" else tensor * (file_alpha / file_rank) / (alpha / param.shape[1])
+        with torch.no_grad():
+            target = param[:file_rank] if side == "A" else param[:, :file_rank]
+            target.copy_(value.to(param.device, param.dtype))
+    return file_rank
+
+
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict[str, Path]:
     """Export the LoRA(s) of a training checkpoint (`checkpoints/step_XXXXXX`) in its family's key formats."""
     checkpoint = Path(checkpoint)

@@ -37,7 +37,7 @@ from fvg.provenance import package_versions, utc_timestamp
 from fvg.families import TrainingObjective, family_of, resolve_family
 from fvg.train.config import TrainConfig
 from fvg.train.data import CachedClips, build_cache, collate, drop_captions, encode_captions, find_clips, pad_text
-from fvg.train.export import lora_stem, read_lora, write_lora
+from fvg.train.export import lora_stem, read_lora, start_from_lora, write_lora
 from fvg.train.distributed import (ExpertCall, ExpertPair, deepspeed_plugin_from_env, keep_on_host, lora_state_dict,
                                    needs_expert_pair, resolve_wrap_classes)
 from fvg.train.seeds import step_generator, step_seed
@@ -222,6 +222,9 @@ class Trainer:
                                          init_lora_weights=True, target_modules=list(cfg.target_modules)))
         except ValueError as exc:
             raise FvgError(f"cannot add the LoRA: {str(exc).splitlines()[0]}") from None
+        if cfg.init_lora:  # a resumed run then loads its checkpoint's LoRA over this
+            rank = start_from_lora(model, cfg.init_lora, cfg.alpha)
+            log.info("LoRA starts from %s (rank %d in rank %d)", cfg.init_lora, rank, cfg.rank)
         if cfg.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         cast_training_params(model, torch.float32)  # LoRA weights train in fp32 under bf16 autocast
