@@ -153,6 +153,14 @@ def test_init_lora_refuses_a_file_it_cannot_hold(trained, config, tmp_path):
     fewer.add_adapter(LoraConfig(r=8, lora_alpha=8.0, target_modules=["to_q"]))
     with pytest.raises(FvgError, match="not adapted in this run"):
         start_from_lora(fewer, path, alpha=8.0)
+    from safetensors.torch import save_file
+
+    save_file({"blocks.0.attn1.to_q.weight": torch.zeros(32, 32)}, str(tmp_path / "base.safetensors"))
+    with pytest.raises(FvgError, match="not a LoRA in diffusers keys"):  # a model file, not a LoRA
+        start_from_lora(fewer, tmp_path / "base.safetensors", alpha=8.0)
+    (tmp_path / "text.safetensors").write_text("not tensors")
+    with pytest.raises(FvgError, match="not a safetensors file"):
+        start_from_lora(fewer, tmp_path / "text.safetensors", alpha=8.0)
     with pytest.raises(FvgError, match="init_lora: no such file"):
         config("x", init_lora=str(tmp_path / "missing.safetensors")).validate()
 

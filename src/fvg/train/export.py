@@ -91,7 +91,13 @@ def start_from_lora(model, path: str | Path, alpha: float) -> int:
     ranks keep PEFT's init: with B zero they change nothing, and the gradient reaches them through B, as it
     reaches a new adapter. Modules the file lacks start at PEFT's init too. A file module that this run does
     not adapt, or a rank above the run's, is refused: it would silently drop part of the file."""
-    tensors, config, _ = read_lora(path)
+    try:
+        tensors, config, _ = read_lora(path)
+    except Exception as exc:  # safetensors raises its own error types for a file that is not one
+        raise FvgError(f"init_lora {path}: not a safetensors file ({str(exc).splitlines()[0]})") from None
+    if not tensors or any(".lora_A." not in k and ".lora_B." not in k for k in tensors):
+        raise FvgError(f"init_lora {path}: not a LoRA in diffusers keys (`transformer.blocks.0.attn1.to_q.lora_A."
+                       f"weight` ...), as fvg train writes anchor_lora.safetensors")
     if config.get("alpha_pattern") or config.get("rank_pattern"):
         raise FvgError(f"init_lora {path}: per-module ranks or alphas are not supported")
     params = dict(model.named_parameters())
