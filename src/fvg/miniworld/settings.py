@@ -14,6 +14,11 @@ from . import models
 from .models import MiniConfig
 
 
+def lora_warmup_steps(steps: int) -> int:
+    """The warmup of a LoRA training phase of `steps` steps (both lora-stage phases)."""
+    return min(50, steps)
+
+
 @dataclass
 class RunSettings:
     """Every setting of a `mini` training run. `profile` picks the defaults; `--set` overrides."""
@@ -118,18 +123,14 @@ class RunSettings:
                     [*totals, steps] != sorted(set([*totals, steps])) or (totals and totals[0] <= 0):
                 raise FvgError(f"{name}_extended_from must list earlier totals in increasing order, each positive "
                                f"and below {name}_steps ({steps}), got {totals}")
-        if not 0 <= self.lora_decay_steps <= self.lora_steps - self.lora_warmup_steps:
-            raise FvgError(f"lora_decay_steps must be in [0, {self.lora_steps - self.lora_warmup_steps}] "
+        after_warmup = self.lora_steps - lora_warmup_steps(self.lora_steps)
+        if not 0 <= self.lora_decay_steps <= after_warmup:
+            raise FvgError(f"lora_decay_steps must be in [0, {after_warmup}] "
                            f"(lora_steps after the warmup), got {self.lora_decay_steps}")
-        if (self.lora_grow_steps > 0) != (self.lora_grow_rank > 0) or self.lora_grow_steps < 0 or \
-                (self.lora_grow_rank and self.lora_grow_rank <= self.lora_rank):
+        if (self.lora_grow_rank, self.lora_grow_steps) != (0, 0) and not (self.lora_grow_rank > self.lora_rank and self.lora_grow_steps > 0):
             raise FvgError(f"lora_grow_rank and lora_grow_steps go together: a rank above lora_rank "
                            f"({self.lora_rank}) and a positive step count, or both 0; got {self.lora_grow_rank} and "
                            f"{self.lora_grow_steps}")
-
-    @property
-    def lora_warmup_steps(self) -> int:
-        return min(50, self.lora_steps)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -19,7 +19,7 @@ from fvg.io import FvgError, atomic_path, write_json
 
 from . import models
 from .loop import device_label, done, done_info, fit, generator, logged_devices, mark_done, read_log, skip_if_done
-from .settings import RunSettings, load_settings
+from .settings import RunSettings, load_settings, lora_warmup_steps
 from .sink import PaddingSink
 
 log = logging.getLogger("fvg.miniworld")
@@ -443,34 +443,39 @@ def lora_config(out: Path, s: RunSettings, grown: bool = False):
     `lora_grow_rank`, from the first phase's LoRA, in lora/grown/; a constant rate and the next data order)."""
     from fvg.train.config import TrainConfig
 
-    cfg = TrainConfig(
+    steps, rank = (s.lora_grow_steps, s.lora_grow_rank) if grown else (s.lora_steps, s.lora_rank)
+    decay = 0 if grown else s.lora_decay_steps
+    return TrainConfig(
         model=str((out / "pipelines" / "video").resolve()), data=str((out / "data" / "lora_metadata.jsonl").resolve()),
-        output_dir=str(out / "lora"), cache_dir=str(out / "lora" / "cache"), height=SIZE, width=SIZE,
+        output_dir=str(_phase_dir(out, grown)), cache_dir=str(out / "lora" / "cache"), height=SIZE, width=SIZE,
         num_frames=NUM_FRAMES, fps=FPS, max_sequence_length=s.text_tokens, num_workers=0,
-        rank=s.lora_rank, alpha=float(s.lora_rank), p_anchor=s.p_anchor, flow_shift=s.model.flow_shift,
+        rank=rank, alpha=float(rank), init_lora=str(_phase_file(out, False)) if grown else "",
+        p_anchor=s.p_anchor, flow_shift=s.model.flow_shift,
         caption_dropout=s.lora_caption_dropout, timestep_sampling=s.lora_sigma_sampling,
         logit_mean=s.lora_sigma_logit_mean,
         learning_rate=s.lora_lr, weight_decay=1e-4,
-        lr_scheduler="warmup_stable_decay" if s.lora_decay_steps else "constant_with_warmup",
-        lr_warmup_steps=s.lora_warmup_steps, lr_decay_steps=s.lora_decay_steps, max_steps=s.lora_steps,
+        lr_scheduler="warmup_stable_decay" if decay else "constant_with_warmup",
+        lr_warmup_steps=lora_warmup_steps(steps), lr_decay_steps=decay, max_steps=steps,
         batch_size=s.lora_batch,
-        mixed_precision="no", gradient_checkpointing=False, seed=s.seed,
-        checkpoint_every=max(1, min(s.checkpoint_every, s.lora_steps)), checkpoints_keep=2, validation_every=0,
+        mixed_precision="no", gradient_checkpointing=False, seed=s.seed + 1 if grown else s.seed,
+        checkpoint_every=max(1, min(s.checkpoint_every, steps)), checkpoints_keep=2, validation_every=0,
         log_with="none",
     ).validate()
-    if not grown:
-        return cfg
-    return cfg.replace(
-        output_dir=str(out / "lora" / "grown"), rank=s.lora_grow_rank, alpha=float(s.lora_grow_rank),
-        init_lora=str(out / "lora" / "lora" / models.LORA_FILE), lr_scheduler="constant_with_warmup", lr_decay_steps=0,
-        lr_warmup_steps=min(50, s.lora_grow_steps), max_steps=s.lora_grow_steps, seed=s.seed + 1,
-        checkpoint_every=max(1, min(s.checkpoint_every, s.lora_grow_steps)),
-    ).validate()
+
+
+def _phase_dir(out: Path, grown: bool) -> Path:
+    """fvg.train's output_dir for a phase of the lora stage."""
+    return out / "lora" / "grown" if grown else out / "lora"
+
+
+def _phase_file(out: Path, grown: bool) -> Path:
+    """The LoRA a phase of the lora stage writes (its output_dir's lora/)."""
+    return _phase_dir(out, grown) / "lora" / models.LORA_FILE
 
 
 def lora_file(out: Path, s: RunSettings) -> Path:
     """The lora stage's result: the grown LoRA when the recipe grows one."""
-    return out / "lora" / ("grown/lora" if s.lora_grow_steps else "lora") / models.LORA_FILE
+    return _phase_file(out, bool(s.lora_grow_steps))
 
 
 def _trained_steps(path: Path) -> int:
@@ -492,8 +497,7 @@ def stage_lora(out: Path, s: RunSettings, resume: bool = False, **_) -> None:
     for grown in (False, True) if s.lora_grow_steps else (False,):
         cfg = lora_config(out, s, grown)
         steps = cfg.max_steps
-        first_file = Path(cfg.output_dir) / "lora" / models.LORA_FILE
-        if not grown and s.lora_grow_steps and _trained_steps(first_file) == steps:
+        if not grown and s.lora_grow_steps and _trained_steps(_phase_file(out, False)) == steps:
             log.info("lora: the first phase's %d steps are done", steps)
             info["first"] = {"steps": steps, "rank": cfg.rank, "trained_before": True}
             continue
