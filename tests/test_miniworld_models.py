@@ -222,6 +222,49 @@ def test_exported_weights_load_with_the_real_classes(tiny_run):
     assert metadata["base_model"] == "video" and json.loads(metadata["fvg"])["base_model"] == "video"
 
 
+def test_a_float16_export_halves_the_transformers_and_loads_them_into_float32(tiny_run, tmp_path):
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import load_file
+
+    from fvg.miniworld.settings import RunSettings
+
+    out, weights = tiny_run
+    run = tmp_path / "run"
+    run.mkdir()
+    for part in ("data", "vae", "latents", "anchor", "t2v", "lora", "pipelines"):
+        (run / part).symlink_to(out / part)
+    settings.load_settings(run, "tiny", {"t2v_ship_dtype": "float16"})
+    half = tmp_path / "weights"
+    mt.run(run, stage="export", weights_dir=half)
+    assert models.read_manifest(half)["settings"]["t2v_ship_dtype"] == "float16"
+    kept = WanTransformer3DModel._keep_in_fp32_modules
+    name = "video/transformer/diffusion_pytorch_model.safetensors"
+    full, stored = load_file(str(weights / name)), load_file(str(half / name))
+    assert stored.keys() == full.keys()
+    for key, value in stored.items():
+        fp32 = any(m in key.split(".") for m in kept)
+        assert value.dtype == (torch.float32 if fp32 else torch.float16), key
+        assert torch.equal(value, full[key].to(value.dtype)), key
+    assert any(v.dtype == torch.float32 for v in stored.values())  # scale_shift_table, norms, time embedder
+    assert (half / name).stat().st_size < 0.75 * (weights / name).stat().st_size
+    # only the T2V base is rounded: the anchor pipeline and the video pipeline's other parts are copied
+    for part in ("video/vae", "video/text_encoder", "anchor/transformer", "anchor/vae"):
+        for f in (weights / part).iterdir():
+            assert f.read_bytes() == (half / part / f.name).read_bytes(), f
+    assert (half / models.LORA_FILE).stat().st_size == (weights / models.LORA_FILE).stat().st_size
+    # loaded as the preset loads it: float32, the stored values exactly
+    pipe, ref = models.load_video_pipeline(half, lora=False), models.load_video_pipeline(weights, lora=False)
+    rounded = {k: v.half().float() for k, v in ref.transformer.state_dict().items()}
+    for key, value in pipe.transformer.state_dict().items():
+        assert value.dtype == torch.float32, key
+        fp32 = any(m in key.split(".") for m in kept)
+        assert torch.equal(value, ref.transformer.state_dict()[key] if fp32 else rounded[key]), key
+    assert RunSettings.from_dict({k: v for k, v in RunSettings().to_dict().items()
+                                  if k != "t2v_ship_dtype"}).t2v_ship_dtype == "float32"  # runs before v15
+    with pytest.raises(FvgError, match="unknown t2v_ship_dtype 'bfloat16' \\(float32 or float16\\)"):
+        RunSettings(t2v_ship_dtype="bfloat16")
+
+
 def test_mini_preset_generates_from_exported_weights(tiny_run):
     from fvg.pipeline import FactorizedPipeline
     from fvg.presets import get_preset
@@ -745,8 +788,9 @@ def test_reuse_refuses_a_run_that_would_not_have_trained_the_export(tiny_run, tm
     from fvg.miniworld.reuse import reuse_stages
 
     out, weights = tiny_run
-    # a T2V recipe of its own
-    other = run_beside(out, tmp_path / "other", {"vae_source": str(weights / "video" / "vae"), "t2v_steps": 5})
+    # a T2V recipe of its own (and another ship dtype, which reuse does not compare: it rounds nothing trained)
+    other = run_beside(out, tmp_path / "other", {"vae_source": str(weights / "video" / "vae"), "t2v_steps": 5,
+                                                 "t2v_ship_dtype": "float16"})
     for stage in ("vae", "latents"):
         mt.run(other, stage=stage)
     with pytest.raises(FvgError, match=r"t2v_steps \(5 here, 3 in the export\)"):

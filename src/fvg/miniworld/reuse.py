@@ -12,6 +12,7 @@ Decisions:
 * A stage is reused only into a run whose settings equal the export's everywhere except in the settings owned by
   the stages it does not reuse (`settings.STAGE_SETTINGS`) and in bookkeeping. Otherwise the run's
   settings.json, and the manifest its export writes, would describe a model that was never trained.
+* `t2v_ship_dtype` is not compared either: it rounds only what an export stores, not what a run trains.
 * The transformers learnt on latents and embeddings of one VAE and one frozen text encoder, so the run's text
   encoder must be the export's, tensor for tensor. So must the run's VAE for the T2V base (the LoRA stage and
   every later stage read the run's video pipeline, and the manifest's vae stage describes that VAE); the VAE's
@@ -104,7 +105,9 @@ def _read_export(weights: Path, names: list[str]) -> dict:
 
 
 def _check_settings(mine: RunSettings, theirs: RunSettings, names: list[str]) -> None:
-    free = set(BOOKKEEPING_SETTINGS) | set(STAGE_SETTINGS["vae"])
+    # t2v_ship_dtype rounds nothing this run trains: a float16 export's T2V base reused here is rounded already,
+    # and a float32 one is rounded when this run exports it, as its settings say
+    free = set(BOOKKEEPING_SETTINGS) | set(STAGE_SETTINGS["vae"]) | {"t2v_ship_dtype"}
     free |= {key for stage, keys in STAGE_SETTINGS.items() if stage in REUSABLE and stage not in names for key in keys}
     a, b = flat_settings(mine.to_dict()), flat_settings(theirs.to_dict())
     differ = sorted(k for k in a.keys() | b.keys()

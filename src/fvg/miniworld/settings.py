@@ -14,6 +14,9 @@ from . import models
 from .models import MiniConfig
 
 
+T2V_SHIP_DTYPES = ("float32", "float16")
+
+
 def lora_warmup_steps(steps: int) -> int:
     """The warmup of a LoRA training phase of `steps` steps (both lora-stage phases)."""
     return min(50, steps)
@@ -107,6 +110,13 @@ class RunSettings:
     lora_caption_dropout: float = 0.0
     lora_sigma_sampling: str = "uniform"  # fvg.train's timestep_sampling (uniform or logit_normal), then the shift
     lora_sigma_logit_mean: float = 0.0  # logit_normal's mean: above 0 trains more at high noise
+    # export: the dtype the T2V base's transformer is stored in. "float16" halves its bytes (v15's dim-256 base is
+    # 36.3 MB in float32, past the 40 MB all weights may take); diffusers loads it into float32 (its default dtype)
+    # and it runs there, so only the stored values are rounded (10 mantissa bits); the modules the class keeps in
+    # float32 (`_keep_in_fp32_modules`: norms, time embedding) stay float32. Measured on v12 (BENCHMARKS.md,
+    # "Shipping the T2V base in float16"): factorized@15 +0.009, the true first frame +0.005; the anchor model,
+    # rounded too, lost 0.008 as stills, so it and the VAEs, text encoder and LoRA stay float32 (they fit).
+    t2v_ship_dtype: str = "float32"
     # bookkeeping
     checkpoint_every: int = 250
     log_every: int = 10
@@ -117,6 +127,8 @@ class RunSettings:
         for name in ("sigma_sampling", "lora_sigma_sampling"):
             if getattr(self, name) not in ("uniform", "logit_normal"):
                 raise FvgError(f"unknown {name} '{getattr(self, name)}' (uniform or logit_normal)")
+        if self.t2v_ship_dtype not in T2V_SHIP_DTYPES:
+            raise FvgError(f"unknown t2v_ship_dtype '{self.t2v_ship_dtype}' ({' or '.join(T2V_SHIP_DTYPES)})")
         for name in ("anchor", "t2v"):
             totals, steps = getattr(self, f"{name}_extended_from"), getattr(self, f"{name}_steps")
             if not isinstance(totals, list) or any(not isinstance(t, int) for t in totals) or \
@@ -139,10 +151,10 @@ class RunSettings:
     def from_dict(cls, d: dict) -> "RunSettings":
         # runs made before v3 recorded no sigma sampling (they drew uniformly), before v4 no extension, before
         # v7 no LoRA caption dropout or LoRA sigma sampling (fvg.train's defaults then: none, uniform), before
-        # v13 no LoRA decay (a constant rate), before v14 no LoRA growth
+        # v13 no LoRA decay (a constant rate), before v14 no LoRA growth, before v15 no ship dtype (float32)
         d = {"sigma_sampling": "uniform", "anchor_extended_from": [], "t2v_extended_from": [],
              "lora_caption_dropout": 0.0, "lora_sigma_sampling": "uniform", "lora_sigma_logit_mean": 0.0,
-             "lora_decay_steps": 0, "lora_grow_rank": 0, "lora_grow_steps": 0, **d}
+             "lora_decay_steps": 0, "lora_grow_rank": 0, "lora_grow_steps": 0, "t2v_ship_dtype": "float32", **d}
         model = MiniConfig.from_dict(d.pop("model"))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)

@@ -528,6 +528,18 @@ def ship_lora(src: Path, dst: Path) -> None:
     save_file(tensors, str(dst), metadata=metadata)
 
 
+def store_transformer(path: Path, dtype: torch.dtype) -> None:
+    """Store the saved transformer at `path` in `dtype` (settings.t2v_ship_dtype), as diffusers casts it: the
+    class's `_keep_in_fp32_modules` stay float32. Written beside it, then swapped in: the loaded model may still
+    read the old file through its memory map."""
+    from diffusers import WanTransformer3DModel
+
+    cast = path.with_name(path.name + f".{str(dtype).removeprefix('torch.')}")
+    WanTransformer3DModel.from_pretrained(str(path), dtype=dtype).save_pretrained(str(cast))
+    shutil.rmtree(path)
+    os.replace(cast, path)
+
+
 def stage_export(out: Path, s: RunSettings, weights_dir: str | Path | None = None, **_) -> Path:
     """Copy the pipelines and the LoRA into `weights_dir` (default: the package's weights/mini)."""
     for name in ("anchor", "t2v", "lora"):
@@ -539,6 +551,8 @@ def stage_export(out: Path, s: RunSettings, weights_dir: str | Path | None = Non
         shutil.rmtree(staging)
     shutil.copytree(out / "pipelines" / "video", staging / models.VIDEO_SUBDIR)
     shutil.copytree(out / "pipelines" / "anchor", staging / models.ANCHOR_SUBDIR)
+    if s.t2v_ship_dtype != "float32":
+        store_transformer(staging / models.VIDEO_SUBDIR / "transformer", getattr(torch, s.t2v_ship_dtype))
     ship_lora(lora_file(out, s), staging / models.LORA_FILE)
     stages = {n: done_info(out / n) for n in TRAINED}
     write_json(staging / "manifest.json", {"settings": s.to_dict(), "stages": stages,
