@@ -722,6 +722,10 @@ def test_cli_rejects_a_missing_device_and_bad_workers_in_one_line(tmp_path, caps
 
     assert main(["miniworld", "train", "--out", str(tmp_path / "r"), "--stage", "t2v", "--workers", "0"]) == 2
     assert "--workers must be a whole number of at least 1, got 0" in capsys.readouterr().err
+    assert main(["miniworld", "train", "--out", str(tmp_path / "r"), "--stage", "t2v", "--threads", "0"]) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["miniworld", "diagnose", "--what", "text", "--threads", "-1"]) == 2
+    assert "--threads must be at least 1, got -1" in capsys.readouterr().err
     assert main(["miniworld", "train", "--out", str(tmp_path / "r"), "--stage", "t2v", "--device", "tpu"]) == 2
     assert "device 'tpu'" in capsys.readouterr().err
     if not torch.cuda.is_available():

@@ -69,6 +69,17 @@ class StageProgress:
         self.tasks.clear()
 
 
+def set_torch_threads(threads: int | None) -> None:
+    """`--threads`: torch's CPU threads for this process (None: torch's default, all cores)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise FvgError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def setup_logging(*names: str, level: int = logging.INFO) -> None:
     """Route fvg's loggers through rich on stderr, once."""
     from rich.logging import RichHandler

@@ -41,6 +41,7 @@ from typing import Callable
 
 import numpy as np
 
+from fvg.console import set_torch_threads
 from fvg.io import FvgError, SuitePrompt, atomic_path, write_json, write_text
 from fvg.presets import validate_mode
 
@@ -514,10 +515,7 @@ def run_bench(out: str | Path, preset: str = "mini", configs: list[BenchConfig] 
     out = Path(out)
     configs = configs or parse_configs(DEFAULT_CONFIGS)
     seeds = seeds or [0, 1, 2]
-    if threads is not None:
-        if threads < 1:
-            raise FvgError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
+    set_torch_threads(threads)
     suite = load_suite("minicompbench", prompt_dir, None).select(None, limit)
     settings = {c.label: GenerateSettings(suite, [c.mode], seeds, out / c.label, preset, c.steps, dict(overrides or {}))
                 for c in configs}

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from fvg.console import setup_logging
+from fvg.console import set_torch_threads, setup_logging
 from fvg.io import FvgError
 
 miniworld_app = typer.Typer(help="MiniWorld: training data and the `mini` preset's models.", no_args_is_help=True,
@@ -80,10 +80,7 @@ def train(
     if profile is not None and profile not in PROFILES:
         raise FvgError(f"unknown profile '{profile}' (choose from: {', '.join(PROFILES)})")
     setup_logging("fvg.miniworld", "fvg.train")
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(max(1, threads))
+    set_torch_threads(threads)
     run(out, stage=stage, resume=resume, profile=profile, overrides=parse_set(set_ or []), time_limit=time_limit,
         weights_dir=weights_dir, device=device, workers=workers)
 
@@ -184,6 +181,8 @@ def diagnose(
                                                           "(e.g. a run's vae/still/final) instead of the weights' "
                                                           "VAE. still-code normalises by its latents_mean/std: "
                                                           "a run's latents/vae has them measured."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: all cores). On a "
+                                                                  "machine shared with other jobs, 1 is much faster."),
 ):
     """Measurements behind the mini recipe (docs/miniworld.md, v2 diagnosis)."""
     from . import diagnose as d
@@ -202,6 +201,7 @@ def diagnose(
         raise FvgError(f"--lora {lora}: file not found")
     if limit < 1:
         raise FvgError(f"--limit must be at least 1, got {limit}")
+    set_torch_threads(threads)
     if "text" in parts:
         for r in d.text_order(d.default_encoders(weights), _tokenizer()):
             typer.echo(f"text {r.encoder}: roles swapped {r.swapped:.3f}, one word changed {r.one_word:.3f} "
