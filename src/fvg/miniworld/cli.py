@@ -16,6 +16,10 @@ import typer
 from fvg.console import set_torch_threads, setup_logging
 from fvg.io import FvgError
 
+# --threads of the commands that train or measure (train, diagnose): checked by fvg.console.set_torch_threads
+ThreadsOpt = typer.Option(None, "--threads", help="torch CPU threads (default: all cores). On a machine shared with "
+                                                  "other jobs, 1 is much faster.")
+
 miniworld_app = typer.Typer(help="MiniWorld: training data and the `mini` preset's models.", no_args_is_help=True,
                             add_completion=False, pretty_exceptions_enable=False)
 
@@ -65,8 +69,7 @@ def train(
     time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Minutes: checkpoint and stop after this."),
     weights_dir: Optional[Path] = typer.Option(None, "--weights-dir", help="Export target (default: the package's "
                                                                            "weights/mini)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: all cores). On a "
-                                                                  "machine shared with other jobs, 1 is much faster."),
+    threads: Optional[int] = ThreadsOpt,
     device: str = typer.Option("cpu", "--device", help="Where the vae, latents, anchor and t2v stages train: cpu, "
                                                        "cuda or cuda:N (lora: fvg train's device)."),
     workers: int = typer.Option(1, "--workers", help="Processes that render clips for the vae and latents stages."),
@@ -181,8 +184,7 @@ def diagnose(
                                                           "(e.g. a run's vae/still/final) instead of the weights' "
                                                           "VAE. still-code normalises by its latents_mean/std: "
                                                           "a run's latents/vae has them measured."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: all cores). On a "
-                                                                  "machine shared with other jobs, 1 is much faster."),
+    threads: Optional[int] = ThreadsOpt,
 ):
     """Measurements behind the mini recipe (docs/miniworld.md, v2 diagnosis)."""
     from . import diagnose as d
